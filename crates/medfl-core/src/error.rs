@@ -1,0 +1,49 @@
+//! The error type of the core crate.
+
+/// Everything that can go wrong in pure medfl logic. Each variant names what and where.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CoreError {
+    /// The bytes are not a valid safetensors file.
+    #[error("malformed safetensors: {0}")]
+    Format(String),
+    /// The bytes ended before the file did.
+    #[error("truncated safetensors: got {got} of {expected} bytes")]
+    Truncated {
+        /// Bytes received.
+        got: u64,
+        /// Bytes the header announced.
+        expected: u64,
+    },
+    /// Tensor names, shapes or dtype differ from the global model.
+    #[error("update does not match the global model: {0}")]
+    SchemaMismatch(String),
+    /// A value is NaN or infinite.
+    #[error("tensor `{tensor}` holds a non-finite value at element {index}")]
+    NonFinite {
+        /// Tensor name.
+        tensor: String,
+        /// Element index inside the tensor.
+        index: usize,
+    },
+    /// A run spec field is invalid.
+    #[error("run spec field `{field}`: {message}")]
+    Spec {
+        /// The offending field, dotted (`training.batch_size`).
+        field: String,
+        /// Why it is invalid.
+        message: String,
+    },
+    /// The accumulator has no update to average.
+    #[error("no update to aggregate")]
+    Empty,
+}
+
+impl CoreError {
+    /// A spec error for `field`.
+    pub fn spec(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Spec {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Pure federated-learning logic for medfl: no I/O, no async runtime, no clock (time is passed in).
+//!
+//! # Layout
+//! - [`tensors`]: a model as named `f32` tensors, and its schema (names and shapes).
+//! - [`safetensors`]: encoding and a streaming, chunk-at-a-time decoder of the safetensors format.
+//! - [`fedavg`]: the streaming weighted-average accumulator.
+//! - [`validate`]: checks an incoming update against the global model's schema.
+//! - [`round`]: the round state machine (who was selected, who reported, when the round closes).
+//! - [`selection`]: deterministic sampling of sites for a round.
+//! - [`spec`]: the run spec researchers write, and its validation.
+//! - [`metrics`]: accuracy, AUC and example-weighted means.
+
+pub mod error;
+pub mod fedavg;
+pub mod metrics;
+pub mod round;
+pub mod safetensors;
+pub mod selection;
+pub mod spec;
+pub mod tensors;
+pub mod validate;
+
+pub use error::CoreError;
+pub use tensors::{ModelParams, ModelSchema, NamedTensor, TensorSpec};

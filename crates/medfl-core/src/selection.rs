@@ -1,0 +1,97 @@
+//! Deterministic sampling of the sites that take part in a round.
+
+/// SplitMix64: a tiny, well-mixed generator, enough for reproducible sampling.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator started at `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform float in `[0, 1)`.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A uniform index in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_f64() * n as f64) as usize % n.max(1)
+    }
+}
+
+/// Picks `max(ceil(fraction * n), min_sites)` of the `candidates` (all of them if there are fewer),
+/// the same ones for the same seed and candidates whatever their order. Returned sorted.
+pub fn select_sites(
+    candidates: &[String],
+    fraction: f64,
+    min_sites: usize,
+    seed: u64,
+) -> Vec<String> {
+    let mut pool: Vec<String> = candidates.to_vec();
+    pool.sort();
+    pool.dedup();
+    let n = pool.len();
+    let want = ((fraction.clamp(0.0, 1.0) * n as f64).ceil() as usize)
+        .max(min_sites)
+        .min(n);
+    let mut rng = SplitMix64::new(seed);
+    // Partial Fisher-Yates: the first `want` entries are a uniform sample.
+    for i in 0..want {
+        let j = i + rng.below(n - i);
+        pool.swap(i, j);
+    }
+    pool.truncate(want);
+    pool.sort();
+    pool
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("site-{i}")).collect()
+    }
+
+    #[test]
+    fn whole_fraction_takes_everyone() {
+        assert_eq!(select_sites(&names(5), 1.0, 1, 7), names(5));
+    }
+
+    #[test]
+    fn fraction_rounds_up_and_honours_min_sites() {
+        assert_eq!(select_sites(&names(10), 0.25, 1, 1).len(), 3);
+        assert_eq!(select_sites(&names(10), 0.1, 4, 1).len(), 4);
+        assert_eq!(select_sites(&names(2), 0.5, 4, 1).len(), 2);
+        assert!(select_sites(&[], 1.0, 2, 1).is_empty());
+    }
+
+    #[test]
+    fn deterministic_and_order_independent() {
+        let mut shuffled = names(20);
+        shuffled.reverse();
+        let a = select_sites(&names(20), 0.3, 1, 99);
+        assert_eq!(a, select_sites(&shuffled, 0.3, 1, 99));
+        assert_ne!(a, select_sites(&names(20), 0.3, 1, 100));
+    }
+
+    #[test]
+    fn every_site_gets_picked_over_many_rounds() {
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..200 {
+            seen.extend(select_sites(&names(10), 0.2, 1, seed));
+        }
+        assert_eq!(seen.len(), 10);
+    }
+}

@@ -1,0 +1,389 @@
+//! The run spec: what a researcher asks the federation to train, written as TOML.
+//!
+//! ```toml
+//! name = "breast-cancer"
+//! rounds = 10
+//! min_sites = 2
+//!
+//! [model]
+//! kind = "mlp"
+//! hidden = [16]
+//!
+//! [task]
+//! dataset = "breast_cancer"
+//! label = "diagnosis"
+//! labels = ["B", "M"]
+//! features = ["mean_radius", "mean_texture"]
+//!
+//! [training]
+//! learning_rate = 0.05
+//! ```
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::CoreError;
+
+/// Everything a run needs to know, as the researcher wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// A human name for the run.
+    pub name: String,
+    /// Number of rounds.
+    pub rounds: u32,
+    /// Fewest sites whose updates make a round.
+    #[serde(default = "one")]
+    pub min_sites: u32,
+    /// Share of online sites sampled each round, in (0, 1].
+    #[serde(default = "fraction_all")]
+    pub fraction: f64,
+    /// Seconds each round phase may take before it closes with whoever reported.
+    #[serde(default = "default_deadline")]
+    pub round_deadline_secs: u64,
+    /// Attempts after the first when a round gets fewer than `min_sites` updates.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// Seed for model initialisation, site sampling and local shuffling.
+    #[serde(default)]
+    pub seed: u64,
+    /// The model to train.
+    pub model: ModelSpec,
+    /// What to learn from which data.
+    pub task: TaskSpec,
+    /// Local training at each site.
+    #[serde(default)]
+    pub training: TrainingSpec,
+    /// How the coordinator combines updates.
+    #[serde(default)]
+    pub strategy: StrategySpec,
+}
+
+fn one() -> u32 {
+    1
+}
+fn fraction_all() -> f64 {
+    1.0
+}
+fn default_deadline() -> u64 {
+    600
+}
+fn default_retries() -> u32 {
+    3
+}
+
+/// The model family and its shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// A multi-layer perceptron on tabular features (no hidden layer: logistic regression).
+    Mlp {
+        /// Widths of the hidden layers, input side first.
+        #[serde(default)]
+        hidden: Vec<usize>,
+    },
+}
+
+/// A tabular classification task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Name of the dataset as each site registered it (never a path).
+    pub dataset: String,
+    /// Feature columns, in the order the model sees them.
+    pub features: Vec<String>,
+    /// The label column.
+    pub label: String,
+    /// Class labels; class `i` is `labels[i]` at every site.
+    pub labels: Vec<String>,
+    /// Share of each site's rows kept aside for federated validation.
+    #[serde(default = "default_validation")]
+    pub validation_fraction: f64,
+}
+
+fn default_validation() -> f64 {
+    0.2
+}
+
+/// Local optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// Plain stochastic gradient descent.
+    #[default]
+    Sgd,
+    /// AdamW (state is reset every round).
+    Adamw,
+}
+
+/// How each site trains in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    /// Passes over the local training split per round (ignored when `local_steps` > 0).
+    pub local_epochs: u32,
+    /// Exact number of mini-batch steps per round; 0 means use `local_epochs`.
+    pub local_steps: u32,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Optimiser.
+    pub optimizer: Optimizer,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        Self {
+            local_epochs: 1,
+            local_steps: 0,
+            batch_size: 32,
+            learning_rate: 0.05,
+            optimizer: Optimizer::Sgd,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Aggregation strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StrategySpec {
+    /// Example-weighted federated averaging.
+    #[default]
+    Fedavg,
+}
+
+/// What a site says it holds: a dataset name and its columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetInfo {
+    /// Dataset name.
+    pub name: String,
+    /// Column names.
+    pub columns: Vec<String>,
+}
+
+impl RunSpec {
+    /// Parses and validates a spec; errors name the line or field.
+    pub fn from_toml(text: &str) -> Result<Self, CoreError> {
+        let spec: RunSpec = toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "spec".into());
+            CoreError::spec(field, e.message().to_string())
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The spec as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks every value on its own.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if self.name.trim().is_empty() {
+            return Err(CoreError::spec("name", "must not be empty"));
+        }
+        if self.rounds == 0 || self.rounds > 100_000 {
+            return Err(CoreError::spec("rounds", format!("must be 1..=100000, got {}", self.rounds)));
+        }
+        if self.min_sites == 0 {
+            return Err(CoreError::spec("min_sites", "must be at least 1"));
+        }
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return Err(CoreError::spec("fraction", format!("must be in (0, 1], got {}", self.fraction)));
+        }
+        if self.round_deadline_secs == 0 || self.round_deadline_secs > 7 * 24 * 3600 {
+            return Err(CoreError::spec("round_deadline_secs", "must be 1 second to 7 days"));
+        }
+        let ModelSpec::Mlp { hidden } = &self.model;
+        if hidden.iter().any(|&h| h == 0 || h > 1 << 20) {
+            return Err(CoreError::spec("model.hidden", "layer widths must be 1..=1048576"));
+        }
+        let t = &self.task;
+        if t.dataset.trim().is_empty() {
+            return Err(CoreError::spec("task.dataset", "must not be empty"));
+        }
+        if t.features.is_empty() {
+            return Err(CoreError::spec("task.features", "name at least one feature column"));
+        }
+        if let Some(dup) = first_duplicate(&t.features) {
+            return Err(CoreError::spec("task.features", format!("`{dup}` is listed twice")));
+        }
+        if t.features.contains(&t.label) {
+            return Err(CoreError::spec(
+                "task.features",
+                format!("the label column `{}` cannot be a feature", t.label),
+            ));
+        }
+        if t.labels.len() < 2 {
+            return Err(CoreError::spec("task.labels", "name at least two classes"));
+        }
+        if let Some(dup) = first_duplicate(&t.labels) {
+            return Err(CoreError::spec("task.labels", format!("`{dup}` is listed twice")));
+        }
+        if !(0.0..=0.9).contains(&t.validation_fraction) {
+            return Err(CoreError::spec("task.validation_fraction", "must be in [0, 0.9]"));
+        }
+        let tr = &self.training;
+        if tr.local_epochs == 0 && tr.local_steps == 0 {
+            return Err(CoreError::spec("training.local_epochs", "set local_epochs or local_steps above 0"));
+        }
+        if tr.batch_size == 0 || tr.batch_size > 1 << 16 {
+            return Err(CoreError::spec("training.batch_size", "must be 1..=65536"));
+        }
+        if !(tr.learning_rate.is_finite() && tr.learning_rate > 0.0) {
+            return Err(CoreError::spec("training.learning_rate", "must be a positive number"));
+        }
+        if !(tr.weight_decay.is_finite() && tr.weight_decay >= 0.0) {
+            return Err(CoreError::spec("training.weight_decay", "must be zero or positive"));
+        }
+        Ok(())
+    }
+
+    /// Checks the spec against the sites the coordinator knows: enough of them must hold the
+    /// dataset with every named column.
+    pub fn validate_against(&self, sites: &[(String, Vec<DatasetInfo>)]) -> Result<(), CoreError> {
+        let t = &self.task;
+        let holders: Vec<&DatasetInfo> = sites
+            .iter()
+            .filter_map(|(_, ds)| ds.iter().find(|d| d.name == t.dataset))
+            .collect();
+        if holders.is_empty() {
+            return Err(CoreError::spec(
+                "task.dataset",
+                format!(
+                    "no registered site holds a dataset named `{}` ({} sites known)",
+                    t.dataset,
+                    sites.len()
+                ),
+            ));
+        }
+        for (field, column) in t
+            .features
+            .iter()
+            .map(|c| ("task.features", c))
+            .chain(std::iter::once(("task.label", &t.label)))
+        {
+            if !holders.iter().any(|d| d.columns.contains(column)) {
+                return Err(CoreError::spec(
+                    field,
+                    format!("no site's `{}` has a column `{column}`", t.dataset),
+                ));
+            }
+        }
+        let complete = holders
+            .iter()
+            .filter(|d| {
+                t.features
+                    .iter()
+                    .chain(std::iter::once(&t.label))
+                    .all(|c| d.columns.contains(c))
+            })
+            .count();
+        if (complete as u32) < self.min_sites {
+            return Err(CoreError::spec(
+                "min_sites",
+                format!(
+                    "{} sites required but only {complete} registered sites hold `{}` with every column",
+                    self.min_sites, t.dataset
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn first_duplicate(items: &[String]) -> Option<&str> {
+    let mut seen = BTreeSet::new();
+    items
+        .iter()
+        .find(|i| !seen.insert(i.as_str()))
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "bc"
+rounds = 3
+min_sites = 2
+
+[model]
+kind = "mlp"
+hidden = [8]
+
+[task]
+dataset = "bc"
+features = ["x1", "x2"]
+label = "y"
+labels = ["B", "M"]
+"#;
+
+    fn site(name: &str, cols: &[&str]) -> (String, Vec<DatasetInfo>) {
+        (
+            name.into(),
+            vec![DatasetInfo {
+                name: "bc".into(),
+                columns: cols.iter().map(|c| c.to_string()).collect(),
+            }],
+        )
+    }
+
+    #[test]
+    fn parses_with_defaults() {
+        let s = RunSpec::from_toml(SPEC).unwrap();
+        assert_eq!(s.training, TrainingSpec::default());
+        assert_eq!(s.strategy, StrategySpec::Fedavg);
+        assert_eq!(s.fraction, 1.0);
+        assert_eq!(RunSpec::from_toml(&s.to_toml()).unwrap(), s);
+    }
+
+    #[test]
+    fn impossible_values_name_the_field() {
+        let cases = [
+            ("rounds = 3", "rounds = 0", "rounds"),
+            ("min_sites = 2", "min_sites = 0", "min_sites"),
+            ("labels = [\"B\", \"M\"]", "labels = [\"B\"]", "task.labels"),
+            ("features = [\"x1\", \"x2\"]", "features = [\"x1\", \"x1\"]", "task.features"),
+            ("features = [\"x1\", \"x2\"]", "features = [\"x1\", \"y\"]", "task.features"),
+        ];
+        for (from, to, field) in cases {
+            let err = RunSpec::from_toml(&SPEC.replace(from, to)).unwrap_err();
+            assert!(
+                matches!(&err, CoreError::Spec { field: f, .. } if f == field),
+                "{to}: {err}"
+            );
+        }
+        let err = RunSpec::from_toml(&SPEC.replace("rounds = 3", "rounds = \"x\"")).unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+        let err = RunSpec::from_toml(&format!("{SPEC}\nbogus = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn checked_against_registered_sites() {
+        let s = RunSpec::from_toml(SPEC).unwrap();
+        let good = [site("a", &["x1", "x2", "y"]), site("b", &["x1", "x2", "y"])];
+        s.validate_against(&good).unwrap();
+        let err = s.validate_against(&good[..1]).unwrap_err();
+        assert!(matches!(&err, CoreError::Spec { field, .. } if field == "min_sites"));
+        let err = s
+            .validate_against(&[site("a", &["x1", "y"]), site("b", &["x1", "y"])])
+            .unwrap_err();
+        assert!(err.to_string().contains("`x2`"), "{err}");
+        let err = s.validate_against(&[]).unwrap_err();
+        assert!(matches!(&err, CoreError::Spec { field, .. } if field == "task.dataset"));
+    }
+}
