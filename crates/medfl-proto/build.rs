@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .btree_map(".")
         .compile_protos(&files, &[root])?;
     Ok(())
 }

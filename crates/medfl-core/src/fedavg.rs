@@ -18,7 +18,11 @@ pub struct FedAvg {
 impl FedAvg {
     /// An empty accumulator for models of `schema`.
     pub fn new(schema: ModelSchema) -> Self {
-        let sums = schema.tensors.iter().map(|t| vec![0.0; t.numel()]).collect();
+        let sums = schema
+            .tensors
+            .iter()
+            .map(|t| vec![0.0; t.numel()])
+            .collect();
         Self {
             schema,
             sums,
@@ -81,10 +85,7 @@ impl FedAvg {
             .map(|(spec, sum)| NamedTensor {
                 name: spec.name.clone(),
                 shape: spec.shape.clone(),
-                data: sum
-                    .iter()
-                    .map(|s| (s / self.total_weight) as f32)
-                    .collect(),
+                data: sum.iter().map(|s| (s / self.total_weight) as f32).collect(),
             })
             .collect();
         ModelParams::new(tensors)

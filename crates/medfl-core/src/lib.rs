@@ -5,6 +5,7 @@
 //! - [`safetensors`]: encoding and a streaming, chunk-at-a-time decoder of the safetensors format.
 //! - [`fedavg`]: the streaming weighted-average accumulator.
 //! - [`validate`]: checks an incoming update against the global model's schema.
+//! - [`run`]: the lifecycle of a run.
 //! - [`round`]: the round state machine (who was selected, who reported, when the round closes).
 //! - [`selection`]: deterministic sampling of sites for a round.
 //! - [`spec`]: the run spec researchers write, and its validation.
@@ -14,6 +15,7 @@ pub mod error;
 pub mod fedavg;
 pub mod metrics;
 pub mod round;
+pub mod run;
 pub mod safetensors;
 pub mod selection;
 pub mod spec;

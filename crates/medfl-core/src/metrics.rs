@@ -30,11 +30,7 @@ pub fn roc_auc(scores: &[f32], labels: &[u32]) -> Option<f64> {
             j += 1;
         }
         let avg_rank = (i + j) as f64 / 2.0 + 1.0;
-        rank_sum += order[i..=j]
-            .iter()
-            .filter(|&&k| labels[k] == 1)
-            .count() as f64
-            * avg_rank;
+        rank_sum += order[i..=j].iter().filter(|&&k| labels[k] == 1).count() as f64 * avg_rank;
         i = j + 1;
     }
     let u = rank_sum - (positives * (positives + 1)) as f64 / 2.0;

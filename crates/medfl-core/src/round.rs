@@ -255,7 +255,9 @@ impl RoundState {
     pub fn is_pending(&self, site: &str) -> bool {
         self.selected.contains(site)
             && match self.phase {
-                Phase::Train => !self.updates.contains_key(site) && !self.failures.contains_key(site),
+                Phase::Train => {
+                    !self.updates.contains_key(site) && !self.failures.contains_key(site)
+                }
                 Phase::Evaluate => !self.evaluated.contains(site),
             }
     }

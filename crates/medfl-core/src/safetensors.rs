@@ -348,7 +348,10 @@ fn parse_header(bytes: &[u8]) -> Result<Layout, CoreError> {
     }
     // Zero-sized tensors would stall the cursor; the format allows them but medfl never sends them.
     if let Some(t) = tensors.iter().find(|t| t.spec.numel() == 0) {
-        return Err(CoreError::Format(format!("tensor `{}` is empty", t.spec.name)));
+        return Err(CoreError::Format(format!(
+            "tensor `{}` is empty",
+            t.spec.name
+        )));
     }
     Ok(Layout {
         tensors,
@@ -394,7 +397,11 @@ mod tests {
                 d.push(c, &mut sink).unwrap();
             }
             d.finish().unwrap();
-            assert_eq!(sink.data[0], vec![0.25, 0.5, 0.75, 1.0], "chunk size {size}");
+            assert_eq!(
+                sink.data[0],
+                vec![0.25, 0.5, 0.75, 1.0],
+                "chunk size {size}"
+            );
             assert_eq!(sink.data[1], vec![1.0, -2.0, 3.5], "chunk size {size}");
         }
     }

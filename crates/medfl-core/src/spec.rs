@@ -194,30 +194,48 @@ impl RunSpec {
             return Err(CoreError::spec("name", "must not be empty"));
         }
         if self.rounds == 0 || self.rounds > 100_000 {
-            return Err(CoreError::spec("rounds", format!("must be 1..=100000, got {}", self.rounds)));
+            return Err(CoreError::spec(
+                "rounds",
+                format!("must be 1..=100000, got {}", self.rounds),
+            ));
         }
         if self.min_sites == 0 {
             return Err(CoreError::spec("min_sites", "must be at least 1"));
         }
         if !(self.fraction > 0.0 && self.fraction <= 1.0) {
-            return Err(CoreError::spec("fraction", format!("must be in (0, 1], got {}", self.fraction)));
+            return Err(CoreError::spec(
+                "fraction",
+                format!("must be in (0, 1], got {}", self.fraction),
+            ));
         }
         if self.round_deadline_secs == 0 || self.round_deadline_secs > 7 * 24 * 3600 {
-            return Err(CoreError::spec("round_deadline_secs", "must be 1 second to 7 days"));
+            return Err(CoreError::spec(
+                "round_deadline_secs",
+                "must be 1 second to 7 days",
+            ));
         }
         let ModelSpec::Mlp { hidden } = &self.model;
         if hidden.iter().any(|&h| h == 0 || h > 1 << 20) {
-            return Err(CoreError::spec("model.hidden", "layer widths must be 1..=1048576"));
+            return Err(CoreError::spec(
+                "model.hidden",
+                "layer widths must be 1..=1048576",
+            ));
         }
         let t = &self.task;
         if t.dataset.trim().is_empty() {
             return Err(CoreError::spec("task.dataset", "must not be empty"));
         }
         if t.features.is_empty() {
-            return Err(CoreError::spec("task.features", "name at least one feature column"));
+            return Err(CoreError::spec(
+                "task.features",
+                "name at least one feature column",
+            ));
         }
         if let Some(dup) = first_duplicate(&t.features) {
-            return Err(CoreError::spec("task.features", format!("`{dup}` is listed twice")));
+            return Err(CoreError::spec(
+                "task.features",
+                format!("`{dup}` is listed twice"),
+            ));
         }
         if t.features.contains(&t.label) {
             return Err(CoreError::spec(
@@ -229,23 +247,38 @@ impl RunSpec {
             return Err(CoreError::spec("task.labels", "name at least two classes"));
         }
         if let Some(dup) = first_duplicate(&t.labels) {
-            return Err(CoreError::spec("task.labels", format!("`{dup}` is listed twice")));
+            return Err(CoreError::spec(
+                "task.labels",
+                format!("`{dup}` is listed twice"),
+            ));
         }
         if !(0.0..=0.9).contains(&t.validation_fraction) {
-            return Err(CoreError::spec("task.validation_fraction", "must be in [0, 0.9]"));
+            return Err(CoreError::spec(
+                "task.validation_fraction",
+                "must be in [0, 0.9]",
+            ));
         }
         let tr = &self.training;
         if tr.local_epochs == 0 && tr.local_steps == 0 {
-            return Err(CoreError::spec("training.local_epochs", "set local_epochs or local_steps above 0"));
+            return Err(CoreError::spec(
+                "training.local_epochs",
+                "set local_epochs or local_steps above 0",
+            ));
         }
         if tr.batch_size == 0 || tr.batch_size > 1 << 16 {
             return Err(CoreError::spec("training.batch_size", "must be 1..=65536"));
         }
         if !(tr.learning_rate.is_finite() && tr.learning_rate > 0.0) {
-            return Err(CoreError::spec("training.learning_rate", "must be a positive number"));
+            return Err(CoreError::spec(
+                "training.learning_rate",
+                "must be a positive number",
+            ));
         }
         if !(tr.weight_decay.is_finite() && tr.weight_decay >= 0.0) {
-            return Err(CoreError::spec("training.weight_decay", "must be zero or positive"));
+            return Err(CoreError::spec(
+                "training.weight_decay",
+                "must be zero or positive",
+            ));
         }
         Ok(())
     }
@@ -356,8 +389,16 @@ labels = ["B", "M"]
             ("rounds = 3", "rounds = 0", "rounds"),
             ("min_sites = 2", "min_sites = 0", "min_sites"),
             ("labels = [\"B\", \"M\"]", "labels = [\"B\"]", "task.labels"),
-            ("features = [\"x1\", \"x2\"]", "features = [\"x1\", \"x1\"]", "task.features"),
-            ("features = [\"x1\", \"x2\"]", "features = [\"x1\", \"y\"]", "task.features"),
+            (
+                "features = [\"x1\", \"x2\"]",
+                "features = [\"x1\", \"x1\"]",
+                "task.features",
+            ),
+            (
+                "features = [\"x1\", \"x2\"]",
+                "features = [\"x1\", \"y\"]",
+                "task.features",
+            ),
         ];
         for (from, to, field) in cases {
             let err = RunSpec::from_toml(&SPEC.replace(from, to)).unwrap_err();

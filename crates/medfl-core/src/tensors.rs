@@ -30,7 +30,10 @@ impl ModelSchema {
     pub fn new(mut tensors: Vec<TensorSpec>) -> Result<Self, CoreError> {
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
-            return Err(CoreError::Format(format!("duplicate tensor `{}`", w[0].name)));
+            return Err(CoreError::Format(format!(
+                "duplicate tensor `{}`",
+                w[0].name
+            )));
         }
         Ok(Self { tensors })
     }
@@ -82,7 +85,10 @@ impl ModelParams {
             }
         }
         if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
-            return Err(CoreError::Format(format!("duplicate tensor `{}`", w[0].name)));
+            return Err(CoreError::Format(format!(
+                "duplicate tensor `{}`",
+                w[0].name
+            )));
         }
         Ok(Self { tensors })
     }

@@ -1,1 +1,19 @@
-//! placeholder
+//! Local training for medfl sites, on candle: data loading, models and the training loop.
+//!
+//! # Layout
+//! - [`data`]: CSV tables, labelled examples, splits and per-site standardisation.
+//! - [`model`]: the [`LocalModel`] trait the round engine trains through, and [`build_model`].
+//! - [`mlp`]: a multi-layer perceptron / logistic regression on tabular features.
+//! - [`params`]: moving weights between [`medfl_core::ModelParams`] and candle tensors.
+
+pub mod data;
+pub mod error;
+pub mod mlp;
+pub mod model;
+pub mod params;
+
+pub use data::{Examples, Standardizer, Table};
+pub use error::TrainError;
+pub use model::{
+    build_model, model_for_run, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport,
+};

@@ -1,0 +1,366 @@
+//! A multi-layer perceptron with ReLU between layers; with no hidden layer it is multinomial
+//! logistic regression. Weights are `layers.{i}.weight` (`[out, in]`) and `layers.{i}.bias`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer as _, ParamsAdamW, SGD};
+use medfl_core::metrics;
+use medfl_core::selection::SplitMix64;
+use medfl_core::spec::Optimizer;
+use medfl_core::{ModelParams, ModelSchema, NamedTensor, TensorSpec};
+
+use crate::data::permutation;
+use crate::model::{EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
+use crate::params::{from_tensors, to_vars};
+use crate::{Examples, TrainError};
+
+/// Rows scored at once during evaluation, to bound memory.
+const EVAL_BATCH: usize = 4096;
+
+/// The architecture: layer widths from input to classes.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    dims: Vec<usize>,
+}
+
+impl Mlp {
+    /// `inputs` features, the given hidden widths, `classes` outputs.
+    pub fn new(inputs: usize, hidden: &[usize], classes: usize) -> Self {
+        let mut dims = vec![inputs];
+        dims.extend_from_slice(hidden);
+        dims.push(classes);
+        Self { dims }
+    }
+
+    fn layers(&self) -> usize {
+        self.dims.len() - 1
+    }
+
+    /// Indices of each layer's (weight, bias) in the name-sorted parameter list.
+    fn layer_slots(&self) -> Vec<(usize, usize)> {
+        let schema = self.schema();
+        (0..self.layers())
+            .map(|i| {
+                let w = schema.index_of(&format!("layers.{i}.weight")).unwrap_or(0);
+                let b = schema.index_of(&format!("layers.{i}.bias")).unwrap_or(0);
+                (w, b)
+            })
+            .collect()
+    }
+
+    fn check(&self, params: &ModelParams) -> Result<(), TrainError> {
+        if params.schema() != self.schema() {
+            return Err(TrainError::Weights(format!(
+                "weights do not fit an MLP of widths {:?}",
+                self.dims
+            )));
+        }
+        Ok(())
+    }
+
+    fn forward(
+        &self,
+        weights: &[&Tensor],
+        slots: &[(usize, usize)],
+        x: &Tensor,
+    ) -> Result<Tensor, TrainError> {
+        let mut h = x.clone();
+        for (i, &(w, b)) in slots.iter().enumerate() {
+            h = h.matmul(&weights[w].t()?)?.broadcast_add(weights[b])?;
+            if i + 1 < slots.len() {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+fn batch_tensors(data: &Examples, device: &Device) -> Result<(Tensor, Tensor), TrainError> {
+    let x = Tensor::from_slice(&data.features, (data.len(), data.n_features), device)?;
+    let y = Tensor::from_slice(&data.labels, data.len(), device)?;
+    Ok((x, y))
+}
+
+impl LocalModel for Mlp {
+    fn schema(&self) -> ModelSchema {
+        let specs = (0..self.layers())
+            .flat_map(|i| {
+                [
+                    TensorSpec {
+                        name: format!("layers.{i}.weight"),
+                        shape: vec![self.dims[i + 1], self.dims[i]],
+                    },
+                    TensorSpec {
+                        name: format!("layers.{i}.bias"),
+                        shape: vec![self.dims[i + 1]],
+                    },
+                ]
+            })
+            .collect();
+        // Names are unique by construction.
+        ModelSchema::new(specs).unwrap_or_default()
+    }
+
+    /// PyTorch's `nn.Linear` initialisation: U(-1/sqrt(in), 1/sqrt(in)) for weights and biases.
+    fn init(&self, seed: u64) -> Result<ModelParams, TrainError> {
+        let mut rng = SplitMix64::new(seed);
+        let tensors = self
+            .schema()
+            .tensors
+            .into_iter()
+            .map(|spec| {
+                let layer: usize = spec.name[7..spec.name.rfind('.').unwrap_or(7)]
+                    .parse()
+                    .unwrap_or(0);
+                let bound = 1.0 / (self.dims[layer] as f64).sqrt();
+                let data = (0..spec.numel())
+                    .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                    .collect();
+                NamedTensor {
+                    name: spec.name,
+                    shape: spec.shape,
+                    data,
+                }
+            })
+            .collect();
+        Ok(ModelParams::new(tensors)?)
+    }
+
+    fn train(
+        &self,
+        start: &ModelParams,
+        data: &Examples,
+        opts: &TrainOptions,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(TrainProgress),
+    ) -> Result<TrainReport, TrainError> {
+        self.check(start)?;
+        if data.is_empty() {
+            return Err(TrainError::Task("no training examples".into()));
+        }
+        if data.n_features != self.dims[0] {
+            return Err(TrainError::Task(format!(
+                "{} features per example, the model takes {}",
+                data.n_features, self.dims[0]
+            )));
+        }
+        let device = Device::Cpu;
+        let vars = to_vars(start, &device)?;
+        let slots = self.layer_slots();
+        let n = data.len();
+        let batch = opts.batch_size.clamp(1, n);
+        let steps_per_epoch = n.div_ceil(batch) as u64;
+        let total_steps = if opts.steps > 0 {
+            u64::from(opts.steps)
+        } else {
+            u64::from(opts.epochs.max(1)) * steps_per_epoch
+        };
+        let mut optimizer: Box<dyn FnMut(&Tensor) -> candle_core::Result<()>> = match opts.optimizer
+        {
+            Optimizer::Sgd => {
+                let mut sgd = SGD::new(vars.clone(), opts.learning_rate)?;
+                Box::new(move |loss| sgd.backward_step(loss))
+            }
+            Optimizer::Adamw => {
+                let params = ParamsAdamW {
+                    lr: opts.learning_rate,
+                    weight_decay: opts.weight_decay,
+                    ..Default::default()
+                };
+                let mut adam = AdamW::new(vars.clone(), params)?;
+                Box::new(move |loss| adam.backward_step(loss))
+            }
+        };
+        let weight_slots: Vec<usize> = slots.iter().map(|&(w, _)| w).collect();
+        let mut loss_sum = 0.0f64;
+        let mut order = Vec::new();
+        let mut rng = SplitMix64::new(opts.seed);
+        for step in 0..total_steps {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            let pos = (step % steps_per_epoch) as usize * batch;
+            if pos == 0 {
+                order = permutation(n, rng.next_u64());
+            }
+            let idx = &order[pos..(pos + batch).min(n)];
+            let (x, y) = batch_tensors(&data.select(idx), &device)?;
+            let tensors: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+            let logits = self.forward(&tensors, &slots, &x)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let loss_value = loss.to_scalar::<f32>()?;
+            if !loss_value.is_finite() {
+                return Err(TrainError::Diverged {
+                    step,
+                    loss: loss_value,
+                });
+            }
+            let objective = if opts.optimizer == Optimizer::Sgd && opts.weight_decay > 0.0 {
+                let mut l2 = Tensor::zeros((), DType::F32, &device)?;
+                for &w in &weight_slots {
+                    l2 = (l2 + tensors[w].sqr()?.sum_all()?)?;
+                }
+                (loss + (l2 * (opts.weight_decay / 2.0))?)?
+            } else {
+                loss
+            };
+            optimizer(&objective)?;
+            loss_sum += f64::from(loss_value);
+            if step % 10 == 9 || step + 1 == total_steps {
+                progress(TrainProgress {
+                    step: step + 1,
+                    total_steps,
+                    loss: loss_value,
+                });
+            }
+        }
+        let tensors: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+        Ok(TrainReport {
+            params: from_tensors(start, &tensors)?,
+            examples: n as u64,
+            steps: total_steps,
+            mean_loss: loss_sum / total_steps.max(1) as f64,
+        })
+    }
+
+    fn evaluate(&self, params: &ModelParams, data: &Examples) -> Result<EvalReport, TrainError> {
+        self.check(params)?;
+        let device = Device::Cpu;
+        let weights: Vec<Tensor> = params
+            .tensors
+            .iter()
+            .map(|t| Tensor::from_slice(&t.data, t.shape.as_slice(), &device))
+            .collect::<Result<_, _>>()?;
+        let weights: Vec<&Tensor> = weights.iter().collect();
+        let slots = self.layer_slots();
+        let mut predicted = Vec::with_capacity(data.len());
+        let mut positive_scores = Vec::with_capacity(data.len());
+        let mut loss_sum = 0.0f64;
+        let indices: Vec<usize> = (0..data.len()).collect();
+        for chunk in indices.chunks(EVAL_BATCH) {
+            let part = data.select(chunk);
+            let (x, y) = batch_tensors(&part, &device)?;
+            let logits = self.forward(&weights, &slots, &x)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+            loss_sum += f64::from(loss) * chunk.len() as f64;
+            predicted.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+            if self.dims[self.layers()] == 2 {
+                let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+                positive_scores.extend(probs.narrow(1, 1, 1)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        let mut out = BTreeMap::new();
+        out.insert(
+            "accuracy".to_string(),
+            metrics::accuracy(&predicted, &data.labels),
+        );
+        out.insert("loss".to_string(), loss_sum / data.len().max(1) as f64);
+        if let Some(auc) = metrics::roc_auc(&positive_scores, &data.labels) {
+            out.insert("auc".to_string(), auc);
+        }
+        Ok(EvalReport {
+            examples: data.len() as u64,
+            metrics: out,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two Gaussian blobs: class 1 centred at +1, class 0 at -1, in 3 dimensions.
+    fn blobs(n: usize, seed: u64) -> Examples {
+        let mut rng = SplitMix64::new(seed);
+        let mut features = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let class = (i % 2) as u32;
+            let centre = if class == 1 { 1.0 } else { -1.0 };
+            for _ in 0..3 {
+                features.push(centre + (rng.next_f64() as f32 - 0.5));
+            }
+            labels.push(class);
+        }
+        Examples {
+            features,
+            labels,
+            n_features: 3,
+        }
+    }
+
+    fn opts() -> TrainOptions {
+        TrainOptions {
+            epochs: 5,
+            steps: 0,
+            batch_size: 16,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd,
+            weight_decay: 0.0,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn init_is_seeded_and_fits_schema() {
+        let m = Mlp::new(3, &[4], 2);
+        let a = m.init(7).unwrap();
+        assert_eq!(a, m.init(7).unwrap());
+        assert_ne!(a, m.init(8).unwrap());
+        assert_eq!(a.schema(), m.schema());
+        assert_eq!(a.get("layers.0.weight").unwrap().shape, vec![4, 3]);
+        assert_eq!(a.get("layers.1.bias").unwrap().shape, vec![2]);
+    }
+
+    #[test]
+    fn training_learns_separable_data() {
+        for optimizer in [Optimizer::Sgd, Optimizer::Adamw] {
+            let m = Mlp::new(3, &[8], 2);
+            let data = blobs(200, 3);
+            let start = m.init(1).unwrap();
+            let before = m.evaluate(&start, &data).unwrap();
+            let mut o = opts();
+            o.optimizer = optimizer;
+            o.learning_rate = if optimizer == Optimizer::Sgd {
+                0.1
+            } else {
+                0.01
+            };
+            let mut seen = 0;
+            let report = m
+                .train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {
+                    seen += 1
+                })
+                .unwrap();
+            assert_eq!(report.steps, 5 * 13);
+            assert_eq!(report.examples, 200);
+            assert!(seen > 0);
+            let after = m.evaluate(&report.params, &data).unwrap();
+            assert!(after.metrics["accuracy"] > 0.95, "{optimizer:?}: {after:?}");
+            assert!(after.metrics["loss"] < before.metrics["loss"]);
+            assert!(after.metrics["auc"] > 0.95);
+        }
+    }
+
+    #[test]
+    fn training_is_deterministic_and_cancellable() {
+        let m = Mlp::new(3, &[], 2);
+        let data = blobs(50, 4);
+        let start = m.init(2).unwrap();
+        let run = || m.train(&start, &data, &opts(), &AtomicBool::new(false), &mut |_| {});
+        assert_eq!(run().unwrap().params, run().unwrap().params);
+        let err = m
+            .train(&start, &data, &opts(), &AtomicBool::new(true), &mut |_| {})
+            .unwrap_err();
+        assert!(matches!(err, TrainError::Cancelled));
+    }
+
+    #[test]
+    fn wrong_weights_are_refused() {
+        let m = Mlp::new(3, &[4], 2);
+        let other = Mlp::new(3, &[5], 2).init(1).unwrap();
+        assert!(m.evaluate(&other, &blobs(4, 1)).is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! The model trait the round engine trains through, so new model families (pre-trained encoders
+//! with adapters) plug in without touching the engine.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+
+use medfl_core::spec::{ModelSpec, Optimizer, RunSpec};
+use medfl_core::{ModelParams, ModelSchema};
+
+use crate::{Examples, TrainError};
+
+/// How one site trains for one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    /// Passes over the data (used when `steps` is 0).
+    pub epochs: u32,
+    /// Exact number of steps, or 0.
+    pub steps: u32,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Optimiser.
+    pub optimizer: Optimizer,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Seed for shuffling.
+    pub seed: u64,
+}
+
+impl TrainOptions {
+    /// Options from a run spec, with a seed particular to the site and round.
+    pub fn from_spec(spec: &RunSpec, seed: u64) -> Self {
+        let t = &spec.training;
+        Self {
+            epochs: t.local_epochs,
+            steps: t.local_steps,
+            batch_size: t.batch_size as usize,
+            learning_rate: t.learning_rate,
+            optimizer: t.optimizer,
+            weight_decay: t.weight_decay,
+            seed,
+        }
+    }
+}
+
+/// Reported every few steps while training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainProgress {
+    /// Steps done.
+    pub step: u64,
+    /// Steps planned.
+    pub total_steps: u64,
+    /// Loss of the last step.
+    pub loss: f32,
+}
+
+/// What local training produced.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// The locally trained weights.
+    pub params: ModelParams,
+    /// Training examples (the FedAvg weight).
+    pub examples: u64,
+    /// Steps taken.
+    pub steps: u64,
+    /// Mean loss over the steps.
+    pub mean_loss: f64,
+}
+
+/// Metrics of a model on some examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    /// Examples scored.
+    pub examples: u64,
+    /// `accuracy`, `loss`, and `auc` for binary tasks.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A model family: makes initial weights, trains from given weights, evaluates given weights.
+/// Implementations hold only the architecture; weights always come in and go out as
+/// [`ModelParams`], which is what travels between sites and the coordinator.
+pub trait LocalModel: Send + Sync {
+    /// Names and shapes of the weights that travel.
+    fn schema(&self) -> ModelSchema;
+    /// Fresh weights, the same for the same seed.
+    fn init(&self, seed: u64) -> Result<ModelParams, TrainError>;
+    /// Trains from `start` on `data`; checks `cancel` between steps.
+    fn train(
+        &self,
+        start: &ModelParams,
+        data: &Examples,
+        opts: &TrainOptions,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(TrainProgress),
+    ) -> Result<TrainReport, TrainError>;
+    /// Scores `params` on `data`.
+    fn evaluate(&self, params: &ModelParams, data: &Examples) -> Result<EvalReport, TrainError>;
+}
+
+/// The model a run spec names, for `n_features` inputs and `n_classes` outputs.
+pub fn build_model(spec: &ModelSpec, n_features: usize, n_classes: usize) -> Box<dyn LocalModel> {
+    match spec {
+        ModelSpec::Mlp { hidden } => Box::new(crate::mlp::Mlp::new(n_features, hidden, n_classes)),
+    }
+}
+
+/// The model of a whole run spec.
+pub fn model_for_run(spec: &RunSpec) -> Box<dyn LocalModel> {
+    build_model(
+        &spec.model,
+        spec.task.features.len(),
+        spec.task.labels.len(),
+    )
+}
