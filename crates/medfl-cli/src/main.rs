@@ -1,1 +1,190 @@
-fn main() {}
+//! `medfl`: the researcher's command line for a medfl coordinator.
+
+mod client;
+mod commands;
+mod demo;
+mod pull;
+mod table;
+mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use medfl_core::run::RunStatus;
+use medfl_proto::convert::run_status;
+
+/// Train models across hospitals without moving their data.
+#[derive(Debug, Parser)]
+#[command(name = "medfl", version, about)]
+struct Cli {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "MEDFL_COORDINATOR",
+        default_value = "http://127.0.0.1:7070",
+        value_name = "URL"
+    )]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, inspect, follow and stop runs.
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// List the sites the coordinator knows.
+    Sites,
+    /// Download global models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Run a small federation on this machine and train a model end to end.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RunCommand {
+    /// Check a run spec and start the run; prints the run id.
+    Create {
+        /// The run spec (TOML).
+        #[arg(value_name = "SPEC.toml")]
+        spec: PathBuf,
+    },
+    /// List every run.
+    List,
+    /// Show a run's summary, rounds and per-site results.
+    Show {
+        /// Run id.
+        run: String,
+        /// Show the per-site results of this round instead of the last.
+        #[arg(long, value_name = "N")]
+        round: Option<u32>,
+    },
+    /// Follow a run live until it ends; exits non-zero if it fails.
+    Watch {
+        /// Run id.
+        run: String,
+    },
+    /// Stop a run.
+    Stop {
+        /// Run id.
+        run: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Download a run's global model (safetensors) and print its SHA-256.
+    Pull {
+        /// Run id.
+        run: String,
+        /// The model after this round (the latest when absent).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        round: Option<u32>,
+        /// Where to write the model.
+        #[arg(short, long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let addr = cli.coordinator;
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await?,
+        Command::Run(RunCommand::Create { spec }) => {
+            // Check the spec before dialling, so a typo is reported even with no coordinator.
+            commands::read_spec(&spec)?;
+            commands::create(&mut client::connect(&addr).await?, &spec).await?
+        }
+        Command::Run(RunCommand::List) => {
+            commands::list(&mut client::connect(&addr).await?).await?
+        }
+        Command::Run(RunCommand::Show { run, round }) => {
+            commands::show(&mut client::connect(&addr).await?, &run, round).await?
+        }
+        Command::Run(RunCommand::Watch { run }) => {
+            let detail = watch::watch(&mut client::connect(&addr).await?, &run).await?;
+            let status = detail.summary.and_then(|s| run_status(s.status));
+            if status == Some(RunStatus::Failed) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Run(RunCommand::Stop { run }) => {
+            commands::stop(&mut client::connect(&addr).await?, &run).await?
+        }
+        Command::Sites => commands::sites(&mut client::connect(&addr).await?).await?,
+        Command::Model(ModelCommand::Pull { run, round, out }) => {
+            let mut client = client::connect(&addr).await?;
+            let pulled = pull::pull(&mut client, &run, round.unwrap_or(0), &out).await?;
+            println!(
+                "{}  {} ({} bytes, {})",
+                pulled.sha256,
+                out.display(),
+                pulled.size,
+                table::human_bytes(pulled.size)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn coordinator_is_global_with_a_default() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["medfl", "run", "show", "r1", "--round", "2"])?;
+        assert!(cli.coordinator.starts_with("http://"));
+        let cli = Cli::try_parse_from([
+            "medfl",
+            "model",
+            "pull",
+            "r1",
+            "-o",
+            "m.safetensors",
+            "--coordinator",
+            "http://c:1",
+        ])?;
+        assert_eq!(cli.coordinator, "http://c:1");
+        assert!(matches!(
+            cli.command,
+            Command::Model(ModelCommand::Pull { round: None, .. })
+        ));
+        let cli = Cli::try_parse_from(["medfl", "demo"])?;
+        assert!(matches!(cli.command, Command::Demo(ref d) if d.rounds == 12));
+        assert!(
+            Cli::try_parse_from(["medfl", "model", "pull", "r1", "--round", "0", "-o", "m"])
+                .is_err()
+        );
+        Ok(())
+    }
+}

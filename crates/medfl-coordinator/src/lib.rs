@@ -1,1 +1,26 @@
-//! placeholder
+//! The medfl coordinator: accepts sites' outbound connections, drives runs round by round,
+//! aggregates updates as they stream in and keeps its state in SQLite so it survives restarts.
+//!
+//! # Layout
+//! - [`config`]: layered configuration.
+//! - [`server`]: [`serve`] on a bound listener with a shutdown future.
+//! - [`site_service`] / [`run_service`]: the two gRPC services (thin handlers).
+//! - [`engine`]: one task per run, driving the core round state machine.
+//! - [`state`]: what handlers and engines share.
+//! - [`store`]: SQLite state; [`blobs`]: content-addressed model files; [`stream`]: chunked reads.
+//! - [`error`]: the error type and its mapping to gRPC status codes.
+
+pub mod blobs;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod run_service;
+pub mod server;
+pub mod site_service;
+pub mod state;
+pub mod store;
+pub mod stream;
+
+pub use config::CoordinatorConfig;
+pub use error::CoordinatorError;
+pub use server::serve;

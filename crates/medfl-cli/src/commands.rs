@@ -1,0 +1,168 @@
+//! The one-call subcommands: create, list, show and stop runs, and list sites.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use medfl_core::spec::RunSpec;
+use medfl_proto::v1::{
+    CreateRunRequest, GetRunRequest, ListRunsRequest, ListSitesRequest, StopRunRequest,
+};
+
+use crate::client::{unary, RpcResultExt, RunClient};
+use crate::table;
+
+/// Reads and checks the spec at `path`; errors name the file and the field or line.
+pub fn read_spec(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read run spec {}", path.display()))?;
+    RunSpec::from_toml(&text).with_context(|| format!("invalid run spec {}", path.display()))?;
+    Ok(text)
+}
+
+/// `run create`: checks the spec locally, creates the run and prints its id.
+pub async fn create(client: &mut RunClient, spec: &Path) -> anyhow::Result<()> {
+    let spec_toml = read_spec(spec)?;
+    let run_id = client
+        .create_run(unary(CreateRunRequest { spec_toml }))
+        .await
+        .rpc("CreateRun")?
+        .into_inner()
+        .run_id;
+    println!("{run_id}");
+    eprintln!("follow it with: medfl run watch {run_id}");
+    Ok(())
+}
+
+/// `run list`: a table of every run.
+pub async fn list(client: &mut RunClient) -> anyhow::Result<()> {
+    let runs = client
+        .list_runs(unary(ListRunsRequest {}))
+        .await
+        .rpc("ListRuns")?
+        .into_inner()
+        .runs;
+    if runs.is_empty() {
+        println!("no runs yet; create one with: medfl run create SPEC.toml");
+    } else {
+        print!("{}", table::runs_table(&runs));
+    }
+    Ok(())
+}
+
+/// `run show`: the run's summary, its rounds, and the per-site results of `round` (the last
+/// finished round when `None`).
+pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> anyhow::Result<()> {
+    let detail = client
+        .get_run(unary(GetRunRequest {
+            run_id: run_id.to_owned(),
+        }))
+        .await
+        .rpc("GetRun")?
+        .into_inner();
+    let sites_of = match round {
+        Some(n) => Some(
+            detail
+                .rounds
+                .iter()
+                .find(|r| r.round == n)
+                .with_context(|| {
+                    let done: Vec<String> =
+                        detail.rounds.iter().map(|r| r.round.to_string()).collect();
+                    format!(
+                        "run {run_id} has no finished round {n} (finished: {})",
+                        if done.is_empty() {
+                            "none".into()
+                        } else {
+                            done.join(", ")
+                        }
+                    )
+                })?,
+        ),
+        None => detail.rounds.last(),
+    };
+
+    print!("{}", table::run_overview(&detail));
+    let Some(chosen) = sites_of else {
+        println!("\nno round finished yet");
+        return Ok(());
+    };
+    println!();
+    print!("{}", table::rounds_table(&detail.rounds));
+    println!("\nsites in round {}:", chosen.round);
+    if chosen.sites.is_empty() {
+        println!("no site results");
+    } else {
+        print!("{}", table::site_results_table(&chosen.sites));
+    }
+    Ok(())
+}
+
+/// `run stop`: asks the coordinator to stop the run.
+pub async fn stop(client: &mut RunClient, run_id: &str) -> anyhow::Result<()> {
+    client
+        .stop_run(unary(StopRunRequest {
+            run_id: run_id.to_owned(),
+        }))
+        .await
+        .rpc("StopRun")?;
+    println!("run {run_id} stopped");
+    Ok(())
+}
+
+/// `sites`: a table of the sites the coordinator knows.
+pub async fn sites(client: &mut RunClient) -> anyhow::Result<()> {
+    let sites = client
+        .list_sites(unary(ListSitesRequest {}))
+        .await
+        .rpc("ListSites")?
+        .into_inner()
+        .sites;
+    if sites.is_empty() {
+        println!("no site has registered yet");
+        return Ok(());
+    }
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    print!("{}", table::sites_table(&sites, now_ms));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "bc"
+rounds = 3
+
+[model]
+kind = "mlp"
+
+[task]
+dataset = "bc"
+features = ["x1", "x2"]
+label = "y"
+labels = ["B", "M"]
+"#;
+
+    #[test]
+    fn spec_errors_name_file_and_field() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, SPEC)?;
+        assert_eq!(read_spec(&good)?, SPEC);
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, SPEC.replace("rounds = 3", "rounds = 0"))?;
+        let err = read_spec(&bad).map_or_else(|e| format!("{e:#}"), |_| String::new());
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains("`rounds`"), "{err}");
+
+        let missing = dir.path().join("missing.toml");
+        let err = read_spec(&missing).map_or_else(|e| format!("{e:#}"), |_| String::new());
+        assert!(err.contains("missing.toml"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! `model pull`: downloads a run's global model, checks it arrived whole and names its SHA-256.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use medfl_proto::v1::{GetRunRequest, PullModelRequest};
+use ring::digest;
+use tokio::io::AsyncWriteExt;
+
+use crate::client::{unary, RpcResultExt, RunClient};
+use crate::table;
+
+/// A model written to disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pulled {
+    /// Bytes written.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// Pulls the global model of run `run_id` after `round` (the latest when 0) into `out`: the bytes
+/// go to `out.part`, which is renamed to `out` once every byte arrived, and removed on failure.
+/// When `round` is given and the run lists that round's model hash, the download must match it.
+pub async fn pull(
+    client: &mut RunClient,
+    run_id: &str,
+    round: u32,
+    out: &Path,
+) -> anyhow::Result<Pulled> {
+    let part = part_path(out);
+    let result = download(client, run_id, round, &part).await;
+    let pulled = match result {
+        Ok(pulled) => pulled,
+        Err(e) => {
+            // Best effort: the error that matters is the download's.
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e);
+        }
+    };
+    if round > 0 {
+        if let Err(e) = check_hash(client, run_id, round, &pulled.sha256).await {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e);
+        }
+    }
+    tokio::fs::rename(&part, out)
+        .await
+        .with_context(|| format!("cannot rename {} to {}", part.display(), out.display()))?;
+    Ok(pulled)
+}
+
+async fn download(
+    client: &mut RunClient,
+    run_id: &str,
+    round: u32,
+    part: &Path,
+) -> anyhow::Result<Pulled> {
+    let mut stream = client
+        .pull_model(PullModelRequest {
+            run_id: run_id.to_owned(),
+            round,
+        })
+        .await
+        .rpc("PullModel")?
+        .into_inner();
+    let file = tokio::fs::File::create(part)
+        .await
+        .with_context(|| format!("cannot create {}", part.display()))?;
+    let mut writer = tokio::io::BufWriter::new(file);
+    let mut sha = digest::Context::new(&digest::SHA256);
+    let mut blob = BlobProgress::default();
+    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template(
+        "[{bar:32.cyan/blue}] {bytes}/{total_bytes}  {bytes_per_sec}  eta {eta}",
+    )?);
+
+    let result: anyhow::Result<()> = async {
+        while let Some(chunk) = stream.message().await.rpc("PullModel")? {
+            blob.accept(chunk.offset, chunk.data.len() as u64, chunk.total_size)?;
+            bar.set_length(blob.total.unwrap_or(0));
+            writer
+                .write_all(&chunk.data)
+                .await
+                .with_context(|| format!("cannot write {}", part.display()))?;
+            sha.update(&chunk.data);
+            bar.set_position(blob.received);
+        }
+        Ok(())
+    }
+    .await;
+    bar.finish_and_clear();
+    result?;
+    let size = blob.finish()?;
+
+    writer
+        .flush()
+        .await
+        .with_context(|| format!("cannot write {}", part.display()))?;
+    writer
+        .into_inner()
+        .sync_all()
+        .await
+        .with_context(|| format!("cannot sync {}", part.display()))?;
+    Ok(Pulled {
+        size,
+        sha256: hex::encode(sha.finish().as_ref()),
+    })
+}
+
+/// Compares the download with the model hash the run lists for `round`, when it lists one.
+async fn check_hash(
+    client: &mut RunClient,
+    run_id: &str,
+    round: u32,
+    sha256: &str,
+) -> anyhow::Result<()> {
+    let detail = client
+        .get_run(unary(GetRunRequest {
+            run_id: run_id.to_owned(),
+        }))
+        .await
+        .rpc("GetRun")?
+        .into_inner();
+    let listed = detail
+        .rounds
+        .iter()
+        .find(|r| r.round == round)
+        .map(|r| r.global_sha256.as_str())
+        .filter(|s| !s.is_empty());
+    match listed {
+        Some(listed) if !listed.eq_ignore_ascii_case(sha256) => anyhow::bail!(
+            "the model of run {run_id} round {round} has SHA-256 {sha256}, \
+             but the run lists {listed}: not saved"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `FILE.part` beside `FILE`.
+fn part_path(out: &Path) -> PathBuf {
+    let mut name = OsString::from(out.as_os_str());
+    name.push(".part");
+    PathBuf::from(name)
+}
+
+/// What has arrived of a chunked blob; checks that chunks are contiguous and stay in size.
+#[derive(Debug, Default)]
+struct BlobProgress {
+    /// Size announced by the first chunk.
+    total: Option<u64>,
+    /// Bytes received so far.
+    received: u64,
+}
+
+impl BlobProgress {
+    /// Takes a chunk of `len` bytes at `offset`; `total_size` is set on the first chunk only.
+    fn accept(&mut self, offset: u64, len: u64, total_size: u64) -> anyhow::Result<()> {
+        let total = match self.total {
+            Some(total) => {
+                if total_size != 0 && total_size != total {
+                    anyhow::bail!(
+                        "the coordinator changed the model size from {total} to {total_size} bytes \
+                         mid-download"
+                    );
+                }
+                total
+            }
+            None => {
+                if total_size == 0 {
+                    anyhow::bail!("the first model chunk did not announce the model's size");
+                }
+                self.total = Some(total_size);
+                total_size
+            }
+        };
+        if offset != self.received {
+            anyhow::bail!(
+                "model chunk at offset {offset}, expected {}: the download is not contiguous",
+                self.received
+            );
+        }
+        let end = self
+            .received
+            .checked_add(len)
+            .filter(|&end| end <= total)
+            .with_context(|| {
+                format!("model chunk at offset {offset} runs past the announced {total} bytes")
+            })?;
+        self.received = end;
+        Ok(())
+    }
+
+    /// The blob's size, once every announced byte arrived.
+    fn finish(&self) -> anyhow::Result<u64> {
+        match self.total {
+            None => anyhow::bail!("the coordinator sent no model bytes"),
+            Some(total) if total != self.received => anyhow::bail!(
+                "the model download stopped after {} of {total} bytes ({} of {})",
+                self.received,
+                table::human_bytes(self.received),
+                table::human_bytes(total)
+            ),
+            Some(total) => Ok(total),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguous_chunks_complete_the_blob() -> anyhow::Result<()> {
+        let mut b = BlobProgress::default();
+        b.accept(0, 4, 10)?;
+        b.accept(4, 0, 0)?;
+        b.accept(4, 6, 0)?;
+        assert_eq!(b.finish()?, 10);
+        Ok(())
+    }
+
+    #[test]
+    fn broken_streams_are_refused() {
+        let mut b = BlobProgress::default();
+        assert!(b.accept(0, 4, 0).is_err(), "size must come first");
+        assert!(b.finish().is_err(), "nothing arrived");
+
+        let mut b = BlobProgress::default();
+        assert!(b.accept(0, 4, 10).is_ok());
+        assert!(b.accept(5, 1, 0).is_err(), "gap");
+        assert!(b.accept(0, 1, 0).is_err(), "overlap");
+        assert!(b.accept(4, 7, 0).is_err(), "past the end");
+        assert!(b.accept(4, 1, 11).is_err(), "size changed");
+        let err = b.finish().map_or_else(|e| e.to_string(), |_| String::new());
+        assert!(err.contains("4 of 10 bytes"), "{err}");
+    }
+
+    #[test]
+    fn part_file_sits_beside_the_output() {
+        assert_eq!(
+            part_path(Path::new("out/model.safetensors")),
+            PathBuf::from("out/model.safetensors.part")
+        );
+    }
+}

@@ -1,0 +1,535 @@
+//! Plain-text tables and the number, byte, time and run formats that `show`, `watch` and `list` share.
+
+use std::collections::BTreeMap;
+
+use medfl_proto::convert::run_status;
+use medfl_proto::v1::{RoundSummary, RunDetail, RunSummary, SiteInfo, SiteRoundResult};
+
+/// How a column's cells line up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    /// Text: padded on the right.
+    Left,
+    /// Numbers: padded on the left.
+    Right,
+}
+
+/// One column of a table: its header, the narrowest it may be and how its cells line up.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    /// Header text.
+    pub header: &'static str,
+    /// Minimum width in characters; a [`Table`] widens the column to fit its cells.
+    pub width: usize,
+    /// Alignment of header and cells.
+    pub align: Align,
+}
+
+const fn left(header: &'static str, width: usize) -> Column {
+    Column {
+        header,
+        width,
+        align: Align::Left,
+    }
+}
+
+const fn right(header: &'static str, width: usize) -> Column {
+    Column {
+        header,
+        width,
+        align: Align::Right,
+    }
+}
+
+/// Columns of the per-round table, shared by `run show`, `run watch` and the demo.
+pub const ROUND_COLUMNS: &[Column] = &[
+    right("ROUND", 5),
+    right("TRIES", 5),
+    right("SITES", 5),
+    right("EXAMPLES", 8),
+    right("TRAIN_LOSS", 10),
+    right("ACC", 6),
+    right("AUC", 6),
+    right("SECS", 6),
+    right("DOWN", 9),
+    right("UP", 9),
+    left("GLOBAL", 12),
+];
+
+/// Columns of the per-site results of one round.
+pub const SITE_RESULT_COLUMNS: &[Column] = &[
+    left("SITE", 8),
+    left("OUTCOME", 8),
+    left("REASON", 6),
+    right("EXAMPLES", 8),
+    right("TRAIN_LOSS", 10),
+    right("ACC", 6),
+];
+
+/// Columns of the run list.
+pub const RUN_COLUMNS: &[Column] = &[
+    left("ID", 8),
+    left("NAME", 8),
+    left("STATUS", 9),
+    right("ROUNDS", 7),
+    left("CREATED", 20),
+    left("ERROR", 0),
+];
+
+/// Columns of the site list.
+pub const SITE_COLUMNS: &[Column] = &[
+    left("NAME", 8),
+    left("ONLINE", 6),
+    right("LAST SEEN", 9),
+    left("DATASETS", 0),
+];
+
+/// Rows of cells under a fixed set of columns; each column is as wide as its widest cell.
+#[derive(Debug, Clone)]
+pub struct Table {
+    columns: &'static [Column],
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// An empty table with these columns.
+    pub fn new(columns: &'static [Column]) -> Self {
+        Self {
+            columns,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Appends a row; missing trailing cells print empty, extra cells are ignored.
+    pub fn push(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// The header line and every row, each ending in a newline.
+    pub fn render(&self) -> String {
+        let widths: Vec<usize> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(i))
+                    .map(|cell| width(cell))
+                    .chain([c.width, width(c.header)])
+                    .max()
+                    .unwrap_or(c.width)
+            })
+            .collect();
+        let mut out = render_line(self.columns, &widths, &headers(self.columns));
+        out.push('\n');
+        for row in &self.rows {
+            out.push_str(&render_line(self.columns, &widths, row));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The header line of `columns` at their minimum widths (no newline).
+pub fn header_line(columns: &[Column]) -> String {
+    line(columns, &headers(columns))
+}
+
+/// One row at the columns' minimum widths (no newline), for output printed a row at a time.
+pub fn line(columns: &[Column], cells: &[String]) -> String {
+    let widths: Vec<usize> = columns.iter().map(|c| c.width).collect();
+    render_line(columns, &widths, cells)
+}
+
+fn headers(columns: &[Column]) -> Vec<String> {
+    columns.iter().map(|c| c.header.to_string()).collect()
+}
+
+fn width(s: &str) -> usize {
+    s.chars().count()
+}
+
+fn render_line(columns: &[Column], widths: &[usize], cells: &[String]) -> String {
+    let mut out = String::new();
+    for (i, (column, &w)) in columns.iter().zip(widths).enumerate() {
+        if i > 0 {
+            out.push_str("  ");
+        }
+        let cell = cells.get(i).map(String::as_str).unwrap_or("");
+        match column.align {
+            Align::Left => out.push_str(&format!("{cell:<w$}")),
+            Align::Right => out.push_str(&format!("{cell:>w$}")),
+        }
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
+/// The cells of one [`RoundSummary`] under [`ROUND_COLUMNS`].
+pub fn round_cells(r: &RoundSummary) -> Vec<String> {
+    vec![
+        r.round.to_string(),
+        r.attempts.to_string(),
+        format!("{}/{}", r.sites_reported, r.sites_selected),
+        r.num_examples.to_string(),
+        if r.num_examples == 0 {
+            "-".into()
+        } else {
+            number(r.train_loss)
+        },
+        metric(&r.eval_metrics, "accuracy"),
+        metric(&r.eval_metrics, "auc"),
+        format!("{:.1}", r.duration_ms as f64 / 1000.0),
+        human_bytes(r.bytes_down),
+        human_bytes(r.bytes_up),
+        short_sha(&r.global_sha256),
+    ]
+}
+
+/// One [`RoundSummary`] as a line under [`header_line`]`(`[`ROUND_COLUMNS`]`)`, as `run watch`
+/// prints it when the round completes.
+pub fn round_line(r: &RoundSummary) -> String {
+    line(ROUND_COLUMNS, &round_cells(r))
+}
+
+/// The per-round table of a run.
+pub fn rounds_table(rounds: &[RoundSummary]) -> String {
+    let mut table = Table::new(ROUND_COLUMNS);
+    for r in rounds {
+        table.push(round_cells(r));
+    }
+    table.render()
+}
+
+/// The per-site results of one round.
+pub fn site_results_table(sites: &[SiteRoundResult]) -> String {
+    let mut table = Table::new(SITE_RESULT_COLUMNS);
+    for s in sites {
+        table.push(vec![
+            one_line(&s.site),
+            one_line(&s.outcome),
+            if s.reason.is_empty() {
+                "-".into()
+            } else {
+                one_line(&s.reason)
+            },
+            s.num_examples.to_string(),
+            if s.num_examples == 0 {
+                "-".into()
+            } else {
+                number(s.train_loss)
+            },
+            metric(&s.eval_metrics, "accuracy"),
+        ]);
+    }
+    table.render()
+}
+
+/// The run list.
+pub fn runs_table(runs: &[RunSummary]) -> String {
+    let mut table = Table::new(RUN_COLUMNS);
+    for r in runs {
+        table.push(vec![
+            one_line(&r.run_id),
+            one_line(&r.name),
+            status_name(r.status).into(),
+            format!("{}/{}", r.rounds_done, r.rounds_total),
+            utc(r.created_unix_ms),
+            if r.error.is_empty() {
+                "-".into()
+            } else {
+                one_line(&r.error)
+            },
+        ]);
+    }
+    table.render()
+}
+
+/// The site list; `now_unix_ms` is the current time, to say how long ago each site was seen.
+pub fn sites_table(sites: &[SiteInfo], now_unix_ms: u64) -> String {
+    let mut table = Table::new(SITE_COLUMNS);
+    for s in sites {
+        let datasets: Vec<String> = s
+            .datasets
+            .iter()
+            .map(|d| format!("{} ({} cols)", one_line(&d.name), d.columns.len()))
+            .collect();
+        table.push(vec![
+            one_line(&s.name),
+            if s.online { "yes" } else { "no" }.into(),
+            if s.last_seen_unix_ms == 0 {
+                "never".into()
+            } else {
+                format!(
+                    "{} ago",
+                    human_age(now_unix_ms.saturating_sub(s.last_seen_unix_ms) / 1000)
+                )
+            },
+            if datasets.is_empty() {
+                "-".into()
+            } else {
+                datasets.join(", ")
+            },
+        ]);
+    }
+    table.render()
+}
+
+/// A run's summary as `key  value` lines: id, name, status, rounds, creation time, the round in
+/// progress and the error, when there is one.
+pub fn run_overview(detail: &RunDetail) -> String {
+    let empty = RunSummary::default();
+    let s = detail.summary.as_ref().unwrap_or(&empty);
+    let mut lines = vec![
+        ("run", one_line(&s.run_id)),
+        ("name", one_line(&s.name)),
+        ("status", status_name(s.status).into()),
+        ("rounds", format!("{}/{}", s.rounds_done, s.rounds_total)),
+        ("created", utc(s.created_unix_ms)),
+    ];
+    if is_running(s.status) && detail.current_round > 0 {
+        lines.push(("current", current_round(detail)));
+    }
+    if !s.error.is_empty() {
+        lines.push(("error", one_line(&s.error)));
+    }
+    lines
+        .into_iter()
+        .map(|(k, v)| format!("{k:<8} {v}\n"))
+        .collect()
+}
+
+/// The round in progress, as `round 4 train: 2/3 sites reported`.
+pub fn current_round(detail: &RunDetail) -> String {
+    let phase = if detail.current_phase.is_empty() {
+        "starting"
+    } else {
+        detail.current_phase.as_str()
+    };
+    format!(
+        "round {} {}: {}/{} sites reported",
+        detail.current_round,
+        one_line(phase),
+        detail.current_reported,
+        detail.current_selected
+    )
+}
+
+/// The lower-case name of a wire run status (`unknown` for codes this CLI does not know).
+pub fn status_name(code: i32) -> &'static str {
+    run_status(code).map_or("unknown", |s| s.as_str())
+}
+
+/// Whether a wire run status means the run has ended.
+pub fn is_terminal(code: i32) -> bool {
+    run_status(code).is_some_and(|s| s.is_terminal())
+}
+
+fn is_running(code: i32) -> bool {
+    run_status(code).is_some_and(|s| !s.is_terminal())
+}
+
+/// A metric from an `eval_metrics` map to four decimals, or `-` when absent or not finite.
+pub fn metric(metrics: &BTreeMap<String, f64>, name: &str) -> String {
+    metrics.get(name).map_or_else(|| "-".into(), |&v| number(v))
+}
+
+fn number(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        "-".into()
+    }
+}
+
+/// Bytes in binary units: `512 B`, `1.5 KiB`, `12.0 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A span of seconds in its two largest units: `42s`, `3m 05s`, `2h 07m`, `4d 03h`.
+pub fn human_age(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d}d {h:02}h")
+    } else if h > 0 {
+        format!("{h}h {m:02}m")
+    } else if m > 0 {
+        format!("{m}m {s:02}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Milliseconds since the Unix epoch as a UTC time, `2024-05-01T12:34:56Z`; `-` for zero.
+pub fn utc(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    let secs = unix_ms / 1000;
+    let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Year, month and day of a count of days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The first 12 characters of a SHA-256, or `-` when there is none.
+pub fn short_sha(sha: &str) -> String {
+    if sha.is_empty() {
+        return "-".into();
+    }
+    sha.chars().take(12).collect()
+}
+
+/// Text from the coordinator made safe for one table cell: control characters become spaces.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round() -> RoundSummary {
+        RoundSummary {
+            round: 3,
+            attempts: 1,
+            sites_selected: 4,
+            sites_reported: 3,
+            num_examples: 1200,
+            train_loss: 0.123_456,
+            eval_metrics: [("accuracy".to_string(), 0.9)].into_iter().collect(),
+            duration_ms: 2_345,
+            bytes_down: 3 * 1024 * 1024,
+            bytes_up: 512,
+            global_sha256: "0123456789abcdef0123".into(),
+            sites: vec![],
+        }
+    }
+
+    #[test]
+    fn human_bytes_uses_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn human_age_keeps_two_units() {
+        assert_eq!(human_age(0), "0s");
+        assert_eq!(human_age(59), "59s");
+        assert_eq!(human_age(185), "3m 05s");
+        assert_eq!(human_age(2 * 3600 + 7 * 60 + 9), "2h 07m");
+        assert_eq!(human_age(4 * 86_400 + 3 * 3600), "4d 03h");
+    }
+
+    #[test]
+    fn utc_formats_civil_dates() {
+        assert_eq!(utc(0), "-");
+        assert_eq!(utc(1), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_714_566_896_789), "2024-05-01T12:34:56Z");
+    }
+
+    #[test]
+    fn round_row_shows_dashes_for_missing_metrics() {
+        let cells = round_cells(&round());
+        assert_eq!(
+            cells,
+            [
+                "3",
+                "1",
+                "3/4",
+                "1200",
+                "0.1235",
+                "0.9000",
+                "-",
+                "2.3",
+                "3.0 MiB",
+                "512 B",
+                "0123456789ab"
+            ]
+        );
+        let empty = round_cells(&RoundSummary::default());
+        assert_eq!(empty[4], "-");
+        assert_eq!(empty[10], "-");
+    }
+
+    #[test]
+    fn round_line_lines_up_with_header() {
+        let header = header_line(ROUND_COLUMNS);
+        let row = round_line(&round());
+        assert_eq!(
+            header,
+            "ROUND  TRIES  SITES  EXAMPLES  TRAIN_LOSS     ACC     AUC    SECS       DOWN         UP  GLOBAL"
+        );
+        assert_eq!(
+            row,
+            "    3      1    3/4      1200      0.1235  0.9000       -     2.3    3.0 MiB      512 B  0123456789ab"
+        );
+        // The table used by `run show` has the same layout when no cell is wider than its column.
+        let table = rounds_table(&[round()]);
+        assert_eq!(table, format!("{header}\n{row}\n"));
+    }
+
+    #[test]
+    fn table_widens_to_fit_and_trims() {
+        const COLS: &[Column] = &[left("A", 1), right("N", 1), left("Z", 0)];
+        let mut t = Table::new(COLS);
+        t.push(vec!["long".into(), "7".into(), "".into()]);
+        t.push(vec!["x".into(), "123".into(), "end".into()]);
+        assert_eq!(t.render(), "A       N  Z\nlong    7\nx     123  end\n");
+    }
+
+    #[test]
+    fn cells_are_single_line() {
+        let runs = [RunSummary {
+            run_id: "r1".into(),
+            name: "a\nb".into(),
+            status: 3,
+            rounds_done: 2,
+            rounds_total: 5,
+            created_unix_ms: 0,
+            error: "too few\tsites".into(),
+        }];
+        let text = runs_table(&runs);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("a b"), "{text}");
+        assert!(text.contains("failed"), "{text}");
+        assert!(text.contains("too few sites"), "{text}");
+    }
+}

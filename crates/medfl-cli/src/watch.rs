@@ -1,0 +1,96 @@
+//! `run watch`: follows a run live with progress bars and prints each round as it completes.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use medfl_proto::v1::{GetRunRequest, RunDetail};
+use tonic::Streaming;
+
+use crate::client::{RpcResultExt, RunClient};
+use crate::table;
+
+/// Follows run `run_id` until it ends: an overall bar of rounds, a spinner with the current
+/// round's phase and sites, and one [`table::round_line`] per completed round (rounds already
+/// done when the watch starts are printed first). Prints the final status and returns the last
+/// detail the coordinator sent.
+pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDetail> {
+    let mut stream = client
+        .watch_run(GetRunRequest {
+            run_id: run_id.to_owned(),
+        })
+        .await
+        .rpc("WatchRun")?
+        .into_inner();
+
+    let multi = MultiProgress::new();
+    let overall = multi.add(ProgressBar::new(0).with_style(ProgressStyle::with_template(
+        "{prefix:.bold} [{bar:32.cyan/blue}] {pos}/{len} rounds  {elapsed}",
+    )?));
+    overall.set_prefix(run_id.to_owned());
+    let round = multi.add(
+        ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}")?),
+    );
+    round.set_message("waiting for the coordinator");
+    round.enable_steady_tick(Duration::from_millis(120));
+
+    let result = follow(&mut stream, &multi, &overall, &round).await;
+    round.finish_and_clear();
+    overall.finish_and_clear();
+    let detail = result?.with_context(|| {
+        format!("the coordinator closed the watch of run {run_id} without sending it")
+    })?;
+
+    let summary = detail.summary.clone().unwrap_or_default();
+    let status = table::status_name(summary.status);
+    if !table::is_terminal(summary.status) {
+        anyhow::bail!("the watch of run {run_id} ended while the run was still {status}");
+    }
+    println!(
+        "run {run_id} {status} after {}/{} rounds",
+        summary.rounds_done, summary.rounds_total
+    );
+    if !summary.error.is_empty() {
+        println!("error: {}", summary.error);
+    }
+    Ok(detail)
+}
+
+/// Reads the stream until the run ends or the stream does, updating the bars and printing newly
+/// completed rounds above them. `None` when the stream closed before any message.
+async fn follow(
+    stream: &mut Streaming<RunDetail>,
+    multi: &MultiProgress,
+    overall: &ProgressBar,
+    round: &ProgressBar,
+) -> anyhow::Result<Option<RunDetail>> {
+    let mut printed = BTreeSet::new();
+    let mut last = None;
+    while let Some(detail) = stream.message().await.rpc("WatchRun")? {
+        let summary = detail.summary.clone().unwrap_or_default();
+        overall.set_length(u64::from(summary.rounds_total));
+        overall.set_position(u64::from(summary.rounds_done));
+        if detail.current_round > 0 {
+            round.set_message(table::current_round(&detail));
+        } else {
+            round.set_message(format!("run {}", table::status_name(summary.status)));
+        }
+        for r in &detail.rounds {
+            if printed.is_empty() {
+                let header = table::header_line(table::ROUND_COLUMNS);
+                multi.suspend(|| println!("{header}"));
+            }
+            if printed.insert(r.round) {
+                let line = table::round_line(r);
+                multi.suspend(|| println!("{line}"));
+            }
+        }
+        let ended = table::is_terminal(summary.status);
+        last = Some(detail);
+        if ended {
+            break;
+        }
+    }
+    Ok(last)
+}

@@ -1,0 +1,155 @@
+//! Coordinator configuration: embedded defaults, then a TOML file, then `MEDFL_*` variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::CoordinatorError;
+
+/// Defaults, embedded so an empty config file is a valid one.
+pub const DEFAULTS: &str = r#"
+listen = "127.0.0.1:7070"
+data_dir = "coordinator-data"
+chunk_size = 1048576
+max_message_bytes = 4194304
+poll_timeout_secs = 20
+heartbeat_interval_secs = 5
+site_offline_after_secs = 30
+max_concurrent_uploads = 8
+retain_updates = false
+log_format = "text"
+"#;
+
+/// Everything the coordinator reads at start.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address the gRPC server binds.
+    pub listen: SocketAddr,
+    /// Where the state database and model blobs live.
+    pub data_dir: PathBuf,
+    /// Bytes per model chunk on the wire.
+    pub chunk_size: u32,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: u32,
+    /// How long a site's task poll waits for work before answering "no task".
+    pub poll_timeout_secs: u64,
+    /// How often sites are asked to send heartbeats.
+    pub heartbeat_interval_secs: u32,
+    /// A site not heard from for this long is offline and not selected.
+    pub site_offline_after_secs: u64,
+    /// Updates received at once; more wait.
+    pub max_concurrent_uploads: u32,
+    /// Keep each site's update blob after aggregation (for audit and reproduction).
+    pub retain_updates: bool,
+    /// `text` or `json` logs.
+    pub log_format: String,
+}
+
+impl CoordinatorConfig {
+    /// Loads defaults, then `file` if given, then `MEDFL_*` environment variables
+    /// (`MEDFL_LISTEN`, `MEDFL_DATA_DIR`, ...), and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, CoordinatorError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(CoordinatorError::Config(format!(
+                    "{}: no such file",
+                    file.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let cfg: Self = builder
+            .add_source(config::Environment::with_prefix("MEDFL").try_parsing(true))
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| {
+                let place = file
+                    .map(|f| format!("{}: ", f.display()))
+                    .unwrap_or_default();
+                CoordinatorError::Config(format!("{place}{e}"))
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The defaults alone (tests and the demo start from these).
+    pub fn defaults() -> Self {
+        // The embedded defaults are checked by a unit test.
+        Self::load(None).unwrap_or_else(|e| panic!("embedded defaults are invalid: {e}"))
+    }
+
+    /// Checks values that parse but make no sense; the error names the key.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let bad = |key: &str, why: &str| Err(CoordinatorError::Config(format!("`{key}`: {why}")));
+        if !(4096..=16 << 20).contains(&self.chunk_size) {
+            return bad("chunk_size", "must be 4 KiB to 16 MiB");
+        }
+        if self.max_message_bytes < self.chunk_size + 64 * 1024 {
+            return bad(
+                "max_message_bytes",
+                "must exceed chunk_size by at least 64 KiB",
+            );
+        }
+        if self.poll_timeout_secs == 0 || self.poll_timeout_secs > 300 {
+            return bad("poll_timeout_secs", "must be 1..=300");
+        }
+        if self.heartbeat_interval_secs == 0 {
+            return bad("heartbeat_interval_secs", "must be at least 1");
+        }
+        if self.site_offline_after_secs <= u64::from(self.heartbeat_interval_secs) {
+            return bad(
+                "site_offline_after_secs",
+                "must exceed heartbeat_interval_secs",
+            );
+        }
+        if self.max_concurrent_uploads == 0 || self.max_concurrent_uploads > 1024 {
+            return bad("max_concurrent_uploads", "must be 1..=1024");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format", "must be `text` or `json`");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let cfg = CoordinatorConfig::defaults();
+        assert_eq!(cfg.chunk_size, 1 << 20);
+        assert_eq!(cfg.listen.port(), 7070);
+    }
+
+    #[test]
+    fn file_overrides_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "chunk_size = 65536\ndata_dir = \"/tmp/x\"\n").unwrap();
+        let cfg = CoordinatorConfig::load(Some(&path)).unwrap();
+        assert_eq!(cfg.chunk_size, 65536);
+        std::fs::write(&path, "chunk_size = 10\n").unwrap();
+        let err = CoordinatorConfig::load(Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`chunk_size`"), "{err}");
+        std::fs::write(&path, "chunk_sise = 65536\n").unwrap();
+        let err = CoordinatorConfig::load(Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("chunk_sise") && err.contains("c.toml"),
+            "{err}"
+        );
+        let err = CoordinatorConfig::load(Some(&dir.path().join("missing.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+    }
+}

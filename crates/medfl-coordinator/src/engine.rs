@@ -1,0 +1,607 @@
+//! The run engine: one task per running run that drives its rounds through the core state
+//! machine, folds verified updates into the running average and commits each round.
+//!
+//! All results reach the engine as messages, so admission, folding and closing a round are
+//! decided by one task in one order; handlers only stream bytes and verify them.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use medfl_core::fedavg::FedAvg;
+use medfl_core::metrics::weighted_mean;
+use medfl_core::round::{Decision, Phase, RoundLimits, RoundState};
+use medfl_core::run::RunStatus;
+use medfl_core::safetensors::{encode, StreamDecoder};
+use medfl_core::selection::select_sites;
+use medfl_core::spec::RunSpec;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::state::{now_ms, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic};
+use crate::store::{RoundRecord, RunRecord, SiteResult};
+use crate::CoordinatorError;
+
+/// Messages queued per run before senders wait.
+const ENGINE_QUEUE: usize = 64;
+/// Bytes read at once when folding an update from disk.
+const FOLD_CHUNK: usize = 1 << 20;
+
+/// Starts the engine of `run`, registering its handle. The task ends when the run ends or the
+/// coordinator shuts down (leaving the run `running`, to be resumed on the next start).
+pub fn spawn(
+    shared: &Arc<Shared>,
+    run: &RunRecord,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), CoordinatorError> {
+    let spec = Arc::new(RunSpec::from_toml(&run.spec)?);
+    let model = medfl_train::model_for_run(&spec);
+    let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let handle = RunHandle {
+        tx,
+        snapshot: snap_rx,
+        spec_toml: Arc::from(run.spec.as_str()),
+        schema: Arc::new(model.schema()),
+        spec,
+        traffic: Arc::new(Traffic::default()),
+    };
+    shared.runs()?.insert(run.id.clone(), handle.clone());
+    let engine = Engine {
+        shared: shared.clone(),
+        run_id: run.id.clone(),
+        handle,
+        rx,
+        snap_tx,
+        initial_sha256: run.initial_sha256.clone(),
+    };
+    tasks.spawn(engine.run());
+    Ok(())
+}
+
+struct Engine {
+    shared: Arc<Shared>,
+    run_id: String,
+    handle: RunHandle,
+    rx: mpsc::Receiver<EngineMsg>,
+    snap_tx: watch::Sender<Option<RoundSnapshot>>,
+    initial_sha256: String,
+}
+
+/// How a phase ended.
+enum Flow {
+    /// Enough results: go on (the sites listed did not answer).
+    Close(Vec<String>),
+    /// Too few updates: try the round again.
+    Retry(Vec<String>),
+    /// Too few updates and no retries left.
+    Fail(Vec<String>),
+    /// A researcher stopped the run.
+    Stopped(Option<tokio::sync::oneshot::Sender<()>>),
+    /// The coordinator is shutting down.
+    Shutdown,
+}
+
+/// The open attempt of a round.
+struct Attempt {
+    state: RoundState,
+    acc: Option<FedAvg>,
+    global_sha256: String,
+    global_size: u64,
+    losses: Vec<(u64, f64)>,
+    evaluations: Vec<(u64, BTreeMap<String, f64>)>,
+}
+
+impl Engine {
+    async fn run(mut self) {
+        let id = self.run_id.clone();
+        let end = match self.drive().await {
+            Ok(Some((status, error))) => Some((status, error)),
+            Ok(None) => None,
+            Err(e) => Some((RunStatus::Failed, e.to_string())),
+        };
+        if let Some((status, error)) = end {
+            if status == RunStatus::Failed {
+                warn!(run = %id, error = %error, "run failed");
+            } else {
+                info!(run = %id, status = status.as_str(), "run ended");
+            }
+            if let Err(e) = self
+                .shared
+                .store()
+                .and_then(|s| s.set_run_status(&id, status, &error))
+            {
+                warn!(run = %id, error = %e, "could not record the run's end");
+            }
+        }
+        self.snap_tx.send_replace(None);
+        if let Ok(mut runs) = self.shared.runs() {
+            runs.remove(&id);
+        }
+        self.shared.notify_runs();
+        self.shared.notify_tasks();
+    }
+
+    /// Runs the remaining rounds. `Ok(None)` means the coordinator is shutting down.
+    async fn drive(&mut self) -> Result<Option<(RunStatus, String)>, CoordinatorError> {
+        let spec = self.handle.spec.clone();
+        let done = self.shared.store()?.rounds(&self.run_id)?;
+        let mut global = done
+            .last()
+            .map(|r| r.global_sha256.clone())
+            .unwrap_or_else(|| self.initial_sha256.clone());
+        let first = done.len() as u32 + 1;
+        if first > 1 {
+            info!(run = %self.run_id, round = first, "resuming run");
+        }
+        let limits = RoundLimits {
+            min_sites: spec.min_sites as usize,
+            deadline_ms: spec.round_deadline_secs * 1000,
+            max_retries: spec.max_retries,
+        };
+        for round in first..=spec.rounds {
+            let started_ms = now_ms();
+            let mut attempt = self.shared.store()?.last_attempt(&self.run_id, round)?;
+            let mut attempts = 0;
+            let mut open = loop {
+                attempt += 1;
+                attempts += 1;
+                let selected = self.select(round, attempt)?;
+                info!(run = %self.run_id, round, attempt, sites = ?selected, "round started");
+                let mut open = Attempt {
+                    state: RoundState::start(round, attempt, selected, now_ms(), limits),
+                    acc: Some(FedAvg::new((*self.handle.schema).clone())),
+                    global_size: self.shared.blobs.size(&global)?,
+                    global_sha256: global.clone(),
+                    losses: Vec::new(),
+                    evaluations: Vec::new(),
+                };
+                let missing = match self.wait_phase(&mut open).await? {
+                    Flow::Close(missing) => {
+                        self.record_missing(&open, &missing)?;
+                        break open;
+                    }
+                    Flow::Retry(missing) => missing,
+                    Flow::Fail(missing) => {
+                        self.record_missing(&open, &missing)?;
+                        return Ok(Some((
+                            RunStatus::Failed,
+                            format!(
+                                "round {round}: {} of the required {} sites reported after {attempts} attempts; missing: {}",
+                                open.state.updates.len(),
+                                spec.min_sites,
+                                if missing.is_empty() { "none online".to_string() } else { missing.join(", ") }
+                            ),
+                        )));
+                    }
+                    Flow::Stopped(reply) => return self.stopped(reply),
+                    Flow::Shutdown => return Ok(None),
+                };
+                self.record_missing(&open, &missing)?;
+                warn!(run = %self.run_id, round, attempt, missing = ?missing, "too few updates; retrying the round");
+            };
+            global = self.commit(&mut open, attempts, started_ms).await?;
+            open.state.begin_evaluation(now_ms());
+            open.global_sha256 = global.clone();
+            open.global_size = self.shared.blobs.size(&global)?;
+            match self.wait_phase(&mut open).await? {
+                Flow::Stopped(reply) => return self.stopped(reply),
+                Flow::Shutdown => return Ok(None),
+                Flow::Close(_) | Flow::Retry(_) | Flow::Fail(_) => {}
+            }
+            let metrics = weighted_mean(&open.evaluations);
+            let (down, _) = self.handle.traffic.take();
+            self.shared
+                .store()?
+                .set_round_evaluation(&self.run_id, round, &metrics, down)?;
+            info!(run = %self.run_id, round, metrics = ?metrics, "round evaluated");
+            self.shared.notify_runs();
+        }
+        Ok(Some((RunStatus::Completed, String::new())))
+    }
+
+    fn stopped(
+        &self,
+        reply: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<Option<(RunStatus, String)>, CoordinatorError> {
+        self.shared.store()?.set_run_status(
+            &self.run_id,
+            RunStatus::Stopped,
+            "stopped by a researcher",
+        )?;
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+        Ok(Some((RunStatus::Stopped, "stopped by a researcher".into())))
+    }
+
+    /// Online sites holding the run's dataset with every column, sampled for this attempt.
+    fn select(&self, round: u32, attempt: u32) -> Result<Vec<String>, CoordinatorError> {
+        let spec = &self.handle.spec;
+        let now = now_ms();
+        let candidates: Vec<String> = self
+            .shared
+            .sites()?
+            .iter()
+            .filter(|(_, s)| self.shared.is_online(s, now))
+            .filter(|(_, s)| {
+                s.datasets.iter().any(|d| {
+                    d.name == spec.task.dataset
+                        && spec
+                            .task
+                            .features
+                            .iter()
+                            .chain(std::iter::once(&spec.task.label))
+                            .all(|c| d.columns.contains(c))
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let seed = spec.seed ^ (u64::from(round) << 32) ^ u64::from(attempt);
+        Ok(select_sites(
+            &candidates,
+            spec.fraction,
+            spec.min_sites as usize,
+            seed,
+        ))
+    }
+
+    fn publish(&self, open: &Attempt) {
+        let s = &open.state;
+        let reported = match s.phase {
+            Phase::Train => s.updates.len(),
+            Phase::Evaluate => s.evaluated.len(),
+        };
+        self.snap_tx.send_replace(Some(RoundSnapshot {
+            round: s.round,
+            attempt: s.attempt,
+            phase: s.phase,
+            pending: s.pending().into_iter().collect(),
+            selected: s.selected.clone(),
+            reported,
+            global_sha256: open.global_sha256.clone(),
+            global_size: open.global_size,
+            deadline_ms: s.deadline_ms,
+        }));
+        self.shared.notify_tasks();
+        self.shared.notify_runs();
+    }
+
+    /// Handles messages until the state machine decides, the run is stopped or we shut down.
+    async fn wait_phase(&mut self, open: &mut Attempt) -> Result<Flow, CoordinatorError> {
+        let mut shutdown = self.shared.shutdown.clone();
+        self.publish(open);
+        loop {
+            let until_ms = match open.state.decide(now_ms()) {
+                Decision::Wait { until_ms } => until_ms,
+                Decision::Close { missing } => return Ok(Flow::Close(missing)),
+                Decision::Retry { missing } => return Ok(Flow::Retry(missing)),
+                Decision::Fail { missing } => return Ok(Flow::Fail(missing)),
+            };
+            let wait = Duration::from_millis(until_ms.saturating_sub(now_ms()));
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(EngineMsg::Stop { reply }) => return Ok(Flow::Stopped(Some(reply))),
+                    Some(msg) => {
+                        self.handle_msg(open, msg).await?;
+                        self.publish(open);
+                    }
+                    None => return Ok(Flow::Shutdown),
+                },
+                _ = tokio::time::sleep(wait) => {}
+                _ = crate::state::stopping(&mut shutdown) => return Ok(Flow::Shutdown),
+            }
+        }
+    }
+
+    async fn handle_msg(&self, open: &mut Attempt, msg: EngineMsg) -> Result<(), CoordinatorError> {
+        match msg {
+            EngineMsg::Update {
+                site,
+                round,
+                attempt,
+                base_sha256,
+                sha256,
+                examples,
+                train_loss,
+                reply,
+            } => {
+                let result = self
+                    .accept_update(
+                        open,
+                        &site,
+                        round,
+                        attempt,
+                        &base_sha256,
+                        &sha256,
+                        examples,
+                        train_loss,
+                    )
+                    .await;
+                let now = now_ms();
+                match &result {
+                    Ok(()) => {
+                        info!(run = %self.run_id, round, attempt, site = %site, examples, train_loss, "update accepted");
+                        self.shared.store()?.add_site_result(
+                            &self.run_id,
+                            &SiteResult {
+                                round,
+                                attempt,
+                                site: site.clone(),
+                                outcome: "accepted".into(),
+                                examples,
+                                train_loss,
+                                update_sha256: sha256.clone(),
+                                ..Default::default()
+                            },
+                            now,
+                        )?;
+                    }
+                    Err(e) => {
+                        record_refusal(
+                            &self.shared,
+                            &self.run_id,
+                            round,
+                            attempt,
+                            &site,
+                            &e.to_string(),
+                        );
+                    }
+                }
+                if !self.shared.config.retain_updates {
+                    self.shared.blobs.remove(&sha256)?;
+                }
+                let _ = reply.send(result);
+            }
+            EngineMsg::Evaluation {
+                site,
+                round,
+                global_sha256,
+                examples,
+                metrics,
+                reply,
+            } => {
+                let result = open
+                    .state
+                    .admit_evaluation(&site, round, now_ms())
+                    .map_err(CoordinatorError::from)
+                    .and_then(|()| {
+                        if global_sha256 != open.global_sha256 {
+                            return Err(CoordinatorError::Invalid(format!(
+                                "evaluation of model {global_sha256}, round {round}'s model is {}",
+                                open.global_sha256
+                            )));
+                        }
+                        Ok(())
+                    });
+                if result.is_ok() {
+                    open.state.record_evaluation(&site);
+                    self.shared.store()?.set_site_evaluation(
+                        &self.run_id,
+                        round,
+                        &site,
+                        examples,
+                        &metrics,
+                    )?;
+                    open.evaluations.push((examples, metrics));
+                }
+                let _ = reply.send(result);
+            }
+            EngineMsg::Failure {
+                site,
+                round,
+                attempt,
+                reason,
+            } => {
+                if round == open.state.round
+                    && attempt == open.state.attempt
+                    && open.state.phase == Phase::Train
+                    && open.state.is_pending(&site)
+                {
+                    warn!(run = %self.run_id, round, attempt, site = %site, reason = %reason, "site cannot train");
+                    open.state.record_failure(&site, reason.clone());
+                    self.shared.store()?.add_site_result(
+                        &self.run_id,
+                        &SiteResult {
+                            round,
+                            attempt,
+                            site,
+                            outcome: "failed".into(),
+                            reason,
+                            ..Default::default()
+                        },
+                        now_ms(),
+                    )?;
+                }
+            }
+            EngineMsg::Stop { reply } => {
+                // Handled by the caller; answered here only if it slips through.
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn accept_update(
+        &self,
+        open: &mut Attempt,
+        site: &str,
+        round: u32,
+        attempt: u32,
+        base_sha256: &str,
+        sha256: &str,
+        examples: u64,
+        train_loss: f64,
+    ) -> Result<(), CoordinatorError> {
+        open.state.admit_update(site, round, attempt, now_ms())?;
+        if base_sha256 != open.global_sha256 {
+            return Err(CoordinatorError::Invalid(format!(
+                "update was trained from model {base_sha256}, round {round} started from {}",
+                open.global_sha256
+            )));
+        }
+        let path = self.shared.blobs.path(sha256)?;
+        let acc = open
+            .acc
+            .take()
+            .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))?;
+        // Folding a large model is CPU and disk work: off the async threads.
+        let (acc, folded) = tokio::task::spawn_blocking(move || {
+            let mut acc = acc;
+            let result = fold_file(&mut acc, &path, examples as f64);
+            (acc, result)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("fold task: {e}")))?;
+        open.acc = Some(acc);
+        if let Err(e) = folded {
+            // The update was validated on arrival, so a failure here is the disk's; the partial
+            // sums cannot be trusted, so the attempt must not close on them.
+            return Err(CoordinatorError::Internal(format!(
+                "folding update {sha256} from `{site}`: {e}; the round's sums are invalid"
+            )));
+        }
+        open.state.record_update(site, examples);
+        open.losses.push((examples, train_loss));
+        Ok(())
+    }
+
+    fn record_missing(&self, open: &Attempt, missing: &[String]) -> Result<(), CoordinatorError> {
+        let store = self.shared.store()?;
+        for site in missing {
+            let reason = open
+                .state
+                .failures
+                .get(site)
+                .map(|r| format!("site failed: {r}"))
+                .unwrap_or_else(|| "no update before the deadline".into());
+            if open.state.failures.contains_key(site) {
+                continue;
+            }
+            store.add_site_result(
+                &self.run_id,
+                &SiteResult {
+                    round: open.state.round,
+                    attempt: open.state.attempt,
+                    site: site.clone(),
+                    outcome: "missing".into(),
+                    reason,
+                    ..Default::default()
+                },
+                now_ms(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Averages the attempt's updates, stores the new global model and commits the round.
+    async fn commit(
+        &self,
+        open: &mut Attempt,
+        attempts: u32,
+        started_ms: u64,
+    ) -> Result<String, CoordinatorError> {
+        let acc = open
+            .acc
+            .take()
+            .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))?;
+        let shared = self.shared.clone();
+        let sha = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
+            let params = acc.finish()?;
+            shared.blobs.put(&encode(&params))
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;
+        let (down, up) = self.handle.traffic.take();
+        let examples: u64 = open.state.updates.values().sum();
+        let loss_weight: f64 = open.losses.iter().map(|(n, _)| *n as f64).sum();
+        let train_loss =
+            open.losses.iter().map(|(n, l)| *n as f64 * l).sum::<f64>() / loss_weight.max(1.0);
+        let record = RoundRecord {
+            round: open.state.round,
+            attempts,
+            sites_selected: open.state.selected.len() as u32,
+            sites_reported: open.state.updates.len() as u32,
+            examples,
+            train_loss,
+            eval_metrics: BTreeMap::new(),
+            started_ms,
+            finished_ms: now_ms(),
+            bytes_down: down,
+            bytes_up: up,
+            global_sha256: sha.clone(),
+        };
+        self.shared.store()?.commit_round(&self.run_id, &record)?;
+        info!(
+            run = %self.run_id,
+            round = record.round,
+            sites = record.sites_reported,
+            examples,
+            train_loss,
+            global = %sha,
+            "round committed"
+        );
+        Ok(sha)
+    }
+}
+
+/// Folds the update stored at `path` into `acc` with `weight`, one chunk at a time.
+pub fn fold_file(
+    acc: &mut FedAvg,
+    path: &std::path::Path,
+    weight: f64,
+) -> Result<(), CoordinatorError> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| CoordinatorError::io(format!("reading {}", path.display()), e))?
+        .len();
+    let mut decoder = StreamDecoder::new(Some(len));
+    let mut fold = acc.fold(weight)?;
+    let mut buf = vec![0u8; FOLD_CHUNK];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| CoordinatorError::io(format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        decoder.push(&buf[..n], &mut fold)?;
+    }
+    decoder.finish()?;
+    fold.commit();
+    Ok(())
+}
+
+/// Records and counts a refused update.
+pub fn record_refusal(
+    shared: &Shared,
+    run_id: &str,
+    round: u32,
+    attempt: u32,
+    site: &str,
+    reason: &str,
+) {
+    shared
+        .refusals
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    warn!(run = %run_id, round, attempt, site = %site, reason = %reason, "update refused");
+    let result = SiteResult {
+        round,
+        attempt,
+        site: site.into(),
+        outcome: "refused".into(),
+        reason: reason.into(),
+        ..Default::default()
+    };
+    if let Err(e) = shared
+        .store()
+        .and_then(|s| s.add_site_result(run_id, &result, now_ms()))
+    {
+        warn!(run = %run_id, error = %e, "could not record a refusal");
+    }
+    shared.notify_runs();
+}

@@ -1,0 +1,332 @@
+//! `RunService`: what researchers call to create, follow and stop runs and to pull models.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use medfl_core::run::RunStatus;
+use medfl_core::safetensors::encode;
+use medfl_core::spec::{DatasetInfo, RunSpec};
+use medfl_proto::v1::{self, run_service_server::RunService};
+use tokio::sync::oneshot;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use crate::engine;
+use crate::state::{now_ms, EngineMsg, Shared};
+use crate::store::RunRecord;
+use crate::stream::blob_stream;
+use crate::CoordinatorError;
+
+/// The researcher-facing service.
+pub struct RunApi {
+    shared: Arc<Shared>,
+    engines: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
+}
+
+impl RunApi {
+    /// The service over shared state; new engines join `engines`.
+    pub fn new(
+        shared: Arc<Shared>,
+        engines: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
+    ) -> Self {
+        Self { shared, engines }
+    }
+
+    async fn create(&self, spec_toml: String) -> Result<String, CoordinatorError> {
+        let spec = RunSpec::from_toml(&spec_toml)?;
+        let sites: Vec<(String, Vec<DatasetInfo>)> = self
+            .shared
+            .sites()?
+            .iter()
+            .map(|(n, s)| (n.clone(), s.datasets.clone()))
+            .collect();
+        spec.validate_against(&sites)?;
+        let shared = self.shared.clone();
+        let init_spec = spec.clone();
+        // Initial weights can be large: build and store them off the async threads.
+        let initial = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
+            let params = medfl_train::model_for_run(&init_spec).init(init_spec.seed)?;
+            shared.blobs.put(&encode(&params))
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("model initialisation: {e}")))??;
+        let created_ms = now_ms();
+        let id = format!("{}-{}", slug(&spec.name), random_suffix()?);
+        let record = RunRecord {
+            id: id.clone(),
+            name: spec.name.clone(),
+            spec: spec_toml,
+            status: RunStatus::Running,
+            rounds_total: spec.rounds,
+            initial_sha256: initial,
+            created_ms,
+            error: String::new(),
+        };
+        self.shared.store()?.insert_run(&record)?;
+        engine::spawn(&self.shared, &record, &mut *self.engines.lock().await)?;
+        info!(run = %id, name = %spec.name, rounds = spec.rounds, "run created");
+        Ok(id)
+    }
+
+    /// The full picture of a run: stored rounds and the open round.
+    pub fn detail(shared: &Shared, id: &str) -> Result<v1::RunDetail, CoordinatorError> {
+        let store = shared.store()?;
+        let run = store.run(id)?;
+        let rounds = store.rounds(id)?;
+        let mut out = Vec::with_capacity(rounds.len());
+        for r in &rounds {
+            let sites = store
+                .site_results(id, r.round)?
+                .into_iter()
+                .map(|s| v1::SiteRoundResult {
+                    site: s.site,
+                    outcome: s.outcome,
+                    reason: s.reason,
+                    num_examples: s.examples,
+                    train_loss: s.train_loss,
+                    eval_metrics: s.eval_metrics,
+                    eval_examples: s.eval_examples,
+                })
+                .collect();
+            out.push(v1::RoundSummary {
+                round: r.round,
+                attempts: r.attempts,
+                sites_selected: r.sites_selected,
+                sites_reported: r.sites_reported,
+                num_examples: r.examples,
+                train_loss: r.train_loss,
+                eval_metrics: r.eval_metrics.clone(),
+                duration_ms: r.finished_ms.saturating_sub(r.started_ms),
+                bytes_down: r.bytes_down,
+                bytes_up: r.bytes_up,
+                global_sha256: r.global_sha256.clone(),
+                sites,
+            });
+        }
+        drop(store);
+        let snapshot = shared
+            .runs()?
+            .get(id)
+            .and_then(|h| h.snapshot.borrow().clone());
+        let mut detail = v1::RunDetail {
+            summary: Some(summary(&run, rounds.len() as u32)),
+            spec_toml: run.spec,
+            rounds: out,
+            ..Default::default()
+        };
+        if let Some(s) = snapshot {
+            detail.current_round = s.round;
+            detail.current_phase = s.phase.as_str().into();
+            detail.current_reported = s.reported as u32;
+            detail.current_selected = s.selected.len() as u32;
+        }
+        Ok(detail)
+    }
+
+    fn model_sha(&self, run_id: &str, round: u32) -> Result<String, CoordinatorError> {
+        let store = self.shared.store()?;
+        let run = store.run(run_id)?;
+        let rounds = store.rounds(run_id)?;
+        if round == 0 {
+            return Ok(rounds
+                .last()
+                .map(|r| r.global_sha256.clone())
+                .unwrap_or(run.initial_sha256));
+        }
+        rounds
+            .into_iter()
+            .find(|r| r.round == round)
+            .map(|r| r.global_sha256)
+            .ok_or_else(|| {
+                CoordinatorError::NotFound(format!("run `{run_id}` has no committed round {round}"))
+            })
+    }
+}
+
+fn summary(run: &RunRecord, rounds_done: u32) -> v1::RunSummary {
+    v1::RunSummary {
+        run_id: run.id.clone(),
+        name: run.name.clone(),
+        status: v1::RunStatus::from(run.status) as i32,
+        rounds_done,
+        rounds_total: run.rounds_total,
+        created_unix_ms: run.created_ms,
+        error: run.error.clone(),
+    }
+}
+
+/// A lowercase, dash-separated form of a run name for its id.
+fn slug(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_matches('-');
+    let s = if s.is_empty() { "run" } else { s };
+    s.chars().take(32).collect()
+}
+
+fn random_suffix() -> Result<String, CoordinatorError> {
+    let mut bytes = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| CoordinatorError::Internal("no system randomness".into()))?;
+    Ok(hex::encode(bytes))
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RunService for RunApi {
+    #[instrument(skip_all)]
+    async fn create_run(
+        &self,
+        req: Request<v1::CreateRunRequest>,
+    ) -> Result<Response<v1::CreateRunResponse>, Status> {
+        let run_id = self.create(req.into_inner().spec_toml).await?;
+        Ok(Response::new(v1::CreateRunResponse { run_id }))
+    }
+
+    async fn list_runs(
+        &self,
+        _req: Request<v1::ListRunsRequest>,
+    ) -> Result<Response<v1::ListRunsResponse>, Status> {
+        let store = self.shared.store()?;
+        let runs = store
+            .runs()?
+            .iter()
+            .map(|r| Ok(summary(r, store.rounds(&r.id)?.len() as u32)))
+            .collect::<Result<_, CoordinatorError>>()?;
+        Ok(Response::new(v1::ListRunsResponse { runs }))
+    }
+
+    async fn get_run(
+        &self,
+        req: Request<v1::GetRunRequest>,
+    ) -> Result<Response<v1::RunDetail>, Status> {
+        Ok(Response::new(Self::detail(
+            &self.shared,
+            &req.into_inner().run_id,
+        )?))
+    }
+
+    type WatchRunStream = Boxed<v1::RunDetail>;
+
+    async fn watch_run(
+        &self,
+        req: Request<v1::GetRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let id = req.into_inner().run_id;
+        // Fail now on an unknown run rather than inside the stream.
+        let first = Self::detail(&self.shared, &id)?;
+        let shared = self.shared.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut changed = shared.runs_changed.subscribe();
+            let mut shutdown = shared.shutdown.clone();
+            let mut detail = Ok(first);
+            loop {
+                changed.borrow_and_update();
+                let ended = match &detail {
+                    Ok(d) => d
+                        .summary
+                        .as_ref()
+                        .is_some_and(|s| s.status != v1::RunStatus::Running as i32),
+                    Err(_) => true,
+                };
+                if tx.send(detail.map_err(Status::from)).await.is_err() || ended {
+                    return;
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    _ = crate::state::stopping(&mut shutdown) => return,
+                }
+                detail = Self::detail(&shared, &id);
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn stop_run(
+        &self,
+        req: Request<v1::StopRunRequest>,
+    ) -> Result<Response<v1::StopRunResponse>, Status> {
+        let id = req.into_inner().run_id;
+        let run = self.shared.store()?.run(&id)?;
+        if run.status.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "run `{id}` already ended ({})",
+                run.status.as_str()
+            )));
+        }
+        let handle = self.shared.run_handle(&id)?;
+        let (reply, done) = oneshot::channel();
+        if handle.tx.send(EngineMsg::Stop { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        info!(run = %id, "run stopped");
+        Ok(Response::new(v1::StopRunResponse {}))
+    }
+
+    async fn list_sites(
+        &self,
+        _req: Request<v1::ListSitesRequest>,
+    ) -> Result<Response<v1::ListSitesResponse>, Status> {
+        let now = now_ms();
+        let registered: std::collections::BTreeMap<String, u64> = self
+            .shared
+            .store()?
+            .sites()?
+            .into_iter()
+            .map(|s| (s.name, s.registered_ms))
+            .collect();
+        let sites = self
+            .shared
+            .sites()?
+            .iter()
+            .map(|(name, s)| v1::SiteInfo {
+                name: name.clone(),
+                online: self.shared.is_online(s, now),
+                last_seen_unix_ms: s.last_seen_ms,
+                datasets: s.datasets.iter().cloned().map(Into::into).collect(),
+                registered_unix_ms: registered.get(name).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(v1::ListSitesResponse { sites }))
+    }
+
+    type PullModelStream = Boxed<v1::BlobChunk>;
+
+    async fn pull_model(
+        &self,
+        req: Request<v1::PullModelRequest>,
+    ) -> Result<Response<Self::PullModelStream>, Status> {
+        let req = req.into_inner();
+        let sha = self.model_sha(&req.run_id, req.round)?;
+        Ok(Response::new(Box::pin(blob_stream(
+            &self.shared,
+            &sha,
+            0,
+            None,
+        )?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slug;
+
+    #[test]
+    fn slugs_are_safe() {
+        assert_eq!(slug("Breast Cancer / FedAvg"), "breast-cancer---fedavg");
+        assert_eq!(slug("***"), "run");
+    }
+}

@@ -1,0 +1,87 @@
+//! Starting the coordinator: open the data directory, resume running runs, serve gRPC on a
+//! listener the caller bound, and stop cleanly when the caller's shutdown future completes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use medfl_core::run::RunStatus;
+use medfl_proto::v1::run_service_server::RunServiceServer;
+use medfl_proto::v1::site_service_server::SiteServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::blobs::BlobStore;
+use crate::config::CoordinatorConfig;
+use crate::run_service::RunApi;
+use crate::site_service::SiteApi;
+use crate::state::Shared;
+use crate::store::Store;
+use crate::{engine, CoordinatorError};
+
+/// Serves the coordinator on `listener` until `shutdown` completes. Runs left `running` by an
+/// earlier process resume from their last committed round.
+pub async fn serve(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), CoordinatorError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| CoordinatorError::io(format!("creating {}", data_dir.display()), e))?;
+    let store = Store::open(&data_dir.join("state.db"))?;
+    let blobs = BlobStore::open(&data_dir.join("blobs"))?;
+    let running: Vec<_> = store
+        .runs()?
+        .into_iter()
+        .filter(|r| r.status == RunStatus::Running)
+        .collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let max_message = config.max_message_bytes as usize;
+    let shared = Arc::new(Shared::new(config, store, blobs, stop_rx)?);
+
+    let engines = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+    for run in &running {
+        engine::spawn(&shared, run, &mut *engines.lock().await)?;
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SiteServiceServer<SiteApi>>().await;
+    health.set_serving::<RunServiceServer<RunApi>>().await;
+    let site_api = SiteServiceServer::new(SiteApi::new(shared.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let run_api = RunServiceServer::new(RunApi::new(shared.clone(), engines.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
+    info!(%addr, data_dir = %data_dir.display(), resumed = running.len(), "coordinator serving");
+    let stop = stop_tx.clone();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .concurrency_limit_per_connection(256)
+        .add_service(health_service)
+        .add_service(site_api)
+        .add_service(run_api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // Long polls and watches end now instead of at their timeouts.
+            stop.send_replace(true);
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("gRPC server: {e}")))?;
+    stop_tx.send_replace(true);
+    let mut engines = engines.lock().await;
+    while engines.join_next().await.is_some() {}
+    info!("coordinator stopped");
+    Ok(())
+}

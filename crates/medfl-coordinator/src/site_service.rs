@@ -1,0 +1,511 @@
+//! `SiteService`: what hospital sites call. Handlers identify the site, check the request against
+//! the open round, stream bytes, and hand every result to the run's engine.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use medfl_core::round::{Phase, Refusal};
+use medfl_core::safetensors::StreamDecoder;
+use medfl_core::validate::UpdateValidator;
+use medfl_proto::convert::{SITE_METADATA, TOKEN_METADATA};
+use medfl_proto::v1::{self, site_service_server::SiteService};
+use tokio::sync::oneshot;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, instrument};
+
+use crate::blobs::sha256_hex;
+use crate::engine::record_refusal;
+use crate::state::{now_ms, EngineMsg, Shared, SiteLive};
+use crate::store::SiteRecord;
+use crate::stream::blob_stream;
+use crate::CoordinatorError;
+
+/// Longest site name accepted.
+const MAX_NAME: usize = 64;
+/// Most datasets one site may advertise.
+const MAX_DATASETS: usize = 256;
+/// Largest example count a site may claim for one update.
+const MAX_EXAMPLES: u64 = 1_000_000_000;
+
+/// The site-facing service.
+pub struct SiteApi {
+    shared: Arc<Shared>,
+}
+
+impl SiteApi {
+    /// The service over shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Identifies the caller from its metadata and marks it seen.
+    fn identify<T>(&self, req: &Request<T>) -> Result<String, CoordinatorError> {
+        let meta = req.metadata();
+        let get = |key: &str| {
+            meta.get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    CoordinatorError::Unauthenticated(format!("missing `{key}` metadata"))
+                })
+        };
+        let site = get(SITE_METADATA)?;
+        let token = get(TOKEN_METADATA)?;
+        let now = now_ms();
+        let mut sites = self.shared.sites()?;
+        let live = sites.get_mut(&site).ok_or_else(|| {
+            CoordinatorError::Unauthenticated(format!("unknown site `{site}`: register first"))
+        })?;
+        if live.token_sha256 != sha256_hex(token.as_bytes()) {
+            return Err(CoordinatorError::Unauthenticated(format!(
+                "wrong token for site `{site}`"
+            )));
+        }
+        let was_offline = !self.shared.is_online(live, now);
+        live.last_seen_ms = now;
+        drop(sites);
+        if was_offline {
+            info!(site = %site, "site online");
+            self.shared.store()?.touch_site(&site, now)?;
+        }
+        Ok(site)
+    }
+
+    async fn push_update(
+        &self,
+        site: &str,
+        mut stream: Streaming<v1::UpdateChunk>,
+    ) -> Result<v1::PushUpdateResponse, CoordinatorError> {
+        let header = match stream.message().await {
+            Ok(Some(v1::UpdateChunk {
+                part: Some(v1::update_chunk::Part::Header(h)),
+            })) => h,
+            Ok(_) => {
+                return Err(CoordinatorError::Invalid(
+                    "an upload must start with its header".into(),
+                ))
+            }
+            Err(status) => {
+                return Err(CoordinatorError::Invalid(format!(
+                    "upload ended before its header: {}",
+                    status.message()
+                )))
+            }
+        };
+        let (round, attempt) = (header.round, header.attempt);
+        let refuse = |e: CoordinatorError| {
+            record_refusal(
+                &self.shared,
+                &header.run_id,
+                round,
+                attempt,
+                site,
+                &e.to_string(),
+            );
+            e
+        };
+        let handle = self.shared.run_handle(&header.run_id).map_err(refuse)?;
+        self.precheck(site, &header, &handle).map_err(refuse)?;
+        let _permit = self
+            .shared
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| CoordinatorError::Unavailable("shutting down".into()))?;
+        let sha = self
+            .receive(&header, &handle, &mut stream)
+            .await
+            .map_err(refuse)?;
+        let (reply, answer) = oneshot::channel();
+        handle
+            .tx
+            .send(EngineMsg::Update {
+                site: site.to_string(),
+                round,
+                attempt,
+                base_sha256: header.base_sha256.clone(),
+                sha256: sha,
+                examples: header.num_examples,
+                train_loss: header.train_loss,
+                reply,
+            })
+            .await
+            .map_err(|_| CoordinatorError::Unavailable(format!("run `{}` ended", header.run_id)))?;
+        // The engine records its own refusals.
+        answer.await.map_err(|_| {
+            CoordinatorError::Unavailable(format!("run `{}` ended", header.run_id))
+        })??;
+        Ok(v1::PushUpdateResponse {
+            accepted: true,
+            message: format!("update for round {round} accepted"),
+        })
+    }
+
+    /// Cheap checks before any bytes are read: is this update wanted at all?
+    fn precheck(
+        &self,
+        site: &str,
+        header: &v1::UpdateHeader,
+        handle: &crate::state::RunHandle,
+    ) -> Result<(), CoordinatorError> {
+        let snap = handle.snapshot.borrow().clone().ok_or_else(|| {
+            CoordinatorError::Refused(Refusal::NotOpen {
+                round: header.round,
+                attempt: header.attempt,
+                open_round: 0,
+                open_attempt: 0,
+            })
+        })?;
+        if snap.round != header.round || snap.attempt != header.attempt {
+            return Err(Refusal::NotOpen {
+                round: header.round,
+                attempt: header.attempt,
+                open_round: snap.round,
+                open_attempt: snap.attempt,
+            }
+            .into());
+        }
+        if snap.phase != Phase::Train {
+            return Err(Refusal::WrongPhase {
+                round: header.round,
+                phase: snap.phase.as_str(),
+            }
+            .into());
+        }
+        if header.num_examples == 0 || header.num_examples > MAX_EXAMPLES {
+            return Err(CoordinatorError::Invalid(format!(
+                "num_examples must be 1..={MAX_EXAMPLES}, got {}",
+                header.num_examples
+            )));
+        }
+        if !header.train_loss.is_finite() {
+            return Err(CoordinatorError::Invalid("train_loss is not finite".into()));
+        }
+        // An F32 update of the same tensors is the global model's size give or take its header.
+        let limit = snap.global_size + (1 << 20);
+        if header.size == 0 || header.size > limit {
+            return Err(CoordinatorError::Invalid(format!(
+                "update size {} is outside 1..={limit} bytes",
+                header.size
+            )));
+        }
+        if !crate::blobs::is_blob_id(&header.sha256) {
+            return Err(CoordinatorError::Invalid(
+                "sha256 must be 64 lowercase hex digits".into(),
+            ));
+        }
+        // Refuse unwanted uploads before reading their bytes; the engine checks again.
+        let refusal = if !snap.selected.contains(site) {
+            Some(Refusal::NotSelected {
+                site: site.into(),
+                round: header.round,
+            })
+        } else if !snap.pending.contains(site) {
+            Some(Refusal::Duplicate {
+                site: site.into(),
+                round: header.round,
+            })
+        } else if now_ms() >= snap.deadline_ms {
+            Some(Refusal::Late {
+                site: site.into(),
+                round: header.round,
+            })
+        } else {
+            None
+        };
+        refusal.map_or(Ok(()), |r| Err(r.into()))
+    }
+
+    /// Streams the update to a temporary blob, validating as it goes; returns its id.
+    async fn receive(
+        &self,
+        header: &v1::UpdateHeader,
+        handle: &crate::state::RunHandle,
+        stream: &mut Streaming<v1::UpdateChunk>,
+    ) -> Result<String, CoordinatorError> {
+        let mut incoming = self.shared.blobs.incoming()?;
+        let mut decoder = StreamDecoder::new(Some(header.size));
+        let mut validator = UpdateValidator::new(&handle.schema);
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(status) => {
+                    return Err(CoordinatorError::Invalid(format!(
+                        "upload broke off after {} of {} bytes: {}",
+                        incoming.len(),
+                        header.size,
+                        status.message()
+                    )))
+                }
+            };
+            let Some(v1::update_chunk::Part::Data(data)) = msg.part else {
+                return Err(CoordinatorError::Invalid(
+                    "a second header inside an upload".into(),
+                ));
+            };
+            if incoming.len() + data.len() as u64 > header.size {
+                return Err(CoordinatorError::Invalid(format!(
+                    "more than the announced {} bytes",
+                    header.size
+                )));
+            }
+            incoming.write(&data)?;
+            decoder.push(&data, &mut validator)?;
+            handle
+                .traffic
+                .up
+                .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if incoming.len() != header.size {
+            return Err(CoordinatorError::Core(medfl_core::CoreError::Truncated {
+                got: incoming.len(),
+                expected: header.size,
+            }));
+        }
+        decoder.finish()?;
+        incoming.finish(Some(&header.sha256))
+    }
+
+    async fn send_to_engine(
+        &self,
+        run_id: &str,
+        make: impl FnOnce(oneshot::Sender<Result<(), CoordinatorError>>) -> EngineMsg,
+    ) -> Result<(), CoordinatorError> {
+        let handle = self.shared.run_handle(run_id)?;
+        let (reply, answer) = oneshot::channel();
+        handle
+            .tx
+            .send(make(reply))
+            .await
+            .map_err(|_| CoordinatorError::Unavailable(format!("run `{run_id}` ended")))?;
+        answer
+            .await
+            .map_err(|_| CoordinatorError::Unavailable(format!("run `{run_id}` ended")))?
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+type BlobStreamOf = Pin<Box<dyn Stream<Item = Result<v1::BlobChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SiteService for SiteApi {
+    #[instrument(skip_all, fields(site = %req.get_ref().site))]
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        if !valid_name(&req.site) {
+            return Err(CoordinatorError::Invalid(format!(
+                "site name `{}` must be 1-{MAX_NAME} letters, digits, `-`, `_` or `.`",
+                req.site
+            ))
+            .into());
+        }
+        if req.token.len() < 16 {
+            return Err(
+                CoordinatorError::Invalid("token must be at least 16 characters".into()).into(),
+            );
+        }
+        if req.datasets.len() > MAX_DATASETS {
+            return Err(
+                CoordinatorError::Invalid(format!("more than {MAX_DATASETS} datasets")).into(),
+            );
+        }
+        let token_sha256 = sha256_hex(req.token.as_bytes());
+        let now = now_ms();
+        let datasets: Vec<_> = req.datasets.into_iter().map(Into::into).collect();
+        {
+            let mut sites = self.shared.sites().map_err(Status::from)?;
+            if let Some(existing) = sites.get(&req.site) {
+                if existing.token_sha256 != token_sha256 {
+                    return Err(CoordinatorError::PermissionDenied(format!(
+                        "site name `{}` is registered to another identity",
+                        req.site
+                    ))
+                    .into());
+                }
+            }
+            sites.insert(
+                req.site.clone(),
+                SiteLive {
+                    token_sha256: token_sha256.clone(),
+                    datasets: datasets.clone(),
+                    last_seen_ms: now,
+                },
+            );
+        }
+        self.shared
+            .store()
+            .and_then(|s| {
+                s.upsert_site(&SiteRecord {
+                    name: req.site.clone(),
+                    token_sha256,
+                    datasets,
+                    registered_ms: now,
+                    last_seen_ms: now,
+                })
+            })
+            .map_err(Status::from)?;
+        info!(site = %req.site, version = %req.version, "site registered");
+        self.shared.notify_tasks();
+        Ok(Response::new(v1::RegisterResponse {
+            chunk_size: self.shared.config.chunk_size,
+            heartbeat_interval_secs: self.shared.config.heartbeat_interval_secs,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        self.identify(&req)?;
+        let runs = self.shared.runs().map_err(Status::from)?;
+        let stopped_runs = req
+            .into_inner()
+            .active_runs
+            .into_iter()
+            .filter(|r| !runs.contains_key(r))
+            .collect();
+        Ok(Response::new(v1::HeartbeatResponse { stopped_runs }))
+    }
+
+    async fn poll_task(
+        &self,
+        req: Request<v1::PollTaskRequest>,
+    ) -> Result<Response<v1::PollTaskResponse>, Status> {
+        let site = self.identify(&req)?;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.shared.config.poll_timeout_secs);
+        let mut changed = self.shared.tasks_changed.subscribe();
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            changed.borrow_and_update();
+            let task = {
+                let runs = self.shared.runs().map_err(Status::from)?;
+                runs.iter().find_map(|(id, handle)| {
+                    let snap = handle.snapshot.borrow().clone()?;
+                    snap.pending.contains(&site).then(|| v1::Task {
+                        run_id: id.clone(),
+                        round: snap.round,
+                        attempt: snap.attempt,
+                        kind: match snap.phase {
+                            Phase::Train => v1::TaskKind::Train,
+                            Phase::Evaluate => v1::TaskKind::Evaluate,
+                        } as i32,
+                        spec_toml: handle.spec_toml.to_string(),
+                        global_sha256: snap.global_sha256.clone(),
+                        global_size: snap.global_size,
+                        deadline_unix_ms: snap.deadline_ms,
+                    })
+                })
+            };
+            if task.is_some() {
+                return Ok(Response::new(v1::PollTaskResponse { task }));
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(Response::new(v1::PollTaskResponse { task: None }));
+                }
+                _ = crate::state::stopping(&mut shutdown) => {
+                    return Err(CoordinatorError::Unavailable("coordinator shutting down".into()).into());
+                }
+            }
+        }
+    }
+
+    type DownloadBlobStream = BlobStreamOf;
+
+    async fn download_blob(
+        &self,
+        req: Request<v1::DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        self.identify(&req)?;
+        let req = req.into_inner();
+        if !crate::blobs::is_blob_id(&req.sha256)
+            || !self
+                .shared
+                .store()
+                .and_then(|s| s.is_global_model(&req.sha256))
+                .map_err(Status::from)?
+        {
+            return Err(CoordinatorError::NotFound(format!("no model {}", req.sha256)).into());
+        }
+        // Count the bytes against the run whose open round hands out this model.
+        let traffic = self
+            .shared
+            .runs()
+            .map_err(Status::from)?
+            .values()
+            .find_map(|h| {
+                let snap = h.snapshot.borrow();
+                snap.as_ref()
+                    .filter(|s| s.global_sha256 == req.sha256)
+                    .map(|_| h.traffic.clone())
+            });
+        let stream = blob_stream(&self.shared, &req.sha256, req.offset, traffic)?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn push_update(
+        &self,
+        req: Request<Streaming<v1::UpdateChunk>>,
+    ) -> Result<Response<v1::PushUpdateResponse>, Status> {
+        let site = self.identify(&req)?;
+        let reply = self.push_update(&site, req.into_inner()).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn report_evaluation(
+        &self,
+        req: Request<v1::ReportEvaluationRequest>,
+    ) -> Result<Response<v1::ReportEvaluationResponse>, Status> {
+        let site = self.identify(&req)?;
+        let req = req.into_inner();
+        if req.metrics.values().any(|v| !v.is_finite()) {
+            return Err(CoordinatorError::Invalid("metrics must be finite".into()).into());
+        }
+        self.send_to_engine(&req.run_id, |reply| EngineMsg::Evaluation {
+            site,
+            round: req.round,
+            global_sha256: req.global_sha256,
+            examples: req.num_examples,
+            metrics: req.metrics,
+            reply,
+        })
+        .await?;
+        Ok(Response::new(v1::ReportEvaluationResponse {}))
+    }
+
+    async fn report_task_failure(
+        &self,
+        req: Request<v1::ReportTaskFailureRequest>,
+    ) -> Result<Response<v1::ReportTaskFailureResponse>, Status> {
+        let site = self.identify(&req)?;
+        let req = req.into_inner();
+        let handle = self.shared.run_handle(&req.run_id)?;
+        let reason: String = req.reason.chars().take(2000).collect();
+        handle
+            .tx
+            .send(EngineMsg::Failure {
+                site,
+                round: req.round,
+                attempt: req.attempt,
+                reason,
+            })
+            .await
+            .map_err(|_| CoordinatorError::Unavailable(format!("run `{}` ended", req.run_id)))?;
+        Ok(Response::new(v1::ReportTaskFailureResponse {}))
+    }
+}

@@ -1,0 +1,256 @@
+//! State shared by the gRPC handlers and the run engines.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use medfl_core::round::Phase;
+use medfl_core::spec::{DatasetInfo, RunSpec};
+use medfl_core::ModelSchema;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+use crate::blobs::BlobStore;
+use crate::config::CoordinatorConfig;
+use crate::store::Store;
+use crate::CoordinatorError;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A registered site as the coordinator keeps it in memory.
+#[derive(Debug, Clone)]
+pub struct SiteLive {
+    /// SHA-256 of the site's secret token.
+    pub token_sha256: String,
+    /// Datasets it advertised.
+    pub datasets: Vec<DatasetInfo>,
+    /// Last call, ms since the epoch.
+    pub last_seen_ms: u64,
+}
+
+/// What handlers may see of a run's open round.
+#[derive(Debug, Clone)]
+pub struct RoundSnapshot {
+    /// Round number.
+    pub round: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Phase.
+    pub phase: Phase,
+    /// Sites that still owe a result in this phase.
+    pub pending: BTreeSet<String>,
+    /// Sites asked.
+    pub selected: BTreeSet<String>,
+    /// Sites that answered.
+    pub reported: usize,
+    /// The global model sites start from (train) or score (evaluate).
+    pub global_sha256: String,
+    /// Its size in bytes.
+    pub global_size: u64,
+    /// When the phase closes.
+    pub deadline_ms: u64,
+}
+
+/// A message to a run's engine. Every result goes through the engine, so one task decides.
+#[derive(Debug)]
+pub enum EngineMsg {
+    /// A verified update blob, ready to fold.
+    Update {
+        /// Sender.
+        site: String,
+        /// Round it was trained for.
+        round: u32,
+        /// Attempt it was trained for.
+        attempt: u32,
+        /// The global model it started from.
+        base_sha256: String,
+        /// Its blob id.
+        sha256: String,
+        /// Local examples.
+        examples: u64,
+        /// Local training loss.
+        train_loss: f64,
+        /// Answer to the uploader.
+        reply: oneshot::Sender<Result<(), CoordinatorError>>,
+    },
+    /// A site's evaluation of the round's new global model.
+    Evaluation {
+        /// Sender.
+        site: String,
+        /// Round.
+        round: u32,
+        /// The model it scored.
+        global_sha256: String,
+        /// Validation examples.
+        examples: u64,
+        /// Metrics.
+        metrics: BTreeMap<String, f64>,
+        /// Answer to the site.
+        reply: oneshot::Sender<Result<(), CoordinatorError>>,
+    },
+    /// A site cannot do its task.
+    Failure {
+        /// Sender.
+        site: String,
+        /// Round.
+        round: u32,
+        /// Attempt.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A researcher stops the run.
+    Stop {
+        /// Answer once stopped.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Byte counters of a run's open round, added to by handlers and taken by the engine.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Global-model bytes sent.
+    pub down: AtomicU64,
+    /// Update bytes received.
+    pub up: AtomicU64,
+}
+
+impl Traffic {
+    /// Takes and resets both counters.
+    pub fn take(&self) -> (u64, u64) {
+        (
+            self.down.swap(0, Ordering::Relaxed),
+            self.up.swap(0, Ordering::Relaxed),
+        )
+    }
+}
+
+/// A running run's engine, as handlers reach it.
+#[derive(Debug, Clone)]
+pub struct RunHandle {
+    /// Messages to the engine (bounded).
+    pub tx: mpsc::Sender<EngineMsg>,
+    /// The open round, if any.
+    pub snapshot: watch::Receiver<Option<RoundSnapshot>>,
+    /// The parsed spec.
+    pub spec: Arc<RunSpec>,
+    /// The spec as sent to sites.
+    pub spec_toml: Arc<str>,
+    /// Names and shapes every update must have.
+    pub schema: Arc<ModelSchema>,
+    /// Bytes moved in the open round.
+    pub traffic: Arc<Traffic>,
+}
+
+/// Everything the coordinator's tasks share.
+pub struct Shared {
+    /// Configuration.
+    pub config: CoordinatorConfig,
+    store: Mutex<Store>,
+    /// Model and update blobs.
+    pub blobs: BlobStore,
+    runs: Mutex<BTreeMap<String, RunHandle>>,
+    sites: Mutex<BTreeMap<String, SiteLive>>,
+    /// Bumped whenever a task may have appeared; task polls wait on it.
+    pub tasks_changed: watch::Sender<u64>,
+    /// Bumped whenever any run changed; run watchers wait on it.
+    pub runs_changed: watch::Sender<u64>,
+    /// Limits concurrent uploads.
+    pub uploads: Semaphore,
+    /// Updates refused since start.
+    pub refusals: AtomicU64,
+    /// Becomes true when the coordinator shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> CoordinatorError {
+    CoordinatorError::Internal("a lock was poisoned by a panicked task".into())
+}
+
+impl Shared {
+    /// Shared state over an opened store.
+    pub fn new(
+        config: CoordinatorConfig,
+        store: Store,
+        blobs: BlobStore,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, CoordinatorError> {
+        let sites = store
+            .sites()?
+            .into_iter()
+            .map(|s| {
+                (
+                    s.name,
+                    SiteLive {
+                        token_sha256: s.token_sha256,
+                        datasets: s.datasets,
+                        // Nobody is online until they call again.
+                        last_seen_ms: 0,
+                    },
+                )
+            })
+            .collect();
+        let uploads = Semaphore::new(config.max_concurrent_uploads as usize);
+        Ok(Self {
+            config,
+            store: Mutex::new(store),
+            blobs,
+            runs: Mutex::new(BTreeMap::new()),
+            sites: Mutex::new(sites),
+            tasks_changed: watch::Sender::new(0),
+            runs_changed: watch::Sender::new(0),
+            uploads,
+            refusals: AtomicU64::new(0),
+            shutdown,
+        })
+    }
+
+    /// The state database (held briefly: every statement is small).
+    pub fn store(&self) -> Result<MutexGuard<'_, Store>, CoordinatorError> {
+        self.store.lock().map_err(poisoned)
+    }
+
+    /// Registered sites.
+    pub fn sites(&self) -> Result<MutexGuard<'_, BTreeMap<String, SiteLive>>, CoordinatorError> {
+        self.sites.lock().map_err(poisoned)
+    }
+
+    /// Active runs.
+    pub fn runs(&self) -> Result<MutexGuard<'_, BTreeMap<String, RunHandle>>, CoordinatorError> {
+        self.runs.lock().map_err(poisoned)
+    }
+
+    /// The handle of active run `id`.
+    pub fn run_handle(&self, id: &str) -> Result<RunHandle, CoordinatorError> {
+        self.runs()?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CoordinatorError::NotFound(format!("run `{id}` is not running")))
+    }
+
+    /// Whether a site counts as online at `now_ms`.
+    pub fn is_online(&self, site: &SiteLive, now_ms: u64) -> bool {
+        now_ms.saturating_sub(site.last_seen_ms) < self.config.site_offline_after_secs * 1000
+    }
+
+    /// Wakes task polls.
+    pub fn notify_tasks(&self) {
+        self.tasks_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Wakes run watchers.
+    pub fn notify_runs(&self) {
+        self.runs_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// Completes once `shutdown` turns true (or its sender is gone).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
