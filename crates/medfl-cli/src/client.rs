@@ -21,13 +21,17 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Connects to the coordinator at `addr` (`http://host:port`).
 pub async fn connect(addr: &str) -> anyhow::Result<RunClient> {
-    let endpoint = Endpoint::from_shared(addr.to_owned())
-        .with_context(|| {
-            format!(
-                "`{addr}` is not a valid coordinator URL (expected e.g. http://127.0.0.1:7070); \
-                 set it with --coordinator URL or MEDFL_COORDINATOR"
-            )
-        })?
+    let invalid = || {
+        format!(
+            "`{addr}` is not a valid coordinator URL (expected e.g. http://127.0.0.1:7070); \
+             set it with --coordinator URL or MEDFL_COORDINATOR"
+        )
+    };
+    let endpoint = Endpoint::from_shared(addr.to_owned()).with_context(invalid)?;
+    if endpoint.uri().scheme_str() != Some("http") || endpoint.uri().host().is_none() {
+        anyhow::bail!("{}", invalid());
+    }
+    let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_keepalive(Some(KEEP_ALIVE))
         .http2_keep_alive_interval(KEEP_ALIVE)
@@ -95,9 +99,11 @@ mod tests {
 
     #[tokio::test]
     async fn bad_addresses_name_the_option() {
-        let err = connect("not a url").await.err().map(|e| format!("{e:#}"));
-        let text = err.unwrap_or_default();
-        assert!(text.contains("--coordinator"), "{text}");
-        assert!(text.contains("not a url"), "{text}");
+        for addr in ["not a url", "bogus", "127.0.0.1:7070", "ftp://host:1"] {
+            let err = connect(addr).await.err().map(|e| format!("{e:#}"));
+            let text = err.unwrap_or_default();
+            assert!(text.contains("--coordinator"), "{text}");
+            assert!(text.contains(addr), "{text}");
+        }
     }
 }

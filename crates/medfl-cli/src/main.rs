@@ -3,6 +3,8 @@
 mod client;
 mod commands;
 mod demo;
+#[cfg(test)]
+mod mock;
 mod pull;
 mod table;
 mod watch;
@@ -103,10 +105,22 @@ async fn main() -> ExitCode {
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, without the repeats that transport errors carry.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -154,6 +168,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn error_chain_drops_repeats() {
+        let e = anyhow::anyhow!("refused")
+            .context("tcp connect error")
+            .context("tcp connect error")
+            .context("transport error")
+            .context("cannot reach the coordinator");
+        assert_eq!(
+            error_chain(&e),
+            "cannot reach the coordinator: transport error: tcp connect error: refused"
+        );
+    }
 
     #[test]
     fn cli_is_well_formed() {

@@ -73,8 +73,10 @@ async fn follow(
         overall.set_position(u64::from(summary.rounds_done));
         if detail.current_round > 0 {
             round.set_message(table::current_round(&detail));
-        } else {
+        } else if table::is_terminal(summary.status) {
             round.set_message(format!("run {}", table::status_name(summary.status)));
+        } else {
+            round.set_message("waiting for the next round");
         }
         for r in &detail.rounds {
             if printed.is_empty() {

@@ -1,1 +1,21 @@
-//! placeholder
+//! The medfl site daemon: runs inside a hospital, connects out to the coordinator only, trains
+//! on local data that never leaves, and sends back model updates.
+//!
+//! # Layout
+//! - [`config`]: layered configuration, datasets by name.
+//! - [`daemon`]: [`run`], the connect / register / poll loop with backoff.
+//! - [`worker`]: doing a train or evaluate task.
+//! - [`cache`]: verified, resumable downloads of global models.
+//! - [`client`]: the identified gRPC client; [`identity`]: the site's token and run history.
+
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod identity;
+pub mod worker;
+
+pub use config::SiteConfig;
+pub use daemon::run;
+pub use error::SiteError;

@@ -1,0 +1,175 @@
+//! Site daemon configuration: embedded defaults, then a TOML file, then `MEDFL_*` variables.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::SiteError;
+
+/// Defaults, embedded so a config file needs only the site's own values.
+pub const DEFAULTS: &str = r#"
+coordinator = "http://127.0.0.1:7070"
+data_dir = "site-data"
+reconnect_min_ms = 500
+reconnect_max_secs = 30
+model_cache = 2
+log_format = "text"
+"#;
+
+/// One dataset the site holds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// The file; relative paths are relative to the config file's directory.
+    pub path: PathBuf,
+    /// File format: `csv` (a header row, comma-separated).
+    #[serde(default = "csv")]
+    pub format: String,
+}
+
+fn csv() -> String {
+    "csv".into()
+}
+
+/// Everything the site daemon reads at start.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// The site's name in the consortium.
+    pub name: String,
+    /// The coordinator's URL (`http://host:port`).
+    pub coordinator: String,
+    /// Where the site keeps its identity, state and model cache.
+    pub data_dir: PathBuf,
+    /// First reconnection delay.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnection delay.
+    pub reconnect_max_secs: u64,
+    /// Global models kept in the cache.
+    pub model_cache: usize,
+    /// `text` or `json` logs.
+    pub log_format: String,
+    /// Datasets by the name run specs use. Only names and column headers ever leave the site.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, DatasetConfig>,
+}
+
+impl SiteConfig {
+    /// Loads defaults, then `file`, then `MEDFL_*` variables (`MEDFL_NAME`, `MEDFL_COORDINATOR`,
+    /// ...), and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, SiteError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(SiteError::Config(format!(
+                    "{}: no such file",
+                    file.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let mut cfg: Self = builder
+            .add_source(config::Environment::with_prefix("MEDFL").try_parsing(true))
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| {
+                let place = file
+                    .map(|f| format!("{}: ", f.display()))
+                    .unwrap_or_default();
+                SiteError::Config(format!("{place}{e}"))
+            })?;
+        if let Some(base) = file.and_then(Path::parent) {
+            for ds in cfg.datasets.values_mut() {
+                if ds.path.is_relative() {
+                    ds.path = base.join(&ds.path);
+                }
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but make no sense; the error names the key.
+    pub fn validate(&self) -> Result<(), SiteError> {
+        let bad = |key: &str, why: String| Err(SiteError::Config(format!("`{key}`: {why}")));
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return bad(
+                "name",
+                "must be 1-64 letters, digits, `-`, `_` or `.`".into(),
+            );
+        }
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return bad(
+                "coordinator",
+                format!("`{}` is not an http(s) URL", self.coordinator),
+            );
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_secs == 0 {
+            return bad(
+                "reconnect_min_ms",
+                "reconnection delays must be positive".into(),
+            );
+        }
+        if self.model_cache == 0 {
+            return bad("model_cache", "keep at least one model".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format", "must be `text` or `json`".into());
+        }
+        for (name, ds) in &self.datasets {
+            if ds.format != "csv" {
+                return bad(
+                    &format!("datasets.{name}.format"),
+                    format!("`{}` is not supported (use `csv`)", ds.format),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_datasets_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        std::fs::write(
+            &path,
+            "name = \"hospital-a\"\n[datasets.bc]\npath = \"bc.csv\"\n",
+        )
+        .unwrap();
+        let cfg = SiteConfig::load(Some(&path)).unwrap();
+        assert_eq!(cfg.datasets["bc"].path, dir.path().join("bc.csv"));
+        assert_eq!(cfg.model_cache, 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        std::fs::write(&path, "name = \"bad name\"\n").unwrap();
+        let err = SiteConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("`name`"), "{err}");
+        std::fs::write(
+            &path,
+            "name = \"a\"\n[datasets.bc]\npath = \"x\"\nformat = \"xls\"\n",
+        )
+        .unwrap();
+        let err = SiteConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("datasets.bc.format"), "{err}");
+        std::fs::write(&path, "nmae = \"a\"\n").unwrap();
+        let err = SiteConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("site.toml"), "{err}");
+    }
+}

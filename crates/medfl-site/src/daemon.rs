@@ -1,0 +1,191 @@
+//! The site daemon's main loop: connect out to the coordinator, register, heartbeat, poll for
+//! tasks and do them; on a lost connection, back off exponentially with jitter and reconnect.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use medfl_core::selection::SplitMix64;
+use medfl_proto::v1;
+use tracing::{info, warn};
+
+use crate::client::Client;
+use crate::config::SiteConfig;
+use crate::worker::{CancelFlags, Worker};
+use crate::SiteError;
+
+/// Exponential backoff with jitter: each delay is a random point in the upper half of
+/// `min * 2^n`, capped at `max`.
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+    rng: SplitMix64,
+}
+
+impl Backoff {
+    /// A backoff between `min` and `max`, seeded for jitter.
+    pub fn new(min: Duration, max: Duration, seed: u64) -> Self {
+        Self {
+            min,
+            max,
+            failures: 0,
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 2u32.saturating_pow(self.failures.min(20));
+        self.failures += 1;
+        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        ceiling.mul_f64(0.5 + 0.5 * self.rng.next_f64())
+    }
+
+    /// Back to the shortest delay after a success.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Runs the site until `shutdown` completes. Returns an error only for problems that
+/// reconnecting cannot fix (bad data at start, an identity the coordinator refuses).
+pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Result<(), SiteError> {
+    let mut worker = Worker::open(config)?;
+    let cfg = worker.config().clone();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(cfg.reconnect_min_ms),
+        Duration::from_secs(cfg.reconnect_max_secs),
+        seed,
+    );
+    let cancels = worker.cancels.clone();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            r = session(&mut worker, &mut backoff) => match r {
+                Err(e) if e.is_disconnect() => {
+                    let delay = backoff.next_delay();
+                    warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "coordinator unreachable");
+                    tokio::select! {
+                        _ = &mut shutdown => break Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => break Err(e),
+                Ok(()) => break Ok(()),
+            }
+        }
+    };
+    cancel_all(&cancels);
+    info!(site = %cfg.name, "site stopped");
+    result
+}
+
+fn cancel_all(cancels: &CancelFlags) {
+    if let Ok(cancels) = cancels.lock() {
+        for flag in cancels.values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One connection's life: register, then poll and work until the connection fails.
+async fn session(worker: &mut Worker, backoff: &mut Backoff) -> Result<(), SiteError> {
+    let cfg = worker.config().clone();
+    let mut client = Client::connect(&cfg.coordinator, &cfg.name, worker.token()).await?;
+    let reply = client
+        .site
+        .register(v1::RegisterRequest {
+            site: cfg.name.clone(),
+            token: worker.token().to_string(),
+            datasets: worker.dataset_schemas(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            // Someone else holds this name: reconnecting will not help.
+            tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                SiteError::Config(format!("registration refused: {}", s.message()))
+            }
+            _ => SiteError::Rpc(s),
+        })?
+        .into_inner();
+    worker.chunk_size = (reply.chunk_size as usize).clamp(4096, 16 << 20);
+    backoff.reset();
+    info!(site = %cfg.name, coordinator = %cfg.coordinator, "registered");
+    let heartbeat = tokio::spawn(heartbeats(
+        client.clone(),
+        worker.cancels.clone(),
+        Duration::from_secs(u64::from(reply.heartbeat_interval_secs.max(1))),
+    ));
+    let _stop_heartbeats = AbortOnDrop(heartbeat);
+    loop {
+        let task = client
+            .site
+            .poll_task(client.authed(v1::PollTaskRequest {}))
+            .await?
+            .into_inner()
+            .task;
+        if let Some(task) = task {
+            worker.handle(&mut client, task).await?;
+        }
+    }
+}
+
+/// Tells the coordinator the site is alive and which runs it works on; cancels stopped ones.
+async fn heartbeats(client: Client, cancels: CancelFlags, every: Duration) {
+    let mut client = client;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let active_runs: Vec<String> = match cancels.lock() {
+            Ok(c) => c.keys().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        let Ok(reply) = client
+            .site
+            .heartbeat(client.authed(v1::HeartbeatRequest { active_runs }))
+            .await
+        else {
+            continue;
+        };
+        if let Ok(mut cancels) = cancels.lock() {
+            for run in reply.into_inner().stopped_runs {
+                if let Some(flag) = cancels.remove(&run) {
+                    info!(run = %run, "run ended at the coordinator; abandoning its work");
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2), 1);
+        let d: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
+        assert!(d[3] >= Duration::from_millis(400) && d[3] <= Duration::from_millis(800));
+        assert!(d.iter().all(|x| *x <= Duration::from_secs(2)));
+        assert!(d[7] >= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

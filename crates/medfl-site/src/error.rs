@@ -1,0 +1,66 @@
+//! The site daemon's error type.
+
+/// What can go wrong in the site daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    /// Bad configuration; names the key or file.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Disk I/O in the data directory.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Loading data or training.
+    #[error(transparent)]
+    Train(#[from] medfl_train::TrainError),
+    /// Pure logic refused something (a bad spec, a bad model file).
+    #[error(transparent)]
+    Core(#[from] medfl_core::CoreError),
+    /// The coordinator answered with an error.
+    #[error("coordinator: {}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+    /// The coordinator cannot be reached.
+    #[error("cannot reach the coordinator at {url}: {message}")]
+    Connect {
+        /// Its address.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// A downloaded model does not match its hash or length.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The task cannot be done here (missing dataset, bad spec).
+    #[error("{0}")]
+    Task(String),
+    /// Training was cancelled (run stopped, site shutting down).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl SiteError {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether the error means the connection to the coordinator is gone (reconnect), as
+    /// opposed to a problem with one task.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            SiteError::Connect { .. } => true,
+            SiteError::Rpc(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Unauthenticated
+            ),
+            _ => false,
+        }
+    }
+}

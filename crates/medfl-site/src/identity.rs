@@ -1,0 +1,125 @@
+//! The site's own small state in its data directory: its secret token (its identity towards
+//! the coordinator) and the runs it took part in.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::SiteError;
+
+/// A run this site worked for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run's name from its spec.
+    pub name: String,
+    /// Last round this site trained or evaluated.
+    pub last_round: u32,
+    /// Updates this site sent.
+    pub updates_sent: u64,
+    /// Bytes of those updates.
+    pub bytes_sent: u64,
+}
+
+/// What `site.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteState {
+    /// The site name the token belongs to.
+    pub site: String,
+    /// Secret shared with the coordinator at registration.
+    pub token: String,
+    /// Runs by id.
+    #[serde(default)]
+    pub runs: BTreeMap<String, RunRecord>,
+}
+
+impl SiteState {
+    fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("site.json")
+    }
+
+    /// Loads the state, creating a fresh identity on first start.
+    pub fn load_or_create(data_dir: &Path, site: &str) -> Result<Self, SiteError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| SiteError::io(format!("creating {}", data_dir.display()), e))?;
+        let path = Self::path(data_dir);
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| SiteError::io(format!("reading {}", path.display()), e))?;
+            let state: SiteState = serde_json::from_str(&text)
+                .map_err(|e| SiteError::Config(format!("{}: {e}", path.display())))?;
+            if state.site != site {
+                return Err(SiteError::Config(format!(
+                    "{} belongs to site `{}`, but this config names `{site}`; use another data_dir",
+                    path.display(),
+                    state.site
+                )));
+            }
+            return Ok(state);
+        }
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| SiteError::Config("no system randomness for the site token".into()))?;
+        let state = SiteState {
+            site: site.to_string(),
+            token: hex::encode(secret),
+            runs: BTreeMap::new(),
+        };
+        state.save(data_dir)?;
+        Ok(state)
+    }
+
+    /// Writes the state atomically, readable by the owner only.
+    pub fn save(&self, data_dir: &Path) -> Result<(), SiteError> {
+        let path = Self::path(data_dir);
+        let tmp = data_dir.join("site.json.tmp");
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| SiteError::Config(format!("serialising site state: {e}")))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options
+            .open(&tmp)
+            .map_err(|e| SiteError::io(format!("writing {}", tmp.display()), e))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| SiteError::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| SiteError::io(format!("replacing {}", path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SiteState::load_or_create(dir.path(), "h1").unwrap();
+        assert_eq!(a.token.len(), 64);
+        let mut b = SiteState::load_or_create(dir.path(), "h1").unwrap();
+        assert_eq!(a, b);
+        b.runs.insert("r".into(), RunRecord::default());
+        b.save(dir.path()).unwrap();
+        assert_eq!(
+            SiteState::load_or_create(dir.path(), "h1")
+                .unwrap()
+                .runs
+                .len(),
+            1
+        );
+        assert!(SiteState::load_or_create(dir.path(), "h2").is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("site.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Doing one task: prepare the run's data (once per run), fetch the global model, train or
+//! evaluate off the async threads, and send the result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use medfl_core::safetensors::{decode, encode};
+use medfl_core::spec::RunSpec;
+use medfl_proto::v1;
+use medfl_train::{model_for_run, Examples, Standardizer, Table, TrainError, TrainOptions};
+use tokio_stream::StreamExt;
+use tracing::{debug, info, warn};
+
+use crate::cache::ModelCache;
+use crate::client::Client;
+use crate::config::SiteConfig;
+use crate::identity::SiteState;
+use crate::SiteError;
+
+/// A run's data at this site, split and standardised with this site's own statistics.
+struct Prepared {
+    spec: RunSpec,
+    train: Examples,
+    validation: Examples,
+}
+
+/// Cancellation flags of the runs being worked on, shared with the heartbeat task.
+pub type CancelFlags = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
+
+/// The site's worker: its data, state and model cache.
+pub struct Worker {
+    config: SiteConfig,
+    datasets: BTreeMap<String, Table>,
+    state: SiteState,
+    cache: ModelCache,
+    prepared: HashMap<String, Arc<Prepared>>,
+    /// Set by the heartbeat when a run is stopped, and by shutdown.
+    pub cancels: CancelFlags,
+    /// Upload chunk size, from the coordinator.
+    pub chunk_size: usize,
+}
+
+/// FNV-1a, to derive a stable per-site seed from the site's name.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Worker {
+    /// Loads the identity and every configured dataset; a bad file stops the site here, with
+    /// an error naming file and line.
+    pub fn open(config: SiteConfig) -> Result<Self, SiteError> {
+        let state = SiteState::load_or_create(&config.data_dir, &config.name)?;
+        let cache = ModelCache::open(&config.data_dir, config.model_cache)?;
+        let mut datasets = BTreeMap::new();
+        for (name, ds) in &config.datasets {
+            let table = Table::load_csv(&ds.path)?;
+            info!(site = %config.name, dataset = %name, rows = table.len(), columns = table.columns().len(), "dataset loaded");
+            datasets.insert(name.clone(), table);
+        }
+        Ok(Self {
+            config,
+            datasets,
+            state,
+            cache,
+            prepared: HashMap::new(),
+            cancels: Arc::default(),
+            chunk_size: 1 << 20,
+        })
+    }
+
+    /// The site's configuration.
+    pub fn config(&self) -> &SiteConfig {
+        &self.config
+    }
+
+    /// The site's secret token.
+    pub fn token(&self) -> &str {
+        &self.state.token
+    }
+
+    /// What the coordinator may know of the datasets: names, column headers and row counts.
+    pub fn dataset_schemas(&self) -> Vec<v1::DatasetSchema> {
+        self.datasets
+            .iter()
+            .map(|(name, t)| v1::DatasetSchema {
+                name: name.clone(),
+                columns: t.columns().to_vec(),
+                rows: t.len() as u64,
+            })
+            .collect()
+    }
+
+    fn prepare(&mut self, task: &v1::Task) -> Result<Arc<Prepared>, SiteError> {
+        if let Some(p) = self.prepared.get(&task.run_id) {
+            return Ok(p.clone());
+        }
+        let spec = RunSpec::from_toml(&task.spec_toml)?;
+        let table = self.datasets.get(&spec.task.dataset).ok_or_else(|| {
+            SiteError::Task(format!(
+                "site `{}` has no dataset named `{}`",
+                self.config.name, spec.task.dataset
+            ))
+        })?;
+        let examples = table.examples(&spec.task.features, &spec.task.label, &spec.task.labels)?;
+        let seed = spec.seed ^ fnv1a(&self.config.name);
+        let (train, validation) = examples.split(spec.task.validation_fraction, seed);
+        let scaler = Standardizer::fit(&train);
+        let prepared = Arc::new(Prepared {
+            train: scaler.apply(&train),
+            validation: scaler.apply(&validation),
+            spec,
+        });
+        info!(
+            run = %task.run_id,
+            site = %self.config.name,
+            train = prepared.train.len(),
+            validation = prepared.validation.len(),
+            "run data prepared"
+        );
+        self.prepared.insert(task.run_id.clone(), prepared.clone());
+        Ok(prepared)
+    }
+
+    fn cancel_flag(&self, run_id: &str) -> Arc<AtomicBool> {
+        let mut cancels = match self.cancels.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        cancels.entry(run_id.to_string()).or_default().clone()
+    }
+
+    /// Does one task. Task-level problems are reported to the coordinator and logged;
+    /// connection problems are returned so the caller reconnects.
+    pub async fn handle(&mut self, client: &mut Client, task: v1::Task) -> Result<(), SiteError> {
+        let (run, round, attempt) = (task.run_id.clone(), task.round, task.attempt);
+        match self.execute(client, &task).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_disconnect() => Err(e),
+            Err(SiteError::Cancelled) => {
+                info!(run = %run, round, site = %self.config.name, "task cancelled");
+                Ok(())
+            }
+            Err(e @ SiteError::Rpc(_)) => {
+                // The coordinator refused the result (late, duplicate...): nothing to retry.
+                warn!(run = %run, round, site = %self.config.name, error = %e, "result refused");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(run = %run, round, site = %self.config.name, error = %e, "task failed");
+                client
+                    .site
+                    .report_task_failure(client.authed(v1::ReportTaskFailureRequest {
+                        run_id: run,
+                        round,
+                        attempt,
+                        reason: e.to_string(),
+                    }))
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn execute(&mut self, client: &mut Client, task: &v1::Task) -> Result<(), SiteError> {
+        let prepared = self.prepare(task)?;
+        let cancel = self.cancel_flag(&task.run_id);
+        let (bytes, downloaded) = self
+            .cache
+            .fetch(client, &task.global_sha256, task.global_size)
+            .await?;
+        debug!(run = %task.run_id, round = task.round, downloaded, "global model ready");
+        let global = tokio::task::spawn_blocking(move || decode(&bytes))
+            .await
+            .map_err(|e| SiteError::Task(format!("decoding task: {e}")))??;
+        match v1::TaskKind::try_from(task.kind) {
+            Ok(v1::TaskKind::Train) => self.train(client, task, prepared, global, cancel).await,
+            Ok(v1::TaskKind::Evaluate) => self.evaluate(client, task, prepared, global).await,
+            _ => Err(SiteError::Task(format!("unknown task kind {}", task.kind))),
+        }
+    }
+
+    async fn train(
+        &mut self,
+        client: &mut Client,
+        task: &v1::Task,
+        prepared: Arc<Prepared>,
+        global: medfl_core::ModelParams,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<(), SiteError> {
+        let seed = prepared.spec.seed
+            ^ fnv1a(&self.config.name)
+            ^ (u64::from(task.round) << 20)
+            ^ u64::from(task.attempt);
+        let opts = TrainOptions::from_spec(&prepared.spec, seed);
+        let (run, round, site) = (task.run_id.clone(), task.round, self.config.name.clone());
+        info!(run = %run, round, site = %site, examples = prepared.train.len(), "training");
+        let started = std::time::Instant::now();
+        let report = tokio::task::spawn_blocking(move || {
+            let model = model_for_run(&prepared.spec);
+            model.train(&global, &prepared.train, &opts, &cancel, &mut |p| {
+                debug!(run = %run, round, site = %site, step = p.step, of = p.total_steps, loss = p.loss, "training progress");
+            })
+        })
+        .await
+        .map_err(|e| SiteError::Task(format!("training task: {e}")))?
+        .map_err(|e| match e {
+            TrainError::Cancelled => SiteError::Cancelled,
+            e => SiteError::Train(e),
+        })?;
+        let bytes = encode(&report.params);
+        let sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
+        let size = bytes.len() as u64;
+        info!(
+            run = %task.run_id,
+            round = task.round,
+            site = %self.config.name,
+            loss = report.mean_loss,
+            steps = report.steps,
+            seconds = started.elapsed().as_secs_f64(),
+            bytes = size,
+            "trained; sending update"
+        );
+        let header = v1::UpdateHeader {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            attempt: task.attempt,
+            base_sha256: task.global_sha256.clone(),
+            sha256,
+            size,
+            num_examples: report.examples,
+            train_loss: report.mean_loss,
+            train_steps: report.steps,
+        };
+        push_update(client, header, bytes, self.chunk_size).await?;
+        let record = self.state.runs.entry(task.run_id.clone()).or_default();
+        record.name = prepared_name(&task.spec_toml);
+        record.last_round = task.round;
+        record.updates_sent += 1;
+        record.bytes_sent += size;
+        self.state.save(&self.config.data_dir)?;
+        Ok(())
+    }
+
+    async fn evaluate(
+        &mut self,
+        client: &mut Client,
+        task: &v1::Task,
+        prepared: Arc<Prepared>,
+        global: medfl_core::ModelParams,
+    ) -> Result<(), SiteError> {
+        let report = tokio::task::spawn_blocking(move || {
+            model_for_run(&prepared.spec).evaluate(&global, &prepared.validation)
+        })
+        .await
+        .map_err(|e| SiteError::Task(format!("evaluation task: {e}")))??;
+        info!(run = %task.run_id, round = task.round, site = %self.config.name, metrics = ?report.metrics, "evaluated");
+        client
+            .site
+            .report_evaluation(client.authed(v1::ReportEvaluationRequest {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                global_sha256: task.global_sha256.clone(),
+                num_examples: report.examples,
+                metrics: report.metrics,
+            }))
+            .await?;
+        let record = self.state.runs.entry(task.run_id.clone()).or_default();
+        record.last_round = task.round;
+        self.state.save(&self.config.data_dir)?;
+        Ok(())
+    }
+}
+
+fn prepared_name(spec_toml: &str) -> String {
+    RunSpec::from_toml(spec_toml)
+        .map(|s| s.name)
+        .unwrap_or_default()
+}
+
+/// Streams an update: its header, then `chunk`-sized pieces of `bytes`.
+pub async fn push_update(
+    client: &mut Client,
+    header: v1::UpdateHeader,
+    bytes: Vec<u8>,
+    chunk: usize,
+) -> Result<v1::PushUpdateResponse, SiteError> {
+    let bytes = Arc::new(bytes);
+    let pieces = bytes.len().div_ceil(chunk);
+    let data = tokio_stream::iter(0..pieces).map(move |i| v1::UpdateChunk {
+        part: Some(v1::update_chunk::Part::Data(
+            bytes[i * chunk..((i + 1) * chunk).min(bytes.len())].to_vec(),
+        )),
+    });
+    let stream = tokio_stream::once(v1::UpdateChunk {
+        part: Some(v1::update_chunk::Part::Header(header)),
+    })
+    .chain(data);
+    Ok(client
+        .site
+        .push_update(client.authed(stream))
+        .await?
+        .into_inner())
+}
