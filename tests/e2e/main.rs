@@ -1,1 +1,4 @@
-//! e2e
+//! medfl end to end: real coordinator and site daemons on loopback, real data, real SQLite.
+
+mod bad_updates;
+mod fedavg;

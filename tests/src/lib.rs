@@ -1,1 +1,373 @@
-//! placeholder
+//! A small kit for medfl's end-to-end tests: start a real coordinator and real site daemons
+//! in-process on 127.0.0.1 ephemeral ports, split the real breast cancer data between sites,
+//! drive runs through the researcher API and stop everything cleanly.
+
+pub mod raw;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use medfl_coordinator::store::Store;
+use medfl_coordinator::{CoordinatorConfig, CoordinatorError};
+use medfl_core::ModelParams;
+use medfl_proto::v1;
+use medfl_proto::v1::run_service_client::RunServiceClient;
+use medfl_site::{SiteConfig, SiteError};
+use medfl_train::{label_skew_partition, Table};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Safety net for waits on a run: far above any test's real duration, so a hang fails the test
+/// instead of blocking CI. Waits themselves follow the run's own event stream.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The repository's copy of the Wisconsin breast cancer data.
+pub fn breast_cancer_csv() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/breast_cancer_wisconsin.csv")
+}
+
+/// Its 30 feature columns.
+pub fn breast_cancer_features() -> Vec<String> {
+    let table = Table::load_csv(&breast_cancer_csv()).expect("demo data is in the repository");
+    table
+        .columns()
+        .iter()
+        .filter(|c| c.as_str() != "diagnosis")
+        .cloned()
+        .collect()
+}
+
+/// Writes `n` site CSVs with label skew (site `i` gets a different benign/malignant mix and
+/// size) and a held-out test CSV of 20% of the rows; returns `(site files, test file)`.
+pub fn split_breast_cancer(dir: &Path, n: usize) -> (Vec<PathBuf>, PathBuf) {
+    let table = Table::load_csv(&breast_cancer_csv()).expect("demo data is in the repository");
+    let labels = table.column("diagnosis").expect("diagnosis column");
+    let classes = vec!["B".to_string(), "M".to_string()];
+    let test_share = 0.2;
+    let mut shares = vec![vec![test_share, test_share]];
+    let rest = 1.0 - test_share;
+    for i in 0..n {
+        // Benign shares fall and malignant shares rise from site to site.
+        let w = (i + 1) as f64;
+        let total: f64 = (1..=n).map(|k| k as f64).sum();
+        let benign = rest * (n + 1 - (i + 1)) as f64 / total;
+        let malignant = rest * w / total;
+        shares.push(vec![benign, malignant]);
+    }
+    let parts = label_skew_partition(&labels, &classes, &shares, 7);
+    std::fs::create_dir_all(dir).expect("test dir");
+    let test = dir.join("test.csv");
+    table
+        .subset(&parts[0])
+        .write_csv(&test)
+        .expect("write test split");
+    let sites = parts[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let path = dir.join(format!("site-{i}.csv"));
+            table
+                .subset(rows)
+                .write_csv(&path)
+                .expect("write site split");
+            path
+        })
+        .collect();
+    (sites, test)
+}
+
+/// A run spec for the breast cancer task.
+pub fn breast_cancer_spec(name: &str, rounds: u32, min_sites: u32, deadline_secs: u64) -> String {
+    let features: Vec<String> = breast_cancer_features()
+        .iter()
+        .map(|f| format!("\"{f}\""))
+        .collect();
+    format!(
+        r#"name = "{name}"
+rounds = {rounds}
+min_sites = {min_sites}
+round_deadline_secs = {deadline_secs}
+max_retries = 2
+seed = 11
+
+[model]
+kind = "mlp"
+hidden = []
+
+[task]
+dataset = "breast_cancer"
+label = "diagnosis"
+labels = ["B", "M"]
+features = [{}]
+
+[training]
+local_epochs = 2
+batch_size = 16
+learning_rate = 0.1
+"#,
+        features.join(", ")
+    )
+}
+
+/// A coordinator running in-process.
+pub struct Coordinator {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), CoordinatorError>>,
+}
+
+/// Configuration for tests: fast heartbeats, short polls, updates kept for inspection.
+pub fn test_config(data_dir: &Path) -> CoordinatorConfig {
+    let mut cfg = CoordinatorConfig::defaults();
+    cfg.data_dir = data_dir.to_path_buf();
+    cfg.poll_timeout_secs = 2;
+    cfg.heartbeat_interval_secs = 1;
+    cfg.site_offline_after_secs = 3;
+    cfg.retain_updates = true;
+    cfg
+}
+
+impl Coordinator {
+    /// Starts a coordinator on an ephemeral port.
+    pub async fn start(cfg: CoordinatorConfig) -> Self {
+        Self::start_on("127.0.0.1:0".parse().expect("address"), cfg).await
+    }
+
+    /// Starts a coordinator on `addr` (a restart reuses the previous one's port).
+    pub async fn start_on(addr: SocketAddr, cfg: CoordinatorConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let data_dir = cfg.data_dir.clone();
+        let task = tokio::spawn(medfl_coordinator::serve(listener, cfg, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            data_dir,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A researcher client.
+    pub async fn runs(&self) -> RunServiceClient<Channel> {
+        RunServiceClient::connect(self.url())
+            .await
+            .expect("connect")
+    }
+
+    /// A read connection to its state database.
+    pub fn store(&self) -> Store {
+        Store::open(&self.data_dir.join("state.db")).expect("open state")
+    }
+
+    /// The model stored as blob `sha`.
+    pub fn blob(&self, sha: &str) -> ModelParams {
+        let path = self.data_dir.join("blobs").join(&sha[..2]).join(sha);
+        medfl_core::safetensors::decode(&std::fs::read(path).expect("blob")).expect("decode")
+    }
+
+    /// Stops gracefully and waits.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task
+            .await
+            .expect("join")
+            .expect("coordinator ran cleanly");
+    }
+
+    /// Kills it abruptly, as a crash would: no shutdown path runs.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// A site daemon running in-process.
+pub struct Site {
+    /// Its name.
+    pub name: String,
+    /// Counts its registrations with the coordinator.
+    pub registrations: watch::Receiver<u64>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), SiteError>>,
+}
+
+/// Site configuration for tests, holding `csv` as dataset `breast_cancer`.
+pub fn site_config(name: &str, coordinator: &str, data_dir: &Path, csv: &Path) -> SiteConfig {
+    let text = format!(
+        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\ndata_dir = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_secs = 1\n\n[datasets.breast_cancer]\npath = \"{}\"\n",
+        data_dir.display(),
+        csv.display()
+    );
+    let file = data_dir.with_extension("toml");
+    std::fs::create_dir_all(data_dir).expect("site dir");
+    std::fs::write(&file, text).expect("site config");
+    SiteConfig::load(Some(&file)).expect("site config")
+}
+
+impl Site {
+    /// Starts a site daemon.
+    pub fn start(config: SiteConfig) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let name = config.name.clone();
+        let (count, registrations) = watch::channel(0);
+        let task = tokio::spawn(medfl_site::run_observed(
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            count,
+        ));
+        Self {
+            name,
+            registrations,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Waits until the site has registered `n` times in all.
+    pub async fn registered(&mut self, n: u64) {
+        tokio::time::timeout(RUN_TIMEOUT, self.registrations.wait_for(|c| *c >= n))
+            .await
+            .expect("site registered in time")
+            .expect("site running");
+    }
+
+    /// Stops gracefully and waits.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("join").expect("site ran cleanly");
+    }
+}
+
+/// A federation: a coordinator and breast cancer sites.
+pub struct Federation {
+    /// The coordinator.
+    pub coordinator: Coordinator,
+    /// The sites.
+    pub sites: Vec<Site>,
+    /// The held-out test split.
+    pub test_csv: PathBuf,
+    /// Keeps the directories alive.
+    pub dir: tempfile::TempDir,
+}
+
+impl Federation {
+    /// Starts a coordinator and `n` sites with a label-skewed split of the data.
+    pub async fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+        let (csvs, test_csv) = split_breast_cancer(&dir.path().join("data"), n);
+        let mut sites: Vec<Site> = csvs
+            .iter()
+            .enumerate()
+            .map(|(i, csv)| {
+                let name = format!("hospital-{i}");
+                Site::start(site_config(
+                    &name,
+                    &coordinator.url(),
+                    &dir.path().join(&name),
+                    csv,
+                ))
+            })
+            .collect();
+        for site in &mut sites {
+            site.registered(1).await;
+        }
+        Self {
+            coordinator,
+            sites,
+            test_csv,
+            dir,
+        }
+    }
+
+    /// Stops every site, then the coordinator.
+    pub async fn stop(self) {
+        for site in self.sites {
+            site.stop().await;
+        }
+        self.coordinator.stop().await;
+    }
+}
+
+/// Follows the run's watch stream until `done` holds for a snapshot; returns that snapshot.
+pub async fn watch_until(
+    client: &mut RunServiceClient<Channel>,
+    run_id: &str,
+    done: impl Fn(&v1::RunDetail) -> bool,
+) -> v1::RunDetail {
+    let mut stream = client
+        .watch_run(v1::GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(RUN_TIMEOUT, async {
+        while let Some(detail) = stream.message().await.expect("watch stream") {
+            if done(&detail) {
+                return detail;
+            }
+        }
+        panic!("watch stream ended before the condition held");
+    })
+    .await
+    .expect("run progressed in time")
+}
+
+/// The run's status code.
+pub fn status(detail: &v1::RunDetail) -> i32 {
+    detail.summary.as_ref().map(|s| s.status).unwrap_or(0)
+}
+
+/// Follows the run until it ends.
+pub async fn wait_for_end(client: &mut RunServiceClient<Channel>, run_id: &str) -> v1::RunDetail {
+    watch_until(client, run_id, |d| {
+        status(d) != v1::RunStatus::Running as i32
+    })
+    .await
+}
+
+/// Creates a run and returns its id.
+pub async fn create_run(client: &mut RunServiceClient<Channel>, spec: &str) -> String {
+    client
+        .create_run(v1::CreateRunRequest {
+            spec_toml: spec.into(),
+        })
+        .await
+        .expect("create run")
+        .into_inner()
+        .run_id
+}
+
+/// Accuracy of `params` on the test CSV, standardised with its own statistics as a new site would.
+pub fn test_accuracy(spec_toml: &str, params: &ModelParams, test_csv: &Path) -> f64 {
+    let spec = medfl_core::spec::RunSpec::from_toml(spec_toml).expect("spec");
+    let table = Table::load_csv(test_csv).expect("test csv");
+    let ex = table
+        .examples(&spec.task.features, &spec.task.label, &spec.task.labels)
+        .expect("examples");
+    let ex = medfl_train::Standardizer::fit(&ex).apply(&ex);
+    medfl_train::model_for_run(&spec)
+        .evaluate(params, &ex)
+        .expect("evaluate")
+        .metrics["accuracy"]
+}

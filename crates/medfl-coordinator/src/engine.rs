@@ -147,6 +147,11 @@ impl Engine {
             let mut open = loop {
                 attempt += 1;
                 attempts += 1;
+                match self.wait_for_sites(limits).await? {
+                    Flow::Stopped(reply) => return self.stopped(reply),
+                    Flow::Shutdown => return Ok(None),
+                    _ => {}
+                }
                 let selected = self.select(round, attempt)?;
                 info!(run = %self.run_id, round, attempt, sites = ?selected, "round started");
                 let mut open = Attempt {
@@ -216,11 +221,36 @@ impl Engine {
         Ok(Some((RunStatus::Stopped, "stopped by a researcher".into())))
     }
 
-    /// Online sites holding the run's dataset with every column, sampled for this attempt.
-    fn select(&self, round: u32, attempt: u32) -> Result<Vec<String>, CoordinatorError> {
+    /// Before selecting, waits (up to one round deadline) until `min_sites` eligible sites are
+    /// online, so a coordinator that just restarted gives its sites time to reconnect.
+    async fn wait_for_sites(&mut self, limits: RoundLimits) -> Result<Flow, CoordinatorError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.deadline_ms);
+        let mut changed = self.shared.tasks_changed.subscribe();
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            changed.borrow_and_update();
+            if self.candidates()?.len() >= limits.min_sites {
+                return Ok(Flow::Close(Vec::new()));
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                msg = self.rx.recv() => match msg {
+                    Some(EngineMsg::Stop { reply }) => return Ok(Flow::Stopped(Some(reply))),
+                    // Results for no open round: answer them as such.
+                    Some(msg) => refuse_idle(msg),
+                    None => return Ok(Flow::Shutdown),
+                },
+                _ = tokio::time::sleep_until(deadline) => return Ok(Flow::Close(Vec::new())),
+                _ = crate::state::stopping(&mut shutdown) => return Ok(Flow::Shutdown),
+            }
+        }
+    }
+
+    /// Online sites holding the run's dataset with every column.
+    fn candidates(&self) -> Result<Vec<String>, CoordinatorError> {
         let spec = &self.handle.spec;
         let now = now_ms();
-        let candidates: Vec<String> = self
+        Ok(self
             .shared
             .sites()?
             .iter()
@@ -237,7 +267,13 @@ impl Engine {
                 })
             })
             .map(|(name, _)| name.clone())
-            .collect();
+            .collect())
+    }
+
+    /// The eligible sites sampled for this attempt.
+    fn select(&self, round: u32, attempt: u32) -> Result<Vec<String>, CoordinatorError> {
+        let spec = &self.handle.spec;
+        let candidates = self.candidates()?;
         let seed = spec.seed ^ (u64::from(round) << 32) ^ u64::from(attempt);
         Ok(select_sites(
             &candidates,
@@ -544,6 +580,29 @@ impl Engine {
             "round committed"
         );
         Ok(sha)
+    }
+}
+
+/// Answers a result that arrived while no round is open.
+fn refuse_idle(msg: EngineMsg) {
+    let refusal = |round| {
+        Err(CoordinatorError::Refused(
+            medfl_core::round::Refusal::NotOpen {
+                round,
+                attempt: 0,
+                open_round: 0,
+                open_attempt: 0,
+            },
+        ))
+    };
+    match msg {
+        EngineMsg::Update { round, reply, .. } | EngineMsg::Evaluation { round, reply, .. } => {
+            let _ = reply.send(refusal(round));
+        }
+        EngineMsg::Stop { reply } => {
+            let _ = reply.send(());
+        }
+        EngineMsg::Failure { .. } => {}
     }
 }
 

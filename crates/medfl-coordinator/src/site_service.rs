@@ -69,6 +69,8 @@ impl SiteApi {
         if was_offline {
             info!(site = %site, "site online");
             self.shared.store()?.touch_site(&site, now)?;
+            // A run may be waiting for enough sites.
+            self.shared.notify_tasks();
         }
         Ok(site)
     }

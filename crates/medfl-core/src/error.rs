@@ -26,7 +26,7 @@ pub enum CoreError {
         index: usize,
     },
     /// A run spec field is invalid.
-    #[error("run spec field `{field}`: {message}")]
+    #[error("run spec: {field}: {message}")]
     Spec {
         /// The offending field, dotted (`training.batch_size`).
         field: String,

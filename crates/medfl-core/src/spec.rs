@@ -119,7 +119,7 @@ pub enum Optimizer {
 
 /// How each site trains in a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainingSpec {
     /// Passes over the local training split per round (ignored when `local_steps` > 0).
     pub local_epochs: u32,

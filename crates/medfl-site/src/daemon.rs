@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use medfl_core::selection::SplitMix64;
 use medfl_proto::v1;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::client::Client;
@@ -51,6 +52,16 @@ impl Backoff {
 /// Runs the site until `shutdown` completes. Returns an error only for problems that
 /// reconnecting cannot fix (bad data at start, an identity the coordinator refuses).
 pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Result<(), SiteError> {
+    run_observed(config, shutdown, watch::Sender::new(0)).await
+}
+
+/// [`run`], counting successful registrations in `registrations` so a supervisor (or a test)
+/// can wait for the site to be connected.
+pub async fn run_observed(
+    config: SiteConfig,
+    shutdown: impl Future<Output = ()>,
+    registrations: watch::Sender<u64>,
+) -> Result<(), SiteError> {
     let mut worker = Worker::open(config)?;
     let cfg = worker.config().clone();
     let seed = std::time::SystemTime::now()
@@ -67,7 +78,7 @@ pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Resu
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            r = session(&mut worker, &mut backoff) => match r {
+            r = session(&mut worker, &mut backoff, &registrations) => match r {
                 Err(e) if e.is_disconnect() => {
                     let delay = backoff.next_delay();
                     warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "coordinator unreachable");
@@ -95,7 +106,11 @@ fn cancel_all(cancels: &CancelFlags) {
 }
 
 /// One connection's life: register, then poll and work until the connection fails.
-async fn session(worker: &mut Worker, backoff: &mut Backoff) -> Result<(), SiteError> {
+async fn session(
+    worker: &mut Worker,
+    backoff: &mut Backoff,
+    registrations: &watch::Sender<u64>,
+) -> Result<(), SiteError> {
     let cfg = worker.config().clone();
     let mut client = Client::connect(&cfg.coordinator, &cfg.name, worker.token()).await?;
     let reply = client
@@ -118,6 +133,7 @@ async fn session(worker: &mut Worker, backoff: &mut Backoff) -> Result<(), SiteE
     worker.chunk_size = (reply.chunk_size as usize).clamp(4096, 16 << 20);
     backoff.reset();
     info!(site = %cfg.name, coordinator = %cfg.coordinator, "registered");
+    registrations.send_modify(|n| *n += 1);
     let heartbeat = tokio::spawn(heartbeats(
         client.clone(),
         worker.cancels.clone(),

@@ -17,5 +17,5 @@ pub mod identity;
 pub mod worker;
 
 pub use config::SiteConfig;
-pub use daemon::run;
+pub use daemon::{run, run_observed};
 pub use error::SiteError;

@@ -84,6 +84,35 @@ impl Table {
         &self.path
     }
 
+    /// A table of the rows at `rows` (indices into this table), in that order.
+    pub fn subset(&self, rows: &[usize]) -> Table {
+        Table {
+            path: self.path.clone(),
+            columns: self.columns.clone(),
+            rows: rows.iter().map(|&i| self.rows[i].clone()).collect(),
+        }
+    }
+
+    /// Writes the table as CSV with its header.
+    pub fn write_csv(&self, path: &Path) -> Result<(), TrainError> {
+        let io = |e: std::io::Error| TrainError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let mut w = csv::Writer::from_path(path).map_err(|e| io(e.into()))?;
+        w.write_record(&self.columns).map_err(|e| io(e.into()))?;
+        for (_, row) in &self.rows {
+            w.write_record(row).map_err(|e| io(e.into()))?;
+        }
+        w.flush().map_err(io)
+    }
+
+    /// The cells of column `name`, one per row.
+    pub fn column(&self, name: &str) -> Option<Vec<&str>> {
+        let c = self.columns.iter().position(|col| col == name)?;
+        Some(self.rows.iter().map(|(_, r)| r[c].as_str()).collect())
+    }
+
     /// Draws labelled examples: `features` parsed as numbers, `label` mapped to its index in
     /// `labels`. Errors name the file, line and column.
     pub fn examples(
@@ -205,6 +234,35 @@ impl Examples {
         let n_val = n_val.min(self.len().saturating_sub(1));
         (self.select(&order[n_val..]), self.select(&order[..n_val]))
     }
+}
+
+/// Splits row indices by label skew: `shares[p][c]` is the fraction of class `classes[c]`'s
+/// rows (shuffled with `seed`) that part `p` receives; rows left over go to no part. Parts see
+/// different class ratios and sizes, as hospitals with different specialities would.
+pub fn label_skew_partition(
+    labels: &[&str],
+    classes: &[String],
+    shares: &[Vec<f64>],
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    let mut parts = vec![Vec::new(); shares.len()];
+    for (c, class) in classes.iter().enumerate() {
+        let rows: Vec<usize> = permutation(labels.len(), seed ^ c as u64)
+            .into_iter()
+            .filter(|&i| labels[i] == class)
+            .collect();
+        let mut start = 0;
+        for (p, share) in shares.iter().enumerate() {
+            let take = (share.get(c).copied().unwrap_or(0.0) * rows.len() as f64).round() as usize;
+            let end = (start + take).min(rows.len());
+            parts[p].extend_from_slice(&rows[start..end]);
+            start = end;
+        }
+    }
+    for part in &mut parts {
+        part.sort_unstable();
+    }
+    parts
 }
 
 /// A seeded random permutation of `0..n`.
@@ -336,6 +394,30 @@ mod tests {
         let mut all: Vec<f32> = tr.features.iter().chain(&va.features).copied().collect();
         all.sort_by(f32::total_cmp);
         assert_eq!(all, ex.features);
+    }
+
+    #[test]
+    fn label_skew_gives_each_part_its_share() {
+        let labels: Vec<&str> = (0..100).map(|i| if i < 60 { "B" } else { "M" }).collect();
+        let classes = strings(&["B", "M"]);
+        let parts = label_skew_partition(&labels, &classes, &[vec![0.5, 0.1], vec![0.5, 0.9]], 1);
+        let count = |p: &Vec<usize>, l: &str| p.iter().filter(|&&i| labels[i] == l).count();
+        assert_eq!((count(&parts[0], "B"), count(&parts[0], "M")), (30, 4));
+        assert_eq!((count(&parts[1], "B"), count(&parts[1], "M")), (30, 36));
+        let mut all: Vec<usize> = parts.concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 100);
+    }
+
+    #[test]
+    fn subset_round_trips_through_csv() {
+        let t = table("a,y\n1,M\n2,B\n3,M\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.csv");
+        t.subset(&[2, 0]).write_csv(&path).unwrap();
+        let back = Table::load_csv(&path).unwrap();
+        assert_eq!(back.column("a").unwrap(), vec!["3", "1"]);
     }
 
     #[test]

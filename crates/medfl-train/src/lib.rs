@@ -12,7 +12,7 @@ pub mod mlp;
 pub mod model;
 pub mod params;
 
-pub use data::{Examples, Standardizer, Table};
+pub use data::{label_skew_partition, Examples, Standardizer, Table};
 pub use error::TrainError;
 pub use model::{
     build_model, model_for_run, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport,

@@ -1,0 +1,141 @@
+//! Every kind of bad update is refused with the right status, and the round goes on with the
+//! good ones: the next global model is the average of the good updates only.
+
+use medfl_core::safetensors::encode;
+use medfl_core::NamedTensor;
+use medfl_e2e::raw::{header_for, shifted, RawSite};
+use medfl_e2e::*;
+use medfl_proto::v1;
+use tonic::Code;
+
+use crate::fedavg::{assert_global_is, expected_average};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_updates_are_refused_and_good_ones_averaged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let url = coordinator.url();
+    let mut good1 = RawSite::register(&url, "good-1").await;
+    let mut good2 = RawSite::register(&url, "good-2").await;
+    let mut bad = RawSite::register(&url, "bad").await;
+    let mut client = coordinator.runs().await;
+    let spec = breast_cancer_spec("bad-updates", 2, 2, 60);
+    let run = create_run(&mut client, &spec).await;
+
+    let t1 = good1.next_task().await;
+    let t2 = good2.next_task().await;
+    let tb = bad.next_task().await;
+    assert_eq!((t1.round, tb.round), (1, 1));
+    let global = good1.download(&t1.global_sha256).await;
+
+    let code = |r: Result<v1::PushUpdateResponse, tonic::Status>| match r {
+        Ok(_) => Code::Ok,
+        Err(s) => {
+            assert!(!s.message().is_empty());
+            s.code()
+        }
+    };
+    // Wrong tensor names.
+    let mut renamed = global.clone();
+    renamed.tensors[0].name = "layers.9.weight".into();
+    let renamed = medfl_core::ModelParams::new(renamed.tensors).expect("model");
+    assert_eq!(
+        code(bad.push(&tb, &renamed, 10).await),
+        Code::InvalidArgument
+    );
+    // Wrong shape.
+    let mut reshaped = global.clone();
+    let t = &mut reshaped.tensors[1];
+    assert_eq!(t.shape.len(), 2, "the weight matrix");
+    *t = NamedTensor {
+        name: t.name.clone(),
+        shape: vec![t.data.len()],
+        data: t.data.clone(),
+    };
+    assert_eq!(
+        code(bad.push(&tb, &reshaped, 10).await),
+        Code::InvalidArgument
+    );
+    // NaN.
+    let mut nan = global.clone();
+    nan.tensors[1].data[0] = f32::NAN;
+    assert_eq!(code(bad.push(&tb, &nan, 10).await), Code::InvalidArgument);
+    // Hash does not match the bytes.
+    let bytes = encode(&shifted(&global, 1.0));
+    let mut header = header_for(&tb, &bytes, 10);
+    header.sha256 = hex::encode([7u8; 32]);
+    let len = bytes.len();
+    assert_eq!(
+        code(bad.push_raw(header, bytes.clone(), len).await),
+        Code::DataLoss
+    );
+    // Truncated: the upload breaks off halfway.
+    let header = header_for(&tb, &bytes, 10);
+    assert_eq!(
+        code(bad.push_raw(header, bytes.clone(), len / 2).await),
+        Code::DataLoss
+    );
+    // Absurd example count.
+    assert_eq!(code(bad.push(&tb, &global, 0).await), Code::InvalidArgument);
+    // Unknown site, and a known name with the wrong token.
+    let mut stranger = bad.impostor("nobody");
+    assert_eq!(
+        code(stranger.push(&tb, &global, 10).await),
+        Code::Unauthenticated
+    );
+    let mut impostor = bad.impostor("good-1");
+    assert_eq!(
+        code(impostor.push(&tb, &global, 10).await),
+        Code::Unauthenticated
+    );
+
+    // The good updates, one of them twice.
+    let u1 = shifted(&global, 0.5);
+    let u2 = shifted(&global, -0.25);
+    assert_eq!(code(good1.push(&t1, &u1, 30).await), Code::Ok);
+    assert_eq!(code(good1.push(&t1, &u1, 30).await), Code::AlreadyExists);
+    assert_eq!(code(good2.push(&t2, &u2, 10).await), Code::Ok);
+    // The bad site gives up: the round closes without waiting for the deadline.
+    bad.fail(&tb, "test site gives up").await;
+
+    // Evaluation phase of round 1: a late update for round 1 is refused.
+    let e1 = good1.next_task().await;
+    assert_eq!(e1.kind, v1::TaskKind::Evaluate as i32);
+    assert_eq!(
+        code(bad.push(&tb, &global, 10).await),
+        Code::FailedPrecondition
+    );
+    let e2 = good2.next_task().await;
+    good1.evaluate(&e1, 0.9).await.expect("evaluation");
+    good2.evaluate(&e2, 0.7).await.expect("evaluation");
+
+    let detail = watch_until(&mut client, &run, |d| !d.rounds.is_empty()).await;
+    let round = &detail.rounds[0];
+    assert_eq!(round.sites_reported, 2);
+    // (30 * 0.5 + 10 * -0.25) / 40 = 0.3125 above the starting model.
+    let expected = expected_average(&coordinator, &run, 1);
+    assert_global_is(&coordinator, &round.global_sha256, &expected);
+    let start = global.tensors[0].data[0] as f64;
+    assert!((expected[0][0] - (start + 0.3125)).abs() < 1e-6);
+
+    // Every refusal is on record with its reason.
+    let results = coordinator.store().site_results(&run, 1).expect("results");
+    let refused = results.iter().filter(|r| r.outcome == "refused").count();
+    assert_eq!(refused, 8, "{results:#?}");
+    assert!(results
+        .iter()
+        .any(|r| r.site == "bad" && r.reason.contains("non-finite")));
+    assert!(results
+        .iter()
+        .any(|r| r.site == "bad" && r.outcome == "failed"));
+
+    client
+        .stop_run(v1::StopRunRequest {
+            run_id: run.clone(),
+        })
+        .await
+        .expect("stop");
+    let detail = wait_for_end(&mut client, &run).await;
+    assert_eq!(status(&detail), v1::RunStatus::Stopped as i32);
+    coordinator.stop().await;
+}

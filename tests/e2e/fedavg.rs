@@ -1,0 +1,105 @@
+//! Three hospitals, three rounds of federated averaging on the breast cancer data.
+
+use medfl_e2e::*;
+use medfl_proto::v1;
+
+/// The test's own weighted average of the accepted updates of `round`, in f64.
+pub fn expected_average(fed: &Coordinator, run: &str, round: u32) -> Vec<Vec<f64>> {
+    let results = fed.store().site_results(run, round).expect("site results");
+    let accepted: Vec<_> = results.iter().filter(|r| r.outcome == "accepted").collect();
+    assert!(!accepted.is_empty(), "round {round} has accepted updates");
+    let total: f64 = accepted.iter().map(|r| r.examples as f64).sum();
+    let mut sum: Vec<Vec<f64>> = Vec::new();
+    for r in accepted {
+        let update = fed.blob(&r.update_sha256);
+        if sum.is_empty() {
+            sum = update
+                .tensors
+                .iter()
+                .map(|t| vec![0.0; t.data.len()])
+                .collect();
+        }
+        for (s, t) in sum.iter_mut().zip(&update.tensors) {
+            for (a, v) in s.iter_mut().zip(&t.data) {
+                *a += r.examples as f64 / total * f64::from(*v);
+            }
+        }
+    }
+    sum
+}
+
+/// Asserts that the global model of `round` equals `expected` to 1e-6 (relative to magnitude).
+pub fn assert_global_is(fed: &Coordinator, global_sha: &str, expected: &[Vec<f64>]) {
+    let global = fed.blob(global_sha);
+    for (t, e) in global.tensors.iter().zip(expected) {
+        for (g, e) in t.data.iter().zip(e) {
+            assert!(
+                (f64::from(*g) - e).abs() <= 1e-6 * e.abs().max(1.0),
+                "tensor {}: {g} vs {e}",
+                t.name
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_sites_three_rounds_average_exactly_and_learn() {
+    let fed = Federation::start(3).await;
+    let mut client = fed.coordinator.runs().await;
+    let spec = breast_cancer_spec("fedavg-e2e", 3, 3, 120);
+    let run = create_run(&mut client, &spec).await;
+    let detail = wait_for_end(&mut client, &run).await;
+    assert_eq!(
+        status(&detail),
+        v1::RunStatus::Completed as i32,
+        "{detail:?}"
+    );
+    assert_eq!(detail.rounds.len(), 3);
+    for r in &detail.rounds {
+        assert_eq!(r.sites_reported, 3, "round {}", r.round);
+        assert!(
+            r.bytes_up > 0 && r.bytes_down > 0,
+            "round {} moved bytes",
+            r.round
+        );
+        assert!(
+            r.eval_metrics.contains_key("accuracy"),
+            "round {} evaluated",
+            r.round
+        );
+        let expected = expected_average(&fed.coordinator, &run, r.round);
+        assert_global_is(&fed.coordinator, &r.global_sha256, &expected);
+    }
+    let last = &detail.rounds[2];
+    let accuracy = test_accuracy(
+        &spec,
+        &fed.coordinator.blob(&last.global_sha256),
+        &fed.test_csv,
+    );
+    assert!(accuracy >= 0.93, "held-out accuracy {accuracy}");
+    assert!(
+        last.eval_metrics["accuracy"] > 0.8,
+        "{:?}",
+        last.eval_metrics
+    );
+
+    // The researcher API hands out the same final model.
+    let mut stream = client
+        .pull_model(v1::PullModelRequest {
+            run_id: run.clone(),
+            round: 0,
+        })
+        .await
+        .expect("pull")
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        assert_eq!(chunk.offset, bytes.len() as u64);
+        bytes.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(
+        medfl_core::safetensors::decode(&bytes).expect("model"),
+        fed.coordinator.blob(&last.global_sha256)
+    );
+    fed.stop().await;
+}
