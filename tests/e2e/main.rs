@@ -1,4 +1,6 @@
 //! medfl end to end: real coordinator and site daemons on loopback, real data, real SQLite.
 
 mod bad_updates;
+mod big_model;
 mod fedavg;
+mod resilience;

@@ -78,6 +78,16 @@ pub fn split_breast_cancer(dir: &Path, n: usize) -> (Vec<PathBuf>, PathBuf) {
     (sites, test)
 }
 
+/// Sends the daemons' logs to the test output when `RUST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A run spec for the breast cancer task.
 pub fn breast_cancer_spec(name: &str, rounds: u32, min_sites: u32, deadline_secs: u64) -> String {
     let features: Vec<String> = breast_cancer_features()
@@ -111,14 +121,17 @@ learning_rate = 0.1
     )
 }
 
-/// A coordinator running in-process.
+/// A coordinator running in-process on a runtime of its own, so a test can kill it the way a
+/// crash would: every task, connection and engine dropped at once.
 pub struct Coordinator {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
+    config: CoordinatorConfig,
+    runtime: Option<tokio::runtime::Runtime>,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), CoordinatorError>>,
+    task: Option<JoinHandle<Result<(), CoordinatorError>>>,
 }
 
 /// Configuration for tests: fast heartbeats, short polls, updates kept for inspection.
@@ -135,24 +148,50 @@ pub fn test_config(data_dir: &Path) -> CoordinatorConfig {
 impl Coordinator {
     /// Starts a coordinator on an ephemeral port.
     pub async fn start(cfg: CoordinatorConfig) -> Self {
-        Self::start_on("127.0.0.1:0".parse().expect("address"), cfg).await
+        Self::start_on("127.0.0.1:0".parse().expect("address"), cfg)
     }
 
     /// Starts a coordinator on `addr` (a restart reuses the previous one's port).
-    pub async fn start_on(addr: SocketAddr, cfg: CoordinatorConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
+    pub fn start_on(addr: SocketAddr, cfg: CoordinatorConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coordinator")
+            .enable_all()
+            .build()
+            .expect("coordinator runtime");
+        // SO_REUSEADDR lets a restarted coordinator take its predecessor's port at once.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(addr).expect("bind");
+        let addr = socket.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let data_dir = cfg.data_dir.clone();
-        let task = tokio::spawn(medfl_coordinator::serve(listener, cfg, async {
-            let _ = stopped.await;
-        }));
+        let serve_cfg = cfg.clone();
+        // Listen before returning, registered with the coordinator's own runtime.
+        let listener = {
+            let _context = runtime.enter();
+            socket.listen(1024).expect("listen")
+        };
+        let task = runtime.spawn(async move {
+            medfl_coordinator::serve(listener, serve_cfg, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
         Self {
             addr,
             data_dir,
+            config: cfg,
+            runtime: Some(runtime),
             stop: Some(stop),
-            task,
+            task: Some(task),
         }
+    }
+
+    /// Kills this coordinator and starts a new one on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Self::start_on(self.addr, self.config.clone());
     }
 
     /// `http://addr`.
@@ -183,16 +222,28 @@ impl Coordinator {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.task
-            .await
-            .expect("join")
-            .expect("coordinator ran cleanly");
+        if let Some(task) = self.task.take() {
+            task.await.expect("join").expect("coordinator ran cleanly");
+        }
     }
 
-    /// Kills it abruptly, as a crash would: no shutdown path runs.
-    pub async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
+    /// Kills it abruptly: its runtime goes away with every task and socket on it, and no
+    /// shutdown path runs.
+    pub fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // Waiting for the runtime's threads to drop their sockets frees the port.
+            let shutdown = || runtime.shutdown_timeout(Duration::from_secs(10));
+            match tokio::runtime::Handle::try_current() {
+                Ok(_) => tokio::task::block_in_place(shutdown),
+                Err(_) => shutdown(),
+            }
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -272,6 +323,7 @@ pub struct Federation {
 impl Federation {
     /// Starts a coordinator and `n` sites with a label-skewed split of the data.
     pub async fn start(n: usize) -> Self {
+        init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
         let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
         let (csvs, test_csv) = split_breast_cancer(&dir.path().join("data"), n);

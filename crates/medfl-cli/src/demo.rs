@@ -1,6 +1,38 @@
-//! `medfl demo`: a whole federation on this machine (placeholder until the lead writes it).
+//! `medfl demo`: a whole federation on this machine. One coordinator and three hospitals, each
+//! with its own share of the breast cancer data (different sizes and benign/malignant mixes),
+//! train a classifier together; the result is compared with each hospital alone and with
+//! centralised training on the pooled data.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use medfl_coordinator::CoordinatorConfig;
+use medfl_core::safetensors::decode;
+use medfl_core::spec::RunSpec;
+use medfl_proto::v1::{CreateRunRequest, RoundSummary};
+use medfl_site::SiteConfig;
+use medfl_train::{
+    label_skew_partition, model_for_run, Examples, Standardizer, Table, TrainOptions,
+};
+use serde::Serialize;
+use tokio::sync::{oneshot, watch};
+
+use crate::client::{self, RpcResultExt};
+use crate::{pull, table};
+
+/// The bundled demo data set (Wisconsin Diagnostic Breast Cancer, CC BY 4.0).
+const BUNDLED_DATA: &str = include_str!("../../../data/breast_cancer_wisconsin.csv");
+/// Share of each class held out for the final test.
+const TEST_SHARE: f64 = 0.2;
+/// The hospitals: name, then the share of benign and of malignant rows each receives.
+const HOSPITALS: [(&str, f64, f64); 3] = [
+    ("general-hospital", 0.50, 0.05),
+    ("cancer-centre", 0.05, 0.50),
+    ("community-clinic", 0.25, 0.25),
+];
+const SEED: u64 = 42;
 
 /// Options of `medfl demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -11,14 +43,373 @@ pub struct DemoArgs {
     /// Directory for the demo's coordinator, sites and models.
     #[arg(long, default_value = "medfl-demo")]
     pub out: PathBuf,
-    /// CSV to split between the demo sites (a bundled dataset when absent).
+    /// CSV to split between the demo sites (the bundled breast cancer data when absent).
     #[arg(long)]
     pub data: Option<PathBuf>,
 }
 
+/// What the demo writes to `metrics.json`.
+#[derive(Serialize)]
+struct DemoMetrics {
+    run_id: String,
+    rounds: Vec<RoundMetrics>,
+    test_examples: usize,
+    federated: Scores,
+    site_alone: BTreeMap<String, Scores>,
+    centralized: Scores,
+}
+
+#[derive(Serialize)]
+struct RoundMetrics {
+    round: u32,
+    sites: u32,
+    examples: u64,
+    train_loss: f64,
+    validation: BTreeMap<String, f64>,
+    seconds: f64,
+    bytes_down: u64,
+    bytes_up: u64,
+}
+
+#[derive(Serialize, Clone)]
+struct Scores {
+    accuracy: f64,
+    auc: Option<f64>,
+    train_examples: usize,
+}
+
+fn spec_text(rounds: u32, features: &[String]) -> String {
+    let features: Vec<String> = features.iter().map(|f| format!("\"{f}\"")).collect();
+    format!(
+        r#"name = "breast-cancer-demo"
+rounds = {rounds}
+min_sites = 3
+round_deadline_secs = 120
+seed = {SEED}
+
+[model]
+kind = "mlp"
+hidden = [16]
+
+[task]
+dataset = "breast_cancer"
+label = "diagnosis"
+labels = ["B", "M"]
+features = [{}]
+validation_fraction = 0.2
+
+[training]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.1
+"#,
+        features.join(", ")
+    )
+}
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let DemoArgs { rounds, out, data } = args;
-    let _ = (rounds, out, data);
-    anyhow::bail!("demo: not built yet")
+    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let out = args.out.canonicalize()?;
+    let table = match &args.data {
+        Some(path) => Table::load_csv(path)?,
+        None => Table::read_csv(
+            Path::new("bundled breast_cancer_wisconsin.csv"),
+            BUNDLED_DATA.as_bytes(),
+        )?,
+    };
+    let features: Vec<String> = table
+        .columns()
+        .iter()
+        .filter(|c| c.as_str() != "diagnosis")
+        .cloned()
+        .collect();
+    let spec_toml = spec_text(args.rounds, &features);
+    let spec = RunSpec::from_toml(&spec_toml)?;
+
+    // Split: a held-out test set, then three hospitals with different sizes and case mixes.
+    let labels = table
+        .column("diagnosis")
+        .context("the data needs a `diagnosis` column")?;
+    let mut shares = vec![vec![TEST_SHARE, TEST_SHARE]];
+    shares.extend(HOSPITALS.iter().map(|(_, b, m)| vec![*b, *m]));
+    let parts = label_skew_partition(&labels, &spec.task.labels, &shares, SEED);
+    let data_dir = out.join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    let test_table = table.subset(&parts[0]);
+    test_table.write_csv(&data_dir.join("test.csv"))?;
+    println!(
+        "medfl demo: 1 coordinator, {} hospitals, {} rounds of federated averaging",
+        HOSPITALS.len(),
+        args.rounds
+    );
+    println!("held-out test split: {} rows", parts[0].len());
+    let mut site_tables = Vec::new();
+    for ((name, _, _), rows) in HOSPITALS.iter().zip(&parts[1..]) {
+        let t = table.subset(rows);
+        let malignant = t
+            .column("diagnosis")
+            .map(|c| c.iter().filter(|v| **v == "M").count())
+            .unwrap_or(0);
+        println!(
+            "  {name:<18} {:>4} rows, {:>3.0}% malignant",
+            t.len(),
+            100.0 * malignant as f64 / t.len().max(1) as f64
+        );
+        t.write_csv(&data_dir.join(format!("{name}.csv")))?;
+        site_tables.push((name.to_string(), t));
+    }
+
+    // The coordinator, on an ephemeral loopback port.
+    let mut cfg = CoordinatorConfig::defaults();
+    cfg.data_dir = out.join("coordinator");
+    cfg.heartbeat_interval_secs = 1;
+    cfg.site_offline_after_secs = 10;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop_coordinator, coordinator_stopped) = oneshot::channel::<()>();
+    let coordinator = tokio::spawn(medfl_coordinator::serve(listener, cfg, async {
+        let _ = coordinator_stopped.await;
+    }));
+
+    // The hospitals: each a site daemon with its own data directory, dialling out.
+    let mut sites = Vec::new();
+    for (name, _) in &site_tables {
+        let config = SiteConfig {
+            name: name.clone(),
+            coordinator: url.clone(),
+            data_dir: out.join("sites").join(name),
+            reconnect_min_ms: 200,
+            reconnect_max_secs: 5,
+            model_cache: 2,
+            log_format: "text".into(),
+            datasets: [(
+                "breast_cancer".to_string(),
+                medfl_site::config::DatasetConfig {
+                    path: data_dir.join(format!("{name}.csv")),
+                    format: "csv".into(),
+                },
+            )]
+            .into(),
+        };
+        config.validate()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (count, mut registered) = watch::channel(0u64);
+        let task = tokio::spawn(medfl_site::run_observed(
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            count,
+        ));
+        registered
+            .wait_for(|n| *n > 0)
+            .await
+            .with_context(|| format!("site {name} stopped before registering"))?;
+        sites.push((stop, task));
+    }
+
+    let mut runs = client::connect(&url).await?;
+    let run_id = runs
+        .create_run(client::unary(CreateRunRequest {
+            spec_toml: spec_toml.clone(),
+        }))
+        .await
+        .rpc("CreateRun")?
+        .into_inner()
+        .run_id;
+    println!("run {run_id} created\n");
+    let detail = crate::watch::watch(&mut runs, &run_id).await?;
+    let model_path = out.join("global_model.safetensors");
+    let pulled = pull::pull(&mut runs, &run_id, 0, &model_path).await?;
+    println!(
+        "final global model: {} ({}, sha256 {})",
+        model_path.display(),
+        table::human_bytes(pulled.size),
+        table::short_sha(&pulled.sha256)
+    );
+
+    for (stop, task) in sites {
+        let _ = stop.send(());
+        task.await??;
+    }
+    let _ = stop_coordinator.send(());
+    coordinator.await??;
+
+    // Compare on the held-out split: the federated model, each hospital alone, all data pooled.
+    let global = decode(&std::fs::read(&model_path)?)?;
+    let test = examples(&test_table, &spec)?;
+    let test = Standardizer::fit(&test).apply(&test);
+    let model = model_for_run(&spec);
+    let score = |params: &medfl_core::ModelParams, n: usize| -> anyhow::Result<Scores> {
+        let m = model.evaluate(params, &test)?.metrics;
+        Ok(Scores {
+            accuracy: m["accuracy"],
+            auc: m.get("auc").copied(),
+            train_examples: n,
+        })
+    };
+    let federated_train: usize = detail
+        .rounds
+        .last()
+        .map(|r| r.num_examples as usize)
+        .unwrap_or(0);
+    let federated = score(&global, federated_train)?;
+    let epochs = args.rounds * spec.training.local_epochs;
+    let mut alone = BTreeMap::new();
+    let mut pooled_parts = Vec::new();
+    for (name, t) in &site_tables {
+        let (train, _) = examples(t, &spec)?.split(spec.task.validation_fraction, SEED);
+        let params = train_alone(&spec, &Standardizer::fit(&train).apply(&train), epochs)?;
+        alone.insert(name.clone(), score(&params, train.len())?);
+        pooled_parts.push(train);
+    }
+    let pooled = Examples::concat(&pooled_parts.iter().collect::<Vec<_>>());
+    let centralized_params =
+        train_alone(&spec, &Standardizer::fit(&pooled).apply(&pooled), epochs)?;
+    let centralized = score(&centralized_params, pooled.len())?;
+
+    println!(
+        "\nheld-out test split ({} rows), same training budget ({epochs} local epochs):",
+        test.len()
+    );
+    println!(
+        "  {:<28} {:>9} {:>7} {:>8}",
+        "model", "accuracy", "auc", "trained on"
+    );
+    let line = |label: &str, s: &Scores| {
+        println!(
+            "  {label:<28} {:>8.2}% {:>7} {:>8}",
+            100.0 * s.accuracy,
+            s.auc
+                .map(|a| format!("{a:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            s.train_examples
+        )
+    };
+    line("federated (medfl)", &federated);
+    for (name, s) in &alone {
+        line(&format!("{name} alone"), s);
+    }
+    line("centralized (pooled data)", &centralized);
+
+    let metrics = DemoMetrics {
+        run_id,
+        rounds: detail.rounds.iter().map(round_metrics).collect(),
+        test_examples: test.len(),
+        federated,
+        site_alone: alone,
+        centralized,
+    };
+    let metrics_path = out.join("metrics.json");
+    std::fs::write(&metrics_path, serde_json::to_string_pretty(&metrics)?)?;
+    let chart_path = out.join("training_curve.svg");
+    std::fs::write(&chart_path, training_curve_svg(&detail.rounds))?;
+    println!(
+        "\nwrote {}, {} and {}",
+        model_path.display(),
+        metrics_path.display(),
+        chart_path.display()
+    );
+    Ok(())
+}
+
+fn examples(t: &Table, spec: &RunSpec) -> anyhow::Result<Examples> {
+    Ok(t.examples(&spec.task.features, &spec.task.label, &spec.task.labels)?)
+}
+
+/// Trains from the run's initial weights for `epochs` epochs on `data` alone.
+fn train_alone(
+    spec: &RunSpec,
+    data: &Examples,
+    epochs: u32,
+) -> anyhow::Result<medfl_core::ModelParams> {
+    let model = model_for_run(spec);
+    let mut opts = TrainOptions::from_spec(spec, SEED);
+    opts.epochs = epochs;
+    opts.steps = 0;
+    let report = model.train(
+        &model.init(spec.seed)?,
+        data,
+        &opts,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )?;
+    Ok(report.params)
+}
+
+fn round_metrics(r: &RoundSummary) -> RoundMetrics {
+    RoundMetrics {
+        round: r.round,
+        sites: r.sites_reported,
+        examples: r.num_examples,
+        train_loss: r.train_loss,
+        validation: r.eval_metrics.clone(),
+        seconds: r.duration_ms as f64 / 1000.0,
+        bytes_down: r.bytes_down,
+        bytes_up: r.bytes_up,
+    }
+}
+
+/// A small SVG chart of validation accuracy and training loss per round.
+fn training_curve_svg(rounds: &[RoundSummary]) -> String {
+    let (w, h, pad) = (640.0, 360.0, 48.0);
+    let n = rounds.len().max(2) as f64;
+    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1.0);
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * v.clamp(0.0, 1.0);
+    let max_loss = rounds.iter().map(|r| r.train_loss).fold(1e-9, f64::max);
+    let series = |value: &dyn Fn(&RoundSummary) -> Option<f64>| -> String {
+        rounds
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| value(r).map(|v| format!("{:.1},{:.1}", x(i), y(v))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let accuracy = series(&|r| r.eval_metrics.get("accuracy").copied());
+    let auc = series(&|r| r.eval_metrics.get("auc").copied());
+    let loss = series(&|r| Some(r.train_loss / max_loss));
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{pad}" y="24" font-size="15">medfl demo: federated validation metrics per round</text>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
+<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{accuracy}"/>
+<polyline fill="none" stroke="#2ca02c" stroke-width="2" points="{auc}"/>
+<polyline fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3" points="{loss}"/>
+<text x="{lx}" y="{ly1}" fill="#1f77b4">accuracy</text>
+<text x="{lx}" y="{ly2}" fill="#2ca02c">AUC</text>
+<text x="{lx}" y="{ly3}" fill="#d62728">train loss (scaled to its max)</text>
+"##,
+        b = h - pad,
+        r = w - pad,
+        lx = w - 220.0,
+        ly1 = h - pad - 50.0,
+        ly2 = h - pad - 34.0,
+        ly3 = h - pad - 18.0,
+    );
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.2}</text>\n",
+            pad - 6.0,
+            y(tick) + 4.0
+        );
+    }
+    for (i, r) in rounds.iter().enumerate() {
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            x(i),
+            h - pad + 16.0,
+            r.round
+        );
+    }
+    svg += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">round</text>\n</svg>\n",
+        w / 2.0,
+        h - 8.0
+    );
+    svg
 }

@@ -78,7 +78,13 @@ async fn follow(
         } else {
             round.set_message("waiting for the next round");
         }
-        for r in &detail.rounds {
+        let ended = table::is_terminal(summary.status);
+        // A committed round is printed once its evaluation is in: when it has metrics, when a
+        // later round is under way, or when the run is over.
+        let evaluated = |r: &medfl_proto::v1::RoundSummary| {
+            !r.eval_metrics.is_empty() || detail.current_round > r.round || ended
+        };
+        for r in detail.rounds.iter().filter(|r| evaluated(r)) {
             if printed.is_empty() {
                 let header = table::header_line(table::ROUND_COLUMNS);
                 multi.suspend(|| println!("{header}"));
@@ -88,7 +94,6 @@ async fn follow(
                 multi.suspend(|| println!("{line}"));
             }
         }
-        let ended = table::is_terminal(summary.status);
         last = Some(detail);
         if ended {
             break;

@@ -15,6 +15,9 @@ use crate::config::SiteConfig;
 use crate::worker::{CancelFlags, Worker};
 use crate::SiteError;
 
+/// Longest a task poll may hang before the connection counts as dead.
+const POLL_LIMIT: Duration = Duration::from_secs(330);
+
 /// Exponential backoff with jitter: each delay is a random point in the upper half of
 /// `min * 2^n`, capped at `max`.
 pub struct Backoff {
@@ -50,7 +53,8 @@ impl Backoff {
 }
 
 /// Runs the site until `shutdown` completes. Returns an error only for problems that
-/// reconnecting cannot fix (bad data at start, an identity the coordinator refuses).
+/// reconnecting cannot fix (bad data at start, an identity the coordinator refuses); every
+/// other failure is retried with backoff.
 pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Result<(), SiteError> {
     run_observed(config, shutdown, watch::Sender::new(0)).await
 }
@@ -79,15 +83,16 @@ pub async fn run_observed(
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             r = session(&mut worker, &mut backoff, &registrations) => match r {
-                Err(e) if e.is_disconnect() => {
+                // Only a refused identity is final: anything else is retried after a pause.
+                Err(e @ SiteError::Config(_)) => break Err(e),
+                Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "coordinator unreachable");
+                    warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "lost the coordinator; reconnecting");
                     tokio::select! {
                         _ = &mut shutdown => break Ok(()),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Err(e) => break Err(e),
                 Ok(()) => break Ok(()),
             }
         }
@@ -141,10 +146,17 @@ async fn session(
     ));
     let _stop_heartbeats = AbortOnDrop(heartbeat);
     loop {
+        let mut poll = client.authed(v1::PollTaskRequest {});
+        // A coordinator answers polls within its poll timeout; past this the link is dead.
+        poll.set_timeout(POLL_LIMIT);
         let task = client
             .site
-            .poll_task(client.authed(v1::PollTaskRequest {}))
-            .await?
+            .poll_task(poll)
+            .await
+            .map_err(|s| SiteError::Connect {
+                url: cfg.coordinator.clone(),
+                message: format!("polling for tasks: {}: {}", s.code(), s.message()),
+            })?
             .into_inner()
             .task;
         if let Some(task) = task {

@@ -51,14 +51,22 @@ impl SiteError {
         }
     }
 
-    /// Whether the error means the connection to the coordinator is gone (reconnect), as
-    /// opposed to a problem with one task.
+    /// Whether the error means the connection to the coordinator is gone or broken (reconnect),
+    /// as opposed to the coordinator refusing one result (go on with the next task).
     pub fn is_disconnect(&self) -> bool {
+        use tonic::Code;
         match self {
             SiteError::Connect { .. } => true,
-            SiteError::Rpc(s) => matches!(
+            SiteError::Rpc(s) => !matches!(
                 s.code(),
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Unauthenticated
+                Code::InvalidArgument
+                    | Code::FailedPrecondition
+                    | Code::AlreadyExists
+                    | Code::DeadlineExceeded
+                    | Code::DataLoss
+                    | Code::PermissionDenied
+                    | Code::NotFound
+                    | Code::OutOfRange
             ),
             _ => false,
         }

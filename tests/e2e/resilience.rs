@@ -1,0 +1,74 @@
+//! Sites that vanish and a coordinator that crashes do not stop a run.
+
+use medfl_e2e::raw::RawSite;
+use medfl_e2e::*;
+use medfl_proto::v1;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_killed_mid_round_is_left_behind_at_the_deadline() {
+    let fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    let mut doomed = RawSite::register(&fed.coordinator.url(), "doomed").await;
+    let spec = breast_cancer_spec("site-dies", 3, 2, 4);
+    let run = create_run(&mut client, &spec).await;
+    // The doomed site takes its round-1 task and dies without answering.
+    let task = doomed.next_task().await;
+    assert_eq!(task.round, 1);
+    drop(doomed);
+
+    let detail = wait_for_end(&mut client, &run).await;
+    assert_eq!(
+        status(&detail),
+        v1::RunStatus::Completed as i32,
+        "{detail:?}"
+    );
+    assert_eq!(detail.rounds.len(), 3);
+    let first = &detail.rounds[0];
+    assert_eq!((first.sites_selected, first.sites_reported), (3, 2));
+    assert_eq!(first.attempts, 1);
+    let missing: Vec<_> = first
+        .sites
+        .iter()
+        .filter(|s| s.outcome == "missing")
+        .map(|s| s.site.as_str())
+        .collect();
+    assert_eq!(missing, vec!["doomed"]);
+    // Once offline, it is no longer selected.
+    let last = &detail.rounds[2];
+    assert_eq!((last.sites_selected, last.sites_reported), (2, 2));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_killed_between_rounds_resumes_the_run() {
+    let mut fed = Federation::start(3).await;
+    let mut client = fed.coordinator.runs().await;
+    let spec = breast_cancer_spec("coordinator-dies", 4, 3, 10);
+    let run = create_run(&mut client, &spec).await;
+    let before = watch_until(&mut client, &run, |d| d.rounds.len() >= 2).await;
+    let committed: Vec<String> = before
+        .rounds
+        .iter()
+        .map(|r| r.global_sha256.clone())
+        .collect();
+
+    fed.coordinator.restart();
+    // The sites reconnect on their own; the run resumes after its last committed round.
+    let mut client = fed.coordinator.runs().await;
+    let detail = wait_for_end(&mut client, &run).await;
+    assert_eq!(
+        status(&detail),
+        v1::RunStatus::Completed as i32,
+        "{detail:?}"
+    );
+    let rounds: Vec<u32> = detail.rounds.iter().map(|r| r.round).collect();
+    assert_eq!(rounds, vec![1, 2, 3, 4]);
+    for (r, sha) in detail.rounds.iter().zip(&committed) {
+        assert_eq!(&r.global_sha256, sha, "round {} was not redone", r.round);
+    }
+    assert!(detail.rounds.iter().all(|r| r.sites_reported == 3));
+    for site in &mut fed.sites {
+        site.registered(2).await;
+    }
+    fed.stop().await;
+}
