@@ -13,7 +13,7 @@ use medfl_core::fedavg::FedAvg;
 use medfl_core::metrics::weighted_mean;
 use medfl_core::round::{Decision, Phase, RoundLimits, RoundState};
 use medfl_core::run::RunStatus;
-use medfl_core::safetensors::{encode, StreamDecoder};
+use medfl_core::safetensors::StreamDecoder;
 use medfl_core::selection::select_sites;
 use medfl_core::spec::RunSpec;
 use tokio::sync::{mpsc, watch};
@@ -544,9 +544,11 @@ impl Engine {
             .take()
             .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))?;
         let shared = self.shared.clone();
+        // The average streams from the sums to disk: no second copy of the model in memory.
         let sha = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
-            let params = acc.finish()?;
-            shared.blobs.put(&encode(&params))
+            let mut incoming = shared.blobs.incoming()?;
+            acc.write_average(|bytes| incoming.write(bytes))?;
+            incoming.finish(None)
         })
         .await
         .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;

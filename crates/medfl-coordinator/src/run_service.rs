@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use medfl_core::run::RunStatus;
-use medfl_core::safetensors::encode;
+use medfl_core::safetensors::encode_params_chunks;
 use medfl_core::spec::{DatasetInfo, RunSpec};
 use medfl_proto::v1::{self, run_service_server::RunService};
 use tokio::sync::oneshot;
@@ -47,7 +47,9 @@ impl RunApi {
         // Initial weights can be large: build and store them off the async threads.
         let initial = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
             let params = medfl_train::model_for_run(&init_spec).init(init_spec.seed)?;
-            shared.blobs.put(&encode(&params))
+            let mut incoming = shared.blobs.incoming()?;
+            encode_params_chunks(&params, |bytes| incoming.write(bytes))?;
+            incoming.finish(None)
         })
         .await
         .map_err(|e| CoordinatorError::Internal(format!("model initialisation: {e}")))??;

@@ -72,6 +72,30 @@ impl FedAvg {
         self.total_weight
     }
 
+    /// Writes the weighted average as a safetensors file through `emit`, a bounded piece at a
+    /// time, without building the averaged model in memory.
+    pub fn write_average<E: From<CoreError>>(
+        &self,
+        emit: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.updates == 0 {
+            return Err(CoreError::Empty.into());
+        }
+        let mut piece = Vec::new();
+        crate::safetensors::encode_chunks(
+            &self.schema,
+            |i, sink| {
+                for part in self.sums[i].chunks(1 << 16) {
+                    piece.clear();
+                    piece.extend(part.iter().map(|s| (s / self.total_weight) as f32));
+                    sink(&piece)?;
+                }
+                Ok(())
+            },
+            emit,
+        )
+    }
+
     /// The weighted average of the committed updates.
     pub fn finish(&self) -> Result<ModelParams, CoreError> {
         if self.updates == 0 {
@@ -199,6 +223,73 @@ mod tests {
         let avg = acc.finish().unwrap();
         assert_close(&avg.tensors[0].data, &FLOWER_FEDAVG.0);
         assert_close(&avg.tensors[1].data, &FLOWER_FEDAVG.1);
+    }
+
+    /// The same check against the shared reference file itself, when it is present.
+    #[test]
+    fn matches_shared_reference_file_when_present() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/vectors/strategies_reference.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            eprintln!("skipping: {} is absent", path.display());
+            return;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let flat = |x: &serde_json::Value| -> Vec<f64> {
+            let mut out = Vec::new();
+            let mut stack = vec![x];
+            while let Some(x) = stack.pop() {
+                match x {
+                    serde_json::Value::Array(items) => stack.extend(items.iter().rev()),
+                    other => out.push(other.as_f64().unwrap()),
+                }
+            }
+            out
+        };
+        let clients = v["inputs"]["clients"].as_array().unwrap();
+        let examples = v["inputs"]["num_examples"].as_array().unwrap();
+        let mut acc = FedAvg::new(client(0).schema());
+        for (c, n) in clients.iter().zip(examples) {
+            let layers: Vec<Vec<f32>> = c
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| flat(l).into_iter().map(|x| x as f32).collect())
+                .collect();
+            let update = ModelParams::new(vec![
+                NamedTensor {
+                    name: "layer0".into(),
+                    shape: vec![2, 2],
+                    data: layers[0].clone(),
+                },
+                NamedTensor {
+                    name: "layer1".into(),
+                    shape: vec![2],
+                    data: layers[1].clone(),
+                },
+            ])
+            .unwrap();
+            acc.add(&update, n.as_f64().unwrap()).unwrap();
+        }
+        let avg = acc.finish().unwrap();
+        let want = &v["fedavg_weighted"];
+        assert_close(&avg.tensors[0].data, &flat(&want[0]));
+        assert_close(&avg.tensors[1].data, &flat(&want[1]));
+    }
+
+    #[test]
+    fn streamed_average_equals_the_whole_one() {
+        let mut acc = FedAvg::new(client(0).schema());
+        for i in 0..5 {
+            acc.add(&client(i), EXAMPLES[i]).unwrap();
+        }
+        let mut bytes = Vec::new();
+        acc.write_average(|b: &[u8]| -> Result<(), CoreError> {
+            bytes.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(bytes, encode(&acc.finish().unwrap()));
     }
 
     #[test]

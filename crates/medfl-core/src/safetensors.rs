@@ -20,13 +20,17 @@ struct HeaderEntry {
     data_offsets: [u64; 2],
 }
 
-/// Encodes `params` as a safetensors file (tensors in name order, header padded to 8 bytes).
-pub fn encode(params: &ModelParams) -> Vec<u8> {
-    let mut header: BTreeMap<&str, HeaderEntry> = BTreeMap::new();
+/// Values converted per piece when encoding in chunks.
+const ENCODE_CHUNK: usize = 1 << 18;
+
+/// The safetensors header (length prefix and JSON, padded to 8 bytes) of an F32 file holding
+/// `schema`'s tensors contiguously in schema (name) order.
+pub fn header(schema: &ModelSchema) -> Vec<u8> {
+    let mut entries: BTreeMap<&str, HeaderEntry> = BTreeMap::new();
     let mut offset = 0u64;
-    for t in &params.tensors {
-        let len = (t.data.len() * 4) as u64;
-        header.insert(
+    for t in &schema.tensors {
+        let len = t.numel() as u64 * 4;
+        entries.insert(
             &t.name,
             HeaderEntry {
                 dtype: "F32".into(),
@@ -37,18 +41,59 @@ pub fn encode(params: &ModelParams) -> Vec<u8> {
         offset += len;
     }
     // Serialising a map of plain structs cannot fail.
-    let mut json = serde_json::to_vec(&header).unwrap_or_default();
+    let mut json = serde_json::to_vec(&entries).unwrap_or_default();
     while json.len() % 8 != 0 {
         json.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + json.len() + offset as usize);
+    let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
-    for t in &params.tensors {
-        for v in &t.data {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+    out
+}
+
+/// Encodes `schema`'s tensors, whose values `values(i)` yields in pieces, handing the file to
+/// `emit` a bounded piece at a time, so a large model is never copied whole.
+pub fn encode_chunks<E>(
+    schema: &ModelSchema,
+    mut values: impl FnMut(usize, &mut dyn FnMut(&[f32]) -> Result<(), E>) -> Result<(), E>,
+    mut emit: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    emit(&header(schema))?;
+    let mut buf = Vec::with_capacity(ENCODE_CHUNK * 4);
+    for i in 0..schema.tensors.len() {
+        values(i, &mut |piece: &[f32]| {
+            for part in piece.chunks(ENCODE_CHUNK) {
+                buf.clear();
+                for v in part {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                }
+                emit(&buf)?;
+            }
+            Ok(())
+        })?;
     }
+    Ok(())
+}
+
+/// Encodes `params` in bounded pieces handed to `emit`.
+pub fn encode_params_chunks<E>(
+    params: &ModelParams,
+    emit: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    encode_chunks(
+        &params.schema(),
+        |i, sink| sink(&params.tensors[i].data),
+        emit,
+    )
+}
+
+/// Encodes `params` as a safetensors file (tensors in name order, header padded to 8 bytes).
+pub fn encode(params: &ModelParams) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + params.numel() * 4);
+    let _ = encode_params_chunks(params, |b: &[u8]| -> Result<(), ()> {
+        out.extend_from_slice(b);
+        Ok(())
+    });
     out
 }
 

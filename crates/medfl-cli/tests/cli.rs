@@ -1,0 +1,109 @@
+//! The `medfl` binary against a real coordinator and real sites: create, watch, list, show,
+//! sites, pull, and clear errors for bad input.
+
+use std::process::{Command, Output};
+
+use medfl_e2e::{breast_cancer_spec, Federation};
+
+/// Runs `medfl --coordinator URL ARGS...` off the async threads.
+async fn medfl(url: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
+    cmd.arg("--coordinator").arg(url).args(args);
+    tokio::task::spawn_blocking(move || cmd.output().expect("run medfl"))
+        .await
+        .expect("join")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_researcher_drives_a_run_from_the_cli() {
+    let fed = Federation::start(2).await;
+    let url = fed.coordinator.url();
+    let dir = fed.dir.path();
+    let spec = dir.join("run.toml");
+    std::fs::write(&spec, breast_cancer_spec("cli-run", 2, 2, 60)).expect("spec");
+
+    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = text(&out.stdout).trim().to_string();
+    assert!(run.starts_with("cli-run-"), "{run}");
+
+    let out = medfl(&url, &["run", "watch", &run]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let watched = text(&out.stdout);
+    assert!(watched.contains("completed"), "{watched}");
+    assert!(
+        watched
+            .lines()
+            .filter(|l| l.trim_start().starts_with('1') || l.trim_start().starts_with('2'))
+            .count()
+            >= 2,
+        "{watched}"
+    );
+
+    let out = medfl(&url, &["run", "list"]).await;
+    assert!(text(&out.stdout).contains(&run), "{}", text(&out.stdout));
+    let out = medfl(&url, &["run", "show", &run]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("hospital-0"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = medfl(&url, &["sites"]).await;
+    assert!(
+        text(&out.stdout).contains("hospital-1"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let model = dir.join("model.safetensors");
+    let out = medfl(
+        &url,
+        &[
+            "model",
+            "pull",
+            &run,
+            "--round",
+            "2",
+            "-o",
+            model.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let params = medfl_core::safetensors::decode(&std::fs::read(&model).expect("model"))
+        .expect("safetensors");
+    assert!(params.get("layers.0.weight").is_some());
+
+    // Bad input: named field, unknown run, ended run.
+    std::fs::write(&spec, breast_cancer_spec("bad", 0, 2, 60)).expect("spec");
+    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("rounds"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(&spec, breast_cancer_spec("too-many", 1, 5, 60)).expect("spec");
+    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("min_sites"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = medfl(&url, &["run", "show", "no-such-run"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-such-run"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = medfl(&url, &["run", "stop", &run]).await;
+    assert!(!out.status.success(), "stopping an ended run is refused");
+    fed.stop().await;
+}
