@@ -158,7 +158,7 @@ labels = ["B", "M"]
         std::fs::write(&bad, SPEC.replace("rounds = 3", "rounds = 0"))?;
         let err = read_spec(&bad).map_or_else(|e| format!("{e:#}"), |_| String::new());
         assert!(err.contains("bad.toml"), "{err}");
-        assert!(err.contains("`rounds`"), "{err}");
+        assert!(err.contains("rounds: must be"), "{err}");
 
         let missing = dir.path().join("missing.toml");
         let err = read_spec(&missing).map_or_else(|e| format!("{e:#}"), |_| String::new());
