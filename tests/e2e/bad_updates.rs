@@ -60,6 +60,21 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
     let mut nan = global.clone();
     nan.tensors[1].data[0] = f32::NAN;
     assert_eq!(code(bad.push(&tb, &nan, 10).await), Code::InvalidArgument);
+    // F16 instead of F32 (same names and shapes).
+    let mut half = Vec::new();
+    let json = format!(
+        "{{\"{}\":{{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[0,4]}}}}",
+        global.tensors[0].name
+    );
+    half.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    half.extend_from_slice(json.as_bytes());
+    half.extend_from_slice(&[0u8; 4]);
+    let header = header_for(&tb, &half, 10);
+    let len = half.len();
+    assert_eq!(
+        code(bad.push_raw(header, half, len).await),
+        Code::InvalidArgument
+    );
     // Hash does not match the bytes.
     let bytes = encode(&shifted(&global, 1.0));
     let mut header = header_for(&tb, &bytes, 10);
@@ -121,7 +136,7 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
     // Every refusal is on record with its reason.
     let results = coordinator.store().site_results(&run, 1).expect("results");
     let refused = results.iter().filter(|r| r.outcome == "refused").count();
-    assert_eq!(refused, 8, "{results:#?}");
+    assert_eq!(refused, 9, "{results:#?}");
     assert!(results
         .iter()
         .any(|r| r.site == "bad" && r.reason.contains("non-finite")));

@@ -4,3 +4,4 @@ mod bad_updates;
 mod big_model;
 mod fedavg;
 mod resilience;
+mod site_input;
