@@ -210,9 +210,9 @@ mod tests {
     #[test]
     fn matches_flower_reference_streamed_in_small_chunks() {
         let mut acc = FedAvg::new(client(0).schema());
-        for i in 0..5 {
+        for (i, examples) in EXAMPLES.iter().enumerate() {
             let bytes = encode(&client(i));
-            let mut fold = acc.fold(EXAMPLES[i]).unwrap();
+            let mut fold = acc.fold(*examples).unwrap();
             let mut d = StreamDecoder::new(Some(bytes.len() as u64));
             for c in bytes.chunks(7) {
                 d.push(c, &mut fold).unwrap();
@@ -280,8 +280,8 @@ mod tests {
     #[test]
     fn streamed_average_equals_the_whole_one() {
         let mut acc = FedAvg::new(client(0).schema());
-        for i in 0..5 {
-            acc.add(&client(i), EXAMPLES[i]).unwrap();
+        for (i, examples) in EXAMPLES.iter().enumerate() {
+            acc.add(&client(i), *examples).unwrap();
         }
         let mut bytes = Vec::new();
         acc.write_average(|b: &[u8]| -> Result<(), CoreError> {

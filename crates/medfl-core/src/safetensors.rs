@@ -42,7 +42,7 @@ pub fn header(schema: &ModelSchema) -> Vec<u8> {
     }
     // Serialising a map of plain structs cannot fail.
     let mut json = serde_json::to_vec(&entries).unwrap_or_default();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());

@@ -16,6 +16,9 @@ use crate::model::{EvalReport, LocalModel, TrainOptions, TrainProgress, TrainRep
 use crate::params::{from_tensors, to_vars};
 use crate::{Examples, TrainError};
 
+/// One optimiser step on a loss.
+type StepFn = dyn FnMut(&Tensor) -> candle_core::Result<()>;
+
 /// Rows scored at once during evaluation, to bound memory.
 const EVAL_BATCH: usize = 4096;
 
@@ -157,7 +160,7 @@ impl LocalModel for Mlp {
         } else {
             u64::from(opts.epochs.max(1)) * steps_per_epoch
         };
-        let mut optimizer: Box<dyn FnMut(&Tensor) -> candle_core::Result<()>> = match opts.optimizer
+        let mut optimizer: Box<StepFn> = match opts.optimizer
         {
             Optimizer::Sgd => {
                 let mut sgd = SGD::new(vars.clone(), opts.learning_rate)?;
