@@ -91,6 +91,10 @@ struct Attempt {
     global_size: u64,
     losses: Vec<(u64, f64)>,
     evaluations: Vec<(u64, BTreeMap<String, f64>)>,
+    /// Update blobs received in this attempt, deleted once it ends unless retained.
+    update_blobs: Vec<String>,
+    /// Set when folding failed part-way: the sums are unusable and the attempt must be redone.
+    poisoned: Option<String>,
 }
 
 impl Engine {
@@ -161,8 +165,14 @@ impl Engine {
                     global_sha256: global.clone(),
                     losses: Vec::new(),
                     evaluations: Vec::new(),
+                    update_blobs: Vec::new(),
+                    poisoned: None,
                 };
-                let missing = match self.wait_phase(&mut open).await? {
+                let flow = self.wait_phase(&mut open).await?;
+                if !matches!(flow, Flow::Close(_)) {
+                    self.drop_update_blobs(&open);
+                }
+                let missing = match flow {
                     Flow::Close(missing) => {
                         self.record_missing(&open, &missing)?;
                         break open;
@@ -170,13 +180,18 @@ impl Engine {
                     Flow::Retry(missing) => missing,
                     Flow::Fail(missing) => {
                         self.record_missing(&open, &missing)?;
+                        let silent = if missing.is_empty() {
+                            "none (too few eligible sites were online)".to_string()
+                        } else {
+                            missing.join(", ")
+                        };
                         return Ok(Some((
                             RunStatus::Failed,
                             format!(
-                                "round {round}: {} of the required {} sites reported after {attempts} attempts; missing: {}",
+                                "round {round}: {} of the required {} sites sent an update in each of {attempts} attempts; \
+                                 selected sites without an update in the last: {silent}",
                                 open.state.updates.len(),
                                 spec.min_sites,
-                                if missing.is_empty() { "none online".to_string() } else { missing.join(", ") }
                             ),
                         )));
                     }
@@ -187,6 +202,7 @@ impl Engine {
                 warn!(run = %self.run_id, round, attempt, missing = ?missing, "too few updates; retrying the round");
             };
             global = self.commit(&mut open, attempts, started_ms).await?;
+            self.drop_update_blobs(&open);
             open.state.begin_evaluation(now_ms());
             open.global_sha256 = global.clone();
             open.global_size = self.shared.blobs.size(&global)?;
@@ -321,6 +337,10 @@ impl Engine {
                     Some(EngineMsg::Stop { reply }) => return Ok(Flow::Stopped(Some(reply))),
                     Some(msg) => {
                         self.handle_msg(open, msg).await?;
+                        if let Some(why) = &open.poisoned {
+                            warn!(run = %self.run_id, round = open.state.round, error = %why, "aggregation broken; redoing the round");
+                            return Ok(Flow::Retry(open.state.pending()));
+                        }
                         self.publish(open);
                     }
                     None => return Ok(Flow::Shutdown),
@@ -385,9 +405,9 @@ impl Engine {
                         );
                     }
                 }
-                if !self.shared.config.retain_updates {
-                    self.shared.blobs.remove(&sha256)?;
-                }
+                // Deleted when the attempt ends: two sites may send byte-identical updates,
+                // which share one content-addressed file.
+                open.update_blobs.push(sha256);
                 let _ = reply.send(result);
             }
             EngineMsg::Evaluation {
@@ -494,14 +514,26 @@ impl Engine {
         open.acc = Some(acc);
         if let Err(e) = folded {
             // The update was validated on arrival, so a failure here is the disk's; the partial
-            // sums cannot be trusted, so the attempt must not close on them.
-            return Err(CoordinatorError::Internal(format!(
-                "folding update {sha256} from `{site}`: {e}; the round's sums are invalid"
-            )));
+            // sums cannot be trusted, so the attempt is redone.
+            let why = format!("folding update {sha256} from `{site}`: {e}");
+            open.poisoned = Some(why.clone());
+            return Err(CoordinatorError::Internal(why));
         }
         open.state.record_update(site, examples);
         open.losses.push((examples, train_loss));
         Ok(())
+    }
+
+    /// Deletes the attempt's update blobs unless the operator retains them.
+    fn drop_update_blobs(&self, open: &Attempt) {
+        if self.shared.config.retain_updates {
+            return;
+        }
+        for sha in &open.update_blobs {
+            if let Err(e) = self.shared.blobs.remove(sha) {
+                warn!(run = %self.run_id, error = %e, "could not delete an update blob");
+            }
+        }
     }
 
     fn record_missing(&self, open: &Attempt, missing: &[String]) -> Result<(), CoordinatorError> {
