@@ -2,6 +2,7 @@
 
 mod bad_updates;
 mod big_model;
+mod examples;
 mod fedavg;
 mod resilience;
 mod site_input;

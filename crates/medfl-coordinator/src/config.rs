@@ -21,6 +21,20 @@ retain_updates = false
 log_format = "text"
 "#;
 
+/// The keys, as `MEDFL_<KEY>` environment variables may set them.
+const KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "chunk_size",
+    "max_message_bytes",
+    "poll_timeout_secs",
+    "heartbeat_interval_secs",
+    "site_offline_after_secs",
+    "max_concurrent_uploads",
+    "retain_updates",
+    "log_format",
+];
+
 /// Everything the coordinator reads at start.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -51,27 +65,8 @@ impl CoordinatorConfig {
     /// Loads defaults, then `file` if given, then `MEDFL_*` environment variables
     /// (`MEDFL_LISTEN`, `MEDFL_DATA_DIR`, ...), and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, CoordinatorError> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(CoordinatorError::Config(format!(
-                    "{}: no such file",
-                    file.display()
-                )));
-            }
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
-        }
-        let cfg: Self = builder
-            .add_source(config::Environment::with_prefix("MEDFL").try_parsing(true))
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| {
-                let place = file
-                    .map(|f| format!("{}: ", f.display()))
-                    .unwrap_or_default();
-                CoordinatorError::Config(format!("{place}{e}"))
-            })?;
+        let cfg: Self =
+            medfl_daemon::load_config(DEFAULTS, file, KEYS).map_err(CoordinatorError::Config)?;
         cfg.validate()?;
         Ok(cfg)
     }

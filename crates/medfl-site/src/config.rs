@@ -32,6 +32,17 @@ fn csv() -> String {
     "csv".into()
 }
 
+/// The keys `MEDFL_<KEY>` environment variables may set (datasets only come from the file).
+const KEYS: &[&str] = &[
+    "name",
+    "coordinator",
+    "data_dir",
+    "reconnect_min_ms",
+    "reconnect_max_secs",
+    "model_cache",
+    "log_format",
+];
+
 /// Everything the site daemon reads at start.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -59,27 +70,8 @@ impl SiteConfig {
     /// Loads defaults, then `file`, then `MEDFL_*` variables (`MEDFL_NAME`, `MEDFL_COORDINATOR`,
     /// ...), and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, SiteError> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(SiteError::Config(format!(
-                    "{}: no such file",
-                    file.display()
-                )));
-            }
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
-        }
-        let mut cfg: Self = builder
-            .add_source(config::Environment::with_prefix("MEDFL").try_parsing(true))
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| {
-                let place = file
-                    .map(|f| format!("{}: ", f.display()))
-                    .unwrap_or_default();
-                SiteError::Config(format!("{place}{e}"))
-            })?;
+        let mut cfg: Self =
+            medfl_daemon::load_config(DEFAULTS, file, KEYS).map_err(SiteError::Config)?;
         if let Some(base) = file.and_then(Path::parent) {
             for ds in cfg.datasets.values_mut() {
                 if ds.path.is_relative() {

@@ -160,8 +160,7 @@ impl LocalModel for Mlp {
         } else {
             u64::from(opts.epochs.max(1)) * steps_per_epoch
         };
-        let mut optimizer: Box<StepFn> = match opts.optimizer
-        {
+        let mut optimizer: Box<StepFn> = match opts.optimizer {
             Optimizer::Sgd => {
                 let mut sgd = SGD::new(vars.clone(), opts.learning_rate)?;
                 Box::new(move |loss| sgd.backward_step(loss))

@@ -1,0 +1,126 @@
+//! What the coordinator and site daemons share: layered configuration loading, logging setup
+//! and the signals that stop them.
+//!
+//! # Layout
+//! - [`load_config`]: embedded defaults, then a TOML file, then `MEDFL_*` variables.
+//! - [`init_logging`]: `tracing` to stderr, filtered by `RUST_LOG`, as text or JSON lines.
+//! - [`stop_signal`]: completes on SIGINT or SIGTERM.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+/// Loads `T` from `defaults` (TOML), then `file` if given, then `MEDFL_<KEY>` environment
+/// variables for the `keys` the config has. The error names the file and the key.
+pub fn load_config<T: DeserializeOwned>(
+    defaults: &str,
+    file: Option<&Path>,
+    keys: &[&str],
+) -> Result<T, String> {
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(format!("{}: no such file", file.display()));
+        }
+        builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+    }
+    builder
+        .add_source(
+            config::Environment::with_prefix("MEDFL")
+                .try_parsing(true)
+                .source(Some(env_overrides(std::env::vars(), keys))),
+        )
+        .build()
+        .and_then(config::Config::try_deserialize)
+        .map_err(|e| {
+            let place = file
+                .map(|f| format!("{}: ", f.display()))
+                .unwrap_or_default();
+            format!("{place}{e}")
+        })
+}
+
+/// The `MEDFL_<KEY>` variables naming one of `keys`. Others are left alone: an orchestrator may
+/// set `MEDFL_*` variables of its own (Kubernetes service links), which must not stop a daemon.
+pub fn env_overrides(
+    vars: impl Iterator<Item = (String, String)>,
+    keys: &[&str],
+) -> config::Map<String, String> {
+    vars.filter(|(k, _)| {
+        k.strip_prefix("MEDFL_")
+            .is_some_and(|key| keys.iter().any(|known| key.eq_ignore_ascii_case(known)))
+    })
+    .collect()
+}
+
+/// Sends `tracing` events to stderr, filtered by `RUST_LOG` (default `info`), as JSON lines when
+/// `format` is `json`.
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+}
+
+/// Completes on SIGINT, or on SIGTERM where there is one (containers stop with SIGTERM).
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Cfg {
+        port: u16,
+        name: String,
+    }
+
+    #[test]
+    fn layers_defaults_and_file_and_names_bad_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.toml");
+        std::fs::write(&file, "name = \"b\"\n").unwrap();
+        let cfg: Cfg = load_config("port = 1\nname = \"a\"\n", Some(&file), &[]).unwrap();
+        assert_eq!((cfg.port, cfg.name.as_str()), (1, "b"));
+        std::fs::write(&file, "nmae = \"b\"\n").unwrap();
+        let err = load_config::<Cfg>("port = 1\nname = \"a\"\n", Some(&file), &[]).unwrap_err();
+        assert!(err.contains("x.toml") && err.contains("nmae"), "{err}");
+        let err =
+            load_config::<Cfg>("port = 1\n", Some(&dir.path().join("no.toml")), &[]).unwrap_err();
+        assert!(err.contains("no.toml"), "{err}");
+    }
+
+    #[test]
+    fn only_known_keys_are_taken_from_the_environment() {
+        let vars = [
+            ("MEDFL_DATA_DIR", "/d"),
+            ("MEDFL_COORDINATOR_SERVICE_HOST", "10.0.0.1"),
+            ("PATH", "/bin"),
+            ("MEDFL_LOG_FORMAT", "json"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let got = env_overrides(vars.into_iter(), &["data_dir", "log_format", "coordinator"]);
+        let mut keys: Vec<&str> = got.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, vec!["MEDFL_DATA_DIR", "MEDFL_LOG_FORMAT"]);
+    }
+}
