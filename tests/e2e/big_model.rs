@@ -22,15 +22,9 @@ async fn a_quarter_gigabyte_model_round_trips() {
         "{detail:?}"
     );
     let round = &detail.rounds[0];
-    let size = std::fs::metadata(
-        fed.coordinator
-            .data_dir
-            .join("blobs")
-            .join(&round.global_sha256[..2])
-            .join(&round.global_sha256),
-    )
-    .expect("global blob")
-    .len();
+    let size = std::fs::metadata(fed.coordinator.blob_path(&round.global_sha256))
+        .expect("global blob")
+        .len();
     assert!(size >= 256 << 20, "model is {size} bytes");
     assert!(round.bytes_down >= 2 * size, "both sites downloaded it");
     assert!(round.bytes_up >= 2 * size, "both sites uploaded an update");

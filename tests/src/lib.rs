@@ -211,10 +211,15 @@ impl Coordinator {
         Store::open(&self.data_dir.join("state.db")).expect("open state")
     }
 
+    /// Where blob `sha` is stored.
+    pub fn blob_path(&self, sha: &str) -> PathBuf {
+        self.data_dir.join("blobs").join(&sha[..2]).join(sha)
+    }
+
     /// The model stored as blob `sha`.
     pub fn blob(&self, sha: &str) -> ModelParams {
-        let path = self.data_dir.join("blobs").join(&sha[..2]).join(sha);
-        medfl_core::safetensors::decode(&std::fs::read(path).expect("blob")).expect("decode")
+        let bytes = std::fs::read(self.blob_path(sha)).expect("blob");
+        medfl_core::safetensors::decode(&bytes).expect("decode")
     }
 
     /// Stops gracefully and waits.

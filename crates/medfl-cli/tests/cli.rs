@@ -96,6 +96,16 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         "{}",
         text(&out.stderr)
     );
+    let huge =
+        breast_cancer_spec("huge", 1, 2, 60).replace("hidden = []", "hidden = [1048576, 1048576]");
+    std::fs::write(&spec, huge).expect("spec");
+    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("parameters exceed"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = medfl(&url, &["run", "show", "no-such-run"]).await;
     assert!(!out.status.success());
     assert!(

@@ -18,6 +18,9 @@ use crate::store::RunRecord;
 use crate::stream::blob_stream;
 use crate::CoordinatorError;
 
+/// Largest model a run may ask for (4 GiB of F32), so a spec cannot exhaust the coordinator.
+const MAX_PARAMETERS: usize = 1 << 30;
+
 /// The researcher-facing service.
 pub struct RunApi {
     shared: Arc<Shared>,
@@ -42,6 +45,12 @@ impl RunApi {
             .map(|(n, s)| (n.clone(), s.datasets.clone()))
             .collect();
         spec.validate_against(&sites)?;
+        let params = medfl_train::model_for_run(&spec).schema().numel();
+        if params > MAX_PARAMETERS {
+            return Err(CoordinatorError::Invalid(format!(
+                "run spec: model: {params} parameters exceed the limit of {MAX_PARAMETERS}"
+            )));
+        }
         let shared = self.shared.clone();
         let init_spec = spec.clone();
         // Initial weights can be large: build and store them off the async threads.
