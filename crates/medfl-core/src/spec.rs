@@ -58,6 +58,9 @@ pub struct RunSpec {
     /// How the coordinator combines updates.
     #[serde(default)]
     pub strategy: StrategySpec,
+    /// Checks on every update.
+    #[serde(default)]
+    pub defense: DefenseSpec,
 }
 
 fn one() -> u32 {
@@ -148,13 +151,242 @@ impl Default for TrainingSpec {
     }
 }
 
-/// Aggregation strategy.
+/// Aggregation strategy, selected by `name` in the `[strategy]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StrategySpec {
     /// Example-weighted federated averaging.
     #[default]
     Fedavg,
+    /// FedAvg aggregation; sites add `(mu / 2) * ||w - w_global||^2` to their local loss.
+    Fedprox {
+        /// Proximal weight.
+        mu: f64,
+    },
+    /// FedAvg with server momentum.
+    Fedavgm {
+        /// Server learning rate.
+        #[serde(default = "one_f64")]
+        server_learning_rate: f64,
+        /// Momentum.
+        #[serde(default = "default_momentum")]
+        momentum: f64,
+    },
+    /// Adam on the server over the FedAvg pseudo-gradient.
+    Fedadam(AdaptiveParams),
+    /// Yogi on the server.
+    Fedyogi(AdaptiveParams),
+    /// Adagrad on the server.
+    Fedadagrad {
+        /// Server learning rate.
+        #[serde(default = "default_eta")]
+        eta: f64,
+        /// Adaptivity.
+        #[serde(default = "default_tau")]
+        tau: f64,
+    },
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean, cutting `beta` of the values at each end.
+    TrimmedMean {
+        /// Share cut at each end, in [0, 0.5).
+        beta: f64,
+    },
+    /// Krum: the one update closest to its `n - f - 2` nearest others.
+    Krum {
+        /// Malicious sites tolerated.
+        f: u32,
+    },
+    /// Multi-Krum: the example-weighted mean of the `keep` best Krum updates.
+    MultiKrum {
+        /// Malicious sites tolerated.
+        f: u32,
+        /// Updates averaged.
+        keep: u32,
+    },
+    /// Bulyan: Krum selection, then a coordinate-wise trimmed mean around the median.
+    Bulyan {
+        /// Malicious sites tolerated; needs at least `4f + 3` sites.
+        f: u32,
+    },
+}
+
+/// Hyper-parameters of FedAdam and FedYogi (Reddi et al. 2021; defaults as Flower's).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveParams {
+    /// Server learning rate.
+    #[serde(default = "default_eta")]
+    pub eta: f64,
+    /// First-moment decay.
+    #[serde(default = "default_beta_1")]
+    pub beta_1: f64,
+    /// Second-moment decay.
+    #[serde(default = "default_beta_2")]
+    pub beta_2: f64,
+    /// Adaptivity.
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_eta() -> f64 {
+    0.1
+}
+fn default_beta_1() -> f64 {
+    0.9
+}
+fn default_beta_2() -> f64 {
+    0.99
+}
+fn default_tau() -> f64 {
+    1e-9
+}
+
+impl StrategySpec {
+    /// The proximal weight sites use (FedProx), or 0.
+    pub fn proximal_mu(&self) -> f64 {
+        match self {
+            StrategySpec::Fedprox { mu } => *mu,
+            _ => 0.0,
+        }
+    }
+
+    /// Whether the strategy needs every update of a round at once (robust aggregation), rather
+    /// than a running sum.
+    pub fn needs_all_updates(&self) -> bool {
+        matches!(
+            self,
+            StrategySpec::Median
+                | StrategySpec::TrimmedMean { .. }
+                | StrategySpec::Krum { .. }
+                | StrategySpec::MultiKrum { .. }
+                | StrategySpec::Bulyan { .. }
+        )
+    }
+
+    /// Fewest updates the strategy can work with.
+    pub fn min_updates(&self) -> u32 {
+        match self {
+            StrategySpec::Krum { f } | StrategySpec::MultiKrum { f, .. } => f + 3,
+            StrategySpec::Bulyan { f } => 4 * f + 3,
+            _ => 1,
+        }
+    }
+
+    fn validate(&self, min_sites: u32) -> Result<(), CoreError> {
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(CoreError::spec(
+                    format!("strategy.{field}"),
+                    format!("must be positive, got {v}"),
+                ))
+            }
+        };
+        let unit = |field: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(CoreError::spec(
+                    format!("strategy.{field}"),
+                    format!("must be in [0, 1), got {v}"),
+                ))
+            }
+        };
+        match self {
+            StrategySpec::Fedavg | StrategySpec::Median => {}
+            StrategySpec::Fedprox { mu } => {
+                if !(mu.is_finite() && *mu >= 0.0) {
+                    return Err(CoreError::spec(
+                        "strategy.mu",
+                        format!("must be zero or positive, got {mu}"),
+                    ));
+                }
+            }
+            StrategySpec::Fedavgm {
+                server_learning_rate,
+                momentum,
+            } => {
+                positive("server_learning_rate", *server_learning_rate)?;
+                unit("momentum", *momentum)?;
+            }
+            StrategySpec::Fedadam(p) | StrategySpec::Fedyogi(p) => {
+                positive("eta", p.eta)?;
+                positive("tau", p.tau)?;
+                unit("beta_1", p.beta_1)?;
+                unit("beta_2", p.beta_2)?;
+            }
+            StrategySpec::Fedadagrad { eta, tau } => {
+                positive("eta", *eta)?;
+                positive("tau", *tau)?;
+            }
+            StrategySpec::TrimmedMean { beta } => {
+                if !(0.0..0.5).contains(beta) {
+                    return Err(CoreError::spec(
+                        "strategy.beta",
+                        format!("must be in [0, 0.5), got {beta}"),
+                    ));
+                }
+            }
+            StrategySpec::MultiKrum { keep, .. } if *keep == 0 || *keep > min_sites => {
+                return Err(CoreError::spec(
+                    "strategy.keep",
+                    format!("must be 1..=min_sites ({min_sites}), got {keep}"),
+                ));
+            }
+            StrategySpec::Krum { .. }
+            | StrategySpec::MultiKrum { .. }
+            | StrategySpec::Bulyan { .. } => {}
+        }
+        let need = self.min_updates();
+        if min_sites < need {
+            return Err(CoreError::spec(
+                "min_sites",
+                format!("{self:?} needs at least {need} updates a round; min_sites is {min_sites}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the coordinator checks of every update before it counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefenseSpec {
+    /// Bound on the L2 norm of `update - global`; none when absent.
+    pub max_update_norm: Option<f64>,
+    /// What to do with an update over the bound.
+    pub norm_action: NormAction,
+    /// Largest example count a site may claim (its FedAvg weight).
+    pub max_examples: u64,
+}
+
+impl Default for DefenseSpec {
+    fn default() -> Self {
+        Self {
+            max_update_norm: None,
+            norm_action: NormAction::Reject,
+            max_examples: 10_000_000,
+        }
+    }
+}
+
+/// What happens to an update whose distance to the global model exceeds the bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NormAction {
+    /// Refuse it.
+    #[default]
+    Reject,
+    /// Scale `update - global` down to the bound.
+    Clip,
 }
 
 /// What a site says it holds: a dataset name and its columns.
@@ -278,6 +510,22 @@ impl RunSpec {
             return Err(CoreError::spec(
                 "training.weight_decay",
                 "must be zero or positive",
+            ));
+        }
+        self.strategy.validate(self.min_sites)?;
+        let d = &self.defense;
+        if let Some(bound) = d.max_update_norm {
+            if !(bound.is_finite() && bound > 0.0) {
+                return Err(CoreError::spec(
+                    "defense.max_update_norm",
+                    format!("must be positive, got {bound}"),
+                ));
+            }
+        }
+        if d.max_examples == 0 {
+            return Err(CoreError::spec(
+                "defense.max_examples",
+                "must be at least 1",
             ));
         }
         Ok(())
@@ -411,6 +659,44 @@ labels = ["B", "M"]
         assert!(err.to_string().contains("line 3"), "{err}");
         let err = RunSpec::from_toml(&format!("{SPEC}\nbogus = 1\n")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn strategies_parse_with_defaults_and_are_checked() {
+        let with = |table: &str| RunSpec::from_toml(&format!("{SPEC}\n[strategy]\n{table}\n"));
+        let s = with("name = \"fedadam\"").unwrap();
+        assert_eq!(
+            s.strategy,
+            StrategySpec::Fedadam(AdaptiveParams {
+                eta: 0.1,
+                beta_1: 0.9,
+                beta_2: 0.99,
+                tau: 1e-9
+            })
+        );
+        assert_eq!(
+            with("name = \"fedprox\"\nmu = 0.5")
+                .unwrap()
+                .strategy
+                .proximal_mu(),
+            0.5
+        );
+        assert!(with("name = \"median\"")
+            .unwrap()
+            .strategy
+            .needs_all_updates());
+        let err = with("name = \"trimmed_mean\"\nbeta = 0.5").unwrap_err();
+        assert!(err.to_string().contains("strategy.beta"), "{err}");
+        // Bulyan with f = 1 needs 7 sites; the spec asks for 2.
+        let err = with("name = \"bulyan\"\nf = 1").unwrap_err();
+        assert!(err.to_string().contains("at least 7"), "{err}");
+        let err = with("name = \"fedadam\"\nbeta_1 = 1.5").unwrap_err();
+        assert!(err.to_string().contains("strategy.beta_1"), "{err}");
+        let err = with("name = \"nope\"").unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        let err =
+            RunSpec::from_toml(&format!("{SPEC}\n[defense]\nmax_update_norm = -1\n")).unwrap_err();
+        assert!(err.to_string().contains("defense.max_update_norm"), "{err}");
     }
 
     #[test]

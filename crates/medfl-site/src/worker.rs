@@ -190,10 +190,8 @@ impl Worker {
         global: medfl_core::ModelParams,
         cancel: Arc<AtomicBool>,
     ) -> Result<(), SiteError> {
-        let seed = prepared.spec.seed
-            ^ fnv1a(&self.config.name)
-            ^ (u64::from(task.round) << 20)
-            ^ u64::from(task.attempt);
+        // The same for every attempt at a round: a retried or resumed round trains identically.
+        let seed = prepared.spec.seed ^ fnv1a(&self.config.name) ^ (u64::from(task.round) << 20);
         let opts = TrainOptions::from_spec(&prepared.spec, seed);
         let (run, round, site) = (task.run_id.clone(), task.round, self.config.name.clone());
         info!(run = %run, round, site = %site, examples = prepared.train.len(), "training");

@@ -176,6 +176,16 @@ impl LocalModel for Mlp {
             }
         };
         let weight_slots: Vec<usize> = slots.iter().map(|&(w, _)| w).collect();
+        // FedProx anchors: the weights this round started from, held constant.
+        let anchors: Vec<Tensor> = if opts.proximal_mu > 0.0 {
+            start
+                .tensors
+                .iter()
+                .map(|t| Tensor::from_slice(&t.data, t.shape.as_slice(), &device))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         let mut loss_sum = 0.0f64;
         let mut order = Vec::new();
         let mut rng = SplitMix64::new(opts.seed);
@@ -199,15 +209,21 @@ impl LocalModel for Mlp {
                     loss: loss_value,
                 });
             }
-            let objective = if opts.optimizer == Optimizer::Sgd && opts.weight_decay > 0.0 {
+            let mut objective = loss;
+            if opts.optimizer == Optimizer::Sgd && opts.weight_decay > 0.0 {
                 let mut l2 = Tensor::zeros((), DType::F32, &device)?;
                 for &w in &weight_slots {
                     l2 = (l2 + tensors[w].sqr()?.sum_all()?)?;
                 }
-                (loss + (l2 * (opts.weight_decay / 2.0))?)?
-            } else {
-                loss
-            };
+                objective = (objective + (l2 * (opts.weight_decay / 2.0))?)?;
+            }
+            if !anchors.is_empty() {
+                let mut prox = Tensor::zeros((), DType::F32, &device)?;
+                for (w, a) in tensors.iter().zip(&anchors) {
+                    prox = (prox + (*w - a)?.sqr()?.sum_all()?)?;
+                }
+                objective = (objective + (prox * (opts.proximal_mu / 2.0))?)?;
+            }
             optimizer(&objective)?;
             loss_sum += f64::from(loss_value);
             if step % 10 == 9 || step + 1 == total_steps {
@@ -301,6 +317,7 @@ mod tests {
             learning_rate: 0.1,
             optimizer: Optimizer::Sgd,
             weight_decay: 0.0,
+            proximal_mu: 0.0,
             seed: 1,
         }
     }
@@ -357,6 +374,28 @@ mod tests {
             .train(&start, &data, &opts(), &AtomicBool::new(true), &mut |_| {})
             .unwrap_err();
         assert!(matches!(err, TrainError::Cancelled));
+    }
+
+    #[test]
+    fn proximal_term_keeps_weights_near_the_start() {
+        let m = Mlp::new(3, &[8], 2);
+        let data = blobs(100, 5);
+        let start = m.init(3).unwrap();
+        let distance = |p: &ModelParams| -> f64 {
+            p.tensors
+                .iter()
+                .zip(&start.tensors)
+                .flat_map(|(a, b)| a.data.iter().zip(&b.data))
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum()
+        };
+        let mut o = opts();
+        let free = m.train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        o.proximal_mu = 0.1;
+        let held = m.train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        assert!(distance(&held.params) < 0.8 * distance(&free.params));
+        let acc = m.evaluate(&held.params, &data).unwrap().metrics["accuracy"];
+        assert!(acc > 0.9, "{acc}");
     }
 
     #[test]

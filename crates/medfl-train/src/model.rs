@@ -24,6 +24,8 @@ pub struct TrainOptions {
     pub optimizer: Optimizer,
     /// L2 weight decay.
     pub weight_decay: f64,
+    /// FedProx: weight of `(mu / 2) * ||w - w_start||^2` in the local loss (0 for none).
+    pub proximal_mu: f64,
     /// Seed for shuffling.
     pub seed: u64,
 }
@@ -39,6 +41,7 @@ impl TrainOptions {
             learning_rate: t.learning_rate,
             optimizer: t.optimizer,
             weight_decay: t.weight_decay,
+            proximal_mu: spec.strategy.proximal_mu(),
             seed,
         }
     }
