@@ -6,3 +6,4 @@ mod examples;
 mod fedavg;
 mod resilience;
 mod site_input;
+mod strategies;

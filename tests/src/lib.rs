@@ -42,6 +42,11 @@ pub fn breast_cancer_features() -> Vec<String> {
 /// Writes `n` site CSVs with label skew (site `i` gets a different benign/malignant mix and
 /// size) and a held-out test CSV of 20% of the rows; returns `(site files, test file)`.
 pub fn split_breast_cancer(dir: &Path, n: usize) -> (Vec<PathBuf>, PathBuf) {
+    split_breast_cancer_with(dir, n, true)
+}
+
+/// As [`split_breast_cancer`]; without `skewed`, every site gets the same share of each class.
+pub fn split_breast_cancer_with(dir: &Path, n: usize, skewed: bool) -> (Vec<PathBuf>, PathBuf) {
     let table = Table::load_csv(&breast_cancer_csv()).expect("demo data is in the repository");
     let labels = table.column("diagnosis").expect("diagnosis column");
     let classes = vec!["B".to_string(), "M".to_string()];
@@ -52,9 +57,13 @@ pub fn split_breast_cancer(dir: &Path, n: usize) -> (Vec<PathBuf>, PathBuf) {
         // Benign shares fall and malignant shares rise from site to site.
         let w = (i + 1) as f64;
         let total: f64 = (1..=n).map(|k| k as f64).sum();
-        let benign = rest * (n + 1 - (i + 1)) as f64 / total;
-        let malignant = rest * w / total;
-        shares.push(vec![benign, malignant]);
+        if skewed {
+            let benign = rest * (n + 1 - (i + 1)) as f64 / total;
+            let malignant = rest * w / total;
+            shares.push(vec![benign, malignant]);
+        } else {
+            shares.push(vec![rest / n as f64, rest / n as f64]);
+        }
     }
     let parts = label_skew_partition(&labels, &classes, &shares, 7);
     std::fs::create_dir_all(dir).expect("test dir");
@@ -328,10 +337,15 @@ pub struct Federation {
 impl Federation {
     /// Starts a coordinator and `n` sites with a label-skewed split of the data.
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, true).await
+    }
+
+    /// Starts a coordinator and `n` sites, with label skew or with even shares.
+    pub async fn start_with(n: usize, skewed: bool) -> Self {
         init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
         let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
-        let (csvs, test_csv) = split_breast_cancer(&dir.path().join("data"), n);
+        let (csvs, test_csv) = split_breast_cancer_with(&dir.path().join("data"), n, skewed);
         let mut sites: Vec<Site> = csvs
             .iter()
             .enumerate()

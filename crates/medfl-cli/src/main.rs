@@ -1,5 +1,6 @@
 //! `medfl`: the researcher's command line for a medfl coordinator.
 
+mod aggregate;
 mod client;
 mod commands;
 mod demo;
@@ -45,6 +46,8 @@ enum Command {
     Model(ModelCommand),
     /// Run a small federation on this machine and train a model end to end.
     Demo(demo::DemoArgs),
+    /// Aggregate update files offline with any strategy (reproduce or audit a round).
+    Aggregate(aggregate::AggregateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +130,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let addr = cli.coordinator;
     match cli.command {
         Command::Demo(args) => demo::run(args).await?,
+        Command::Aggregate(args) => aggregate::run(args)?,
         Command::Run(RunCommand::Create { spec }) => {
             // Check the spec before dialling, so a typo is reported even with no coordinator.
             commands::read_spec(&spec)?;

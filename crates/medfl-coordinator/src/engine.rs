@@ -5,7 +5,6 @@
 //! decided by one task in one order; handlers only stream bytes and verify them.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,20 +12,18 @@ use medfl_core::fedavg::FedAvg;
 use medfl_core::metrics::weighted_mean;
 use medfl_core::round::{Decision, Phase, RoundLimits, RoundState};
 use medfl_core::run::RunStatus;
-use medfl_core::safetensors::StreamDecoder;
 use medfl_core::selection::select_sites;
-use medfl_core::spec::RunSpec;
+use medfl_core::spec::{DefenseSpec, NormAction, RunSpec};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::aggregate::{self, BlobReader, UpdateSource};
 use crate::state::{now_ms, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic};
 use crate::store::{RoundRecord, RunRecord, SiteResult};
 use crate::CoordinatorError;
 
 /// Messages queued per run before senders wait.
 const ENGINE_QUEUE: usize = 64;
-/// Bytes read at once when folding an update from disk.
-const FOLD_CHUNK: usize = 1 << 20;
 
 /// Starts the engine of `run`, registering its handle. The task ends when the run ends or the
 /// coordinator shuts down (leaving the run `running`, to be resumed on the next start).
@@ -55,9 +52,17 @@ pub fn spawn(
         rx,
         snap_tx,
         initial_sha256: run.initial_sha256.clone(),
+        opt_state: OptState::default(),
     };
     tasks.spawn(engine.run());
     Ok(())
+}
+
+/// A server optimizer's state between rounds: blob ids of its moments.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+struct OptState {
+    m: Option<String>,
+    v: Option<String>,
 }
 
 struct Engine {
@@ -67,6 +72,8 @@ struct Engine {
     rx: mpsc::Receiver<EngineMsg>,
     snap_tx: watch::Sender<Option<RoundSnapshot>>,
     initial_sha256: String,
+    /// Server optimizer state after the last committed round.
+    opt_state: OptState,
 }
 
 /// How a phase ended.
@@ -95,6 +102,69 @@ struct Attempt {
     update_blobs: Vec<String>,
     /// Set when folding failed part-way: the sums are unusable and the attempt must be redone.
     poisoned: Option<String>,
+    /// Accepted updates, for strategies that aggregate them all at the close.
+    held: Vec<HeldUpdate>,
+}
+
+/// An accepted update kept on disk until the round closes.
+struct HeldUpdate {
+    sha256: String,
+    examples: u64,
+    /// Clipping factor towards the global model (1 when within the norm bound).
+    scale: f32,
+}
+
+/// What checking (and folding) an update came to.
+enum Checked {
+    Accepted {
+        scale: f32,
+    },
+    /// Refused by the run's defense (norm bound): the sums are untouched.
+    Refused(CoordinatorError),
+    /// Failed part-way through folding: the sums are unusable.
+    Broken(CoordinatorError),
+}
+
+/// Applies the run's norm bound to the update at `path` and, when `acc` is given, folds it in.
+fn check_and_fold(
+    path: &std::path::Path,
+    global_path: &std::path::Path,
+    schema: &medfl_core::ModelSchema,
+    defense: &DefenseSpec,
+    weight: f64,
+    acc: Option<&mut FedAvg>,
+) -> Checked {
+    let prepare = || -> Result<f32, CoordinatorError> {
+        let mut scale = 1.0f32;
+        if let Some(bound) = defense.max_update_norm {
+            let mut global = BlobReader::open(global_path, schema)?;
+            let norm =
+                aggregate::distance(&mut BlobReader::open(path, schema)?, &mut global, schema)?;
+            if norm > bound {
+                match defense.norm_action {
+                    NormAction::Reject => {
+                        return Err(CoordinatorError::Invalid(format!(
+                            "update is {norm:.6} from the global model, over the run's bound of {bound}"
+                        )))
+                    }
+                    NormAction::Clip => scale = (bound / norm) as f32,
+                }
+            }
+        }
+        Ok(scale)
+    };
+    let scale = match prepare() {
+        Ok(scale) => scale,
+        Err(e) => return Checked::Refused(e),
+    };
+    if let Some(acc) = acc {
+        let folded = UpdateSource::open(path, schema, weight, Some((global_path, scale)))
+            .and_then(|mut update| aggregate::fold(acc, &mut update, schema));
+        if let Err(e) = folded {
+            return Checked::Broken(e);
+        }
+    }
+    Checked::Accepted { scale }
 }
 
 impl Engine {
@@ -135,6 +205,11 @@ impl Engine {
             .last()
             .map(|r| r.global_sha256.clone())
             .unwrap_or_else(|| self.initial_sha256.clone());
+        // A resumed run continues with the optimizer state committed with its last round.
+        self.opt_state = done
+            .last()
+            .and_then(|r| serde_json::from_str(&r.opt_state).ok())
+            .unwrap_or_default();
         let first = done.len() as u32 + 1;
         if first > 1 {
             info!(run = %self.run_id, round = first, "resuming run");
@@ -167,6 +242,7 @@ impl Engine {
                     evaluations: Vec::new(),
                     update_blobs: Vec::new(),
                     poisoned: None,
+                    held: Vec::new(),
                 };
                 let flow = self.wait_phase(&mut open).await?;
                 if !matches!(flow, Flow::Close(_)) {
@@ -499,26 +575,56 @@ impl Engine {
             )));
         }
         let path = self.shared.blobs.path(sha256)?;
-        let acc = open
-            .acc
-            .take()
-            .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))?;
-        // Folding a large model is CPU and disk work: off the async threads.
-        let (acc, folded) = tokio::task::spawn_blocking(move || {
+        let global_path = self.shared.blobs.path(&open.global_sha256)?;
+        let schema = self.handle.schema.clone();
+        let defense = self.handle.spec.defense.clone();
+        // Robust strategies aggregate every update at the round's close; the others fold now.
+        let acc = if self.handle.spec.strategy.needs_all_updates() {
+            None
+        } else {
+            Some(
+                open.acc
+                    .take()
+                    .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))?,
+            )
+        };
+        // Norm checks and folding read the update from disk: CPU and I/O, off the async threads.
+        let (acc, outcome) = tokio::task::spawn_blocking(move || {
             let mut acc = acc;
-            let result = fold_file(&mut acc, &path, examples as f64);
-            (acc, result)
+            let outcome = check_and_fold(
+                &path,
+                &global_path,
+                &schema,
+                &defense,
+                examples as f64,
+                acc.as_mut(),
+            );
+            (acc, outcome)
         })
         .await
         .map_err(|e| CoordinatorError::Internal(format!("fold task: {e}")))?;
-        open.acc = Some(acc);
-        if let Err(e) = folded {
-            // The update was validated on arrival, so a failure here is the disk's; the partial
-            // sums cannot be trusted, so the attempt is redone.
-            let why = format!("folding update {sha256} from `{site}`: {e}");
-            open.poisoned = Some(why.clone());
-            return Err(CoordinatorError::Internal(why));
+        if let Some(acc) = acc {
+            open.acc = Some(acc);
         }
+        let scale = match outcome {
+            Checked::Accepted { scale } => scale,
+            Checked::Refused(e) => return Err(e),
+            Checked::Broken(e) => {
+                // The update was validated on arrival, so a failure here is the disk's; the
+                // partial sums cannot be trusted, so the attempt is redone.
+                let why = format!("folding update {sha256} from `{site}`: {e}");
+                open.poisoned = Some(why.clone());
+                return Err(CoordinatorError::Internal(why));
+            }
+        };
+        if scale < 1.0 {
+            info!(run = %self.run_id, round, site = %site, scale, "update clipped to the norm bound");
+        }
+        open.held.push(HeldUpdate {
+            sha256: sha256.to_string(),
+            examples,
+            scale,
+        });
         open.state.record_update(site, examples);
         open.losses.push((examples, train_loss));
         Ok(())
@@ -566,24 +672,67 @@ impl Engine {
 
     /// Averages the attempt's updates, stores the new global model and commits the round.
     async fn commit(
-        &self,
+        &mut self,
         open: &mut Attempt,
         attempts: u32,
         started_ms: u64,
     ) -> Result<String, CoordinatorError> {
-        let acc = open
-            .acc
-            .take()
-            .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))?;
+        let acc = open.acc.take();
         let shared = self.shared.clone();
-        // The average streams from the sums to disk: no second copy of the model in memory.
-        let sha = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
-            let mut incoming = shared.blobs.incoming()?;
-            acc.write_average(|bytes| incoming.write(bytes))?;
-            incoming.finish(None)
-        })
-        .await
-        .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;
+        let strategy = self.handle.spec.strategy.clone();
+        let schema = self.handle.schema.clone();
+        let global_path = shared.blobs.path(&open.global_sha256)?;
+        let held: Vec<(std::path::PathBuf, f64, f32)> = open
+            .held
+            .iter()
+            .map(|h| Ok((shared.blobs.path(&h.sha256)?, h.examples as f64, h.scale)))
+            .collect::<Result<_, CoordinatorError>>()?;
+        let state = self.opt_state.clone();
+        let step = u64::from(open.state.round);
+        // Aggregation reads updates and sums block by block and streams the result to disk.
+        let (sha, opt_state) =
+            tokio::task::spawn_blocking(move || -> Result<(String, OptState), CoordinatorError> {
+                let blobs = &shared.blobs;
+                let acc = || {
+                    acc.as_ref()
+                        .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))
+                };
+                if strategy.needs_all_updates() {
+                    let mut updates = held
+                        .iter()
+                        .map(|(path, weight, scale)| {
+                            UpdateSource::open(path, &schema, *weight, Some((&global_path, *scale)))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let sha = aggregate::robust(&strategy, &mut updates, &schema, blobs)?;
+                    return Ok((sha, OptState::default()));
+                }
+                if let Some(opt) = strategy.server_optimizer() {
+                    let mut global = BlobReader::open(&global_path, &schema)?;
+                    let open_state = |sha: &Option<String>| {
+                        sha.as_ref()
+                            .map(|s| BlobReader::open(&blobs.path(s)?, &schema))
+                            .transpose()
+                    };
+                    let out = aggregate::server_step(
+                        &opt,
+                        step,
+                        acc()?,
+                        &mut global,
+                        open_state(&state.m)?,
+                        open_state(&state.v)?,
+                        &schema,
+                        blobs,
+                    )?;
+                    return Ok((out.global, OptState { m: out.m, v: out.v }));
+                }
+                // Plain averaging: the average streams from the sums to disk.
+                let mut incoming = blobs.incoming()?;
+                acc()?.write_average(|bytes| incoming.write(bytes))?;
+                Ok((incoming.finish(None)?, OptState::default()))
+            })
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;
         let (down, up) = self.handle.traffic.take();
         let examples: u64 = open.state.updates.values().sum();
         let loss_weight: f64 = open.losses.iter().map(|(n, _)| *n as f64).sum();
@@ -602,8 +751,10 @@ impl Engine {
             bytes_down: down,
             bytes_up: up,
             global_sha256: sha.clone(),
+            opt_state: serde_json::to_string(&opt_state).unwrap_or_default(),
         };
         self.shared.store()?.commit_round(&self.run_id, &record)?;
+        self.opt_state = opt_state;
         info!(
             run = %self.run_id,
             round = record.round,
@@ -638,35 +789,6 @@ fn refuse_idle(msg: EngineMsg) {
         }
         EngineMsg::Failure { .. } => {}
     }
-}
-
-/// Folds the update stored at `path` into `acc` with `weight`, one chunk at a time.
-pub fn fold_file(
-    acc: &mut FedAvg,
-    path: &std::path::Path,
-    weight: f64,
-) -> Result<(), CoordinatorError> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| CoordinatorError::io(format!("opening {}", path.display()), e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| CoordinatorError::io(format!("reading {}", path.display()), e))?
-        .len();
-    let mut decoder = StreamDecoder::new(Some(len));
-    let mut fold = acc.fold(weight)?;
-    let mut buf = vec![0u8; FOLD_CHUNK];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| CoordinatorError::io(format!("reading {}", path.display()), e))?;
-        if n == 0 {
-            break;
-        }
-        decoder.push(&buf[..n], &mut fold)?;
-    }
-    decoder.finish()?;
-    fold.commit();
-    Ok(())
 }
 
 /// Records and counts a refused update.

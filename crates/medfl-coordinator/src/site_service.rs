@@ -176,9 +176,10 @@ impl SiteApi {
             }
             .into());
         }
-        if header.num_examples == 0 || header.num_examples > MAX_EXAMPLES {
+        let max_examples = handle.spec.defense.max_examples.min(MAX_EXAMPLES);
+        if header.num_examples == 0 || header.num_examples > max_examples {
             return Err(CoordinatorError::Invalid(format!(
-                "num_examples must be 1..={MAX_EXAMPLES}, got {}",
+                "num_examples must be 1..={max_examples}, got {}",
                 header.num_examples
             )));
         }

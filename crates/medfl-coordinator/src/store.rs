@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     bytes_down INTEGER NOT NULL,
     bytes_up INTEGER NOT NULL,
     global_sha256 TEXT NOT NULL,
+    opt_state TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS site_results (
@@ -124,6 +125,8 @@ pub struct RoundRecord {
     pub bytes_up: u64,
     /// The new global model.
     pub global_sha256: String,
+    /// Server optimizer state (JSON of moment blob ids), empty for stateless strategies.
+    pub opt_state: String,
 }
 
 /// One site's result in one attempt of a round (accepted, refused, missing, failed).
@@ -308,8 +311,9 @@ impl Store {
     ) -> Result<(), CoordinatorError> {
         self.conn.execute(
             "INSERT INTO rounds (run_id, round, attempts, sites_selected, sites_reported, examples,
-                train_loss, eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                train_loss, eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
+                opt_state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 run_id,
                 round.round,
@@ -323,7 +327,8 @@ impl Store {
                 round.finished_ms as i64,
                 round.bytes_down as i64,
                 round.bytes_up as i64,
-                round.global_sha256
+                round.global_sha256,
+                round.opt_state
             ],
         )?;
         Ok(())
@@ -354,7 +359,8 @@ impl Store {
     pub fn rounds(&self, run_id: &str) -> Result<Vec<RoundRecord>, CoordinatorError> {
         let mut stmt = self.conn.prepare(
             "SELECT round, attempts, sites_selected, sites_reported, examples, train_loss,
-                    eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256
+                    eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
+                    opt_state
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([run_id], |r| {
@@ -371,6 +377,7 @@ impl Store {
                 bytes_down: r.get::<_, i64>(9)? as u64,
                 bytes_up: r.get::<_, i64>(10)? as u64,
                 global_sha256: r.get(11)?,
+                opt_state: r.get(12)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

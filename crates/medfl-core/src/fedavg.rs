@@ -46,6 +46,53 @@ impl FedAvg {
         })
     }
 
+    /// Adds `weight * values` to tensor `tensor` (schema index) from element `offset`; call
+    /// [`Self::count`] once every value of the update has been added.
+    pub fn add_values(
+        &mut self,
+        tensor: usize,
+        offset: usize,
+        values: &[f32],
+        weight: f64,
+    ) -> Result<(), CoreError> {
+        let sum = self
+            .sums
+            .get_mut(tensor)
+            .and_then(|s| s.get_mut(offset..offset + values.len()))
+            .ok_or_else(|| CoreError::Format(format!("values past the end of tensor {tensor}")))?;
+        for (s, v) in sum.iter_mut().zip(values) {
+            *s += weight * f64::from(*v);
+        }
+        Ok(())
+    }
+
+    /// Counts an update of `weight` whose values were added with [`Self::add_values`].
+    pub fn count(&mut self, weight: f64) {
+        self.total_weight += weight;
+        self.updates += 1;
+    }
+
+    /// The average of tensor `tensor` from element `offset`, into `out`.
+    pub fn average_into(
+        &self,
+        tensor: usize,
+        offset: usize,
+        out: &mut [f32],
+    ) -> Result<(), CoreError> {
+        if self.updates == 0 {
+            return Err(CoreError::Empty);
+        }
+        let sum = self
+            .sums
+            .get(tensor)
+            .and_then(|s| s.get(offset..offset + out.len()))
+            .ok_or_else(|| CoreError::Format(format!("values past the end of tensor {tensor}")))?;
+        for (o, s) in out.iter_mut().zip(sum) {
+            *o = (s / self.total_weight) as f32;
+        }
+        Ok(())
+    }
+
     /// Folds a whole in-memory update.
     pub fn add(&mut self, update: &ModelParams, weight: f64) -> Result<(), CoreError> {
         if update.schema() != self.schema {
@@ -127,8 +174,7 @@ pub struct Fold<'a> {
 impl Fold<'_> {
     /// Counts the update once all its values were folded.
     pub fn commit(self) {
-        self.acc.total_weight += self.weight;
-        self.acc.updates += 1;
+        self.acc.count(self.weight);
     }
 }
 
@@ -143,13 +189,7 @@ impl TensorSink for Fold<'_> {
             .map
             .get(tensor)
             .ok_or_else(|| CoreError::Format("values before header".into()))?;
-        let sum = self.acc.sums[idx]
-            .get_mut(offset..offset + values.len())
-            .ok_or_else(|| CoreError::Format(format!("values past the end of tensor {idx}")))?;
-        for (s, v) in sum.iter_mut().zip(values) {
-            *s += self.weight * f64::from(*v);
-        }
-        Ok(())
+        self.acc.add_values(idx, offset, values, self.weight)
     }
 }
 

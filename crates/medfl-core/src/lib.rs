@@ -19,6 +19,7 @@ pub mod run;
 pub mod safetensors;
 pub mod selection;
 pub mod spec;
+pub mod strategy;
 pub mod tensors;
 pub mod validate;
 

@@ -344,7 +344,8 @@ impl StreamDecoder {
     }
 }
 
-fn parse_header(bytes: &[u8]) -> Result<Layout, CoreError> {
+/// Parses a header's JSON (the bytes after the 8-byte length) into the file's layout.
+pub fn parse_header(bytes: &[u8]) -> Result<Layout, CoreError> {
     let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(bytes)
         .map_err(|e| CoreError::Format(format!("header is not a JSON object: {e}")))?;
     let mut tensors = Vec::new();

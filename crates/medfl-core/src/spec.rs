@@ -23,6 +23,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::strategy::server_opt::ServerOptimizer;
 use crate::CoreError;
 
 /// Everything a run needs to know, as the researcher wrote it.
@@ -255,6 +256,34 @@ impl StrategySpec {
             StrategySpec::Fedprox { mu } => *mu,
             _ => 0.0,
         }
+    }
+
+    /// The server optimizer applied to the FedAvg pseudo-gradient, for FedAvgM, FedAdam,
+    /// FedYogi and FedAdagrad.
+    pub fn server_optimizer(&self) -> Option<ServerOptimizer> {
+        Some(match *self {
+            StrategySpec::Fedavgm {
+                server_learning_rate,
+                momentum,
+            } => ServerOptimizer::FedAvgM {
+                server_learning_rate,
+                momentum,
+            },
+            StrategySpec::Fedadam(p) => ServerOptimizer::FedAdam {
+                eta: p.eta,
+                beta_1: p.beta_1,
+                beta_2: p.beta_2,
+                tau: p.tau,
+            },
+            StrategySpec::Fedyogi(p) => ServerOptimizer::FedYogi {
+                eta: p.eta,
+                beta_1: p.beta_1,
+                beta_2: p.beta_2,
+                tau: p.tau,
+            },
+            StrategySpec::Fedadagrad { eta, tau } => ServerOptimizer::FedAdagrad { eta, tau },
+            _ => return None,
+        })
     }
 
     /// Whether the strategy needs every update of a round at once (robust aggregation), rather

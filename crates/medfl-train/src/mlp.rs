@@ -390,9 +390,13 @@ mod tests {
                 .sum()
         };
         let mut o = opts();
-        let free = m.train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        let free = m
+            .train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
         o.proximal_mu = 0.1;
-        let held = m.train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        let held = m
+            .train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
         assert!(distance(&held.params) < 0.8 * distance(&free.params));
         let acc = m.evaluate(&held.params, &data).unwrap().metrics["accuracy"];
         assert!(acc > 0.9, "{acc}");
