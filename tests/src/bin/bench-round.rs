@@ -1,9 +1,10 @@
-//! Measures one round of three sites with a model over 256 MiB: wall time and the coordinator's
-//! peak resident memory (VmHWM from /proc, Linux), with the coordinator in its own process.
+//! Measures one round of several sites with a large model: wall time and the coordinator's peak
+//! resident memory (VmHWM from /proc, Linux), with the coordinator in its own process.
 //!
 //! ```text
-//! cargo build --release -p medfl-coordinator
-//! cargo run --release -p medfl-e2e --bin bench-round
+//! cargo build --release -p medfl-coordinator -p medfl-e2e --bin bench-round --bin medfl-coordinator
+//! ./target/release/bench-round                       # 3 sites, 276 MiB model, FedAvg
+//! ./target/release/bench-round --sites 20 --hidden 4096,4096 --strategy median
 //! ```
 
 use std::path::PathBuf;
@@ -11,7 +12,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use medfl_e2e::{
-    breast_cancer_spec, create_run, site_config, split_breast_cancer, status, wait_for_end, Site,
+    breast_cancer_spec, create_run, site_config, split_breast_cancer_with, status, wait_for_end,
+    Site,
 };
 use medfl_proto::v1;
 use medfl_proto::v1::run_service_client::RunServiceClient;
@@ -37,8 +39,37 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Command-line options: `--sites N`, `--hidden A,B,...`, `--strategy NAME`.
+struct Options {
+    sites: usize,
+    hidden: String,
+    strategy: String,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        sites: 3,
+        hidden: "9000, 8000".into(),
+        strategy: "fedavg".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--sites" => o.sites = value.parse()?,
+            "--hidden" => o.hidden = value.replace(',', ", "),
+            "--strategy" => o.strategy = value,
+            other => anyhow::bail!("unknown option {other}"),
+        }
+    }
+    Ok(o)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let opts = options()?;
     let exe = std::env::current_exe()?;
     let coordinator_bin: PathBuf = exe
         .parent()
@@ -76,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let (csvs, _) = split_breast_cancer(&dir.path().join("data"), 3);
+    let (csvs, _) = split_breast_cancer_with(&dir.path().join("data"), opts.sites, false);
     let mut sites = Vec::new();
     for (i, csv) in csvs.iter().enumerate() {
         let name = format!("hospital-{i}");
@@ -84,10 +115,14 @@ async fn main() -> anyhow::Result<()> {
         site.registered(1).await;
         sites.push(site);
     }
-    let spec = breast_cancer_spec("bench-256mib", 1, 3, 600)
-        .replace("hidden = []", "hidden = [9000, 8000]")
-        .replace("local_epochs = 2", "local_steps = 1")
-        .replace("learning_rate = 0.1", "learning_rate = 0.001");
+    let spec = format!(
+        "{}\n[strategy]\nname = \"{}\"\n",
+        breast_cancer_spec("bench", 1, opts.sites as u32, 600)
+            .replace("hidden = []", &format!("hidden = [{}]", opts.hidden))
+            .replace("local_epochs = 2", "local_steps = 1")
+            .replace("learning_rate = 0.1", "learning_rate = 0.001"),
+        opts.strategy
+    );
     let rss_before = peak_rss_kib(pid).unwrap_or(0);
     let started = Instant::now();
     let run = create_run(&mut client, &spec).await;
@@ -98,12 +133,13 @@ async fn main() -> anyhow::Result<()> {
         "run did not complete: {detail:?}"
     );
     let round = &detail.rounds[0];
-    let model_bytes = round.bytes_up / 3;
+    let model_bytes = round.bytes_up / opts.sites as u64;
     let peak = peak_rss_kib(pid).unwrap_or(0);
     println!("| measure | value |");
     println!("|---|---|");
     println!("| model size | {:.1} MiB |", model_bytes as f64 / 1048576.0);
-    println!("| sites | 3 |");
+    println!("| sites | {} |", opts.sites);
+    println!("| strategy | {} |", opts.strategy);
     println!("| run wall time (create to completed, 1 round incl. init, train, evaluate) | {seconds:.1} s |");
     println!(
         "| round train phase (coordinator's record) | {:.1} s |",
