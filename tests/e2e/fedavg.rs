@@ -70,6 +70,20 @@ async fn three_sites_three_rounds_average_exactly_and_learn() {
         let expected = expected_average(&fed.coordinator, &run, r.round);
         assert_global_is(&fed.coordinator, &r.global_sha256, &expected);
     }
+    // Every site scored the final model on its own validation split.
+    let sites: Vec<&str> = detail
+        .final_evaluation
+        .iter()
+        .map(|e| e.site.as_str())
+        .collect();
+    assert_eq!(sites, vec!["hospital-0", "hospital-1", "hospital-2"]);
+    for e in &detail.final_evaluation {
+        assert_eq!(e.global_sha256, detail.rounds[2].global_sha256);
+        assert!(
+            e.num_examples > 0 && e.metrics.contains_key("accuracy"),
+            "{e:?}"
+        );
+    }
     let last = &detail.rounds[2];
     let accuracy = test_accuracy(
         &spec,

@@ -409,10 +409,10 @@ pub fn status(detail: &v1::RunDetail) -> i32 {
     detail.summary.as_ref().map(|s| s.status).unwrap_or(0)
 }
 
-/// Follows the run until it ends.
+/// Follows the run until it ends and its final cross-site evaluation is in.
 pub async fn wait_for_end(client: &mut RunServiceClient<Channel>, run_id: &str) -> v1::RunDetail {
     watch_until(client, run_id, |d| {
-        status(d) != v1::RunStatus::Running as i32
+        status(d) != v1::RunStatus::Running as i32 && !d.evaluating
     })
     .await
 }

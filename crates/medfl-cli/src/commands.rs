@@ -95,6 +95,57 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
     } else {
         print!("{}", table::site_results_table(&chosen.sites));
     }
+    if !detail.final_evaluation.is_empty() {
+        println!("\nfinal model evaluated at each site:");
+        print!("{}", table::evaluation_table(&detail.final_evaluation));
+    }
+    Ok(())
+}
+
+/// `run evaluate`: asks every online site holding the run's data to score the run's latest
+/// model, waits for their answers and prints them per site.
+pub async fn evaluate(client: &mut RunClient, run_id: &str) -> anyhow::Result<()> {
+    let asked = client
+        .evaluate_run(unary(medfl_proto::v1::EvaluateRunRequest {
+            run_id: run_id.to_owned(),
+        }))
+        .await
+        .rpc("EvaluateRun")?
+        .into_inner();
+    eprintln!(
+        "{} sites asked to evaluate model {}",
+        asked.sites_asked,
+        table::short_sha(&asked.global_sha256)
+    );
+    let mut stream = client
+        .watch_run(GetRunRequest {
+            run_id: run_id.to_owned(),
+        })
+        .await
+        .rpc("WatchRun")?
+        .into_inner();
+    let mut last = None;
+    while let Some(detail) = stream.message().await.rpc("WatchRun")? {
+        let done = !detail.evaluating;
+        last = Some(detail);
+        if done {
+            break;
+        }
+    }
+    let detail = last.context("the coordinator closed the watch without sending the run")?;
+    let answered: Vec<_> = detail
+        .final_evaluation
+        .into_iter()
+        .filter(|e| e.global_sha256 == asked.global_sha256)
+        .collect();
+    print!("{}", table::evaluation_table(&answered));
+    if (answered.len() as u32) < asked.sites_asked {
+        eprintln!(
+            "{} of {} sites answered before the deadline",
+            answered.len(),
+            asked.sites_asked
+        );
+    }
     Ok(())
 }
 

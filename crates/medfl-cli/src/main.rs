@@ -78,6 +78,11 @@ enum RunCommand {
         /// Run id.
         run: String,
     },
+    /// Have every online site evaluate the run's latest model on its own validation data.
+    Evaluate {
+        /// Run id.
+        run: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +156,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(RunCommand::Stop { run }) => {
             commands::stop(&mut client::connect(&addr).await?, &run).await?
+        }
+        Command::Run(RunCommand::Evaluate { run }) => {
+            commands::evaluate(&mut client::connect(&addr).await?, &run).await?
         }
         Command::Sites => commands::sites(&mut client::connect(&addr).await?).await?,
         Command::Model(ModelCommand::Pull { run, round, out }) => {

@@ -156,6 +156,15 @@ impl RunService for Mock {
         Ok(Response::new(ListSitesResponse::default()))
     }
 
+    async fn evaluate_run(
+        &self,
+        _req: Request<medfl_proto::v1::EvaluateRunRequest>,
+    ) -> Result<Response<medfl_proto::v1::EvaluateRunResponse>, Status> {
+        Err(Status::unimplemented(
+            "the mock coordinator does not evaluate",
+        ))
+    }
+
     type PullModelStream = Boxed<BlobChunk>;
 
     async fn pull_model(

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use medfl_proto::convert::run_status;
-use medfl_proto::v1::{RoundSummary, RunDetail, RunSummary, SiteInfo, SiteRoundResult};
+use medfl_proto::v1::{
+    RoundSummary, RunDetail, RunSummary, SiteEvaluation, SiteInfo, SiteRoundResult,
+};
 
 /// How a column's cells line up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,15 @@ pub const SITE_RESULT_COLUMNS: &[Column] = &[
     right("EXAMPLES", 8),
     right("TRAIN_LOSS", 10),
     right("ACC", 6),
+];
+
+/// Columns of a cross-site evaluation.
+pub const EVALUATION_COLUMNS: &[Column] = &[
+    left("SITE", 8),
+    right("EXAMPLES", 8),
+    right("ACC", 6),
+    right("AUC", 6),
+    right("LOSS", 6),
 ];
 
 /// Columns of the run list.
@@ -221,6 +232,21 @@ pub fn site_results_table(sites: &[SiteRoundResult]) -> String {
                 number(s.train_loss)
             },
             metric(&s.eval_metrics, "accuracy"),
+        ]);
+    }
+    table.render()
+}
+
+/// Each site's evaluation of the final model.
+pub fn evaluation_table(evaluations: &[SiteEvaluation]) -> String {
+    let mut table = Table::new(EVALUATION_COLUMNS);
+    for e in evaluations {
+        table.push(vec![
+            one_line(&e.site),
+            e.num_examples.to_string(),
+            metric(&e.metrics, "accuracy"),
+            metric(&e.metrics, "auc"),
+            metric(&e.metrics, "loss"),
         ]);
     }
     table.render()

@@ -54,6 +54,10 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     if !summary.error.is_empty() {
         println!("error: {}", summary.error);
     }
+    if !detail.final_evaluation.is_empty() {
+        println!("\nfinal model evaluated at each site:");
+        print!("{}", table::evaluation_table(&detail.final_evaluation));
+    }
     Ok(detail)
 }
 
@@ -73,6 +77,8 @@ async fn follow(
         overall.set_position(u64::from(summary.rounds_done));
         if detail.current_round > 0 {
             round.set_message(table::current_round(&detail));
+        } else if table::is_terminal(summary.status) && detail.evaluating {
+            round.set_message("sites are evaluating the final model");
         } else if table::is_terminal(summary.status) {
             round.set_message(format!("run {}", table::status_name(summary.status)));
         } else {
@@ -94,8 +100,10 @@ async fn follow(
                 multi.suspend(|| println!("{line}"));
             }
         }
+        // The run is over for its watcher once its final evaluation is in as well.
+        let done = ended && !detail.evaluating;
         last = Some(detail);
-        if ended {
+        if done {
             break;
         }
     }

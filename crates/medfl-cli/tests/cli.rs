@@ -44,6 +44,18 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         "{watched}"
     );
 
+    assert!(
+        watched.contains("final model evaluated at each site"),
+        "{watched}"
+    );
+    let out = medfl(&url, &["run", "evaluate", &run]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let evaluated = text(&out.stdout);
+    assert!(
+        evaluated.contains("hospital-0") && evaluated.contains("hospital-1"),
+        "{evaluated}"
+    );
+
     let out = medfl(&url, &["run", "list"]).await;
     assert!(text(&out.stdout).contains(&run), "{}", text(&out.stdout));
     let out = medfl(&url, &["run", "show", &run]).await;

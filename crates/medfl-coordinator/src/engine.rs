@@ -295,6 +295,8 @@ impl Engine {
             info!(run = %self.run_id, round, metrics = ?metrics, "round evaluated");
             self.shared.notify_runs();
         }
+        // Every eligible site scores the final model on its own validation split.
+        crate::campaign::start(&self.shared, &self.run_id, &self.handle.spec_toml, &global)?;
         Ok(Some((RunStatus::Completed, String::new())))
     }
 
@@ -346,18 +348,7 @@ impl Engine {
             .shared
             .sites()?
             .iter()
-            .filter(|(_, s)| self.shared.is_online(s, now))
-            .filter(|(_, s)| {
-                s.datasets.iter().any(|d| {
-                    d.name == spec.task.dataset
-                        && spec
-                            .task
-                            .features
-                            .iter()
-                            .chain(std::iter::once(&spec.task.label))
-                            .all(|c| d.columns.contains(c))
-                })
-            })
+            .filter(|(_, s)| self.shared.is_online(s, now) && s.holds(spec))
             .map(|(name, _)| name.clone())
             .collect())
     }

@@ -7,12 +7,14 @@
 //! - [`site_service`] / [`run_service`]: the two gRPC services (thin handlers).
 //! - [`engine`]: one task per run, driving the core round state machine.
 //! - [`aggregate`]: strategies applied to updates read back from disk a block at a time.
+//! - [`campaign`]: cross-site evaluation of a run's final model.
 //! - [`state`]: what handlers and engines share.
 //! - [`store`]: SQLite state; [`blobs`]: content-addressed model files; [`stream`]: chunked reads.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 
 pub mod aggregate;
 pub mod blobs;
+pub mod campaign;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -126,6 +126,19 @@ impl RunApi {
             rounds: out,
             ..Default::default()
         };
+        detail.final_evaluation = shared
+            .store()?
+            .evaluations(id)?
+            .into_iter()
+            .map(|e| v1::SiteEvaluation {
+                site: e.site,
+                num_examples: e.examples,
+                metrics: e.metrics,
+                at_unix_ms: e.at_ms,
+                global_sha256: e.global_sha256,
+            })
+            .collect();
+        detail.evaluating = crate::campaign::active(shared, id)?;
         if let Some(s) = snapshot {
             detail.current_round = s.round;
             detail.current_phase = s.phase.as_str().into();
@@ -244,11 +257,14 @@ impl RunService for RunApi {
             let mut detail = Ok(first);
             loop {
                 changed.borrow_and_update();
+                // A run is over for its watchers once it ended and its final evaluation is in.
                 let ended = match &detail {
-                    Ok(d) => d
-                        .summary
-                        .as_ref()
-                        .is_some_and(|s| s.status != v1::RunStatus::Running as i32),
+                    Ok(d) => {
+                        !d.evaluating
+                            && d.summary
+                                .as_ref()
+                                .is_some_and(|s| s.status != v1::RunStatus::Running as i32)
+                    }
                     Err(_) => true,
                 };
                 if tx.send(detail.map_err(Status::from)).await.is_err() || ended {
@@ -312,6 +328,25 @@ impl RunService for RunApi {
             })
             .collect();
         Ok(Response::new(v1::ListSitesResponse { sites }))
+    }
+
+    async fn evaluate_run(
+        &self,
+        req: Request<v1::EvaluateRunRequest>,
+    ) -> Result<Response<v1::EvaluateRunResponse>, Status> {
+        let run_id = req.into_inner().run_id;
+        let run = self.shared.store()?.run(&run_id)?;
+        let global = self.model_sha(&run_id, 0)?;
+        let sites_asked = crate::campaign::start(&self.shared, &run_id, &run.spec, &global)?;
+        if sites_asked == 0 {
+            return Err(Status::failed_precondition(format!(
+                "no online site holds the dataset of run `{run_id}`"
+            )));
+        }
+        Ok(Response::new(v1::EvaluateRunResponse {
+            sites_asked: sites_asked as u32,
+            global_sha256: global,
+        }))
     }
 
     type PullModelStream = Boxed<v1::BlobChunk>;

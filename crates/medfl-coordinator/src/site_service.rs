@@ -413,6 +413,10 @@ impl SiteService for SiteApi {
                     })
                 })
             };
+            let task = match task {
+                Some(task) => Some(task),
+                None => crate::campaign::task_for(&self.shared, &site)?,
+            };
             if task.is_some() {
                 return Ok(Response::new(v1::PollTaskResponse { task }));
             }
@@ -479,6 +483,10 @@ impl SiteService for SiteApi {
         if req.metrics.values().any(|v| !v.is_finite()) {
             return Err(CoordinatorError::Invalid("metrics must be finite".into()).into());
         }
+        if req.round == 0 {
+            crate::campaign::report(&self.shared, &site, req)?;
+            return Ok(Response::new(v1::ReportEvaluationResponse {}));
+        }
         self.send_to_engine(&req.run_id, |reply| EngineMsg::Evaluation {
             site,
             round: req.round,
@@ -497,8 +505,12 @@ impl SiteService for SiteApi {
     ) -> Result<Response<v1::ReportTaskFailureResponse>, Status> {
         let site = self.identify(&req)?;
         let req = req.into_inner();
-        let handle = self.shared.run_handle(&req.run_id)?;
         let reason: String = req.reason.chars().take(2000).collect();
+        if req.round == 0 {
+            crate::campaign::fail(&self.shared, &site, &req.run_id, &reason)?;
+            return Ok(Response::new(v1::ReportTaskFailureResponse {}));
+        }
+        let handle = self.shared.run_handle(&req.run_id)?;
         handle
             .tx
             .send(EngineMsg::Failure {

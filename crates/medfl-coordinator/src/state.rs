@@ -34,6 +34,21 @@ pub struct SiteLive {
     pub last_seen_ms: u64,
 }
 
+impl SiteLive {
+    /// Whether the site holds the run's dataset with every column the run names.
+    pub fn holds(&self, spec: &RunSpec) -> bool {
+        self.datasets.iter().any(|d| {
+            d.name == spec.task.dataset
+                && spec
+                    .task
+                    .features
+                    .iter()
+                    .chain(std::iter::once(&spec.task.label))
+                    .all(|c| d.columns.contains(c))
+        })
+    }
+}
+
 /// What handlers may see of a run's open round.
 #[derive(Debug, Clone)]
 pub struct RoundSnapshot {
@@ -157,6 +172,7 @@ pub struct Shared {
     pub blobs: BlobStore,
     runs: Mutex<BTreeMap<String, RunHandle>>,
     sites: Mutex<BTreeMap<String, SiteLive>>,
+    campaigns: Mutex<BTreeMap<String, crate::campaign::Campaign>>,
     /// Bumped whenever a task may have appeared; task polls wait on it.
     pub tasks_changed: watch::Sender<u64>,
     /// Bumped whenever any run changed; run watchers wait on it.
@@ -203,6 +219,7 @@ impl Shared {
             blobs,
             runs: Mutex::new(BTreeMap::new()),
             sites: Mutex::new(sites),
+            campaigns: Mutex::new(BTreeMap::new()),
             tasks_changed: watch::Sender::new(0),
             runs_changed: watch::Sender::new(0),
             uploads,
@@ -219,6 +236,13 @@ impl Shared {
     /// Registered sites.
     pub fn sites(&self) -> Result<MutexGuard<'_, BTreeMap<String, SiteLive>>, CoordinatorError> {
         self.sites.lock().map_err(poisoned)
+    }
+
+    /// Open cross-site evaluations, by run.
+    pub fn campaigns(
+        &self,
+    ) -> Result<MutexGuard<'_, BTreeMap<String, crate::campaign::Campaign>>, CoordinatorError> {
+        self.campaigns.lock().map_err(poisoned)
     }
 
     /// Active runs.

@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS site_results (
     at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS site_results_by_round ON site_results (run_id, round);
+CREATE TABLE IF NOT EXISTS evaluations (
+    run_id TEXT NOT NULL,
+    global_sha256 TEXT NOT NULL,
+    site TEXT NOT NULL,
+    examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 "#;
 
 /// A site as stored.
@@ -152,6 +160,21 @@ pub struct SiteResult {
     pub eval_examples: u64,
     /// Its evaluation of the round's new global model.
     pub eval_metrics: BTreeMap<String, f64>,
+}
+
+/// One site's evaluation of a run's final model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Evaluation {
+    /// The model scored.
+    pub global_sha256: String,
+    /// Site.
+    pub site: String,
+    /// Validation examples.
+    pub examples: u64,
+    /// Metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// When it arrived.
+    pub at_ms: u64,
 }
 
 /// The state database.
@@ -461,6 +484,44 @@ impl Store {
                 update_sha256: r.get(7)?,
                 eval_examples: r.get::<_, i64>(8)? as u64,
                 eval_metrics: metrics_from(&r.get::<_, String>(9)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a cross-site evaluation.
+    pub fn add_evaluation(&self, run_id: &str, e: &Evaluation) -> Result<(), CoordinatorError> {
+        self.conn.execute(
+            "INSERT INTO evaluations (run_id, global_sha256, site, examples, metrics, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                run_id,
+                e.global_sha256,
+                e.site,
+                e.examples as i64,
+                metrics_json(&e.metrics),
+                e.at_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The latest answer of each site for the most recently evaluated model, by site.
+    pub fn evaluations(&self, run_id: &str) -> Result<Vec<Evaluation>, CoordinatorError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT global_sha256, site, examples, metrics, MAX(at_ms) FROM evaluations
+             WHERE run_id = ?1 AND global_sha256 = (
+                 SELECT global_sha256 FROM evaluations WHERE run_id = ?1
+                 ORDER BY at_ms DESC, rowid DESC LIMIT 1)
+             GROUP BY site ORDER BY site",
+        )?;
+        let rows = stmt.query_map([run_id], |r| {
+            Ok(Evaluation {
+                global_sha256: r.get(0)?,
+                site: r.get(1)?,
+                examples: r.get::<_, i64>(2)? as u64,
+                metrics: metrics_from(&r.get::<_, String>(3)?),
+                at_ms: r.get::<_, i64>(4)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

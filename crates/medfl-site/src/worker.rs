@@ -266,7 +266,8 @@ impl Worker {
             }))
             .await?;
         let record = self.state.runs.entry(task.run_id.clone()).or_default();
-        record.last_round = task.round;
+        // Round 0 is a cross-site evaluation of the final model, not a round.
+        record.last_round = record.last_round.max(task.round);
         self.state.save(&self.config.data_dir)?;
         Ok(())
     }
