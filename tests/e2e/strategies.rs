@@ -33,12 +33,12 @@ fn spawn_attacker(mut site: RawSite, stop: watch::Receiver<bool>) -> tokio::task
     })
 }
 
-/// Runs the breast cancer task on 4 honest sites holding even shares of the data, plus an
+/// Runs the breast cancer task on `honest` sites holding even shares of the data, plus an
 /// attacker when asked, with `strategy` (a `[strategy]` table body); returns the held-out
 /// accuracy of the final model. (Krum keeps a single site's update, so under strong label skew it
 /// trails the clean average by the skew, not by the attack; even shares isolate the attack.)
-async fn accuracy_with(strategy: &str, attacked: bool) -> f64 {
-    let fed = Federation::start_with(4, false).await;
+async fn accuracy_on(honest: usize, strategy: &str, attacked: bool) -> f64 {
+    let fed = Federation::start_with(honest, false).await;
     let (stop, stopped) = watch::channel(false);
     let attacker = if attacked {
         let site = RawSite::register(&fed.coordinator.url(), "attacker").await;
@@ -46,7 +46,7 @@ async fn accuracy_with(strategy: &str, attacked: bool) -> f64 {
     } else {
         None
     };
-    let sites = if attacked { 5 } else { 4 };
+    let sites = honest as u32 + u32::from(attacked);
     let spec = format!(
         "{}\n[strategy]\n{strategy}\n",
         breast_cancer_spec("robust", 5, sites, 60)
@@ -72,6 +72,22 @@ async fn accuracy_with(strategy: &str, attacked: bool) -> f64 {
     }
     fed.stop().await;
     accuracy
+}
+
+/// Four honest sites.
+async fn accuracy_with(strategy: &str, attacked: bool) -> f64 {
+    accuracy_on(4, strategy, attacked).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulyan_survives_a_malicious_site_among_seven() {
+    let clean = accuracy_on(6, "name = \"fedavg\"", false).await;
+    let bulyan = accuracy_on(6, "name = \"bulyan\"\nf = 1", true).await;
+    eprintln!("bulyan: {bulyan:.4} under attack (clean FedAvg {clean:.4})");
+    assert!(
+        bulyan >= clean - 0.03,
+        "Bulyan {bulyan} under attack vs clean {clean}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
