@@ -154,3 +154,85 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
     assert_eq!(status(&detail), v1::RunStatus::Stopped as i32);
     coordinator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let url = coordinator.url();
+    let mut a = RawSite::register(&url, "site-a").await;
+    let mut b = RawSite::register(&url, "site-b").await;
+    let mut client = coordinator.runs().await;
+    let spec = format!(
+        "{}\n[defense]\nmax_update_norm = 1.0\nnorm_action = \"reject\"\nmax_examples = 1000\n",
+        breast_cancer_spec("norm-bound", 1, 2, 60)
+    );
+    let run = create_run(&mut client, &spec).await;
+    let ta = a.next_task().await;
+    let tb = b.next_task().await;
+    let global = a.download(&ta.global_sha256).await;
+    // 31 coordinates shifted by 1: distance sqrt(31) > 1.
+    let far = a
+        .push(&ta, &shifted(&global, 1.0), 10)
+        .await
+        .expect_err("too far");
+    assert_eq!(far.code(), Code::InvalidArgument);
+    assert!(
+        far.message().contains("over the run's bound"),
+        "{}",
+        far.message()
+    );
+    // Claims more examples than the run allows.
+    let greedy = a
+        .push(&ta, &global, 5000)
+        .await
+        .expect_err("too many examples");
+    assert!(
+        greedy.message().contains("num_examples"),
+        "{}",
+        greedy.message()
+    );
+    // Within the bound: accepted.
+    a.push(&ta, &shifted(&global, 0.1), 10)
+        .await
+        .expect("near update");
+    b.push(&tb, &shifted(&global, -0.1), 10)
+        .await
+        .expect("near update");
+    let results = coordinator.store().site_results(&run, 1).expect("results");
+    assert_eq!(results.iter().filter(|r| r.outcome == "refused").count(), 2);
+    client
+        .stop_run(v1::StopRunRequest {
+            run_id: run.clone(),
+        })
+        .await
+        .expect("stop");
+
+    // With `clip`, the far update counts, pulled back to the bound.
+    let spec = spec
+        .replace("\"reject\"", "\"clip\"")
+        .replace("norm-bound", "norm-clip");
+    let run = create_run(&mut client, &spec).await;
+    let ta = a.next_task().await;
+    let tb = b.next_task().await;
+    let global = a.download(&ta.global_sha256).await;
+    a.push(&ta, &shifted(&global, 1.0), 10)
+        .await
+        .expect("clipped, not refused");
+    b.push(&tb, &global, 10).await.expect("unchanged update");
+    let e1 = a.next_task().await;
+    let e2 = b.next_task().await;
+    a.evaluate(&e1, 0.5).await.expect("evaluation");
+    b.evaluate(&e2, 0.5).await.expect("evaluation");
+    let detail = watch_until(&mut client, &run, |d| !d.rounds.is_empty()).await;
+    let next = coordinator.blob(&detail.rounds[0].global_sha256);
+    // Site a's update was clipped to distance 1, so every coordinate moved by 1/sqrt(31);
+    // averaged with an unchanged update, the global model moves by half of that.
+    let n = global.numel() as f32;
+    for (g, t) in global.tensors.iter().zip(&next.tensors) {
+        for (x, y) in g.data.iter().zip(&t.data) {
+            assert!((y - x - 0.5 / n.sqrt()).abs() < 1e-5, "{x} -> {y}");
+        }
+    }
+    coordinator.stop().await;
+}
