@@ -295,8 +295,13 @@ impl Engine {
             info!(run = %self.run_id, round, metrics = ?metrics, "round evaluated");
             self.shared.notify_runs();
         }
-        // Every eligible site scores the final model on its own validation split.
-        crate::campaign::start(&self.shared, &self.run_id, &self.handle.spec_toml, &global)?;
+        // Every eligible site scores the final model on its own validation split. The run is
+        // complete either way; a failure here only costs the cross-site table.
+        if let Err(e) =
+            crate::campaign::start(&self.shared, &self.run_id, &self.handle.spec_toml, &global)
+        {
+            warn!(run = %self.run_id, error = %e, "could not start the cross-site evaluation");
+        }
         Ok(Some((RunStatus::Completed, String::new())))
     }
 
