@@ -309,28 +309,11 @@ impl StrategySpec {
     }
 
     fn validate(&self, min_sites: u32) -> Result<(), CoreError> {
-        let positive = |field: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
-                Ok(())
-            } else {
-                Err(CoreError::spec(
-                    format!("strategy.{field}"),
-                    format!("must be positive, got {v}"),
-                ))
-            }
-        };
-        let unit = |field: &str, v: f64| {
-            if (0.0..1.0).contains(&v) {
-                Ok(())
-            } else {
-                Err(CoreError::spec(
-                    format!("strategy.{field}"),
-                    format!("must be in [0, 1), got {v}"),
-                ))
-            }
-        };
+        // The server optimizers check their own hyper-parameters.
+        if let Some(opt) = self.server_optimizer() {
+            opt.validate()?;
+        }
         match self {
-            StrategySpec::Fedavg | StrategySpec::Median => {}
             StrategySpec::Fedprox { mu } => {
                 if !(mu.is_finite() && *mu >= 0.0) {
                     return Err(CoreError::spec(
@@ -338,23 +321,6 @@ impl StrategySpec {
                         format!("must be zero or positive, got {mu}"),
                     ));
                 }
-            }
-            StrategySpec::Fedavgm {
-                server_learning_rate,
-                momentum,
-            } => {
-                positive("server_learning_rate", *server_learning_rate)?;
-                unit("momentum", *momentum)?;
-            }
-            StrategySpec::Fedadam(p) | StrategySpec::Fedyogi(p) => {
-                positive("eta", p.eta)?;
-                positive("tau", p.tau)?;
-                unit("beta_1", p.beta_1)?;
-                unit("beta_2", p.beta_2)?;
-            }
-            StrategySpec::Fedadagrad { eta, tau } => {
-                positive("eta", *eta)?;
-                positive("tau", *tau)?;
             }
             StrategySpec::TrimmedMean { beta } => {
                 if !(0.0..0.5).contains(beta) {
@@ -370,9 +336,7 @@ impl StrategySpec {
                     format!("must be 1..=min_sites ({min_sites}), got {keep}"),
                 ));
             }
-            StrategySpec::Krum { .. }
-            | StrategySpec::MultiKrum { .. }
-            | StrategySpec::Bulyan { .. } => {}
+            _ => {}
         }
         let need = self.min_updates();
         if min_sites < need {
