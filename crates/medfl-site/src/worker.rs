@@ -143,23 +143,31 @@ impl Worker {
                 info!(run = %run, round, site = %self.config.name, "task cancelled");
                 Ok(())
             }
-            Err(e @ SiteError::Rpc(_)) => {
-                // The coordinator refused the result (late, duplicate...): nothing to retry.
-                warn!(run = %run, round, site = %self.config.name, error = %e, "result refused");
-                Ok(())
-            }
             Err(e) => {
-                warn!(run = %run, round, site = %self.config.name, error = %e, "task failed");
-                client
+                // A refused result (late, duplicate, over the norm bound) or a task this site
+                // cannot do: either way, tell the coordinator not to wait for it this round.
+                let what = if matches!(e, SiteError::Rpc(_)) {
+                    "result refused"
+                } else {
+                    "task failed"
+                };
+                warn!(run = %run, round, site = %self.config.name, error = %e, "{what}");
+                let reply = client
                     .site
                     .report_task_failure(client.authed(v1::ReportTaskFailureRequest {
                         run_id: run,
                         round,
                         attempt,
-                        reason: e.to_string(),
+                        reason: format!("{what}: {e}"),
                     }))
-                    .await?;
-                Ok(())
+                    .await;
+                match reply {
+                    Err(status) if SiteError::Rpc(status.clone()).is_disconnect() => {
+                        Err(SiteError::Rpc(status))
+                    }
+                    // The run may have ended meanwhile: nothing more to say.
+                    _ => Ok(()),
+                }
             }
         }
     }
