@@ -117,3 +117,29 @@ async fn three_sites_three_rounds_average_exactly_and_learn() {
     );
     fed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_runs_keep_per_site_detail_for_recent_rounds_only() {
+    let fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    let spec = breast_cancer_spec("long", 52, 2, 60).replace("local_epochs = 2", "local_steps = 1");
+    let run = create_run(&mut client, &spec).await;
+    let detail = wait_for_end(&mut client, &run).await;
+    assert_eq!(detail.rounds.len(), 52);
+    // The latest 50 rounds carry per-site results; older ones only their summary.
+    assert!(detail.rounds[0].sites.is_empty() && detail.rounds[1].sites.is_empty());
+    assert_eq!(detail.rounds[2].sites.len(), 2);
+    assert_eq!(detail.rounds[51].sites.len(), 2);
+    // Asking for an old round brings its sites back.
+    let old = client
+        .get_run(v1::GetRunRequest {
+            run_id: run.clone(),
+            sites_of_round: 1,
+        })
+        .await
+        .expect("get run")
+        .into_inner();
+    assert_eq!(old.rounds[0].sites.len(), 2);
+    assert!(old.rounds[1].sites.is_empty());
+    fed.stop().await;
+}

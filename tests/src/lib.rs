@@ -388,6 +388,7 @@ pub async fn watch_until(
     let mut stream = client
         .watch_run(v1::GetRunRequest {
             run_id: run_id.into(),
+            ..Default::default()
         })
         .await
         .expect("watch")

@@ -56,6 +56,7 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
     let detail = client
         .get_run(unary(GetRunRequest {
             run_id: run_id.to_owned(),
+            sites_of_round: round.unwrap_or(0),
         }))
         .await
         .rpc("GetRun")?
@@ -120,6 +121,7 @@ pub async fn evaluate(client: &mut RunClient, run_id: &str) -> anyhow::Result<()
     let mut stream = client
         .watch_run(GetRunRequest {
             run_id: run_id.to_owned(),
+            ..Default::default()
         })
         .await
         .rpc("WatchRun")?

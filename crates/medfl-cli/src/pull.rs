@@ -119,6 +119,7 @@ async fn check_hash(
     let detail = client
         .get_run(unary(GetRunRequest {
             run_id: run_id.to_owned(),
+            ..Default::default()
         }))
         .await
         .rpc("GetRun")?

@@ -19,6 +19,7 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     let mut stream = client
         .watch_run(GetRunRequest {
             run_id: run_id.to_owned(),
+            ..Default::default()
         })
         .await
         .rpc("WatchRun")?

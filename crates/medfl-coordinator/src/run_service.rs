@@ -18,6 +18,9 @@ use crate::store::RunRecord;
 use crate::stream::blob_stream;
 use crate::CoordinatorError;
 
+/// Rounds whose per-site results every run detail carries.
+pub const SITE_ROUNDS: usize = 50;
+
 /// Largest model a run may ask for (4 GiB of F32), so a spec cannot exhaust the coordinator.
 const MAX_PARAMETERS: usize = 1 << 30;
 
@@ -81,14 +84,26 @@ impl RunApi {
     }
 
     /// The full picture of a run: stored rounds and the open round.
-    pub fn detail(shared: &Shared, id: &str) -> Result<v1::RunDetail, CoordinatorError> {
+    /// Per-site results are included for the latest [`SITE_ROUNDS`] rounds and for
+    /// `sites_of_round`, so the message stays small however long the run.
+    pub fn detail(
+        shared: &Shared,
+        id: &str,
+        sites_of_round: u32,
+    ) -> Result<v1::RunDetail, CoordinatorError> {
         let store = shared.store()?;
         let run = store.run(id)?;
         let rounds = store.rounds(id)?;
+        let recent = rounds.len().saturating_sub(SITE_ROUNDS) as u32;
         let mut out = Vec::with_capacity(rounds.len());
         for r in &rounds {
-            let sites = store
-                .site_results(id, r.round)?
+            let wanted = r.round > recent || r.round == sites_of_round;
+            let sites = if wanted {
+                store.site_results(id, r.round)?
+            } else {
+                Vec::new()
+            };
+            let sites = sites
                 .into_iter()
                 .map(|s| v1::SiteRoundResult {
                     site: s.site,
@@ -234,9 +249,11 @@ impl RunService for RunApi {
         &self,
         req: Request<v1::GetRunRequest>,
     ) -> Result<Response<v1::RunDetail>, Status> {
+        let req = req.into_inner();
         Ok(Response::new(Self::detail(
             &self.shared,
-            &req.into_inner().run_id,
+            &req.run_id,
+            req.sites_of_round,
         )?))
     }
 
@@ -248,7 +265,7 @@ impl RunService for RunApi {
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let id = req.into_inner().run_id;
         // Fail now on an unknown run rather than inside the stream.
-        let first = Self::detail(&self.shared, &id)?;
+        let first = Self::detail(&self.shared, &id, 0)?;
         let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
@@ -274,7 +291,7 @@ impl RunService for RunApi {
                     r = changed.changed() => if r.is_err() { return },
                     _ = crate::state::stopping(&mut shutdown) => return,
                 }
-                detail = Self::detail(&shared, &id);
+                detail = Self::detail(&shared, &id, 0);
             }
         });
         Ok(Response::new(Box::pin(

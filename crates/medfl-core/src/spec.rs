@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::strategy::server_opt::ServerOptimizer;
 use crate::CoreError;
 
+/// Most rounds a run may ask for (keeps a run's history within one gRPC message).
+pub const MAX_ROUNDS: u32 = 10_000;
+
 /// Everything a run needs to know, as the researcher wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -418,10 +421,10 @@ impl RunSpec {
         if self.name.trim().is_empty() {
             return Err(CoreError::spec("name", "must not be empty"));
         }
-        if self.rounds == 0 || self.rounds > 100_000 {
+        if self.rounds == 0 || self.rounds > MAX_ROUNDS {
             return Err(CoreError::spec(
                 "rounds",
-                format!("must be 1..=100000, got {}", self.rounds),
+                format!("must be 1..={MAX_ROUNDS}, got {}", self.rounds),
             ));
         }
         if self.min_sites == 0 {
