@@ -1,6 +1,7 @@
 //! `medfl`: the researcher's command line for a medfl coordinator.
 
 mod aggregate;
+mod audit;
 mod client;
 mod commands;
 mod demo;
@@ -48,6 +49,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Aggregate update files offline with any strategy (reproduce or audit a round).
     Aggregate(aggregate::AggregateArgs),
+    /// Check and read audit logs.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +140,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => demo::run(args).await?,
         Command::Aggregate(args) => aggregate::run(args)?,
+        Command::Audit(command) => audit::run(command)?,
         Command::Run(RunCommand::Create { spec }) => {
             // Check the spec before dialling, so a typo is reported even with no coordinator.
             commands::read_spec(&spec)?;

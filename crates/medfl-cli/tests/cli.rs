@@ -91,6 +91,68 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         .expect("safetensors");
     assert!(params.get("layers.0.weight").is_some());
 
+    // Audit logs: what left each hospital, and what the coordinator took, hash-chained.
+    let site_log = dir.join("hospital-0").join("audit.jsonl");
+    let coordinator_log = fed.coordinator.data_dir.join("audit.jsonl");
+    for log in [&site_log, &coordinator_log] {
+        let out = medfl(&url, &["audit", "verify", log.to_str().expect("utf-8")]).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("hash chain intact"));
+    }
+    let out = medfl(
+        &url,
+        &[
+            "audit",
+            "show",
+            site_log.to_str().expect("utf-8"),
+            "--event",
+            "update_sent",
+            "--run",
+            &run,
+        ],
+    )
+    .await;
+    let sent = text(&out.stdout);
+    assert_eq!(sent.lines().count(), 2, "one update a round: {sent}");
+    assert!(
+        sent.contains("\"tensors\"") && sent.contains("\"l2_distance_from_global\""),
+        "{sent}"
+    );
+    let out = medfl(
+        &url,
+        &[
+            "audit",
+            "show",
+            coordinator_log.to_str().expect("utf-8"),
+            "--event",
+            "update_accepted",
+        ],
+    )
+    .await;
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        4,
+        "{}",
+        text(&out.stdout)
+    );
+    // Any edit is caught, naming the line after the edited one.
+    let tampered = dir.join("tampered.jsonl");
+    let original = std::fs::read_to_string(&site_log).expect("log");
+    let mut lines: Vec<String> = original.lines().map(String::from).collect();
+    lines[1] = lines[1].replacen("\"bytes\":", "\"bytes\":1", 1);
+    std::fs::write(&tampered, lines.join("\n") + "\n").expect("write");
+    let out = medfl(
+        &url,
+        &["audit", "verify", tampered.to_str().expect("utf-8")],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("tampered.jsonl:3"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Bad input: named field, unknown run, ended run.
     std::fs::write(&spec, breast_cancer_spec("bad", 0, 2, 60)).expect("spec");
     let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;

@@ -55,6 +55,13 @@ pub fn start(
         };
         shared.campaigns()?.insert(run_id.to_string(), campaign);
         info!(run = %run_id, sites = asked, model = %global_sha256, "cross-site evaluation started");
+        shared.audit(
+            medfl_audit::Event::new(
+                "evaluation_requested",
+                serde_json::json!({ "global_sha256": global_sha256, "sites": asked }),
+            )
+            .run(run_id),
+        );
         shared.notify_tasks();
         shared.notify_runs();
     }

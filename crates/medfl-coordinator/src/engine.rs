@@ -176,6 +176,13 @@ impl Engine {
             Err(e) => Some((RunStatus::Failed, e.to_string())),
         };
         if let Some((status, error)) = end {
+            self.shared.audit(
+                medfl_audit::Event::new(
+                    "run_ended",
+                    serde_json::json!({ "status": status.as_str(), "error": error }),
+                )
+                .run(id.clone()),
+            );
             if status == RunStatus::Failed {
                 warn!(run = %id, error = %error, "run failed");
             } else {
@@ -451,6 +458,21 @@ impl Engine {
                 match &result {
                     Ok(()) => {
                         info!(run = %self.run_id, round, attempt, site = %site, examples, train_loss, "update accepted");
+                        self.shared.audit(
+                            medfl_audit::Event::new(
+                                "update_accepted",
+                                serde_json::json!({
+                                    "attempt": attempt,
+                                    "sha256": sha256,
+                                    "bytes": self.shared.blobs.size(&sha256).unwrap_or(0),
+                                    "examples": examples,
+                                    "clipped_to": open.held.last().map(|h| h.scale),
+                                }),
+                            )
+                            .run(self.run_id.clone())
+                            .round(round)
+                            .site(site.clone()),
+                        );
                         self.shared.store()?.add_site_result(
                             &self.run_id,
                             &SiteResult {
@@ -750,6 +772,18 @@ impl Engine {
             opt_state: serde_json::to_string(&opt_state).unwrap_or_default(),
         };
         self.shared.store()?.commit_round(&self.run_id, &record)?;
+        self.shared.audit(
+            medfl_audit::Event::new(
+                "round_committed",
+                serde_json::json!({
+                    "global_sha256": sha,
+                    "sites": open.state.updates.keys().collect::<Vec<_>>(),
+                    "examples": examples,
+                }),
+            )
+            .run(self.run_id.clone())
+            .round(record.round),
+        );
         self.opt_state = opt_state;
         info!(
             run = %self.run_id,
@@ -800,6 +834,15 @@ pub fn record_refusal(
         .refusals
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     warn!(run = %run_id, round, attempt, site = %site, reason = %reason, "update refused");
+    shared.audit(
+        medfl_audit::Event::new(
+            "update_refused",
+            serde_json::json!({ "attempt": attempt, "reason": reason }),
+        )
+        .run(run_id)
+        .round(round)
+        .site(site),
+    );
     let result = SiteResult {
         round,
         attempt,

@@ -80,6 +80,19 @@ impl RunApi {
         self.shared.store()?.insert_run(&record)?;
         engine::spawn(&self.shared, &record, &mut *self.engines.lock().await)?;
         info!(run = %id, name = %spec.name, rounds = spec.rounds, "run created");
+        self.shared.audit(
+            medfl_audit::Event::new(
+                "run_created",
+                serde_json::json!({
+                    "name": spec.name,
+                    "rounds": spec.rounds,
+                    "dataset": spec.task.dataset,
+                    "strategy": format!("{:?}", spec.strategy),
+                    "initial_sha256": record.initial_sha256,
+                }),
+            )
+            .run(id.clone()),
+        );
         Ok(id)
     }
 
@@ -317,6 +330,9 @@ impl RunService for RunApi {
             let _ = done.await;
         }
         info!(run = %id, "run stopped");
+        self.shared.audit(
+            medfl_audit::Event::new("run_stop_requested", serde_json::json!({})).run(id.clone()),
+        );
         Ok(Response::new(v1::StopRunResponse {}))
     }
 

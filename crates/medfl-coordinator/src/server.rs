@@ -34,6 +34,8 @@ pub async fn serve(
         .map_err(|e| CoordinatorError::io(format!("creating {}", data_dir.display()), e))?;
     let store = Store::open(&data_dir.join("state.db"))?;
     let blobs = BlobStore::open(&data_dir.join("blobs"))?;
+    let audit = medfl_audit::AuditLog::open(&data_dir.join("audit.jsonl"))
+        .map_err(|e| CoordinatorError::Config(format!("audit log: {e}")))?;
     let running: Vec<_> = store
         .runs()?
         .into_iter()
@@ -42,7 +44,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
     let max_message = config.max_message_bytes as usize;
-    let shared = Arc::new(Shared::new(config, store, blobs, stop_rx)?);
+    let shared = Arc::new(Shared::new(config, store, blobs, audit, stop_rx)?);
 
     let engines = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
     for run in &running {

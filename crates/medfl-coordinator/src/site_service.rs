@@ -5,11 +5,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use medfl_audit::Event;
 use medfl_core::round::{Phase, Refusal};
 use medfl_core::safetensors::StreamDecoder;
 use medfl_core::validate::UpdateValidator;
 use medfl_proto::convert::{SITE_METADATA, TOKEN_METADATA};
 use medfl_proto::v1::{self, site_service_server::SiteService};
+use serde_json::json;
 use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -327,16 +329,23 @@ impl SiteService for SiteApi {
         }
         let token_sha256 = sha256_hex(req.token.as_bytes());
         let now = now_ms();
+        let datasets_summary: Vec<serde_json::Value> = req
+            .datasets
+            .iter()
+            .map(|d| json!({ "name": d.name, "columns": d.columns.len() }))
+            .collect();
         let datasets: Vec<_> = req.datasets.into_iter().map(Into::into).collect();
         {
             let mut sites = self.shared.sites().map_err(Status::from)?;
             if let Some(existing) = sites.get(&req.site) {
                 if existing.token_sha256 != token_sha256 {
-                    return Err(CoordinatorError::PermissionDenied(format!(
-                        "site name `{}` is registered to another identity",
-                        req.site
-                    ))
-                    .into());
+                    let reason =
+                        format!("site name `{}` is registered to another identity", req.site);
+                    self.shared.audit(
+                        Event::new("registration_refused", json!({ "reason": reason }))
+                            .site(req.site.clone()),
+                    );
+                    return Err(CoordinatorError::PermissionDenied(reason).into());
                 }
             }
             sites.insert(
@@ -361,6 +370,13 @@ impl SiteService for SiteApi {
             })
             .map_err(Status::from)?;
         info!(site = %req.site, version = %req.version, "site registered");
+        self.shared.audit(
+            Event::new(
+                "site_registered",
+                json!({ "version": req.version, "datasets": datasets_summary }),
+            )
+            .site(req.site.clone()),
+        );
         self.shared.notify_tasks();
         Ok(Response::new(v1::RegisterResponse {
             chunk_size: self.shared.config.chunk_size,

@@ -183,6 +183,7 @@ pub struct Shared {
     pub refusals: AtomicU64,
     /// Becomes true when the coordinator shuts down.
     pub shutdown: watch::Receiver<bool>,
+    audit: medfl_audit::AuditLog,
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> CoordinatorError {
@@ -195,6 +196,7 @@ impl Shared {
         config: CoordinatorConfig,
         store: Store,
         blobs: BlobStore,
+        audit: medfl_audit::AuditLog,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, CoordinatorError> {
         let sites = store
@@ -225,6 +227,7 @@ impl Shared {
             uploads,
             refusals: AtomicU64::new(0),
             shutdown,
+            audit,
         })
     }
 
@@ -261,6 +264,13 @@ impl Shared {
     /// Whether a site counts as online at `now_ms`.
     pub fn is_online(&self, site: &SiteLive, now_ms: u64) -> bool {
         now_ms.saturating_sub(site.last_seen_ms) < self.config.site_offline_after_secs * 1000
+    }
+
+    /// Appends to the audit log. A failure is logged loudly but does not stop the federation.
+    pub fn audit(&self, event: medfl_audit::Event) {
+        if let Err(e) = self.audit.append(event, now_ms()) {
+            tracing::error!(error = %e, "could not write the audit log");
+        }
     }
 
     /// Wakes task polls.

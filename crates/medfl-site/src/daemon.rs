@@ -138,6 +138,10 @@ async fn session(
     worker.chunk_size = (reply.chunk_size as usize).clamp(4096, 16 << 20);
     backoff.reset();
     info!(site = %cfg.name, coordinator = %cfg.coordinator, "registered");
+    worker.audit(medfl_audit::Event::new(
+        "registered",
+        serde_json::json!({ "coordinator": cfg.coordinator, "datasets": worker.dataset_schemas().iter().map(|d| &d.name).collect::<Vec<_>>() }),
+    ));
     registrations.send_modify(|n| *n += 1);
     let heartbeat = tokio::spawn(heartbeats(
         client.clone(),

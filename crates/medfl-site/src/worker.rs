@@ -5,10 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use medfl_audit::{AuditLog, Event};
 use medfl_core::safetensors::{decode, encode};
 use medfl_core::spec::RunSpec;
 use medfl_proto::v1;
 use medfl_train::{model_for_run, Examples, Standardizer, Table, TrainError, TrainOptions};
+use serde_json::json;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
@@ -37,6 +39,8 @@ pub struct Worker {
     prepared: HashMap<String, Arc<Prepared>>,
     /// Set by the heartbeat when a run is stopped, and by shutdown.
     pub cancels: CancelFlags,
+    /// What this site did and sent, hash-chained in `data_dir/audit.jsonl`.
+    audit: AuditLog,
     /// Upload chunk size, from the coordinator.
     pub chunk_size: usize,
 }
@@ -54,6 +58,8 @@ impl Worker {
     pub fn open(config: SiteConfig) -> Result<Self, SiteError> {
         let state = SiteState::load_or_create(&config.data_dir, &config.name)?;
         let cache = ModelCache::open(&config.data_dir, config.model_cache)?;
+        let audit = AuditLog::open(&config.data_dir.join("audit.jsonl"))
+            .map_err(|e| SiteError::Config(format!("audit log: {e}")))?;
         let mut datasets = BTreeMap::new();
         for (name, ds) in &config.datasets {
             let table = Table::load_csv(&ds.path)?;
@@ -67,8 +73,20 @@ impl Worker {
             cache,
             prepared: HashMap::new(),
             cancels: Arc::default(),
+            audit,
             chunk_size: 1 << 20,
         })
+    }
+
+    /// Appends to the site's audit log; a failure is logged loudly but does not stop the site.
+    pub fn audit(&self, event: Event) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Err(e) = self.audit.append(event.site(self.config.name.clone()), now) {
+            tracing::error!(error = %e, "could not write the audit log");
+        }
     }
 
     /// The site's configuration.
@@ -152,6 +170,14 @@ impl Worker {
                     "task failed"
                 };
                 warn!(run = %run, round, site = %self.config.name, error = %e, "{what}");
+                self.audit(
+                    Event::new(
+                        "task_failed",
+                        json!({ "what": what, "reason": e.to_string() }),
+                    )
+                    .run(run.clone())
+                    .round(round),
+                );
                 let reply = client
                     .site
                     .report_task_failure(client.authed(v1::ReportTaskFailureRequest {
@@ -180,6 +206,19 @@ impl Worker {
             .fetch(client, &task.global_sha256, task.global_size)
             .await?;
         debug!(run = %task.run_id, round = task.round, downloaded, "global model ready");
+        self.audit(
+            Event::new(
+                "model_received",
+                json!({
+                    "from": self.config.coordinator,
+                    "sha256": task.global_sha256,
+                    "bytes": task.global_size,
+                    "downloaded": downloaded,
+                }),
+            )
+            .run(task.run_id.clone())
+            .round(task.round),
+        );
         let global = tokio::task::spawn_blocking(move || decode(&bytes))
             .await
             .map_err(|e| SiteError::Task(format!("decoding task: {e}")))??;
@@ -204,11 +243,13 @@ impl Worker {
         let (run, round, site) = (task.run_id.clone(), task.round, self.config.name.clone());
         info!(run = %run, round, site = %site, examples = prepared.train.len(), "training");
         let started = std::time::Instant::now();
-        let report = tokio::task::spawn_blocking(move || {
+        let (report, distance) = tokio::task::spawn_blocking(move || {
             let model = model_for_run(&prepared.spec);
-            model.train(&global, &prepared.train, &opts, &cancel, &mut |p| {
+            let report = model.train(&global, &prepared.train, &opts, &cancel, &mut |p| {
                 debug!(run = %run, round, site = %site, step = p.step, of = p.total_steps, loss = p.loss, "training progress");
-            })
+            })?;
+            let distance = l2_distance(&report.params, &global);
+            Ok::<_, TrainError>((report, distance))
         })
         .await
         .map_err(|e| SiteError::Task(format!("training task: {e}")))?
@@ -240,7 +281,26 @@ impl Worker {
             train_loss: report.mean_loss,
             train_steps: report.steps,
         };
-        push_update(client, header, bytes, self.chunk_size).await?;
+        // What leaves the hospital is on record whether or not the coordinator takes it.
+        let mut sent = json!({
+            "to": self.config.coordinator,
+            "bytes": size,
+            "sha256": header.sha256,
+            "examples": header.num_examples,
+            "tensors": report.params.tensors.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            "l2_distance_from_global": distance,
+        });
+        let result = push_update(client, header, bytes, self.chunk_size).await;
+        sent["accepted"] = json!(result.is_ok());
+        if let Err(e) = &result {
+            sent["refusal"] = json!(e.to_string());
+        }
+        self.audit(
+            Event::new("update_sent", sent)
+                .run(task.run_id.clone())
+                .round(task.round),
+        );
+        result?;
         let record = self.state.runs.entry(task.run_id.clone()).or_default();
         record.name = prepared_name(&task.spec_toml);
         record.last_round = task.round;
@@ -263,6 +323,19 @@ impl Worker {
         .await
         .map_err(|e| SiteError::Task(format!("evaluation task: {e}")))??;
         info!(run = %task.run_id, round = task.round, site = %self.config.name, metrics = ?report.metrics, "evaluated");
+        self.audit(
+            Event::new(
+                "evaluation_sent",
+                json!({
+                    "to": self.config.coordinator,
+                    "examples": report.examples,
+                    "metrics": report.metrics,
+                    "model_sha256": task.global_sha256,
+                }),
+            )
+            .run(task.run_id.clone())
+            .round(task.round),
+        );
         client
             .site
             .report_evaluation(client.authed(v1::ReportEvaluationRequest {
@@ -279,6 +352,17 @@ impl Worker {
         self.state.save(&self.config.data_dir)?;
         Ok(())
     }
+}
+
+/// The L2 distance between two models of the same schema.
+fn l2_distance(a: &medfl_core::ModelParams, b: &medfl_core::ModelParams) -> f64 {
+    a.tensors
+        .iter()
+        .zip(&b.tensors)
+        .flat_map(|(x, y)| x.data.iter().zip(&y.data))
+        .map(|(p, q)| f64::from(p - q).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 fn prepared_name(spec_toml: &str) -> String {

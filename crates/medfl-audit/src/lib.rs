@@ -1,0 +1,329 @@
+//! medfl's audit log: append-only JSON lines, each carrying the SHA-256 of the line before it,
+//! so that editing, removing or reordering any line breaks the chain at that line.
+//!
+//! # Layout
+//! - [`AuditLog`]: appends events to a log file, continuing an existing chain.
+//! - [`Entry`]: one line as written and read back.
+//! - [`verify`] and [`read`]: check a log's chain; read its entries.
+//!
+//! A line looks like
+//! `{"seq":3,"at_ms":1764320000000,"prev":"9f2c…","event":"update_sent","run":"r-1","round":2,"site":"hospital-a","details":{…}}`;
+//! the first line's `prev` is 64 zeros.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ring::digest::{digest, SHA256};
+use serde::{Deserialize, Serialize};
+
+/// `prev` of the first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What can go wrong with an audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The log.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The chain is broken at a line (1-based).
+    #[error("{path}:{line}: {reason}")]
+    Broken {
+        /// The log.
+        path: PathBuf,
+        /// First line that does not fit the chain.
+        line: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One audit line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// When it was written, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// SHA-256 (hex) of the previous line's bytes.
+    pub prev: String,
+    /// What happened (`site_registered`, `update_sent`, ...).
+    pub event: String,
+    /// The run it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// The round it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+    /// The site it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Event-specific facts (bytes, hashes, tensor names, norms, reasons).
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+/// An event to append.
+#[derive(Debug, Clone, Default)]
+pub struct Event {
+    /// What happened.
+    pub event: &'static str,
+    /// The run it concerns.
+    pub run: Option<String>,
+    /// The round it concerns.
+    pub round: Option<u32>,
+    /// The site it concerns.
+    pub site: Option<String>,
+    /// Event-specific facts.
+    pub details: serde_json::Value,
+}
+
+impl Event {
+    /// An event of kind `event` with `details`.
+    pub fn new(event: &'static str, details: serde_json::Value) -> Self {
+        Self {
+            event,
+            details,
+            ..Self::default()
+        }
+    }
+
+    /// Names the run.
+    pub fn run(mut self, run: impl Into<String>) -> Self {
+        self.run = Some(run.into());
+        self
+    }
+
+    /// Names the round.
+    pub fn round(mut self, round: u32) -> Self {
+        self.round = Some(round);
+        self
+    }
+
+    /// Names the site.
+    pub fn site(mut self, site: impl Into<String>) -> Self {
+        self.site = Some(site.into());
+        self
+    }
+}
+
+fn hash_hex(line: &str) -> String {
+    hex::encode(digest(&SHA256, line.as_bytes()))
+}
+
+struct Tail {
+    file: File,
+    prev: String,
+    seq: u64,
+}
+
+/// An open audit log, appended to by any thread.
+pub struct AuditLog {
+    path: PathBuf,
+    tail: Mutex<Tail>,
+}
+
+impl AuditLog {
+    /// Opens (creating) the log at `path`, verifying the chain so far; a broken log is not
+    /// appended to.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let io = |source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let (prev, seq) = if path.exists() {
+            let entries = read(path)?;
+            let last_line = last_line(path)?;
+            (
+                last_line
+                    .map(|l| hash_hex(&l))
+                    .unwrap_or_else(|| GENESIS.into()),
+                entries.last().map_or(0, |e| e.seq),
+            )
+        } else {
+            (GENESIS.to_string(), 0)
+        };
+        let mut options = OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path).map_err(io)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tail: Mutex::new(Tail { file, prev, seq }),
+        })
+    }
+
+    /// The log's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `event` at time `at_ms`, flushed to disk before returning.
+    pub fn append(&self, event: Event, at_ms: u64) -> Result<(), AuditError> {
+        let mut tail = match self.tail.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let entry = Entry {
+            seq: tail.seq + 1,
+            at_ms,
+            prev: tail.prev.clone(),
+            event: event.event.to_string(),
+            run: event.run,
+            round: event.round,
+            site: event.site,
+            details: event.details,
+        };
+        // Serialising plain data to JSON cannot fail.
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        tail.file
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| tail.file.sync_data())
+            .map_err(io)?;
+        tail.prev = hash_hex(&line);
+        tail.seq = entry.seq;
+        Ok(())
+    }
+}
+
+fn last_line(path: &Path) -> Result<Option<String>, AuditError> {
+    let file = File::open(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut last = None;
+    for line in BufReader::new(file).lines() {
+        last = Some(line.map_err(|source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?);
+    }
+    Ok(last)
+}
+
+/// Reads every entry, checking the chain; the error names the first line that breaks it.
+pub fn read(path: &Path) -> Result<Vec<Entry>, AuditError> {
+    let file = File::open(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let broken = |line: u64, reason: String| AuditError::Broken {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    let mut prev = GENESIS.to_string();
+    let mut entries = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let n = i as u64 + 1;
+        let line = line.map_err(|e| broken(n, format!("unreadable: {e}")))?;
+        let entry: Entry = serde_json::from_str(&line)
+            .map_err(|e| broken(n, format!("not an audit entry: {e}")))?;
+        if entry.prev != prev {
+            return Err(broken(
+                n,
+                "its `prev` is not the SHA-256 of the line before: that line was changed, \
+                 removed or inserted"
+                    .into(),
+            ));
+        }
+        if entry.seq != n {
+            return Err(broken(
+                n,
+                format!("sequence number {} where {n} was expected", entry.seq),
+            ));
+        }
+        prev = hash_hex(&line);
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+/// Checks the chain; returns the number of lines.
+pub fn verify(path: &Path) -> Result<u64, AuditError> {
+    Ok(read(path)?.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample(dir: &Path) -> PathBuf {
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        log.append(
+            Event::new("site_registered", json!({"coordinator": "c"})).site("a"),
+            1,
+        )
+        .unwrap();
+        log.append(
+            Event::new("update_sent", json!({"bytes": 10}))
+                .run("r")
+                .round(1)
+                .site("a"),
+            2,
+        )
+        .unwrap();
+        log.append(Event::new("run_stopped", json!({})).run("r"), 3)
+            .unwrap();
+        path
+    }
+
+    #[test]
+    fn a_written_log_verifies_and_reopens_to_continue_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        assert_eq!(verify(&path).unwrap(), 3);
+        let log = AuditLog::open(&path).unwrap();
+        log.append(Event::new("x", json!(null)), 4).unwrap();
+        let entries = read(&path).unwrap();
+        assert_eq!(entries.len(), 4);
+        assert_eq!(entries[1].run.as_deref(), Some("r"));
+        assert_eq!(entries[1].details["bytes"], 10);
+        assert_eq!(entries[0].prev, GENESIS);
+    }
+
+    #[test]
+    fn editing_removing_or_inserting_a_line_is_caught_at_that_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let check = |lines: Vec<String>, want: u64| {
+            std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+            match verify(&path) {
+                Err(AuditError::Broken { line, .. }) => assert_eq!(line, want),
+                other => panic!("expected a break at line {want}, got {other:?}"),
+            }
+        };
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // An edited byte in line 2 breaks line 3's link.
+        let mut edited = own(&lines);
+        edited[1] = edited[1].replace("\"bytes\":10", "\"bytes\":11");
+        check(edited, 3);
+        // Removing line 2.
+        check(own(&[lines[0], lines[2]]), 2);
+        // Swapping lines 2 and 3.
+        check(own(&[lines[0], lines[2], lines[1]]), 2);
+        // Garbage.
+        check(own(&[lines[0], "{not json"]), 2);
+        // A broken log is not appended to.
+        assert!(AuditLog::open(&path).is_err());
+    }
+}
