@@ -80,9 +80,9 @@ fn schema_of(path: &Path) -> anyhow::Result<ModelSchema> {
     let mut json = vec![0u8; len as usize];
     file.read_exact(&mut json)
         .with_context(|| format!("{}: truncated header", path.display()))?;
-    Ok(parse_header(&json)
+    parse_header(&json)
         .and_then(|l| l.schema())
-        .with_context(|| path.display().to_string())?)
+        .with_context(|| path.display().to_string())
 }
 
 /// Runs the command.

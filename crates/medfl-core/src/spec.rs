@@ -317,21 +317,17 @@ impl StrategySpec {
             opt.validate()?;
         }
         match self {
-            StrategySpec::Fedprox { mu } => {
-                if !(mu.is_finite() && *mu >= 0.0) {
-                    return Err(CoreError::spec(
-                        "strategy.mu",
-                        format!("must be zero or positive, got {mu}"),
-                    ));
-                }
+            StrategySpec::Fedprox { mu } if !(mu.is_finite() && *mu >= 0.0) => {
+                return Err(CoreError::spec(
+                    "strategy.mu",
+                    format!("must be zero or positive, got {mu}"),
+                ));
             }
-            StrategySpec::TrimmedMean { beta } => {
-                if !(0.0..0.5).contains(beta) {
-                    return Err(CoreError::spec(
-                        "strategy.beta",
-                        format!("must be in [0, 0.5), got {beta}"),
-                    ));
-                }
+            StrategySpec::TrimmedMean { beta } if !(0.0..0.5).contains(beta) => {
+                return Err(CoreError::spec(
+                    "strategy.beta",
+                    format!("must be in [0, 0.5), got {beta}"),
+                ));
             }
             StrategySpec::MultiKrum { keep, .. } if *keep == 0 || *keep > min_sites => {
                 return Err(CoreError::spec(
