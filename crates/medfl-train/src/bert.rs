@@ -1,0 +1,677 @@
+//! A BERT encoder (e.g. all-MiniLM-L6-v2) loaded from `config.json` and `model.safetensors`.
+//!
+//! Every dense layer is a [`Projection`], so an adapter (LoRA) can wrap any of them. Only
+//! differentiable candle ops are used (no fused softmax / layer-norm kernels, which have no
+//! backward pass), so gradients can flow through the encoder to such adapters.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), medfl_train::TrainError> {
+//! use std::path::Path;
+//! use candle_core::Device;
+//! use medfl_train::bert::{l2_normalize, mean_pool, BertModel};
+//! use medfl_train::tokenize::TextTokenizer;
+//!
+//! let dir = Path::new("all-MiniLM-L6-v2");
+//! let model = BertModel::load(dir, &Device::Cpu)?;
+//! let batch = TextTokenizer::from_file(dir.join("tokenizer.json"))?
+//!     .encode_batch(&["Acute myocardial infarction"], 128)?;
+//! let mask = batch.attention_mask_tensor(&Device::Cpu)?;
+//! let hidden = model.forward(&batch.input_ids_tensor(&Device::Cpu)?, &mask)?;
+//! let embedding = l2_normalize(&mean_pool(&hidden, &mask)?)?; // [1, 384]
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Activation after the intermediate dense layer (`hidden_act` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HiddenAct {
+    /// Exact GELU with erf, transformers' `"gelu"`.
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// The tanh approximation of GELU (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh")]
+    GeluTanh,
+    /// ReLU.
+    #[serde(rename = "relu")]
+    Relu,
+}
+
+/// The parts of a transformers `BertConfig` the encoder uses; other keys are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Must be `"bert"`.
+    pub model_type: String,
+    /// Rows of the word embedding table.
+    pub vocab_size: usize,
+    /// Width of every hidden state.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Feed-forward activation.
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: HiddenAct,
+    /// Longest sequence the position embeddings cover.
+    pub max_position_embeddings: usize,
+    /// Rows of the token-type (segment) embedding table.
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    /// Epsilon of every layer norm.
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Id of the padding token.
+    #[serde(default)]
+    pub pad_token_id: u32,
+    /// Only `"absolute"` is supported.
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: String,
+}
+
+fn default_hidden_act() -> HiddenAct {
+    HiddenAct::Gelu
+}
+
+fn default_type_vocab_size() -> usize {
+    2
+}
+
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+
+fn default_position_embedding_type() -> String {
+    "absolute".into()
+}
+
+impl BertConfig {
+    /// Reads and checks a `config.json`; errors name the file and the offending key's line.
+    pub fn from_file(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| TrainError::Data {
+            path: path.to_path_buf(),
+            line: e.line() as u64,
+            message: e.to_string(),
+        })?;
+        config.check().map_err(|(key, message)| TrainError::Data {
+            path: path.to_path_buf(),
+            line: line_of(&text, key),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The key at fault and what is wrong with it.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.model_type != "bert" {
+            return Err((
+                "model_type",
+                format!(
+                    "model_type is {:?}; this encoder loads \"bert\"",
+                    self.model_type
+                ),
+            ));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err((
+                "position_embedding_type",
+                format!(
+                    "position_embedding_type {:?} is not supported (only \"absolute\")",
+                    self.position_embedding_type
+                ),
+            ));
+        }
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ];
+        if let Some((key, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err((key, format!("{key} must be positive")));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err((
+                "num_attention_heads",
+                format!(
+                    "hidden_size {} is not divisible by num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line of the first `"key"` in a JSON text (1 when absent).
+fn line_of(text: &str, key: &str) -> u64 {
+    let quoted = format!("\"{key}\"");
+    text.lines()
+        .position(|l| l.contains(&quoted))
+        .map_or(1, |i| i as u64 + 1)
+}
+
+/// A dense layer `y = x Wᵀ + b` on the last dimension, with `W` of shape `[out, in]` as in
+/// PyTorch's `nn.Linear`. All of the encoder's dense layers are of this type.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Projection {
+    /// A projection from a `[out, in]` weight and an optional `[out]` bias.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let (out, _) = weight.dims2()?;
+        if let Some(b) = &bias {
+            if b.dims() != [out] {
+                candle_core::bail!("bias of shape {:?} for {out} outputs", b.dims());
+            }
+        }
+        Ok(Self { weight, bias })
+    }
+
+    /// The `[out, in]` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The `[out]` bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Width of the input.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// Width of the output.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+}
+
+impl Module for Projection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some((&width, lead)) = x.dims().split_last() else {
+            candle_core::bail!("projection of a scalar");
+        };
+        if width != self.in_features() {
+            candle_core::bail!(
+                "input of width {width} for a projection from {}",
+                self.in_features()
+            );
+        }
+        let rows = x.reshape(((), self.in_features()))?;
+        let mut y = rows.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut shape = lead.to_vec();
+        shape.push(self.out_features());
+        y.reshape(shape)
+    }
+}
+
+/// Layer normalisation over the last dimension, from differentiable ops.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        centred
+            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Named tensors, looked up with or without a `bert.` prefix and checked against the config.
+struct Weights<'a> {
+    tensors: &'a HashMap<String, Tensor>,
+    device: &'a Device,
+}
+
+impl Weights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, TrainError> {
+        let t = self
+            .tensors
+            .get(name)
+            .or_else(|| self.tensors.get(&format!("bert.{name}")))
+            .ok_or_else(|| TrainError::Weights(format!("missing tensor `{name}`")))?;
+        if t.dims() != shape {
+            return Err(TrainError::Weights(format!(
+                "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                t.dims()
+            )));
+        }
+        let t = match t.dtype() {
+            DType::F32 => t.clone(),
+            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+            other => {
+                return Err(TrainError::Weights(format!(
+                    "tensor `{name}` is {other:?}, not a float type"
+                )))
+            }
+        };
+        Ok(t.to_device(self.device)?)
+    }
+
+    fn norm(&self, prefix: &str, width: usize, eps: f64) -> Result<LayerNorm, TrainError> {
+        Ok(LayerNorm {
+            weight: self.get(&format!("{prefix}.weight"), &[width])?,
+            bias: self.get(&format!("{prefix}.bias"), &[width])?,
+            eps,
+        })
+    }
+
+    fn projection(&self, prefix: &str, out: usize, inp: usize) -> Result<Projection, TrainError> {
+        Ok(Projection {
+            weight: self.get(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: Some(self.get(&format!("{prefix}.bias"), &[out])?),
+        })
+    }
+}
+
+/// Word + position + token-type embeddings, then a layer norm.
+#[derive(Debug, Clone)]
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn forward(&self, ids: &Tensor, types: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let width = self.word.dim(1)?;
+        let lookup = |table: &Tensor, ids: &Tensor| {
+            table
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((batch, seq, width))
+        };
+        let types = match types {
+            Some(t) => lookup(&self.token_type, t)?,
+            None => self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?,
+        };
+        let positions = self.position.narrow(0, 0, seq)?.unsqueeze(0)?;
+        let x = lookup(&self.word, ids)?
+            .broadcast_add(&types)?
+            .broadcast_add(&positions)?;
+        self.norm.forward(&x)
+    }
+}
+
+/// Where each layer's projections live, relative to `encoder.layer.{i}`.
+const PROJECTIONS: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+/// One encoder layer: self-attention and a feed-forward block, each with residual + layer norm.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    query: Projection,
+    key: Projection,
+    value: Projection,
+    attention_out: Projection,
+    attention_norm: LayerNorm,
+    intermediate: Projection,
+    output: Projection,
+    output_norm: LayerNorm,
+    heads: usize,
+    act: HiddenAct,
+}
+
+impl EncoderLayer {
+    fn load(w: &Weights<'_>, c: &BertConfig, index: usize) -> Result<Self, TrainError> {
+        let (h, m) = (c.hidden_size, c.intermediate_size);
+        let p = |suffix: &str| format!("encoder.layer.{index}.{suffix}");
+        Ok(Self {
+            query: w.projection(&p(PROJECTIONS[0]), h, h)?,
+            key: w.projection(&p(PROJECTIONS[1]), h, h)?,
+            value: w.projection(&p(PROJECTIONS[2]), h, h)?,
+            attention_out: w.projection(&p(PROJECTIONS[3]), h, h)?,
+            attention_norm: w.norm(&p("attention.output.LayerNorm"), h, c.layer_norm_eps)?,
+            intermediate: w.projection(&p(PROJECTIONS[4]), m, h)?,
+            output: w.projection(&p(PROJECTIONS[5]), h, m)?,
+            output_norm: w.norm(&p("output.LayerNorm"), h, c.layer_norm_eps)?,
+            heads: c.num_attention_heads,
+            act: c.hidden_act,
+        })
+    }
+
+    /// The projections in [`PROJECTIONS`] order.
+    fn projections_mut(&mut self) -> [&mut Projection; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attention_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+
+    /// `x` is `[batch, seq, hidden]`; `key_bias` is `[batch, 1, 1, seq]`, added to the scores.
+    fn forward(&self, x: &Tensor, key_bias: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, seq, hidden) = x.dims3()?;
+        let head_dim = hidden / self.heads;
+        let split = |t: Tensor| {
+            t.reshape((batch, seq, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.query.forward(x)?)?;
+        let k = split(self.key.forward(x)?)?;
+        let v = split(self.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(key_bias)?;
+        // `softmax` is built from differentiable ops, unlike the fused `softmax_last_dim`.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let context = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq, hidden))?;
+        let attended = self
+            .attention_norm
+            .forward(&(self.attention_out.forward(&context)? + x)?)?;
+        let inner = self.intermediate.forward(&attended)?;
+        let inner = match self.act {
+            HiddenAct::Gelu => inner.gelu_erf()?,
+            HiddenAct::GeluTanh => inner.gelu()?,
+            HiddenAct::Relu => inner.relu()?,
+        };
+        self.output_norm
+            .forward(&(self.output.forward(&inner)? + attended)?)
+    }
+}
+
+/// A BERT encoder without the pooler head, in f32.
+#[derive(Debug, Clone)]
+pub struct BertModel {
+    config: BertConfig,
+    embeddings: Embeddings,
+    layers: Vec<EncoderLayer>,
+    device: Device,
+}
+
+impl BertModel {
+    /// Loads `config.json` and `model.safetensors` from `dir`.
+    ///
+    /// The weights file is read into memory and parsed with candle's safe
+    /// [`candle_core::safetensors::load_buffer`]: candle's memory-mapped loaders need `unsafe`,
+    /// which this workspace denies. Half-precision weights are widened to f32; tensors the
+    /// encoder does not use (the pooler, `position_ids`) are ignored.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, TrainError> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let bytes = std::fs::read(&path).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let in_file =
+            |message: String| TrainError::Weights(format!("{}: {message}", path.display()));
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| in_file(e.to_string()))?;
+        drop(bytes);
+        Self::from_tensors(config, &tensors, device).map_err(|e| match e {
+            TrainError::Weights(message) => in_file(message),
+            other => other,
+        })
+    }
+
+    /// Builds the encoder from named tensors as a transformers checkpoint names them
+    /// (`embeddings.word_embeddings.weight`, `encoder.layer.0.attention.self.query.weight`, …,
+    /// optionally prefixed with `bert.`). Tensors are copied to `device` when elsewhere.
+    pub fn from_tensors(
+        config: BertConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        config
+            .check()
+            .map_err(|(_, message)| TrainError::Task(format!("BERT config: {message}")))?;
+        let w = Weights { tensors, device };
+        let h = config.hidden_size;
+        let embeddings = Embeddings {
+            word: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position: w.get(
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type: w.get(
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, h],
+            )?,
+            norm: w.norm("embeddings.LayerNorm", h, config.layer_norm_eps)?,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::load(&w, &config, i))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            device: device.clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every dense layer with its checkpoint name (`encoder.layer.{i}.attention.self.query`, …),
+    /// six per layer, in layer order: the places an adapter can be attached.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection)> {
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                PROJECTIONS
+                    .iter()
+                    .zip(layer.projections_mut())
+                    .map(move |(suffix, p)| (format!("encoder.layer.{i}.{suffix}"), p))
+            })
+            .collect()
+    }
+
+    /// Last hidden states `[batch, seq, hidden]` for `[batch, seq]` token ids, with all token
+    /// types 0. `attention_mask` is 1 for real tokens and 0 for padding (any numeric dtype);
+    /// padded keys get no attention, so real positions do not depend on the padding.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor, TrainError> {
+        self.forward_with_token_types(input_ids, None, attention_mask)
+    }
+
+    /// [`BertModel::forward`] with explicit `[batch, seq]` token-type (segment) ids.
+    pub fn forward_with_token_types(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor, TrainError> {
+        let (batch, seq) = input_ids.dims2()?;
+        let others = [
+            Some(("attention mask", attention_mask)),
+            token_type_ids.map(|t| ("token type ids", t)),
+        ];
+        for (what, t) in others.into_iter().flatten() {
+            if t.dims() != [batch, seq] {
+                return Err(TrainError::Task(format!(
+                    "{what} of shape {:?} for input ids of shape [{batch}, {seq}]",
+                    t.dims()
+                )));
+            }
+        }
+        if seq > self.config.max_position_embeddings {
+            return Err(TrainError::Task(format!(
+                "{seq} tokens exceed the model's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut x = self.embeddings.forward(input_ids, token_type_ids)?;
+        let key_bias = key_bias(attention_mask)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &key_bias)?;
+        }
+        Ok(x)
+    }
+}
+
+/// `[batch, seq]` mask of 1/0 to `[batch, 1, 1, seq]` scores bias: 0 to keep, `f32::MIN` to drop
+/// (as transformers' `finfo.min`; finite, so a row with no real token gives no NaN).
+fn key_bias(mask: &Tensor) -> candle_core::Result<Tensor> {
+    let (batch, seq) = mask.dims2()?;
+    let big = f64::from(f32::MAX);
+    mask.to_dtype(DType::F32)?
+        .affine(big, -big)?
+        .reshape((batch, 1, 1, seq))
+}
+
+/// Mean of `[batch, seq, hidden]` states over the positions where the `[batch, seq]` mask is 1
+/// (sentence-transformers' mean pooling; the count is clamped to 1e-9). Gives `[batch, hidden]`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&mask)?.sum(1)?;
+    sum.broadcast_div(&mask.sum(1)?.maximum(1e-9)?)
+}
+
+/// The `[batch, hidden]` states at the first position (`[CLS]`).
+pub fn cls_pool(hidden: &Tensor) -> candle_core::Result<Tensor> {
+    hidden.narrow(1, 0, 1)?.squeeze(1)
+}
+
+/// Each vector along the last dimension divided by its L2 norm (at least 1e-12), as
+/// `torch.nn.functional.normalize`.
+pub fn l2_normalize(t: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+    t.broadcast_div(&norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+    }
+
+    #[test]
+    fn projection_is_x_times_w_transposed_plus_b() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+        let b = Tensor::new(&[0.5f32, 0., -1.], &dev).unwrap();
+        let p = Projection::new(w, Some(b)).unwrap();
+        assert_eq!((p.in_features(), p.out_features()), (2, 3));
+        let x = Tensor::new(&[[[1f32, 1.]], [[0., 2.]]], &dev).unwrap(); // [2, 1, 2]
+        let y = p.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 1, 3]);
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(close(&y, &[3.5, 7., 10., 4.5, 8., 11.]), "{y:?}");
+        let bad = Tensor::new(&[1f32], &dev).unwrap();
+        assert!(Projection::new(p.weight().clone(), Some(bad)).is_err());
+    }
+
+    #[test]
+    fn layer_norm_matches_hand_computation() {
+        let dev = Device::Cpu;
+        let norm = LayerNorm {
+            weight: Tensor::new(&[1f32, 2., 1.], &dev).unwrap(),
+            bias: Tensor::new(&[0f32, 0., 1.], &dev).unwrap(),
+            eps: 0.0,
+        };
+        let x = Tensor::new(&[[1f32, 2., 3.]], &dev).unwrap();
+        let y = norm.forward(&x).unwrap().flatten_all().unwrap();
+        let s = (2.0f32 / 3.0).sqrt();
+        assert!(close(&y.to_vec1().unwrap(), &[-1. / s, 0., 1. + 1. / s]));
+    }
+
+    #[test]
+    fn pooling_ignores_masked_positions_and_normalises() {
+        let dev = Device::Cpu;
+        let hidden = Tensor::new(&[[[1f32, 0.], [3., 4.], [100., 100.]]], &dev).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 0]], &dev).unwrap();
+        let mean = mean_pool(&hidden, &mask).unwrap();
+        assert!(close(
+            &mean.flatten_all().unwrap().to_vec1().unwrap(),
+            &[2., 2.]
+        ));
+        let unit = l2_normalize(&mean).unwrap().flatten_all().unwrap();
+        let h = 0.5f32.sqrt();
+        assert!(close(&unit.to_vec1().unwrap(), &[h, h]));
+        let cls = cls_pool(&hidden).unwrap().flatten_all().unwrap();
+        assert!(close(&cls.to_vec1().unwrap(), &[1., 0.]));
+        let none = Tensor::new(&[[0u32, 0, 0]], &dev).unwrap();
+        let zero = mean_pool(&hidden, &none).unwrap().flatten_all().unwrap();
+        assert!(close(&zero.to_vec1().unwrap(), &[0., 0.]));
+    }
+
+    #[test]
+    fn key_bias_keeps_real_tokens_and_drops_padding() {
+        let mask = Tensor::new(&[[1u32, 0]], &Device::Cpu).unwrap();
+        let bias = key_bias(&mask).unwrap();
+        assert_eq!(bias.dims(), &[1, 1, 1, 2]);
+        assert_eq!(
+            bias.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [0., f32::MIN]
+        );
+    }
+
+    #[test]
+    fn config_defaults_and_errors_name_the_key_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let text = "{\n  \"model_type\": \"bert\",\n  \"vocab_size\": 10,\n  \"hidden_size\": 8,\n  \"num_hidden_layers\": 1,\n  \"num_attention_heads\": 3,\n  \"intermediate_size\": 16,\n  \"max_position_embeddings\": 4\n}";
+        std::fs::write(&path, text).unwrap();
+        let err = BertConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json:6:") && err.contains("divisible"),
+            "{err}"
+        );
+        std::fs::write(&path, text.replace("\": 3", "\": 2")).unwrap();
+        let config = BertConfig::from_file(&path).unwrap();
+        assert_eq!(config.hidden_act, HiddenAct::Gelu);
+        assert_eq!((config.type_vocab_size, config.layer_norm_eps), (2, 1e-12));
+        std::fs::write(&path, text.replace("\"bert\"", "\"roberta\"")).unwrap();
+        let err = BertConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json:2:") && err.contains("roberta"),
+            "{err}"
+        );
+    }
+}
