@@ -1,7 +1,6 @@
 //! A model over 256 MiB makes a full round trip: download, update upload, aggregation.
 
 use medfl_e2e::*;
-use medfl_proto::v1;
 
 use crate::fedavg::{assert_global_is, expected_average};
 
@@ -15,12 +14,7 @@ async fn a_quarter_gigabyte_model_round_trips() {
         .replace("local_epochs = 2", "local_steps = 1")
         .replace("learning_rate = 0.1", "learning_rate = 0.001");
     let run = create_run(&mut client, &spec).await;
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     let round = &detail.rounds[0];
     let size = std::fs::metadata(fed.coordinator.blob_path(&round.global_sha256))
         .expect("global blob")

@@ -48,12 +48,7 @@ async fn three_sites_three_rounds_average_exactly_and_learn() {
     let mut client = fed.coordinator.runs().await;
     let spec = breast_cancer_spec("fedavg-e2e", 3, 3, 120);
     let run = create_run(&mut client, &spec).await;
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     assert_eq!(detail.rounds.len(), 3);
     for r in &detail.rounds {
         assert_eq!(r.sites_reported, 3, "round {}", r.round);

@@ -2,7 +2,6 @@
 
 use medfl_e2e::raw::RawSite;
 use medfl_e2e::*;
-use medfl_proto::v1;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_site_killed_mid_round_is_left_behind_at_the_deadline() {
@@ -16,12 +15,7 @@ async fn a_site_killed_mid_round_is_left_behind_at_the_deadline() {
     assert_eq!(task.round, 1);
     drop(doomed);
 
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     assert_eq!(detail.rounds.len(), 3);
     let first = &detail.rounds[0];
     assert_eq!((first.sites_selected, first.sites_reported), (3, 2));
@@ -55,12 +49,7 @@ async fn a_coordinator_killed_between_rounds_resumes_the_run() {
     fed.coordinator.restart();
     // The sites reconnect on their own; the run resumes after its last committed round.
     let mut client = fed.coordinator.runs().await;
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     let rounds: Vec<u32> = detail.rounds.iter().map(|r| r.round).collect();
     assert_eq!(rounds, vec![1, 2, 3, 4]);
     for (r, sha) in detail.rounds.iter().zip(&committed) {

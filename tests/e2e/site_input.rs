@@ -3,7 +3,6 @@
 //! goes on with the others.
 
 use medfl_e2e::*;
-use medfl_proto::v1;
 
 #[tokio::test]
 async fn a_malformed_csv_stops_the_site_at_start_naming_file_and_line() {
@@ -56,12 +55,7 @@ async fn a_site_with_an_unknown_label_fails_its_task_and_the_run_goes_on() {
 
     let mut client = fed.coordinator.runs().await;
     let run = create_run(&mut client, &breast_cancer_spec("odd-site", 2, 2, 60)).await;
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     let first = &detail.rounds[0];
     assert_eq!(first.sites_reported, 2);
     let failed = first

@@ -53,12 +53,7 @@ async fn accuracy_on(honest: usize, strategy: &str, attacked: bool) -> f64 {
     );
     let mut client = fed.coordinator.runs().await;
     let run = create_run(&mut client, &spec).await;
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{strategy}: {detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     let last = detail.rounds.last().expect("rounds");
     assert_eq!(last.sites_reported, sites);
     let accuracy = test_accuracy(
@@ -132,12 +127,7 @@ async fn fedprox_converges_on_a_strongly_non_iid_split() {
     );
     let mut client = fed.coordinator.runs().await;
     let run = create_run(&mut client, &spec).await;
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     let losses: Vec<f64> = detail.rounds.iter().map(|r| r.train_loss).collect();
     assert!(losses[4] < losses[0], "training loss falls: {losses:?}");
     let last = detail.rounds.last().expect("rounds");
@@ -164,12 +154,7 @@ async fn fedadam_final(restart: bool) -> medfl_core::ModelParams {
         fed.coordinator.restart();
         client = fed.coordinator.runs().await;
     }
-    let detail = wait_for_end(&mut client, &run).await;
-    assert_eq!(
-        status(&detail),
-        v1::RunStatus::Completed as i32,
-        "{detail:?}"
-    );
+    let detail = wait_for_completion(&mut client, &run).await;
     assert_eq!(detail.rounds.len(), 4);
     let last = fed.coordinator.blob(&detail.rounds[3].global_sha256);
     fed.stop().await;

@@ -418,6 +418,20 @@ pub async fn wait_for_end(client: &mut RunServiceClient<Channel>, run_id: &str) 
     .await
 }
 
+/// Follows the run until it ends, asserting that it completed.
+pub async fn wait_for_completion(
+    client: &mut RunServiceClient<Channel>,
+    run_id: &str,
+) -> v1::RunDetail {
+    let detail = wait_for_end(client, run_id).await;
+    assert_eq!(
+        status(&detail),
+        v1::RunStatus::Completed as i32,
+        "run {run_id} did not complete: {detail:?}"
+    );
+    detail
+}
+
 /// Creates a run and returns its id.
 pub async fn create_run(client: &mut RunServiceClient<Channel>, spec: &str) -> String {
     client
