@@ -26,6 +26,7 @@ pub const BLOCK: usize = 1 << 16;
 /// Random access to the F32 values of a stored safetensors blob, by schema tensor.
 pub struct BlobReader {
     file: File,
+    path: std::path::PathBuf,
     /// Absolute byte offset of each schema tensor's first value.
     starts: Vec<u64>,
     bytes: Vec<u8>,
@@ -40,18 +41,24 @@ impl BlobReader {
         file.read_exact(&mut len).map_err(io)?;
         let header_len = u64::from_le_bytes(len);
         if header_len == 0 || header_len > MAX_HEADER_BYTES {
-            return Err(CoreError::Format(format!("header length {header_len}")).into());
+            return Err(CoreError::Format(format!(
+                "{}: header length {header_len} is outside 1..={MAX_HEADER_BYTES}",
+                path.display()
+            ))
+            .into());
         }
         let mut json = vec![0u8; header_len as usize];
         file.read_exact(&mut json).map_err(io)?;
-        let layout = parse_header(&json)?;
-        let map = match_layout(schema, &layout)?;
+        let named = |e: CoreError| CoordinatorError::Invalid(format!("{}: {e}", path.display()));
+        let layout = parse_header(&json).map_err(named)?;
+        let map = match_layout(schema, &layout).map_err(named)?;
         let mut starts = vec![0u64; schema.tensors.len()];
         for (entry, &idx) in layout.tensors.iter().zip(&map) {
             starts[idx] = 8 + header_len + entry.start;
         }
         Ok(Self {
             file,
+            path: path.to_path_buf(),
             starts,
             bytes: Vec::new(),
         })
@@ -69,7 +76,7 @@ impl BlobReader {
         self.file
             .seek(SeekFrom::Start(at))
             .and_then(|_| self.file.read_exact(&mut self.bytes))
-            .map_err(|e| CoordinatorError::io("reading a model blob", e))?;
+            .map_err(|e| CoordinatorError::io(format!("reading {}", self.path.display()), e))?;
         for (o, b) in out.iter_mut().zip(self.bytes.chunks_exact(4)) {
             *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }

@@ -821,7 +821,7 @@ fn refuse_idle(msg: EngineMsg) {
     }
 }
 
-/// Records and counts a refused update.
+/// Logs, audits and records a refused update (the store keeps every refusal per site and round).
 pub fn record_refusal(
     shared: &Shared,
     run_id: &str,
@@ -830,9 +830,6 @@ pub fn record_refusal(
     site: &str,
     reason: &str,
 ) {
-    shared
-        .refusals
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     warn!(run = %run_id, round, attempt, site = %site, reason = %reason, "update refused");
     shared.audit(
         medfl_audit::Event::new(

@@ -122,25 +122,18 @@ impl SiteApi {
             .receive(&header, &handle, &mut stream)
             .await
             .map_err(refuse)?;
-        let (reply, answer) = oneshot::channel();
-        handle
-            .tx
-            .send(EngineMsg::Update {
-                site: site.to_string(),
-                round,
-                attempt,
-                base_sha256: header.base_sha256.clone(),
-                sha256: sha,
-                examples: header.num_examples,
-                train_loss: header.train_loss,
-                reply,
-            })
-            .await
-            .map_err(|_| CoordinatorError::Unavailable(format!("run `{}` ended", header.run_id)))?;
         // The engine records its own refusals.
-        answer.await.map_err(|_| {
-            CoordinatorError::Unavailable(format!("run `{}` ended", header.run_id))
-        })??;
+        self.send_to_engine(&header.run_id, |reply| EngineMsg::Update {
+            site: site.to_string(),
+            round,
+            attempt,
+            base_sha256: header.base_sha256.clone(),
+            sha256: sha,
+            examples: header.num_examples,
+            train_loss: header.train_loss,
+            reply,
+        })
+        .await?;
         Ok(v1::PushUpdateResponse {
             accepted: true,
             message: format!("update for round {round} accepted"),

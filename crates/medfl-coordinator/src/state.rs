@@ -37,15 +37,7 @@ pub struct SiteLive {
 impl SiteLive {
     /// Whether the site holds the run's dataset with every column the run names.
     pub fn holds(&self, spec: &RunSpec) -> bool {
-        self.datasets.iter().any(|d| {
-            d.name == spec.task.dataset
-                && spec
-                    .task
-                    .features
-                    .iter()
-                    .chain(std::iter::once(&spec.task.label))
-                    .all(|c| d.columns.contains(c))
-        })
+        self.datasets.iter().any(|d| spec.fits(d))
     }
 }
 
@@ -179,8 +171,6 @@ pub struct Shared {
     pub runs_changed: watch::Sender<u64>,
     /// Limits concurrent uploads.
     pub uploads: Semaphore,
-    /// Updates refused since start.
-    pub refusals: AtomicU64,
     /// Becomes true when the coordinator shuts down.
     pub shutdown: watch::Receiver<bool>,
     audit: medfl_audit::AuditLog,
@@ -225,7 +215,6 @@ impl Shared {
             tasks_changed: watch::Sender::new(0),
             runs_changed: watch::Sender::new(0),
             uploads,
-            refusals: AtomicU64::new(0),
             shutdown,
             audit,
         })

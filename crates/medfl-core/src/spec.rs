@@ -523,6 +523,16 @@ impl RunSpec {
         Ok(())
     }
 
+    /// Whether `dataset` is the run's dataset with every column the run names.
+    pub fn fits(&self, dataset: &DatasetInfo) -> bool {
+        let t = &self.task;
+        dataset.name == t.dataset
+            && t.features
+                .iter()
+                .chain(std::iter::once(&t.label))
+                .all(|c| dataset.columns.contains(c))
+    }
+
     /// Checks the spec against the sites the coordinator knows: enough of them must hold the
     /// dataset with every named column.
     pub fn validate_against(&self, sites: &[(String, Vec<DatasetInfo>)]) -> Result<(), CoreError> {
@@ -554,15 +564,7 @@ impl RunSpec {
                 ));
             }
         }
-        let complete = holders
-            .iter()
-            .filter(|d| {
-                t.features
-                    .iter()
-                    .chain(std::iter::once(&t.label))
-                    .all(|c| d.columns.contains(c))
-            })
-            .count();
+        let complete = holders.iter().filter(|d| self.fits(d)).count();
         if (complete as u32) < self.min_sites {
             return Err(CoreError::spec(
                 "min_sites",
@@ -702,6 +704,8 @@ labels = ["B", "M"]
             .validate_against(&[site("a", &["x1", "y"]), site("b", &["x1", "y"])])
             .unwrap_err();
         assert!(err.to_string().contains("`x2`"), "{err}");
+        assert!(s.fits(&good[0].1[0]));
+        assert!(!s.fits(&site("a", &["x1", "y"]).1[0]));
         let err = s.validate_against(&[]).unwrap_err();
         assert!(matches!(&err, CoreError::Spec { field, .. } if field == "task.dataset"));
     }
