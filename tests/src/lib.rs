@@ -452,8 +452,9 @@ pub fn test_accuracy(spec_toml: &str, params: &ModelParams, test_csv: &Path) -> 
         .examples(&spec.task.features, &spec.task.label, &spec.task.labels)
         .expect("examples");
     let ex = medfl_train::Standardizer::fit(&ex).apply(&ex);
-    medfl_train::model_for_run(&spec)
-        .evaluate(params, &ex)
+    medfl_train::model_for_run(&spec, &medfl_train::BaseModels::none())
+        .expect("model")
+        .evaluate(params, &medfl_train::Data::Table(ex))
         .expect("evaluate")
         .metrics["accuracy"]
 }

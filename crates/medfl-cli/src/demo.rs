@@ -14,7 +14,8 @@ use medfl_core::spec::RunSpec;
 use medfl_proto::v1::{CreateRunRequest, RoundSummary};
 use medfl_site::SiteConfig;
 use medfl_train::{
-    label_skew_partition, model_for_run, Examples, Standardizer, Table, TrainOptions,
+    label_skew_partition, model_for_run, BaseModels, Data, Examples, Standardizer, Table,
+    TrainOptions,
 };
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
@@ -185,6 +186,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             reconnect_max_secs: 5,
             model_cache: 2,
             log_format: "text".into(),
+            base_models: Default::default(),
+            fetch_base_models: false,
             datasets: [(
                 "breast_cancer".to_string(),
                 medfl_site::config::DatasetConfig {
@@ -241,8 +244,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Compare on the held-out split: the federated model, each hospital alone, all data pooled.
     let global = decode(&std::fs::read(&model_path)?)?;
     let test = examples(&test_table, &spec)?;
-    let test = Standardizer::fit(&test).apply(&test);
-    let model = model_for_run(&spec);
+    let test = Data::Table(Standardizer::fit(&test).apply(&test));
+    let model = model_for_run(&spec, &BaseModels::none())?;
     let score = |params: &medfl_core::ModelParams, n: usize| -> anyhow::Result<Scores> {
         let m = model.evaluate(params, &test)?.metrics;
         Ok(Scores {
@@ -326,13 +329,13 @@ fn train_alone(
     data: &Examples,
     epochs: u32,
 ) -> anyhow::Result<medfl_core::ModelParams> {
-    let model = model_for_run(spec);
+    let model = model_for_run(spec, &BaseModels::none())?;
     let mut opts = TrainOptions::from_spec(spec, SEED);
     opts.epochs = epochs;
     opts.steps = 0;
     let report = model.train(
         &model.init(spec.seed)?,
-        data,
+        &Data::Table(data.clone()),
         &opts,
         &AtomicBool::new(false),
         &mut |_| {},

@@ -59,14 +59,25 @@ pub struct CoordinatorConfig {
     pub retain_updates: bool,
     /// `text` or `json` logs.
     pub log_format: String,
+    /// Base models the operator publishes, by the name run specs use: text runs need their base
+    /// here (to shape the adapters), and sites without it fetch it from here by hash.
+    #[serde(default)]
+    pub base_models: std::collections::BTreeMap<String, PathBuf>,
 }
 
 impl CoordinatorConfig {
     /// Loads defaults, then `file` if given, then `MEDFL_*` environment variables
     /// (`MEDFL_LISTEN`, `MEDFL_DATA_DIR`, ...), and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, CoordinatorError> {
-        let cfg: Self =
+        let mut cfg: Self =
             medfl_daemon::load_config(DEFAULTS, file, KEYS).map_err(CoordinatorError::Config)?;
+        if let Some(base) = file.and_then(Path::parent) {
+            for dir in cfg.base_models.values_mut() {
+                if dir.is_relative() {
+                    *dir = base.join(&*dir);
+                }
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -33,7 +33,7 @@ pub fn spawn(
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(), CoordinatorError> {
     let spec = Arc::new(RunSpec::from_toml(&run.spec)?);
-    let model = medfl_train::model_for_run(&spec);
+    let model = medfl_train::model_for_run(&spec, &shared.bases)?;
     let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
     let (snap_tx, snap_rx) = watch::channel(None);
     let handle = RunHandle {

@@ -8,6 +8,7 @@
 //! - [`engine`]: one task per run, driving the core round state machine.
 //! - [`aggregate`]: strategies applied to updates read back from disk a block at a time.
 //! - [`campaign`]: cross-site evaluation of a run's final model.
+//! - [`published`]: base models the operator publishes for sites to fetch.
 //! - [`state`]: what handlers and engines share.
 //! - [`store`]: SQLite state; [`blobs`]: content-addressed model files; [`stream`]: chunked reads.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
@@ -18,6 +19,7 @@ pub mod campaign;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod published;
 pub mod run_service;
 pub mod server;
 pub mod site_service;

@@ -48,7 +48,16 @@ impl RunApi {
             .map(|(n, s)| (n.clone(), s.datasets.clone()))
             .collect();
         spec.validate_against(&sites)?;
-        let params = medfl_train::model_for_run(&spec).schema().numel();
+        let model = medfl_train::model_for_run(&spec, &self.shared.bases).map_err(|e| {
+            CoordinatorError::Invalid(match &e {
+                medfl_train::TrainError::BaseModel(why) => format!(
+                    "run spec: model.base_sha256: {why} (a text run's base must be published \
+                     at the coordinator, under [base_models])"
+                ),
+                other => format!("run spec: model: {other}"),
+            })
+        })?;
+        let params = model.schema().numel();
         if params > MAX_PARAMETERS {
             return Err(CoordinatorError::Invalid(format!(
                 "run spec: model: {params} parameters exceed the limit of {MAX_PARAMETERS}"
@@ -58,7 +67,8 @@ impl RunApi {
         let init_spec = spec.clone();
         // Initial weights can be large: build and store them off the async threads.
         let initial = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
-            let params = medfl_train::model_for_run(&init_spec).init(init_spec.seed)?;
+            let params =
+                medfl_train::model_for_run(&init_spec, &shared.bases)?.init(init_spec.seed)?;
             let mut incoming = shared.blobs.incoming()?;
             encode_params_chunks(&params, |bytes| incoming.write(bytes))?;
             incoming.finish(None)
@@ -167,6 +177,7 @@ impl RunApi {
             })
             .collect();
         detail.evaluating = crate::campaign::active(shared, id)?;
+        detail.full_model_bytes = full_model_bytes(shared, &detail.spec_toml, &run.initial_sha256);
         if let Some(s) = snapshot {
             detail.current_round = s.round;
             detail.current_phase = s.phase.as_str().into();
@@ -396,6 +407,19 @@ impl RunService for RunApi {
             0,
             None,
         )?)))
+    }
+}
+
+/// The size of the whole model a run trains: the base's weights for a text run (0 when the
+/// base is no longer published), else the run's initial global model.
+fn full_model_bytes(shared: &Shared, spec_toml: &str, initial_sha256: &str) -> u64 {
+    let spec = RunSpec::from_toml(spec_toml).ok();
+    match spec.as_ref().and_then(RunSpec::encoder) {
+        Some(e) => shared
+            .bases
+            .resolve(&e.base, &e.base_sha256)
+            .map_or(0, |b| b.weights_bytes),
+        None => shared.blobs.size(initial_sha256).unwrap_or(0),
     }
 }
 

@@ -16,6 +16,7 @@ use tracing::info;
 
 use crate::blobs::BlobStore;
 use crate::config::CoordinatorConfig;
+use crate::published::Published;
 use crate::run_service::RunApi;
 use crate::site_service::SiteApi;
 use crate::state::Shared;
@@ -44,7 +45,14 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
     let max_message = config.max_message_bytes as usize;
-    let shared = Arc::new(Shared::new(config, store, blobs, audit, stop_rx)?);
+    // Hashing published base models reads every byte of them: off the async threads.
+    let base_dirs = config.base_models.clone();
+    let published = tokio::task::spawn_blocking(move || Published::scan(&base_dirs))
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("hashing base models: {e}")))??;
+    let shared = Arc::new(Shared::new(
+        config, store, blobs, audit, stop_rx, published,
+    )?);
 
     let engines = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
     for run in &running {

@@ -21,7 +21,7 @@ use crate::blobs::sha256_hex;
 use crate::engine::record_refusal;
 use crate::state::{now_ms, EngineMsg, Shared, SiteLive};
 use crate::store::SiteRecord;
-use crate::stream::blob_stream;
+use crate::stream::{blob_stream, file_stream};
 use crate::CoordinatorError;
 
 /// Longest site name accepted.
@@ -449,6 +449,17 @@ impl SiteService for SiteApi {
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
         self.identify(&req)?;
         let req = req.into_inner();
+        if let Some((path, size)) = self.shared.published.file(&req.sha256) {
+            let stream = file_stream(
+                &self.shared,
+                path.clone(),
+                *size,
+                &req.sha256,
+                req.offset,
+                None,
+            )?;
+            return Ok(Response::new(Box::pin(stream)));
+        }
         if !crate::blobs::is_blob_id(&req.sha256)
             || !self
                 .shared
@@ -472,6 +483,36 @@ impl SiteService for SiteApi {
             });
         let stream = blob_stream(&self.shared, &req.sha256, req.offset, traffic)?;
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_base_model(
+        &self,
+        req: Request<v1::GetBaseModelRequest>,
+    ) -> Result<Response<v1::GetBaseModelResponse>, Status> {
+        let site = self.identify(&req)?;
+        let req = req.into_inner();
+        let model = self
+            .shared
+            .published
+            .model(&req.name, &req.weights_sha256)
+            .ok_or_else(|| {
+                CoordinatorError::NotFound(format!(
+                    "the coordinator publishes no base model `{}` with weights {}",
+                    req.name, req.weights_sha256
+                ))
+            })?;
+        info!(site = %site, model = %req.name, "base model requested");
+        self.shared.audit(
+            medfl_audit::Event::new(
+                "base_model_requested",
+                serde_json::json!({ "name": req.name, "weights_sha256": req.weights_sha256 }),
+            )
+            .site(site),
+        );
+        Ok(Response::new(v1::GetBaseModelResponse {
+            files: model.files.clone(),
+        }))
     }
 
     async fn push_update(

@@ -174,6 +174,10 @@ pub struct Shared {
     /// Becomes true when the coordinator shuts down.
     pub shutdown: watch::Receiver<bool>,
     audit: medfl_audit::AuditLog,
+    /// Base models text runs adapt (their architecture shapes the trainable tensors).
+    pub bases: medfl_train::BaseModels,
+    /// The same models' files, which sites may fetch by hash.
+    pub published: crate::published::Published,
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> CoordinatorError {
@@ -188,7 +192,9 @@ impl Shared {
         blobs: BlobStore,
         audit: medfl_audit::AuditLog,
         shutdown: watch::Receiver<bool>,
+        published: crate::published::Published,
     ) -> Result<Self, CoordinatorError> {
+        let bases = medfl_train::BaseModels::new(config.base_models.clone(), None);
         let sites = store
             .sites()?
             .into_iter()
@@ -217,6 +223,8 @@ impl Shared {
             uploads,
             shutdown,
             audit,
+            bases,
+            published,
         })
     }
 

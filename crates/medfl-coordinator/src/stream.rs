@@ -25,6 +25,18 @@ pub fn blob_stream(
 ) -> Result<ReceiverStream<Result<v1::BlobChunk, Status>>, CoordinatorError> {
     let path = shared.blobs.path(id)?;
     let total = shared.blobs.size(id)?;
+    file_stream(shared, path, total, id, offset, traffic)
+}
+
+/// [`blob_stream`] of any file of `total` bytes, named `id` in errors.
+pub fn file_stream(
+    shared: &Arc<Shared>,
+    path: std::path::PathBuf,
+    total: u64,
+    id: &str,
+    offset: u64,
+    traffic: Option<Arc<Traffic>>,
+) -> Result<ReceiverStream<Result<v1::BlobChunk, Status>>, CoordinatorError> {
     if offset > total {
         return Err(CoordinatorError::Invalid(format!(
             "offset {offset} is past the end of the {total}-byte blob"

@@ -11,6 +11,41 @@ pub fn accuracy(predicted: &[u32], actual: &[u32]) -> f64 {
     hits as f64 / actual.len() as f64
 }
 
+/// Unweighted mean over classes `0..n_classes` of each class's F1 score; a class that is neither
+/// predicted nor present scores 0, as scikit-learn's `f1_score(average="macro")` with labels.
+pub fn macro_f1(predicted: &[u32], actual: &[u32], n_classes: usize) -> f64 {
+    if n_classes == 0 {
+        return 0.0;
+    }
+    let mut tp = vec![0u64; n_classes];
+    let mut fp = vec![0u64; n_classes];
+    let mut fn_ = vec![0u64; n_classes];
+    for (&p, &a) in predicted.iter().zip(actual) {
+        let (p, a) = (p as usize, a as usize);
+        if p == a {
+            if let Some(t) = tp.get_mut(a) {
+                *t += 1;
+            }
+        } else {
+            if let Some(f) = fp.get_mut(p) {
+                *f += 1;
+            }
+            if let Some(f) = fn_.get_mut(a) {
+                *f += 1;
+            }
+        }
+    }
+    let f1 = |c: usize| {
+        let denominator = 2 * tp[c] + fp[c] + fn_[c];
+        if denominator == 0 {
+            0.0
+        } else {
+            2.0 * tp[c] as f64 / denominator as f64
+        }
+    };
+    (0..n_classes).map(f1).sum::<f64>() / n_classes as f64
+}
+
 /// Area under the ROC curve for binary labels (1 = positive), from positive-class scores.
 /// Ties count one half (the Mann-Whitney U statistic). `None` when a class is absent.
 pub fn roc_auc(scores: &[f32], labels: &[u32]) -> Option<f64> {
@@ -83,5 +118,14 @@ mod tests {
         let m = weighted_mean(&[(30, a), (10, b)]);
         assert_eq!(m["acc"], 0.75);
         assert_eq!(m["auc"], 0.5);
+    }
+
+    #[test]
+    fn macro_f1_matches_scikit_learn() {
+        // sklearn.metrics.f1_score([0,1,2,0,1,2], [0,2,1,0,0,1], average="macro",
+        //                          labels=[0,1,2,3]) == 0.2
+        let f1 = macro_f1(&[0, 2, 1, 0, 0, 1], &[0, 1, 2, 0, 1, 2], 4);
+        assert!((f1 - 0.2).abs() < 1e-12, "{f1}");
+        assert_eq!(macro_f1(&[1, 1], &[1, 1], 2), 0.5);
     }
 }

@@ -90,17 +90,182 @@ pub enum ModelSpec {
         #[serde(default)]
         hidden: Vec<usize>,
     },
+    /// A pre-trained BERT-family text encoder every site holds, adapted with a classifier head.
+    Bert(EncoderSpec),
 }
 
-/// A tabular classification task.
+/// A pre-trained encoder, pinned by the hash of its weights, and how sites adapt it. The same
+/// shape serves every encoder family (`kind = "bert"` today; an image encoder next).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSpec {
+    /// The base model's name, as sites and the coordinator list it under `[base_models]`.
+    pub base: String,
+    /// SHA-256 (hex) of the base's `model.safetensors`: sites refuse other weights.
+    pub base_sha256: String,
+    /// How token states become one vector.
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// Longest input in tokens; longer texts are truncated.
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: u32,
+    /// What is trained; the rest of the base stays frozen and never travels.
+    #[serde(default)]
+    pub adaptation: Adaptation,
+}
+
+fn default_max_seq_len() -> u32 {
+    64
+}
+
+/// Pooling of the encoder's last hidden states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over real (unpadded) tokens.
+    #[default]
+    Mean,
+    /// The first (`[CLS]`) token.
+    Cls,
+}
+
+/// Which weights a site trains. A classifier head is always trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Adaptation {
+    /// Low-rank adapters `W + (alpha / rank) B A` on the named projections of every layer.
+    Lora {
+        /// Rank of `A` and `B`.
+        #[serde(default = "default_rank")]
+        rank: u32,
+        /// Scale numerator: the update is `alpha / rank` times `B A`.
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        /// Dropout on the adapter's input while training.
+        #[serde(default)]
+        dropout: f64,
+        /// Projections adapted, by their last name part: `query`, `key`, `value`,
+        /// `attention.output`, `intermediate`, `output`.
+        #[serde(default = "default_targets")]
+        target_modules: Vec<String>,
+    },
+    /// The encoder frozen; only the classifier head trains.
+    Head,
+    /// Every weight of the last `last_layers` layers (all layers when 0) and the head.
+    Full {
+        /// Layers trained, counted from the top; 0 for all of them and the embeddings.
+        #[serde(default)]
+        last_layers: u32,
+    },
+}
+
+fn default_rank() -> u32 {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> Vec<String> {
+    vec!["query".into(), "value".into()]
+}
+
+impl Default for Adaptation {
+    fn default() -> Self {
+        Adaptation::Lora {
+            rank: default_rank(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            target_modules: default_targets(),
+        }
+    }
+}
+
+/// Projection names an adapter may target, as the last parts of a BERT layer's weight names.
+pub const LORA_TARGETS: &[&str] = &[
+    "query",
+    "key",
+    "value",
+    "attention.output",
+    "intermediate",
+    "output",
+];
+
+impl EncoderSpec {
+    fn validate(&self) -> Result<(), CoreError> {
+        if self.base.trim().is_empty() {
+            return Err(CoreError::spec("model.base", "name the base model"));
+        }
+        if self.base_sha256.len() != 64 || !self.base_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(CoreError::spec(
+                "model.base_sha256",
+                "must be the 64 hex digits of the SHA-256 of the base's model.safetensors",
+            ));
+        }
+        if !(1..=4096).contains(&self.max_seq_len) {
+            return Err(CoreError::spec("model.max_seq_len", "must be 1..=4096"));
+        }
+        if let Adaptation::Lora {
+            rank,
+            alpha,
+            dropout,
+            target_modules,
+        } = &self.adaptation
+        {
+            if !(1..=1024).contains(rank) {
+                return Err(CoreError::spec("model.adaptation.rank", "must be 1..=1024"));
+            }
+            if !(alpha.is_finite() && *alpha > 0.0) {
+                return Err(CoreError::spec(
+                    "model.adaptation.alpha",
+                    "must be positive",
+                ));
+            }
+            if !(0.0..1.0).contains(dropout) {
+                return Err(CoreError::spec(
+                    "model.adaptation.dropout",
+                    "must be in [0, 1)",
+                ));
+            }
+            if target_modules.is_empty() {
+                return Err(CoreError::spec(
+                    "model.adaptation.target_modules",
+                    "name at least one projection",
+                ));
+            }
+            if let Some(bad) = target_modules
+                .iter()
+                .find(|t| !LORA_TARGETS.contains(&t.as_str()))
+            {
+                return Err(CoreError::spec(
+                    "model.adaptation.target_modules",
+                    format!("`{bad}` is not one of {LORA_TARGETS:?}"),
+                ));
+            }
+            if let Some(dup) = first_duplicate(target_modules) {
+                return Err(CoreError::spec(
+                    "model.adaptation.target_modules",
+                    format!("`{dup}` is listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A classification task: on tabular `features`, or on one `text` field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// Name of the dataset as each site registered it (never a path).
     pub dataset: String,
-    /// Feature columns, in the order the model sees them.
+    /// Feature columns, in the order the model sees them (tabular tasks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
-    /// The label column.
+    /// The field holding the text (text tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// The label column or field.
     pub label: String,
     /// Class labels; class `i` is `labels[i]` at every site.
     pub labels: Vec<String>,
@@ -111,6 +276,26 @@ pub struct TaskSpec {
 
 fn default_validation() -> f64 {
     0.2
+}
+
+impl TaskSpec {
+    /// `tabular_classification` or `text_classification` (what a site policy allows).
+    pub fn kind(&self) -> &'static str {
+        if self.text.is_some() {
+            "text_classification"
+        } else {
+            "tabular_classification"
+        }
+    }
+
+    /// Every column or field the task reads, with the spec field that names it.
+    pub fn columns(&self) -> impl Iterator<Item = (&'static str, &String)> {
+        self.features
+            .iter()
+            .map(|c| ("task.features", c))
+            .chain(self.text.iter().map(|c| ("task.text", c)))
+            .chain(std::iter::once(("task.label", &self.label)))
+    }
 }
 
 /// Local optimiser.
@@ -438,22 +623,55 @@ impl RunSpec {
                 "must be 1 second to 7 days",
             ));
         }
-        let ModelSpec::Mlp { hidden } = &self.model;
-        if hidden.iter().any(|&h| h == 0 || h > 1 << 20) {
-            return Err(CoreError::spec(
-                "model.hidden",
-                "layer widths must be 1..=1048576",
-            ));
-        }
         let t = &self.task;
+        match &self.model {
+            ModelSpec::Mlp { hidden } => {
+                if hidden.iter().any(|&h| h == 0 || h > 1 << 20) {
+                    return Err(CoreError::spec(
+                        "model.hidden",
+                        "layer widths must be 1..=1048576",
+                    ));
+                }
+                if t.features.is_empty() {
+                    return Err(CoreError::spec(
+                        "task.features",
+                        "name at least one feature column",
+                    ));
+                }
+                if t.text.is_some() {
+                    return Err(CoreError::spec(
+                        "task.text",
+                        "an `mlp` model reads `features`, not text",
+                    ));
+                }
+            }
+            ModelSpec::Bert(encoder) => {
+                encoder.validate()?;
+                match &t.text {
+                    None => {
+                        return Err(CoreError::spec(
+                            "task.text",
+                            "a text model needs the field holding the text",
+                        ))
+                    }
+                    Some(field) if field == &t.label => {
+                        return Err(CoreError::spec(
+                            "task.text",
+                            "the text field cannot be the label field",
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                if !t.features.is_empty() {
+                    return Err(CoreError::spec(
+                        "task.features",
+                        "a text model reads `text`, not feature columns",
+                    ));
+                }
+            }
+        }
         if t.dataset.trim().is_empty() {
             return Err(CoreError::spec("task.dataset", "must not be empty"));
-        }
-        if t.features.is_empty() {
-            return Err(CoreError::spec(
-                "task.features",
-                "name at least one feature column",
-            ));
         }
         if let Some(dup) = first_duplicate(&t.features) {
             return Err(CoreError::spec(
@@ -525,12 +743,19 @@ impl RunSpec {
 
     /// Whether `dataset` is the run's dataset with every column the run names.
     pub fn fits(&self, dataset: &DatasetInfo) -> bool {
-        let t = &self.task;
-        dataset.name == t.dataset
-            && t.features
-                .iter()
-                .chain(std::iter::once(&t.label))
-                .all(|c| dataset.columns.contains(c))
+        dataset.name == self.task.dataset
+            && self
+                .task
+                .columns()
+                .all(|(_, c)| dataset.columns.iter().any(|d| d == c))
+    }
+
+    /// The pre-trained encoder the run adapts, if any.
+    pub fn encoder(&self) -> Option<&EncoderSpec> {
+        match &self.model {
+            ModelSpec::Bert(e) => Some(e),
+            ModelSpec::Mlp { .. } => None,
+        }
     }
 
     /// Checks the spec against the sites the coordinator knows: enough of them must hold the
@@ -551,12 +776,7 @@ impl RunSpec {
                 ),
             ));
         }
-        for (field, column) in t
-            .features
-            .iter()
-            .map(|c| ("task.features", c))
-            .chain(std::iter::once(("task.label", &t.label)))
-        {
+        for (field, column) in t.columns() {
             if !holders.iter().any(|d| d.columns.contains(column)) {
                 return Err(CoreError::spec(
                     field,

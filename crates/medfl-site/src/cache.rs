@@ -40,52 +40,7 @@ impl ModelCache {
             return Ok((bytes, 0));
         }
         let part = self.dir.join(format!("{sha256}.part"));
-        let mut offset = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-        if offset > size {
-            offset = 0;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(offset > 0)
-            .write(true)
-            .truncate(offset == 0)
-            .open(&part)
-            .map_err(|e| SiteError::io(format!("opening {}", part.display()), e))?;
-        let mut stream = client
-            .site
-            .download_blob(client.authed(v1::DownloadBlobRequest {
-                sha256: sha256.to_string(),
-                offset,
-            }))
-            .await?
-            .into_inner();
-        let mut pos = offset;
-        let mut received = 0;
-        while let Some(chunk) = stream.message().await? {
-            if chunk.offset != pos {
-                return Err(SiteError::Corrupt(format!(
-                    "model {sha256}: chunk at offset {} where {pos} was expected",
-                    chunk.offset
-                )));
-            }
-            pos += chunk.data.len() as u64;
-            if pos > size {
-                return Err(SiteError::Corrupt(format!(
-                    "model {sha256}: more than the announced {size} bytes"
-                )));
-            }
-            file.write_all(&chunk.data)
-                .map_err(|e| SiteError::io(format!("writing {}", part.display()), e))?;
-            received += chunk.data.len() as u64;
-        }
-        file.sync_all()
-            .map_err(|e| SiteError::io(format!("writing {}", part.display()), e))?;
-        drop(file);
-        if pos != size {
-            return Err(SiteError::Corrupt(format!(
-                "model {sha256}: download ended at {pos} of {size} bytes"
-            )));
-        }
+        let received = download(client, sha256, size, &part).await?;
         let bytes = match read_verified(&part, sha256) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -116,6 +71,62 @@ impl ModelCache {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Downloads blob `sha256` of `size` bytes into `part`, resuming after the bytes already
+/// there. Returns the bytes received; the caller verifies the hash.
+pub async fn download(
+    client: &mut Client,
+    sha256: &str,
+    size: u64,
+    part: &Path,
+) -> Result<u64, SiteError> {
+    let mut offset = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    if offset > size {
+        offset = 0;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(offset > 0)
+        .write(true)
+        .truncate(offset == 0)
+        .open(part)
+        .map_err(|e| SiteError::io(format!("opening {}", part.display()), e))?;
+    let mut stream = client
+        .site
+        .download_blob(client.authed(v1::DownloadBlobRequest {
+            sha256: sha256.to_string(),
+            offset,
+        }))
+        .await?
+        .into_inner();
+    let mut pos = offset;
+    let mut received = 0;
+    while let Some(chunk) = stream.message().await? {
+        if chunk.offset != pos {
+            return Err(SiteError::Corrupt(format!(
+                "blob {sha256}: chunk at offset {} where {pos} was expected",
+                chunk.offset
+            )));
+        }
+        pos += chunk.data.len() as u64;
+        if pos > size {
+            return Err(SiteError::Corrupt(format!(
+                "blob {sha256}: more than the announced {size} bytes"
+            )));
+        }
+        file.write_all(&chunk.data)
+            .map_err(|e| SiteError::io(format!("writing {}", part.display()), e))?;
+        received += chunk.data.len() as u64;
+    }
+    file.sync_all()
+        .map_err(|e| SiteError::io(format!("writing {}", part.display()), e))?;
+    if pos != size {
+        return Err(SiteError::Corrupt(format!(
+            "blob {sha256}: download ended at {pos} of {size} bytes"
+        )));
+    }
+    Ok(received)
 }
 
 /// Reads `path` and checks its SHA-256.

@@ -15,6 +15,7 @@ reconnect_min_ms = 500
 reconnect_max_secs = 30
 model_cache = 2
 log_format = "text"
+fetch_base_models = true
 "#;
 
 /// One dataset the site holds.
@@ -23,7 +24,7 @@ log_format = "text"
 pub struct DatasetConfig {
     /// The file; relative paths are relative to the config file's directory.
     pub path: PathBuf,
-    /// File format: `csv` (a header row, comma-separated).
+    /// File format: `csv` (a header row, comma-separated) or `jsonl` (one JSON object a line).
     #[serde(default = "csv")]
     pub format: String,
 }
@@ -41,6 +42,7 @@ const KEYS: &[&str] = &[
     "reconnect_max_secs",
     "model_cache",
     "log_format",
+    "fetch_base_models",
 ];
 
 /// Everything the site daemon reads at start.
@@ -64,6 +66,12 @@ pub struct SiteConfig {
     /// Datasets by the name run specs use. Only names and column headers ever leave the site.
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetConfig>,
+    /// Pre-trained base models by the name run specs use (Hugging Face layout directories).
+    /// A run's pinned weights hash is checked against the directory before any training.
+    #[serde(default)]
+    pub base_models: BTreeMap<String, PathBuf>,
+    /// Fetch a base model this site lacks from the coordinator, verified by hash.
+    pub fetch_base_models: bool,
 }
 
 impl SiteConfig {
@@ -76,6 +84,11 @@ impl SiteConfig {
             for ds in cfg.datasets.values_mut() {
                 if ds.path.is_relative() {
                     ds.path = base.join(&ds.path);
+                }
+            }
+            for dir in cfg.base_models.values_mut() {
+                if dir.is_relative() {
+                    *dir = base.join(&*dir);
                 }
             }
         }
@@ -117,10 +130,10 @@ impl SiteConfig {
             return bad("log_format", "must be `text` or `json`".into());
         }
         for (name, ds) in &self.datasets {
-            if ds.format != "csv" {
+            if !matches!(ds.format.as_str(), "csv" | "jsonl") {
                 return bad(
                     &format!("datasets.{name}.format"),
-                    format!("`{}` is not supported (use `csv`)", ds.format),
+                    format!("`{}` is not supported (use `csv` or `jsonl`)", ds.format),
                 );
             }
         }

@@ -6,8 +6,10 @@
 //! - [`daemon`]: [`run`], the connect / register / poll loop with backoff.
 //! - [`worker`]: doing a train or evaluate task.
 //! - [`cache`]: verified, resumable downloads of global models.
+//! - [`base_fetch`]: fetching a pinned base model from the coordinator.
 //! - [`client`]: the identified gRPC client; [`identity`]: the site's token and run history.
 
+pub mod base_fetch;
 pub mod cache;
 pub mod client;
 pub mod config;

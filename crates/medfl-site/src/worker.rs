@@ -9,7 +9,10 @@ use medfl_audit::{AuditLog, Event};
 use medfl_core::safetensors::{decode, encode};
 use medfl_core::spec::RunSpec;
 use medfl_proto::v1;
-use medfl_train::{model_for_run, Examples, Standardizer, Table, TrainError, TrainOptions};
+use medfl_train::{
+    model_for_run, BaseModels, Data, LocalModel, Standardizer, Table, TextTable, TrainError,
+    TrainOptions,
+};
 use serde_json::json;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
@@ -20,11 +23,45 @@ use crate::config::SiteConfig;
 use crate::identity::SiteState;
 use crate::SiteError;
 
-/// A run's data at this site, split and standardised with this site's own statistics.
+/// A run's data at this site, split (and for tables standardised with this site's own
+/// statistics), and its model.
 struct Prepared {
     spec: RunSpec,
-    train: Examples,
-    validation: Examples,
+    model: Arc<dyn LocalModel>,
+    train: Data,
+    validation: Data,
+}
+
+/// A dataset the site holds.
+enum Dataset {
+    /// A CSV table.
+    Table(Table),
+    /// A JSON-lines file of records.
+    Text(TextTable),
+}
+
+impl Dataset {
+    fn load(format: &str, path: &std::path::Path) -> Result<Self, TrainError> {
+        Ok(match format {
+            "jsonl" => Dataset::Text(TextTable::load_jsonl(path)?),
+            _ => Dataset::Table(Table::load_csv(path)?),
+        })
+    }
+
+    /// Column headers, or the field names of a JSON-lines file.
+    fn columns(&self) -> &[String] {
+        match self {
+            Dataset::Table(t) => t.columns(),
+            Dataset::Text(t) => t.fields(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Dataset::Table(t) => t.len(),
+            Dataset::Text(t) => t.len(),
+        }
+    }
 }
 
 /// Cancellation flags of the runs being worked on, shared with the heartbeat task.
@@ -33,7 +70,9 @@ pub type CancelFlags = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
 /// The site's worker: its data, state and model cache.
 pub struct Worker {
     config: SiteConfig,
-    datasets: BTreeMap<String, Table>,
+    datasets: BTreeMap<String, Dataset>,
+    /// Base models: configured by name, or fetched by hash into `data_dir/base-models`.
+    bases: BaseModels,
     state: SiteState,
     cache: ModelCache,
     prepared: HashMap<String, Arc<Prepared>>,
@@ -62,13 +101,18 @@ impl Worker {
             .map_err(|e| SiteError::Config(format!("audit log: {e}")))?;
         let mut datasets = BTreeMap::new();
         for (name, ds) in &config.datasets {
-            let table = Table::load_csv(&ds.path)?;
-            info!(site = %config.name, dataset = %name, rows = table.len(), columns = table.columns().len(), "dataset loaded");
-            datasets.insert(name.clone(), table);
+            let data = Dataset::load(&ds.format, &ds.path)?;
+            info!(site = %config.name, dataset = %name, rows = data.len(), columns = data.columns().len(), "dataset loaded");
+            datasets.insert(name.clone(), data);
         }
+        let bases = BaseModels::new(
+            config.base_models.clone(),
+            Some(config.data_dir.join("base-models")),
+        );
         Ok(Self {
             config,
             datasets,
+            bases,
             state,
             cache,
             prepared: HashMap::new(),
@@ -103,32 +147,96 @@ impl Worker {
     pub fn dataset_schemas(&self) -> Vec<v1::DatasetSchema> {
         self.datasets
             .iter()
-            .map(|(name, t)| v1::DatasetSchema {
+            .map(|(name, d)| v1::DatasetSchema {
                 name: name.clone(),
-                columns: t.columns().to_vec(),
-                rows: t.len() as u64,
+                columns: d.columns().to_vec(),
+                rows: d.len() as u64,
             })
             .collect()
     }
 
-    fn prepare(&mut self, task: &v1::Task) -> Result<Arc<Prepared>, SiteError> {
+    /// Makes sure the base model a run pins is here, fetching it from the coordinator when the
+    /// site has none under that name and the config allows it. A configured directory whose
+    /// weights differ is refused (by [`BaseModels::locate`]), never replaced.
+    async fn ensure_base(&mut self, client: &mut Client, spec: &RunSpec) -> Result<(), SiteError> {
+        let Some(encoder) = spec.encoder() else {
+            return Ok(());
+        };
+        let (name, sha) = (encoder.base.clone(), encoder.base_sha256.clone());
+        if self.bases.locate(&name, &sha)?.is_some() {
+            return Ok(());
+        }
+        let Some(dest) = self.bases.fetched_dir(&sha) else {
+            return Ok(());
+        };
+        if !self.config.fetch_base_models {
+            return Err(SiteError::Task(format!(
+                "no base model `{name}` with weights {sha} at this site, and fetching base \
+                 models is off (`fetch_base_models`); list it under [base_models]"
+            )));
+        }
+        info!(site = %self.config.name, model = %name, sha256 = %sha, "fetching base model from the coordinator");
+        let bytes = crate::base_fetch::fetch_base_model(client, &name, &sha, &dest).await?;
+        self.audit(Event::new(
+            "base_model_received",
+            json!({
+                "from": self.config.coordinator,
+                "name": name,
+                "weights_sha256": sha,
+                "bytes": bytes,
+            }),
+        ));
+        Ok(())
+    }
+
+    fn prepare(&mut self, task: &v1::Task, spec: RunSpec) -> Result<Arc<Prepared>, SiteError> {
         if let Some(p) = self.prepared.get(&task.run_id) {
             return Ok(p.clone());
         }
-        let spec = RunSpec::from_toml(&task.spec_toml)?;
-        let table = self.datasets.get(&spec.task.dataset).ok_or_else(|| {
+        let dataset = self.datasets.get(&spec.task.dataset).ok_or_else(|| {
             SiteError::Task(format!(
                 "site `{}` has no dataset named `{}`",
                 self.config.name, spec.task.dataset
             ))
         })?;
-        let examples = table.examples(&spec.task.features, &spec.task.label, &spec.task.labels)?;
         let seed = spec.seed ^ fnv1a(&self.config.name);
-        let (train, validation) = examples.split(spec.task.validation_fraction, seed);
-        let scaler = Standardizer::fit(&train);
+        let t = &spec.task;
+        let (train, validation) = match (dataset, &t.text) {
+            (Dataset::Table(table), None) => {
+                let examples = table.examples(&t.features, &t.label, &t.labels)?;
+                let (train, validation) = examples.split(t.validation_fraction, seed);
+                let scaler = Standardizer::fit(&train);
+                (
+                    Data::Table(scaler.apply(&train)),
+                    Data::Table(scaler.apply(&validation)),
+                )
+            }
+            (Dataset::Text(table), Some(text)) => {
+                let (examples, skipped) = table.examples(text, &t.label, &t.labels)?;
+                if skipped.total() > 0 {
+                    warn!(run = %task.run_id, site = %self.config.name, file = %table.path().display(), "skipped lines: {skipped}");
+                }
+                let (train, validation) = examples.split(t.validation_fraction, seed);
+                (Data::Text(train), Data::Text(validation))
+            }
+            (Dataset::Table(_), Some(_)) => {
+                return Err(SiteError::Task(format!(
+                    "dataset `{}` is a CSV table; a text task needs a `jsonl` dataset",
+                    t.dataset
+                )))
+            }
+            (Dataset::Text(_), None) => {
+                return Err(SiteError::Task(format!(
+                    "dataset `{}` is JSON lines; a tabular task needs a `csv` dataset",
+                    t.dataset
+                )))
+            }
+        };
+        let model: Arc<dyn LocalModel> = Arc::from(model_for_run(&spec, &self.bases)?);
         let prepared = Arc::new(Prepared {
-            train: scaler.apply(&train),
-            validation: scaler.apply(&validation),
+            model,
+            train,
+            validation,
             spec,
         });
         info!(
@@ -199,7 +307,14 @@ impl Worker {
     }
 
     async fn execute(&mut self, client: &mut Client, task: &v1::Task) -> Result<(), SiteError> {
-        let prepared = self.prepare(task)?;
+        let prepared = match self.prepared.get(&task.run_id) {
+            Some(p) => p.clone(),
+            None => {
+                let spec = RunSpec::from_toml(&task.spec_toml)?;
+                self.ensure_base(client, &spec).await?;
+                self.prepare(task, spec)?
+            }
+        };
         let cancel = self.cancel_flag(&task.run_id);
         let (bytes, downloaded) = self
             .cache
@@ -244,8 +359,7 @@ impl Worker {
         info!(run = %run, round, site = %site, examples = prepared.train.len(), "training");
         let started = std::time::Instant::now();
         let (report, distance) = tokio::task::spawn_blocking(move || {
-            let model = model_for_run(&prepared.spec);
-            let report = model.train(&global, &prepared.train, &opts, &cancel, &mut |p| {
+            let report = prepared.model.train(&global, &prepared.train, &opts, &cancel, &mut |p| {
                 debug!(run = %run, round, site = %site, step = p.step, of = p.total_steps, loss = p.loss, "training progress");
             })?;
             let distance = l2_distance(&report.params, &global);
@@ -318,7 +432,7 @@ impl Worker {
         global: medfl_core::ModelParams,
     ) -> Result<(), SiteError> {
         let report = tokio::task::spawn_blocking(move || {
-            model_for_run(&prepared.spec).evaluate(&global, &prepared.validation)
+            prepared.model.evaluate(&global, &prepared.validation)
         })
         .await
         .map_err(|e| SiteError::Task(format!("evaluation task: {e}")))??;

@@ -23,8 +23,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor, D};
+use medfl_core::selection::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -93,7 +95,70 @@ fn default_position_embedding_type() -> String {
     "absolute".into()
 }
 
+/// The projection a LoRA target names (`query`, `value`, `attention.output`, ...), relative to
+/// `encoder.layer.{i}`.
+pub fn lora_target_path(target: &str) -> Option<&'static str> {
+    Some(match target {
+        "query" => PROJECTIONS[0],
+        "key" => PROJECTIONS[1],
+        "value" => PROJECTIONS[2],
+        "attention.output" => PROJECTIONS[3],
+        "intermediate" => PROJECTIONS[4],
+        "output" => PROJECTIONS[5],
+        _ => return None,
+    })
+}
+
 impl BertConfig {
+    /// `[out, in]` of the projection at `path` (one of [`PROJECTIONS`]).
+    pub fn projection_shape(&self, path: &str) -> Option<[usize; 2]> {
+        let (h, m) = (self.hidden_size, self.intermediate_size);
+        Some(match path {
+            p if p == PROJECTIONS[4] => [m, h],
+            p if p == PROJECTIONS[5] => [h, m],
+            p if PROJECTIONS.contains(&p) => [h, h],
+            _ => return None,
+        })
+    }
+
+    /// Names and shapes of every tensor of layer `i`, in checkpoint naming.
+    pub fn layer_tensors(&self, i: usize) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let mut out = Vec::new();
+        for path in PROJECTIONS {
+            let [o, inp] = self.projection_shape(path).unwrap_or([h, h]);
+            out.push((format!("encoder.layer.{i}.{path}.weight"), vec![o, inp]));
+            out.push((format!("encoder.layer.{i}.{path}.bias"), vec![o]));
+        }
+        for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            for part in ["weight", "bias"] {
+                out.push((format!("encoder.layer.{i}.{norm}.{part}"), vec![h]));
+            }
+        }
+        out
+    }
+
+    /// Names and shapes of the embedding tensors, in checkpoint naming.
+    pub fn embedding_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![self.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![self.max_position_embeddings, h],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![self.type_vocab_size, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ]
+    }
+
     /// Reads and checks a `config.json`; errors name the file and the offending key's line.
     pub fn from_file(path: &Path) -> Result<Self, TrainError> {
         let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
@@ -166,11 +231,83 @@ fn line_of(text: &str, key: &str) -> u64 {
 }
 
 /// A dense layer `y = x Wᵀ + b` on the last dimension, with `W` of shape `[out, in]` as in
-/// PyTorch's `nn.Linear`. All of the encoder's dense layers are of this type.
+/// PyTorch's `nn.Linear`. All of the encoder's dense layers are of this type, and any of them
+/// can carry a [`LoraAdapter`].
 #[derive(Debug, Clone)]
 pub struct Projection {
     weight: Tensor,
     bias: Option<Tensor>,
+    adapter: Option<LoraAdapter>,
+}
+
+/// A low-rank adapter (Hu et al. 2021) on a projection: the layer computes
+/// `x Wᵀ + b + scale · dropout(x) Aᵀ Bᵀ`, with `A` of shape `[rank, in]` and `B` `[out, rank]`,
+/// as PEFT's `lora_A` / `lora_B`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: Option<Arc<Dropout>>,
+}
+
+impl LoraAdapter {
+    /// An adapter of `A` and `B` scaled by `scale` (`alpha / rank`), without dropout.
+    pub fn new(a: Tensor, b: Tensor, scale: f64) -> Self {
+        Self {
+            a,
+            b,
+            scale,
+            dropout: None,
+        }
+    }
+
+    /// The same adapter dropping its input with probability `p` (when above 0), with masks drawn
+    /// from `seed`, so a retried round trains identically.
+    pub fn with_dropout(mut self, p: f32, seed: u64) -> Self {
+        self.dropout = (p > 0.0).then(|| {
+            Arc::new(Dropout {
+                p,
+                rng: Mutex::new(SplitMix64::new(seed)),
+            })
+        });
+        self
+    }
+
+    /// `scale · B A`, the adapter's change to the `[out, in]` weight.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scale
+    }
+}
+
+/// Seeded inverted dropout: zeroes each value with probability `p`, scales the rest by
+/// `1 / (1 - p)`.
+#[derive(Debug)]
+pub struct Dropout {
+    p: f32,
+    rng: Mutex<SplitMix64>,
+}
+
+impl Dropout {
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = {
+            let mut rng = match self.rng.lock() {
+                Ok(rng) => rng,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            (0..x.elem_count())
+                .map(|_| {
+                    if (rng.next_f64() as f32) < self.p {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect()
+        };
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
 }
 
 impl Projection {
@@ -182,7 +319,35 @@ impl Projection {
                 candle_core::bail!("bias of shape {:?} for {out} outputs", b.dims());
             }
         }
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            adapter: None,
+        })
+    }
+
+    /// Attaches (or with `None` removes) a low-rank adapter; its shapes must fit the weight.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<(), TrainError> {
+        if let Some(l) = &adapter {
+            let (rank, inp) = l.a.dims2()?;
+            let (out, rank_b) = l.b.dims2()?;
+            if inp != self.in_features() || out != self.out_features() || rank != rank_b {
+                return Err(TrainError::Weights(format!(
+                    "adapter A {:?} and B {:?} do not fit a [{}, {}] weight",
+                    l.a.dims(),
+                    l.b.dims(),
+                    self.out_features(),
+                    self.in_features()
+                )));
+            }
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// The adapter, if one is attached.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
     }
 
     /// The `[out, in]` weight.
@@ -221,6 +386,15 @@ impl Module for Projection {
         let mut y = rows.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
+        }
+        if let Some(lora) = &self.adapter {
+            let input = match &lora.dropout {
+                Some(d) => d.apply(&rows)?,
+                None => rows,
+            };
+            // Two thin products (rows × rank, then rank × out) rather than forming B A.
+            let low = input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
+            y = (y + (low * lora.scale)?)?;
         }
         let mut shape = lead.to_vec();
         shape.push(self.out_features());
@@ -290,6 +464,7 @@ impl Weights<'_> {
         Ok(Projection {
             weight: self.get(&format!("{prefix}.weight"), &[out, inp])?,
             bias: Some(self.get(&format!("{prefix}.bias"), &[out])?),
+            adapter: None,
         })
     }
 }
@@ -325,7 +500,7 @@ impl Embeddings {
 }
 
 /// Where each layer's projections live, relative to `encoder.layer.{i}`.
-const PROJECTIONS: [&str; 6] = [
+pub const PROJECTIONS: [&str; 6] = [
     "attention.self.query",
     "attention.self.key",
     "attention.self.value",

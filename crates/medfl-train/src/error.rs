@@ -26,6 +26,9 @@ pub enum TrainError {
     /// The data cannot serve the task (too few rows, a missing column).
     #[error("{0}")]
     Task(String),
+    /// A base model is missing here or is not the one a run pins.
+    #[error("{0}")]
+    BaseModel(String),
     /// The weights do not fit the model.
     #[error("model weights: {0}")]
     Weights(String),

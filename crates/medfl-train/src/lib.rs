@@ -1,23 +1,40 @@
 //! Local training for medfl sites, on candle: data loading, models and the training loop.
 //!
 //! # Layout
-//! - [`bert`]: a BERT text encoder; every dense layer in it is a [`bert::Projection`].
+//! - [`base`]: pre-trained base models on disk, found by name and pinned by weights hash.
+//! - [`bert`]: a BERT text encoder; every dense layer in it is a [`bert::Projection`] that can
+//!   carry a LoRA adapter.
+//! - [`classifier`]: a text classifier on a base encoder (LoRA, head or full fine-tuning).
 //! - [`data`]: CSV tables, labelled examples, splits and per-site standardisation.
-//! - [`model`]: the [`LocalModel`] trait the round engine trains through, and [`build_model`].
+//! - [`export`]: adapter files with their run spec, and adapters merged into the base.
+//! - [`fit`]: the training loop every model shares.
+//! - [`model`]: the [`LocalModel`] trait the round engine trains through, and [`model_for_run`].
 //! - [`mlp`]: a multi-layer perceptron / logistic regression on tabular features.
 //! - [`params`]: moving weights between [`medfl_core::ModelParams`] and candle tensors.
+//! - [`testing`]: a tiny random BERT on disk, for tests and benchmarks.
+//! - [`text_data`]: JSON-lines text datasets and labelled texts.
 //! - [`tokenize`]: text to padded token-id batches with a Hugging Face `tokenizer.json`.
 
+pub mod base;
 pub mod bert;
+pub mod classifier;
 pub mod data;
 pub mod error;
+pub mod export;
+pub mod fit;
 pub mod mlp;
 pub mod model;
 pub mod params;
+pub mod testing;
+pub mod text_data;
 pub mod tokenize;
 
+pub use base::{BaseModel, BaseModels};
+pub use classifier::TextClassifier;
 pub use data::{label_skew_partition, Examples, Standardizer, Table};
 pub use error::TrainError;
 pub use model::{
-    build_model, model_for_run, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport,
+    build_model, model_for_run, Data, EvalReport, LocalModel, TrainOptions, TrainProgress,
+    TrainReport,
 };
+pub use text_data::{TextExamples, TextTable};

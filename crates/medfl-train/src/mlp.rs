@@ -2,22 +2,17 @@
 //! logistic regression. Weights are `layers.{i}.weight` (`[out, in]`) and `layers.{i}.bias`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer as _, ParamsAdamW, SGD};
+use candle_core::{Device, Tensor, D};
 use medfl_core::metrics;
 use medfl_core::selection::SplitMix64;
-use medfl_core::spec::Optimizer;
 use medfl_core::{ModelParams, ModelSchema, NamedTensor, TensorSpec};
 
-use crate::data::permutation;
-use crate::model::{EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
+use crate::fit::fit;
+use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
 use crate::{Examples, TrainError};
-
-/// One optimiser step on a loss.
-type StepFn = dyn FnMut(&Tensor) -> candle_core::Result<()>;
 
 /// Rows scored at once during evaluation, to bound memory.
 const EVAL_BATCH: usize = 4096;
@@ -134,12 +129,13 @@ impl LocalModel for Mlp {
     fn train(
         &self,
         start: &ModelParams,
-        data: &Examples,
+        data: &Data,
         opts: &TrainOptions,
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(TrainProgress),
     ) -> Result<TrainReport, TrainError> {
         self.check(start)?;
+        let data = data.table()?;
         if data.is_empty() {
             return Err(TrainError::Task("no training examples".into()));
         }
@@ -152,99 +148,33 @@ impl LocalModel for Mlp {
         let device = Device::Cpu;
         let vars = to_vars(start, &device)?;
         let slots = self.layer_slots();
-        let n = data.len();
-        let batch = opts.batch_size.clamp(1, n);
-        let steps_per_epoch = n.div_ceil(batch) as u64;
-        let total_steps = if opts.steps > 0 {
-            u64::from(opts.steps)
-        } else {
-            u64::from(opts.epochs.max(1)) * steps_per_epoch
-        };
-        let mut optimizer: Box<StepFn> = match opts.optimizer {
-            Optimizer::Sgd => {
-                let mut sgd = SGD::new(vars.clone(), opts.learning_rate)?;
-                Box::new(move |loss| sgd.backward_step(loss))
-            }
-            Optimizer::Adamw => {
-                let params = ParamsAdamW {
-                    lr: opts.learning_rate,
-                    weight_decay: opts.weight_decay,
-                    ..Default::default()
-                };
-                let mut adam = AdamW::new(vars.clone(), params)?;
-                Box::new(move |loss| adam.backward_step(loss))
-            }
-        };
         let weight_slots: Vec<usize> = slots.iter().map(|&(w, _)| w).collect();
-        // FedProx anchors: the weights this round started from, held constant.
-        let anchors: Vec<Tensor> = if opts.proximal_mu > 0.0 {
-            start
-                .tensors
-                .iter()
-                .map(|t| Tensor::from_slice(&t.data, t.shape.as_slice(), &device))
-                .collect::<Result<_, _>>()?
-        } else {
-            Vec::new()
-        };
-        let mut loss_sum = 0.0f64;
-        let mut order = Vec::new();
-        let mut rng = SplitMix64::new(opts.seed);
-        for step in 0..total_steps {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(TrainError::Cancelled);
-            }
-            let pos = (step % steps_per_epoch) as usize * batch;
-            if pos == 0 {
-                order = permutation(n, rng.next_u64());
-            }
-            let idx = &order[pos..(pos + batch).min(n)];
-            let (x, y) = batch_tensors(&data.select(idx), &device)?;
-            let tensors: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
-            let logits = self.forward(&tensors, &slots, &x)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let loss_value = loss.to_scalar::<f32>()?;
-            if !loss_value.is_finite() {
-                return Err(TrainError::Diverged {
-                    step,
-                    loss: loss_value,
-                });
-            }
-            let mut objective = loss;
-            if opts.optimizer == Optimizer::Sgd && opts.weight_decay > 0.0 {
-                let mut l2 = Tensor::zeros((), DType::F32, &device)?;
-                for &w in &weight_slots {
-                    l2 = (l2 + tensors[w].sqr()?.sum_all()?)?;
-                }
-                objective = (objective + (l2 * (opts.weight_decay / 2.0))?)?;
-            }
-            if !anchors.is_empty() {
-                let mut prox = Tensor::zeros((), DType::F32, &device)?;
-                for (w, a) in tensors.iter().zip(&anchors) {
-                    prox = (prox + (*w - a)?.sqr()?.sum_all()?)?;
-                }
-                objective = (objective + (prox * (opts.proximal_mu / 2.0))?)?;
-            }
-            optimizer(&objective)?;
-            loss_sum += f64::from(loss_value);
-            if step % 10 == 9 || step + 1 == total_steps {
-                progress(TrainProgress {
-                    step: step + 1,
-                    total_steps,
-                    loss: loss_value,
-                });
-            }
-        }
-        let tensors: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let tensor_refs: Vec<&Tensor> = tensors.iter().collect();
+        let fitted = fit(
+            &vars,
+            &weight_slots,
+            data.len(),
+            opts,
+            cancel,
+            progress,
+            &mut |idx| {
+                let (x, y) = batch_tensors(&data.select(idx), &device)?;
+                let logits = self.forward(&tensor_refs, &slots, &x)?;
+                Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
+            },
+        )?;
         Ok(TrainReport {
-            params: from_tensors(start, &tensors)?,
-            examples: n as u64,
-            steps: total_steps,
-            mean_loss: loss_sum / total_steps.max(1) as f64,
+            params: from_tensors(start, &tensor_refs)?,
+            examples: data.len() as u64,
+            steps: fitted.steps,
+            mean_loss: fitted.mean_loss,
         })
     }
 
-    fn evaluate(&self, params: &ModelParams, data: &Examples) -> Result<EvalReport, TrainError> {
+    fn evaluate(&self, params: &ModelParams, data: &Data) -> Result<EvalReport, TrainError> {
         self.check(params)?;
+        let data = data.table()?;
         let device = Device::Cpu;
         let weights: Vec<Tensor> = params
             .tensors
@@ -288,9 +218,10 @@ impl LocalModel for Mlp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medfl_core::spec::Optimizer;
 
     /// Two Gaussian blobs: class 1 centred at +1, class 0 at -1, in 3 dimensions.
-    fn blobs(n: usize, seed: u64) -> Examples {
+    fn blobs(n: usize, seed: u64) -> Data {
         let mut rng = SplitMix64::new(seed);
         let mut features = Vec::new();
         let mut labels = Vec::new();
@@ -302,11 +233,11 @@ mod tests {
             }
             labels.push(class);
         }
-        Examples {
+        Data::Table(Examples {
             features,
             labels,
             n_features: 3,
-        }
+        })
     }
 
     fn opts() -> TrainOptions {

@@ -7,7 +7,54 @@ use std::sync::atomic::AtomicBool;
 use medfl_core::spec::{ModelSpec, Optimizer, RunSpec};
 use medfl_core::{ModelParams, ModelSchema};
 
+use crate::base::BaseModels;
+use crate::classifier::TextClassifier;
+use crate::text_data::TextExamples;
 use crate::{Examples, TrainError};
+
+/// What a site trains and evaluates on: feature rows or labelled texts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Data {
+    /// Standardised feature rows.
+    Table(Examples),
+    /// Labelled texts.
+    Text(TextExamples),
+}
+
+impl Data {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        match self {
+            Data::Table(e) => e.len(),
+            Data::Text(e) => e.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The feature rows, or an error for a tabular model given text.
+    pub fn table(&self) -> Result<&Examples, TrainError> {
+        match self {
+            Data::Table(e) => Ok(e),
+            Data::Text(_) => Err(TrainError::Task(
+                "a tabular model was given text examples".into(),
+            )),
+        }
+    }
+
+    /// The texts, or an error for a text model given feature rows.
+    pub fn text(&self) -> Result<&TextExamples, TrainError> {
+        match self {
+            Data::Text(e) => Ok(e),
+            Data::Table(_) => Err(TrainError::Task(
+                "a text model was given feature rows".into(),
+            )),
+        }
+    }
+}
 
 /// How one site trains for one round.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,27 +139,46 @@ pub trait LocalModel: Send + Sync {
     fn train(
         &self,
         start: &ModelParams,
-        data: &Examples,
+        data: &Data,
         opts: &TrainOptions,
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(TrainProgress),
     ) -> Result<TrainReport, TrainError>;
     /// Scores `params` on `data`.
-    fn evaluate(&self, params: &ModelParams, data: &Examples) -> Result<EvalReport, TrainError>;
+    fn evaluate(&self, params: &ModelParams, data: &Data) -> Result<EvalReport, TrainError>;
 }
 
-/// The model a run spec names, for `n_features` inputs and `n_classes` outputs.
-pub fn build_model(spec: &ModelSpec, n_features: usize, n_classes: usize) -> Box<dyn LocalModel> {
+/// A tabular model of a run spec's family, for `n_features` inputs and `n_classes` outputs.
+pub fn build_model(
+    spec: &ModelSpec,
+    n_features: usize,
+    n_classes: usize,
+) -> Result<Box<dyn LocalModel>, TrainError> {
     match spec {
-        ModelSpec::Mlp { hidden } => Box::new(crate::mlp::Mlp::new(n_features, hidden, n_classes)),
+        ModelSpec::Mlp { hidden } => Ok(Box::new(crate::mlp::Mlp::new(
+            n_features, hidden, n_classes,
+        ))),
+        ModelSpec::Bert(_) => Err(TrainError::Task(
+            "a text model needs its base model: use model_for_run".into(),
+        )),
     }
 }
 
-/// The model of a whole run spec.
-pub fn model_for_run(spec: &RunSpec) -> Box<dyn LocalModel> {
-    build_model(
-        &spec.model,
-        spec.task.features.len(),
-        spec.task.labels.len(),
-    )
+/// The model of a whole run spec; a pre-trained encoder comes from `bases`, checked against
+/// the hash the spec pins.
+pub fn model_for_run(
+    spec: &RunSpec,
+    bases: &BaseModels,
+) -> Result<Box<dyn LocalModel>, TrainError> {
+    match &spec.model {
+        ModelSpec::Bert(encoder) => {
+            let base = bases.resolve(&encoder.base, &encoder.base_sha256)?;
+            Ok(Box::new(TextClassifier::new(
+                base,
+                encoder.clone(),
+                spec.task.labels.len(),
+            )?))
+        }
+        other => build_model(other, spec.task.features.len(), spec.task.labels.len()),
+    }
 }

@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
-use medfl_train::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel, HiddenAct};
+use medfl_train::bert::{cls_pool, l2_normalize, mean_pool, BertConfig, BertModel};
+use medfl_train::testing::{tiny_config, tiny_tensors};
 use medfl_train::tokenize::TextTokenizer;
 use serde_json::Value;
 
@@ -199,83 +200,6 @@ fn minilm_matches_transformers() {
     assert_eq!(cut.input_ids[0], expected);
 }
 
-/// Deterministic pseudo-random values in [-scale, scale].
-fn filled(shape: &[usize], seed: f32, scale: f32, offset: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n)
-        .map(|i| offset + scale * ((i as f32 * 0.618_034 + seed) * 12.9898).sin())
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).expect("a tensor")
-}
-
-fn tiny_config() -> BertConfig {
-    BertConfig {
-        model_type: "bert".into(),
-        vocab_size: 100,
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        intermediate_size: 64,
-        hidden_act: HiddenAct::Gelu,
-        max_position_embeddings: 16,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-        pad_token_id: 0,
-        position_embedding_type: "absolute".into(),
-    }
-}
-
-/// Every tensor a transformers `BertModel` checkpoint of `c` holds (without the pooler).
-fn tiny_tensors(c: &BertConfig) -> HashMap<String, Tensor> {
-    let (h, m) = (c.hidden_size, c.intermediate_size);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        (
-            "embeddings.word_embeddings.weight".into(),
-            vec![c.vocab_size, h],
-        ),
-        (
-            "embeddings.position_embeddings.weight".into(),
-            vec![c.max_position_embeddings, h],
-        ),
-        (
-            "embeddings.token_type_embeddings.weight".into(),
-            vec![c.type_vocab_size, h],
-        ),
-        ("embeddings.LayerNorm.weight".into(), vec![h]),
-        ("embeddings.LayerNorm.bias".into(), vec![h]),
-    ];
-    for i in 0..c.num_hidden_layers {
-        let p = format!("encoder.layer.{i}");
-        for (name, out, inp) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", m, h),
-            ("output.dense", h, m),
-        ] {
-            shapes.push((format!("{p}.{name}.weight"), vec![out, inp]));
-            shapes.push((format!("{p}.{name}.bias"), vec![out]));
-        }
-        for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            shapes.push((format!("{p}.{name}.weight"), vec![h]));
-            shapes.push((format!("{p}.{name}.bias"), vec![h]));
-        }
-    }
-    shapes
-        .into_iter()
-        .enumerate()
-        .map(|(k, (name, shape))| {
-            let t = if name.contains("LayerNorm.weight") {
-                filled(&shape, k as f32, 0.1, 1.0)
-            } else {
-                filled(&shape, k as f32, 0.3, 0.0)
-            };
-            (name, t)
-        })
-        .collect()
-}
-
 fn write_model(dir: &Path, config: &BertConfig, tensors: &HashMap<String, Tensor>) {
     std::fs::write(
         dir.join("config.json"),
@@ -299,7 +223,7 @@ fn tiny_model_runs_and_padding_does_not_leak() {
     let (_dir, model) = tiny_model();
     let dev = Device::Cpu;
     let short = [5u32, 17, 42, 9, 3];
-    let long = [5u32, 88, 23, 61, 7, 14, 99, 3];
+    let long = [5u32, 58, 23, 61, 7, 14, 65, 3];
     let padded = [5u32, 17, 42, 9, 3, 0, 0, 0];
     let ids = Tensor::new(&[padded, long], &dev).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 0, 0, 0], [1; 8]], &dev).unwrap();
@@ -329,7 +253,7 @@ fn tiny_model_runs_and_padding_does_not_leak() {
     let h: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
     assert!(h.iter().all(|x| x.is_finite()));
     // Too long for the position table, or a mask that does not fit: errors, not panics.
-    let too_long = Tensor::zeros((1, 17), DType::U32, &dev).unwrap();
+    let too_long = Tensor::zeros((1, 65), DType::U32, &dev).unwrap();
     assert!(model.forward(&too_long, &too_long).is_err());
     assert!(model.forward(&ids, &alone_mask).is_err());
 }

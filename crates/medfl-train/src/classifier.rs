@@ -1,0 +1,461 @@
+//! A text classifier on a frozen pre-trained encoder: LoRA adapters, the top layers or only a
+//! linear head train, and only those tensors travel.
+//!
+//! Trainable tensors are named as the base checkpoint names its weights, so they can be merged
+//! back into it: `encoder.layer.{i}.attention.self.query.lora_A.weight` (`[rank, in]`) and
+//! `...lora_B.weight` (`[out, rank]`) for LoRA, the base's own names for `full`, and
+//! `classifier.weight` (`[classes, hidden]`) and `classifier.bias` for the head.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, D};
+use medfl_core::metrics;
+use medfl_core::selection::SplitMix64;
+use medfl_core::spec::{Adaptation, EncoderSpec, Pooling};
+use medfl_core::{ModelParams, ModelSchema, NamedTensor, TensorSpec};
+
+use crate::base::{BaseModel, Weights};
+use crate::bert::{cls_pool, lora_target_path, mean_pool, BertModel, LoraAdapter};
+use crate::fit::fit;
+use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
+use crate::params::{from_tensors, to_vars};
+use crate::text_data::TextExamples;
+use crate::TrainError;
+
+/// Texts encoded at once when no gradient is needed.
+const EVAL_BATCH: usize = 64;
+
+/// Name of the head's weight.
+pub const HEAD_WEIGHT: &str = "classifier.weight";
+/// Name of the head's bias.
+pub const HEAD_BIAS: &str = "classifier.bias";
+
+/// A classifier of `n_classes` on a base encoder, adapted as an [`EncoderSpec`] says.
+#[derive(Debug, Clone)]
+pub struct TextClassifier {
+    base: Arc<BaseModel>,
+    spec: EncoderSpec,
+    n_classes: usize,
+}
+
+/// The encoder with this round's trainable tensors in place, and the head.
+struct Assembled {
+    encoder: BertModel,
+    head_weight: Tensor,
+    head_bias: Tensor,
+}
+
+impl TextClassifier {
+    /// A classifier on `base`; fails if the spec's adaptation does not fit the architecture.
+    pub fn new(
+        base: Arc<BaseModel>,
+        spec: EncoderSpec,
+        n_classes: usize,
+    ) -> Result<Self, TrainError> {
+        let layers = base.config.num_hidden_layers as u32;
+        if let Adaptation::Full { last_layers } = spec.adaptation {
+            if last_layers > layers {
+                return Err(TrainError::Task(format!(
+                    "model.adaptation.last_layers is {last_layers}, but `{}` has {layers} layers",
+                    base.name
+                )));
+            }
+        }
+        if spec.max_seq_len as usize > base.config.max_position_embeddings {
+            return Err(TrainError::Task(format!(
+                "model.max_seq_len is {}, but `{}` has {} positions",
+                spec.max_seq_len, base.name, base.config.max_position_embeddings
+            )));
+        }
+        Ok(Self {
+            base,
+            spec,
+            n_classes,
+        })
+    }
+
+    /// The base model.
+    pub fn base(&self) -> &Arc<BaseModel> {
+        &self.base
+    }
+
+    /// `alpha / rank` for LoRA, else 0.
+    pub fn lora_scale(&self) -> f64 {
+        match &self.spec.adaptation {
+            Adaptation::Lora { rank, alpha, .. } => alpha / f64::from(*rank),
+            _ => 0.0,
+        }
+    }
+
+    /// The projections LoRA adapts, as `encoder.layer.{i}.{path}`, in layer order.
+    fn lora_projections(&self) -> Vec<String> {
+        let Adaptation::Lora { target_modules, .. } = &self.spec.adaptation else {
+            return Vec::new();
+        };
+        let paths: Vec<&str> = crate::bert::PROJECTIONS
+            .into_iter()
+            .filter(|p| {
+                target_modules
+                    .iter()
+                    .any(|t| lora_target_path(t) == Some(*p))
+            })
+            .collect();
+        (0..self.base.config.num_hidden_layers)
+            .flat_map(|i| paths.iter().map(move |p| format!("encoder.layer.{i}.{p}")))
+            .collect()
+    }
+
+    /// The base tensors `full` trains: the last `last_layers` layers, or everything.
+    fn full_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let Adaptation::Full { last_layers } = self.spec.adaptation else {
+            return Vec::new();
+        };
+        let c = &self.base.config;
+        let first = if last_layers == 0 {
+            0
+        } else {
+            c.num_hidden_layers - last_layers as usize
+        };
+        let mut out = if last_layers == 0 {
+            c.embedding_tensors()
+        } else {
+            Vec::new()
+        };
+        for i in first..c.num_hidden_layers {
+            out.extend(c.layer_tensors(i));
+        }
+        out
+    }
+
+    /// Builds the encoder with `tensors` (named as the schema) in place of or beside the base's.
+    fn assemble(
+        &self,
+        weights: &Weights,
+        tensors: &HashMap<&str, Tensor>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Assembled, TrainError> {
+        let get = |name: &str| {
+            tensors
+                .get(name)
+                .cloned()
+                .ok_or_else(|| TrainError::Weights(format!("missing tensor `{name}`")))
+        };
+        let mut encoder = match self.spec.adaptation {
+            Adaptation::Full { .. } => {
+                let mut all = weights.tensors.clone();
+                for (name, t) in tensors {
+                    all.insert((*name).to_string(), t.clone());
+                    // A checkpoint that prefixes its names with `bert.` wins the lookup.
+                    all.remove(&format!("bert.{name}"));
+                }
+                BertModel::from_tensors(self.base.config.clone(), &all, &Device::Cpu)?
+            }
+            _ => weights.encoder.clone(),
+        };
+        if let Adaptation::Lora { dropout, .. } = self.spec.adaptation {
+            let scale = self.lora_scale();
+            let wanted = self.lora_projections();
+            for (index, (name, projection)) in encoder
+                .projections_mut()
+                .into_iter()
+                .filter(|(name, _)| wanted.contains(name))
+                .enumerate()
+            {
+                let mut adapter = LoraAdapter::new(
+                    get(&format!("{name}.lora_A.weight"))?,
+                    get(&format!("{name}.lora_B.weight"))?,
+                    scale,
+                );
+                if let Some(seed) = dropout_seed {
+                    adapter = adapter.with_dropout(dropout as f32, seed ^ (index as u64) << 32);
+                }
+                projection.set_adapter(Some(adapter))?;
+            }
+        }
+        Ok(Assembled {
+            encoder,
+            head_weight: get(HEAD_WEIGHT)?,
+            head_bias: get(HEAD_BIAS)?,
+        })
+    }
+
+    /// Pooled `[batch, hidden]` encodings of `texts`.
+    fn encode(&self, encoder: &BertModel, texts: &[&str]) -> Result<Tensor, TrainError> {
+        let tokenizer = self.base.tokenizer()?;
+        let batch = tokenizer.encode_batch(texts, self.spec.max_seq_len as usize)?;
+        let device = encoder.device();
+        let mask = batch.attention_mask_tensor(device)?;
+        let ids = batch.input_ids_tensor(device)?;
+        let types = batch.token_type_ids_tensor(device)?;
+        let hidden = encoder.forward_with_token_types(&ids, Some(&types), &mask)?;
+        Ok(match self.spec.pooling {
+            Pooling::Mean => mean_pool(&hidden, &mask)?,
+            Pooling::Cls => cls_pool(&hidden)?,
+        })
+    }
+
+    fn head(a: &Assembled, pooled: &Tensor) -> candle_core::Result<Tensor> {
+        pooled
+            .matmul(&a.head_weight.t()?)?
+            .broadcast_add(&a.head_bias)
+    }
+
+    /// Class scores `[n, classes]` of `texts` under `params`, encoded in batches from the
+    /// shortest text up (less padding), returned in the order given.
+    pub fn logits(&self, params: &ModelParams, texts: &[&str]) -> Result<Tensor, TrainError> {
+        self.check(params)?;
+        let weights = self.base.weights()?;
+        let tensors = named_tensors(params)?;
+        let a = self.assemble(&weights, &tensors, None)?;
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| texts[i].len());
+        let mut parts = Vec::new();
+        for chunk in order.chunks(EVAL_BATCH) {
+            let batch: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            parts.push(Self::head(&a, &self.encode(&a.encoder, &batch)?)?);
+        }
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.n_classes),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?);
+        }
+        let sorted = Tensor::cat(&parts, 0)?;
+        let mut inverse = vec![0u32; order.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            inverse[i] = pos as u32;
+        }
+        let inverse = Tensor::from_vec(inverse, order.len(), &Device::Cpu)?;
+        Ok(sorted.index_select(&inverse, 0)?)
+    }
+
+    fn check(&self, params: &ModelParams) -> Result<(), TrainError> {
+        let want = self.schema();
+        let got = params.schema();
+        if got != want {
+            let detail = want
+                .tensors
+                .iter()
+                .find(|w| got.tensors.iter().all(|g| g != *w))
+                .map_or_else(
+                    || {
+                        format!(
+                            "{} tensors, the model has {}",
+                            got.tensors.len(),
+                            want.tensors.len()
+                        )
+                    },
+                    |w| {
+                        format!(
+                            "tensor `{}` {:?} is missing or of another shape",
+                            w.name, w.shape
+                        )
+                    },
+                );
+            return Err(TrainError::Weights(detail));
+        }
+        Ok(())
+    }
+}
+
+/// Tensors of `params` by name, on the CPU.
+fn named_tensors(params: &ModelParams) -> Result<HashMap<&str, Tensor>, TrainError> {
+    params
+        .tensors
+        .iter()
+        .map(|t| {
+            Ok((
+                t.name.as_str(),
+                Tensor::from_slice(&t.data, t.shape.as_slice(), &Device::Cpu)?,
+            ))
+        })
+        .collect()
+}
+
+fn uniform(rng: &mut SplitMix64, n: usize, bound: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+        .collect()
+}
+
+impl LocalModel for TextClassifier {
+    fn schema(&self) -> ModelSchema {
+        let c = &self.base.config;
+        let mut specs = Vec::new();
+        match &self.spec.adaptation {
+            Adaptation::Lora { rank, .. } => {
+                let rank = *rank as usize;
+                for name in self.lora_projections() {
+                    let path = name.splitn(4, '.').nth(3).unwrap_or_default();
+                    let [out, inp] = c.projection_shape(path).unwrap_or([0, 0]);
+                    specs.push(TensorSpec {
+                        name: format!("{name}.lora_A.weight"),
+                        shape: vec![rank, inp],
+                    });
+                    specs.push(TensorSpec {
+                        name: format!("{name}.lora_B.weight"),
+                        shape: vec![out, rank],
+                    });
+                }
+            }
+            Adaptation::Head => {}
+            Adaptation::Full { .. } => {
+                specs.extend(
+                    self.full_tensors()
+                        .into_iter()
+                        .map(|(name, shape)| TensorSpec { name, shape }),
+                );
+            }
+        }
+        specs.push(TensorSpec {
+            name: HEAD_WEIGHT.into(),
+            shape: vec![self.n_classes, c.hidden_size],
+        });
+        specs.push(TensorSpec {
+            name: HEAD_BIAS.into(),
+            shape: vec![self.n_classes],
+        });
+        // Names are unique by construction.
+        ModelSchema::new(specs).unwrap_or_default()
+    }
+
+    /// LoRA `A` Kaiming-uniform (PEFT's `a = sqrt(5)`: U(±1/sqrt(in))), `B` zero, so training
+    /// starts from the base exactly; the head as `nn.Linear`; `full` from the base's weights.
+    fn init(&self, seed: u64) -> Result<ModelParams, TrainError> {
+        let mut rng = SplitMix64::new(seed);
+        let weights = match self.spec.adaptation {
+            Adaptation::Full { .. } => Some(self.base.weights()?),
+            _ => None,
+        };
+        let hidden = self.base.config.hidden_size as f64;
+        let tensors = self
+            .schema()
+            .tensors
+            .into_iter()
+            .map(|spec| {
+                let n = spec.numel();
+                let data = if spec.name.ends_with(".lora_A.weight") {
+                    uniform(&mut rng, n, 1.0 / (spec.shape[1] as f64).sqrt())
+                } else if spec.name.ends_with(".lora_B.weight") {
+                    vec![0.0; n]
+                } else if spec.name == HEAD_WEIGHT || spec.name == HEAD_BIAS {
+                    uniform(&mut rng, n, 1.0 / hidden.sqrt())
+                } else {
+                    let base = weights
+                        .as_ref()
+                        .and_then(|w| w.get(&spec.name))
+                        .ok_or_else(|| {
+                            TrainError::Weights(format!("base has no tensor `{}`", spec.name))
+                        })?;
+                    base.to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                };
+                Ok(NamedTensor {
+                    name: spec.name,
+                    shape: spec.shape,
+                    data,
+                })
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        Ok(ModelParams::new(tensors)?)
+    }
+
+    fn train(
+        &self,
+        start: &ModelParams,
+        data: &Data,
+        opts: &TrainOptions,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(TrainProgress),
+    ) -> Result<TrainReport, TrainError> {
+        self.check(start)?;
+        let data = data.text()?;
+        let weights = self.base.weights()?;
+        let vars = to_vars(start, &Device::Cpu)?;
+        let tensors: HashMap<&str, Tensor> = start
+            .tensors
+            .iter()
+            .zip(&vars)
+            .map(|(t, v)| (t.name.as_str(), v.as_tensor().clone()))
+            .collect();
+        let a = self.assemble(&weights, &tensors, Some(opts.seed))?;
+        let labels = Tensor::from_slice(&data.labels, data.len(), &Device::Cpu)?;
+        // With the encoder frozen, every text is encoded once rather than once per epoch.
+        let frozen = match self.spec.adaptation {
+            Adaptation::Head => Some(self.encode_all(&a.encoder, data)?),
+            _ => None,
+        };
+        let fitted = fit(&vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
+            let rows = Tensor::from_vec(
+                idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                idx.len(),
+                &Device::Cpu,
+            )?;
+            let pooled = match &frozen {
+                Some(all) => all.index_select(&rows, 0)?,
+                None => {
+                    let texts: Vec<&str> = idx.iter().map(|&i| data.texts[i].as_str()).collect();
+                    self.encode(&a.encoder, &texts)?
+                }
+            };
+            let logits = Self::head(&a, &pooled)?;
+            let y = labels.index_select(&rows, 0)?;
+            Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
+        })?;
+        let trained: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        Ok(TrainReport {
+            params: from_tensors(start, &trained)?,
+            examples: data.len() as u64,
+            steps: fitted.steps,
+            mean_loss: fitted.mean_loss,
+        })
+    }
+
+    fn evaluate(&self, params: &ModelParams, data: &Data) -> Result<EvalReport, TrainError> {
+        let data = data.text()?;
+        let texts: Vec<&str> = data.texts.iter().map(String::as_str).collect();
+        let logits = self.logits(params, &texts)?;
+        let mut out = BTreeMap::new();
+        let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        out.insert(
+            "accuracy".to_string(),
+            metrics::accuracy(&predicted, &data.labels),
+        );
+        out.insert(
+            "macro_f1".to_string(),
+            metrics::macro_f1(&predicted, &data.labels, self.n_classes),
+        );
+        if !data.is_empty() {
+            let y = Tensor::from_slice(&data.labels, data.len(), &Device::Cpu)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+            out.insert("loss".to_string(), f64::from(loss));
+        }
+        if self.n_classes == 2 {
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+            let scores = probs.narrow(1, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(auc) = metrics::roc_auc(&scores, &data.labels) {
+                out.insert("auc".to_string(), auc);
+            }
+        }
+        Ok(EvalReport {
+            examples: data.len() as u64,
+            metrics: out,
+        })
+    }
+}
+
+impl TextClassifier {
+    /// Pooled encodings of every text, without gradients, in the data's order.
+    fn encode_all(&self, encoder: &BertModel, data: &TextExamples) -> Result<Tensor, TrainError> {
+        let mut parts = Vec::new();
+        for chunk in data.texts.chunks(EVAL_BATCH) {
+            let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            parts.push(self.encode(encoder, &texts)?.detach());
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
