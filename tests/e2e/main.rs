@@ -7,3 +7,4 @@ mod fedavg;
 mod resilience;
 mod site_input;
 mod strategies;
+mod text;

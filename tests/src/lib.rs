@@ -28,6 +28,25 @@ pub fn breast_cancer_csv() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/breast_cancer_wisconsin.csv")
 }
 
+/// The repository's copy of the ICD-10-CM descriptions labelled with their chapter.
+pub fn icd10_jsonl() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/icd10cm_chapters.jsonl")
+}
+
+/// The shared all-MiniLM-L6-v2 model, or `None` (with a notice) when this checkout has none.
+pub fn shared_minilm(test: &str) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/all-MiniLM-L6-v2");
+    if dir.join("model.safetensors").is_file() {
+        Some(dir)
+    } else {
+        println!(
+            "skipping {test}: no shared all-MiniLM-L6-v2 model at {}",
+            dir.display()
+        );
+        None
+    }
+}
+
 /// Its 30 feature columns.
 pub fn breast_cancer_features() -> Vec<String> {
     let table = Table::load_csv(&breast_cancer_csv()).expect("demo data is in the repository");
@@ -273,10 +292,24 @@ pub struct Site {
 
 /// Site configuration for tests, holding `csv` as dataset `breast_cancer`.
 pub fn site_config(name: &str, coordinator: &str, data_dir: &Path, csv: &Path) -> SiteConfig {
+    site_config_with(
+        name,
+        coordinator,
+        data_dir,
+        &format!("[datasets.breast_cancer]\npath = \"{}\"\n", csv.display()),
+    )
+}
+
+/// Site configuration for tests with `tables` (TOML: datasets, base models) appended.
+pub fn site_config_with(
+    name: &str,
+    coordinator: &str,
+    data_dir: &Path,
+    tables: &str,
+) -> SiteConfig {
     let text = format!(
-        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\ndata_dir = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_secs = 1\n\n[datasets.breast_cancer]\npath = \"{}\"\n",
+        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\ndata_dir = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_secs = 1\n\n{tables}",
         data_dir.display(),
-        csv.display()
     );
     let file = data_dir.with_extension("toml");
     std::fs::create_dir_all(data_dir).expect("site dir");
