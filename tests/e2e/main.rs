@@ -5,6 +5,7 @@ mod big_model;
 mod examples;
 mod fedavg;
 mod resilience;
+mod security;
 mod site_input;
 mod strategies;
 mod text;

@@ -170,6 +170,7 @@ pub fn test_config(data_dir: &Path) -> CoordinatorConfig {
     cfg.heartbeat_interval_secs = 1;
     cfg.site_offline_after_secs = 3;
     cfg.retain_updates = true;
+    cfg.insecure_dev = true;
     cfg
 }
 
@@ -308,8 +309,9 @@ pub fn site_config_with(
     tables: &str,
 ) -> SiteConfig {
     let text = format!(
-        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\ndata_dir = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_secs = 1\n\n{tables}",
+        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\ndata_dir = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_secs = 1\ninsecure_dev = {}\n\n{tables}",
         data_dir.display(),
+        coordinator.starts_with("http://"),
     );
     let file = data_dir.with_extension("toml");
     std::fs::create_dir_all(data_dir).expect("site dir");

@@ -1,5 +1,6 @@
 //! Connecting to the coordinator's `RunService`, and turning gRPC failures into readable errors.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -19,17 +20,105 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Largest message accepted from the coordinator; model chunks are far smaller.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Connects to the coordinator at `addr` (`http://host:port`).
+/// The files of a researcher's or operator's kit that mutual TLS needs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct TlsFiles {
+    /// The consortium CA certificate.
+    pub tls_ca: PathBuf,
+    /// The caller's certificate.
+    pub tls_cert: PathBuf,
+    /// The caller's private key.
+    pub tls_key: PathBuf,
+}
+
+/// A kit's `medfl.toml`: the coordinator's URL and the TLS files, relative to the file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KitConfig {
+    coordinator: String,
+    #[serde(flatten)]
+    tls: TlsFiles,
+}
+
+/// Where the CLI connects: the URL and, for `https`, the kit's TLS files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The coordinator's URL.
+    pub url: String,
+    /// The kit's files, for mutual TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Default coordinator URL.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+
+impl Target {
+    /// The URL given (`--coordinator`), else the kit's (`--config medfl.toml`), else the local
+    /// default; TLS files from the kit.
+    pub fn resolve(url: Option<String>, kit: Option<&Path>) -> anyhow::Result<Self> {
+        let kit = match kit {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let mut kit: KitConfig =
+                    toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                for p in [
+                    &mut kit.tls.tls_ca,
+                    &mut kit.tls.tls_cert,
+                    &mut kit.tls.tls_key,
+                ] {
+                    if p.is_relative() {
+                        *p = base.join(&*p);
+                    }
+                }
+                Some(kit)
+            }
+            None => None,
+        };
+        let url = url
+            .or_else(|| kit.as_ref().map(|k| k.coordinator.clone()))
+            .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string());
+        Ok(Self {
+            url,
+            tls: kit.map(|k| k.tls),
+        })
+    }
+
+    /// Connects to the target.
+    pub async fn connect(&self) -> anyhow::Result<RunClient> {
+        connect_with(&self.url, self.tls.as_ref()).await
+    }
+}
+
+/// Connects to the coordinator at `addr` (`http://host:port`) in plaintext.
 pub async fn connect(addr: &str) -> anyhow::Result<RunClient> {
+    connect_with(addr, None).await
+}
+
+/// Connects to the coordinator at `addr`: `https://` with a kit's `tls` files, or plaintext
+/// `http://` to a coordinator started with `--insecure-dev`.
+pub async fn connect_with(addr: &str, tls: Option<&TlsFiles>) -> anyhow::Result<RunClient> {
     let invalid = || {
         format!(
             "`{addr}` is not a valid coordinator URL (expected e.g. http://127.0.0.1:7070); \
              set it with --coordinator URL or MEDFL_COORDINATOR"
         )
     };
-    let endpoint = Endpoint::from_shared(addr.to_owned()).with_context(invalid)?;
-    if endpoint.uri().scheme_str() != Some("http") || endpoint.uri().host().is_none() {
-        anyhow::bail!("{}", invalid());
+    let mut endpoint = Endpoint::from_shared(addr.to_owned()).with_context(invalid)?;
+    let host = endpoint.uri().host().map(str::to_string);
+    let scheme = endpoint.uri().scheme_str().map(str::to_string);
+    match (scheme.as_deref(), host, tls) {
+        (Some("http"), Some(_), _) => {}
+        (Some("https"), Some(host), Some(tls)) => {
+            let config = medfl_pki::client_tls(&tls.tls_ca, &tls.tls_cert, &tls.tls_key, &host)?;
+            endpoint = endpoint.tls_config(config)?;
+        }
+        (Some("https"), Some(_), None) => anyhow::bail!(
+            "`{addr}` needs mutual TLS: pass your kit's medfl.toml with --config (or \
+             MEDFL_CONFIG)"
+        ),
+        _ => anyhow::bail!("{}", invalid()),
     }
     let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)

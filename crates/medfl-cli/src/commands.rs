@@ -89,7 +89,10 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
         return Ok(());
     };
     println!();
-    print!("{}", table::rounds_table(&detail.rounds));
+    print!(
+        "{}",
+        table::rounds_table(&detail.rounds, detail.full_model_bytes)
+    );
     println!("\nsites in round {}:", chosen.round);
     if chosen.sites.is_empty() {
         println!("no site results");

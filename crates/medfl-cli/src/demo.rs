@@ -38,15 +38,32 @@ const SEED: u64 = 42;
 /// Options of `medfl demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Number of federated rounds.
-    #[arg(long, default_value_t = 12)]
-    pub rounds: u32,
+    /// What to learn: `breast-cancer` (tabular, an MLP from scratch) or `icd10` (clinical text,
+    /// LoRA on a pre-trained encoder; needs `--model`).
+    #[arg(long, value_enum, default_value_t = DemoTask::BreastCancer)]
+    pub task: DemoTask,
+    /// Number of federated rounds (12 for breast-cancer, 3 for icd10 when absent).
+    #[arg(long)]
+    pub rounds: Option<u32>,
     /// Directory for the demo's coordinator, sites and models.
     #[arg(long, default_value = "medfl-demo")]
     pub out: PathBuf,
-    /// CSV to split between the demo sites (the bundled breast cancer data when absent).
+    /// Data to split between the demo sites (the bundled data set when absent): a CSV for
+    /// breast-cancer, JSON lines with `text` and `label` for icd10.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// icd10: the all-MiniLM-L6-v2 directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+}
+
+/// The demo's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoTask {
+    /// Breast cancer diagnosis from 30 tabular features.
+    BreastCancer,
+    /// ICD-10-CM chapter of a diagnosis description.
+    Icd10,
 }
 
 /// What the demo writes to `metrics.json`.
@@ -61,7 +78,7 @@ struct DemoMetrics {
 }
 
 #[derive(Serialize)]
-struct RoundMetrics {
+pub(crate) struct RoundMetrics {
     round: u32,
     sites: u32,
     examples: u64,
@@ -73,10 +90,11 @@ struct RoundMetrics {
 }
 
 #[derive(Serialize, Clone)]
-struct Scores {
-    accuracy: f64,
-    auc: Option<f64>,
-    train_examples: usize,
+pub(crate) struct Scores {
+    pub accuracy: f64,
+    pub auc: Option<f64>,
+    pub macro_f1: Option<f64>,
+    pub train_examples: usize,
 }
 
 fn spec_text(rounds: u32, features: &[String]) -> String {
@@ -110,7 +128,11 @@ learning_rate = 0.1
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
+    if args.task == DemoTask::Icd10 {
+        return crate::demo_text::run(args).await;
+    }
+    let rounds = args.rounds.unwrap_or(12);
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let out = args.out.canonicalize()?;
@@ -127,7 +149,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .filter(|c| c.as_str() != "diagnosis")
         .cloned()
         .collect();
-    let spec_toml = spec_text(args.rounds, &features);
+    let spec_toml = spec_text(rounds, &features);
     let spec = RunSpec::from_toml(&spec_toml)?;
 
     // Split: a held-out test set, then three hospitals with different sizes and case mixes.
@@ -144,7 +166,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "medfl demo: 1 coordinator, {} hospitals, {} rounds of federated averaging",
         HOSPITALS.len(),
-        args.rounds
+        rounds
     );
     println!("held-out test split: {} rows", parts[0].len());
     let mut site_tables = Vec::new();
@@ -163,57 +185,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         site_tables.push((name.to_string(), t));
     }
 
-    // The coordinator, on an ephemeral loopback port.
-    let mut cfg = CoordinatorConfig::defaults();
-    cfg.data_dir = out.join("coordinator");
-    cfg.heartbeat_interval_secs = 1;
-    cfg.site_offline_after_secs = 10;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop_coordinator, coordinator_stopped) = oneshot::channel::<()>();
-    let coordinator = tokio::spawn(medfl_coordinator::serve(listener, cfg, async {
-        let _ = coordinator_stopped.await;
-    }));
-
-    // The hospitals: each a site daemon with its own data directory, dialling out.
-    let mut sites = Vec::new();
-    for (name, _) in &site_tables {
-        let config = SiteConfig {
-            name: name.clone(),
-            coordinator: url.clone(),
-            data_dir: out.join("sites").join(name),
-            reconnect_min_ms: 200,
-            reconnect_max_secs: 5,
-            model_cache: 2,
-            log_format: "text".into(),
-            base_models: Default::default(),
-            fetch_base_models: false,
-            datasets: [(
-                "breast_cancer".to_string(),
-                medfl_site::config::DatasetConfig {
-                    path: data_dir.join(format!("{name}.csv")),
-                    format: "csv".into(),
-                },
-            )]
-            .into(),
-        };
-        config.validate()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (count, mut registered) = watch::channel(0u64);
-        let task = tokio::spawn(medfl_site::run_observed(
-            config,
-            async {
-                let _ = stopped.await;
-            },
-            count,
-        ));
-        registered
-            .wait_for(|n| *n > 0)
-            .await
-            .with_context(|| format!("site {name} stopped before registering"))?;
-        sites.push((stop, task));
-    }
-
+    let site_configs = site_tables
+        .iter()
+        .map(|(name, _)| {
+            site_config(
+                &out,
+                name,
+                [(
+                    "breast_cancer".to_string(),
+                    medfl_site::config::DatasetConfig {
+                        path: data_dir.join(format!("{name}.csv")),
+                        format: "csv".into(),
+                    },
+                )]
+                .into(),
+                BTreeMap::new(),
+            )
+        })
+        .collect();
+    let federation = LocalFederation::start(&out, BTreeMap::new(), site_configs).await?;
+    let url = federation.url.clone();
     let mut runs = client::connect(&url).await?;
     let run_id = runs
         .create_run(client::unary(CreateRunRequest {
@@ -234,12 +225,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         table::short_sha(&pulled.sha256)
     );
 
-    for (stop, task) in sites {
-        let _ = stop.send(());
-        task.await??;
-    }
-    let _ = stop_coordinator.send(());
-    coordinator.await??;
+    federation.stop().await?;
 
     // Compare on the held-out split: the federated model, each hospital alone, all data pooled.
     let global = decode(&std::fs::read(&model_path)?)?;
@@ -251,6 +237,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Ok(Scores {
             accuracy: m["accuracy"],
             auc: m.get("auc").copied(),
+            macro_f1: None,
             train_examples: n,
         })
     };
@@ -260,7 +247,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .map(|r| r.num_examples as usize)
         .unwrap_or(0);
     let federated = score(&global, federated_train)?;
-    let epochs = args.rounds * spec.training.local_epochs;
+    let epochs = rounds * spec.training.local_epochs;
     let mut alone = BTreeMap::new();
     let mut pooled_parts = Vec::new();
     for (name, t) in &site_tables {
@@ -309,7 +296,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let metrics_path = out.join("metrics.json");
     std::fs::write(&metrics_path, serde_json::to_string_pretty(&metrics)?)?;
     let chart_path = out.join("training_curve.svg");
-    std::fs::write(&chart_path, training_curve_svg(&detail.rounds))?;
+    std::fs::write(
+        &chart_path,
+        training_curve_svg(&detail.rounds, "auc", "AUC"),
+    )?;
     println!(
         "\nwrote {}, {} and {}",
         model_path.display(),
@@ -317,6 +307,106 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         chart_path.display()
     );
     Ok(())
+}
+
+/// A running site daemon.
+type SiteTask = tokio::task::JoinHandle<Result<(), medfl_site::SiteError>>;
+
+/// A coordinator and site daemons in this process, on loopback.
+pub(crate) struct LocalFederation {
+    /// The coordinator's URL.
+    pub url: String,
+    sites: Vec<(oneshot::Sender<()>, SiteTask)>,
+    stop_coordinator: oneshot::Sender<()>,
+    coordinator: tokio::task::JoinHandle<Result<(), medfl_coordinator::CoordinatorError>>,
+}
+
+/// A demo site named `name`, keeping its state under `out/sites/name`.
+pub(crate) fn site_config(
+    out: &Path,
+    name: &str,
+    datasets: BTreeMap<String, medfl_site::config::DatasetConfig>,
+    base_models: BTreeMap<String, PathBuf>,
+) -> SiteConfig {
+    SiteConfig {
+        name: name.to_string(),
+        coordinator: String::new(),
+        data_dir: out.join("sites").join(name),
+        reconnect_min_ms: 200,
+        reconnect_max_secs: 5,
+        model_cache: 2,
+        log_format: "text".into(),
+        base_models,
+        fetch_base_models: false,
+        datasets,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        // The demo's coordinator runs in this process on loopback.
+        insecure_dev: true,
+    }
+}
+
+impl LocalFederation {
+    /// Starts a coordinator on an ephemeral loopback port publishing `base_models`, then each
+    /// site, waiting until every one has registered.
+    pub async fn start(
+        out: &Path,
+        base_models: BTreeMap<String, PathBuf>,
+        sites: Vec<SiteConfig>,
+    ) -> anyhow::Result<Self> {
+        let mut cfg = CoordinatorConfig::defaults();
+        cfg.data_dir = out.join("coordinator");
+        cfg.heartbeat_interval_secs = 1;
+        cfg.site_offline_after_secs = 30;
+        cfg.base_models = base_models;
+        // Everything runs in this process on loopback.
+        cfg.insecure_dev = true;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop_coordinator, coordinator_stopped) = oneshot::channel::<()>();
+        let coordinator = tokio::spawn(medfl_coordinator::serve(listener, cfg, async {
+            let _ = coordinator_stopped.await;
+        }));
+        let mut running = Vec::new();
+        // Each hospital is a site daemon with its own data directory, dialling out.
+        for mut config in sites {
+            config.coordinator = url.clone();
+            config.validate()?;
+            let name = config.name.clone();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let (count, mut registered) = watch::channel(0u64);
+            let task = tokio::spawn(medfl_site::run_observed(
+                config,
+                async {
+                    let _ = stopped.await;
+                },
+                count,
+            ));
+            registered
+                .wait_for(|n| *n > 0)
+                .await
+                .with_context(|| format!("site {name} stopped before registering"))?;
+            running.push((stop, task));
+        }
+        Ok(Self {
+            url,
+            sites: running,
+            stop_coordinator,
+            coordinator,
+        })
+    }
+
+    /// Stops the sites, then the coordinator.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        for (stop, task) in self.sites {
+            let _ = stop.send(());
+            task.await??;
+        }
+        let _ = self.stop_coordinator.send(());
+        self.coordinator.await??;
+        Ok(())
+    }
 }
 
 fn examples(t: &Table, spec: &RunSpec) -> anyhow::Result<Examples> {
@@ -343,7 +433,7 @@ fn train_alone(
     Ok(report.params)
 }
 
-fn round_metrics(r: &RoundSummary) -> RoundMetrics {
+pub(crate) fn round_metrics(r: &RoundSummary) -> RoundMetrics {
     RoundMetrics {
         round: r.round,
         sites: r.sites_reported,
@@ -356,8 +446,9 @@ fn round_metrics(r: &RoundSummary) -> RoundMetrics {
     }
 }
 
-/// A small SVG chart of validation accuracy and training loss per round.
-fn training_curve_svg(rounds: &[RoundSummary]) -> String {
+/// A small SVG chart of validation accuracy, a second metric (`key`, shown as `label`) and
+/// training loss per round.
+pub(crate) fn training_curve_svg(rounds: &[RoundSummary], key: &str, label: &str) -> String {
     let (w, h, pad) = (640.0, 360.0, 48.0);
     let n = rounds.len().max(2) as f64;
     let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1.0);
@@ -372,7 +463,7 @@ fn training_curve_svg(rounds: &[RoundSummary]) -> String {
             .join(" ")
     };
     let accuracy = series(&|r| r.eval_metrics.get("accuracy").copied());
-    let auc = series(&|r| r.eval_metrics.get("auc").copied());
+    let auc = series(&|r| r.eval_metrics.get(key).copied());
     let loss = series(&|r| Some(r.train_loss / max_loss));
     let mut svg = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
@@ -384,7 +475,7 @@ fn training_curve_svg(rounds: &[RoundSummary]) -> String {
 <polyline fill="none" stroke="#2ca02c" stroke-width="2" points="{auc}"/>
 <polyline fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3" points="{loss}"/>
 <text x="{lx}" y="{ly1}" fill="#1f77b4">accuracy</text>
-<text x="{lx}" y="{ly2}" fill="#2ca02c">AUC</text>
+<text x="{lx}" y="{ly2}" fill="#2ca02c">{label}</text>
 <text x="{lx}" y="{ly3}" fill="#d62728">train loss (scaled to its max)</text>
 "##,
         b = h - pad,

@@ -1,12 +1,15 @@
 //! `medfl`: the researcher's command line for a medfl coordinator.
 
+mod adapter;
 mod aggregate;
 mod audit;
 mod client;
 mod commands;
 mod demo;
+mod demo_text;
 #[cfg(test)]
 mod mock;
+mod provision;
 mod pull;
 mod table;
 mod watch;
@@ -22,15 +25,13 @@ use medfl_proto::convert::run_status;
 #[derive(Debug, Parser)]
 #[command(name = "medfl", version, about)]
 struct Cli {
-    /// Coordinator URL.
-    #[arg(
-        long,
-        global = true,
-        env = "MEDFL_COORDINATOR",
-        default_value = "http://127.0.0.1:7070",
-        value_name = "URL"
-    )]
-    coordinator: String,
+    /// Coordinator URL [default: the kit's, else http://127.0.0.1:7070].
+    #[arg(long, global = true, env = "MEDFL_COORDINATOR", value_name = "URL")]
+    coordinator: Option<String>,
+    /// Your kit's `medfl.toml` (from `medfl provision`): the coordinator's URL and the
+    /// certificate and key for mutual TLS.
+    #[arg(long, global = true, env = "MEDFL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,11 +48,16 @@ enum Command {
     Model(ModelCommand),
     /// Run a small federation on this machine and train a model end to end.
     Demo(demo::DemoArgs),
+    /// Classify texts with a base model and an adapter pulled from a text run.
+    Predict(adapter::PredictArgs),
     /// Aggregate update files offline with any strategy (reproduce or audit a round).
     Aggregate(aggregate::AggregateArgs),
     /// Check and read audit logs.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Create the consortium's CA and kits; add, revoke and list participants.
+    #[command(subcommand)]
+    Provision(provision::ProvisionCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,9 +104,16 @@ enum ModelCommand {
         /// The model after this round (the latest when absent).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         round: Option<u32>,
-        /// Where to write the model.
+        /// Where to write the model (a directory with `--merged`).
         #[arg(short, long, value_name = "FILE")]
         out: PathBuf,
+        /// Text runs: also merge the adapter into the base model, written as a Hugging Face
+        /// directory at OUT that PyTorch/transformers loads unchanged.
+        #[arg(long, requires = "base")]
+        merged: bool,
+        /// The base model directory the run trained on (checked against the run's pinned hash).
+        #[arg(long, value_name = "DIR")]
+        base: Option<PathBuf>,
     },
 }
 
@@ -136,47 +149,46 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let addr = cli.coordinator;
+    let target = client::Target::resolve(cli.coordinator, cli.config.as_deref())?;
     match cli.command {
         Command::Demo(args) => demo::run(args).await?,
         Command::Aggregate(args) => aggregate::run(args)?,
         Command::Audit(command) => audit::run(command)?,
+        Command::Provision(command) => provision::run(command)?,
         Command::Run(RunCommand::Create { spec }) => {
             // Check the spec before dialling, so a typo is reported even with no coordinator.
             commands::read_spec(&spec)?;
-            commands::create(&mut client::connect(&addr).await?, &spec).await?
+            commands::create(&mut target.connect().await?, &spec).await?
         }
-        Command::Run(RunCommand::List) => {
-            commands::list(&mut client::connect(&addr).await?).await?
-        }
+        Command::Run(RunCommand::List) => commands::list(&mut target.connect().await?).await?,
         Command::Run(RunCommand::Show { run, round }) => {
-            commands::show(&mut client::connect(&addr).await?, &run, round).await?
+            commands::show(&mut target.connect().await?, &run, round).await?
         }
         Command::Run(RunCommand::Watch { run }) => {
-            let detail = watch::watch(&mut client::connect(&addr).await?, &run).await?;
+            let detail = watch::watch(&mut target.connect().await?, &run).await?;
             let status = detail.summary.and_then(|s| run_status(s.status));
             if status == Some(RunStatus::Failed) {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Run(RunCommand::Stop { run }) => {
-            commands::stop(&mut client::connect(&addr).await?, &run).await?
+            commands::stop(&mut target.connect().await?, &run).await?
         }
         Command::Run(RunCommand::Evaluate { run }) => {
-            commands::evaluate(&mut client::connect(&addr).await?, &run).await?
+            commands::evaluate(&mut target.connect().await?, &run).await?
         }
-        Command::Sites => commands::sites(&mut client::connect(&addr).await?).await?,
-        Command::Model(ModelCommand::Pull { run, round, out }) => {
-            let mut client = client::connect(&addr).await?;
-            let pulled = pull::pull(&mut client, &run, round.unwrap_or(0), &out).await?;
-            println!(
-                "{}  {} ({} bytes, {})",
-                pulled.sha256,
-                out.display(),
-                pulled.size,
-                table::human_bytes(pulled.size)
-            );
+        Command::Sites => commands::sites(&mut target.connect().await?).await?,
+        Command::Model(ModelCommand::Pull {
+            run,
+            round,
+            out,
+            merged,
+            base,
+        }) => {
+            let mut client = target.connect().await?;
+            pull::pull_command(&mut client, &run, round.unwrap_or(0), &out, merged, base).await?
         }
+        Command::Predict(args) => adapter::predict(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -207,7 +219,9 @@ mod tests {
     #[test]
     fn coordinator_is_global_with_a_default() -> anyhow::Result<()> {
         let cli = Cli::try_parse_from(["medfl", "run", "show", "r1", "--round", "2"])?;
-        assert!(cli.coordinator.starts_with("http://"));
+        assert_eq!(cli.coordinator, None);
+        let target = client::Target::resolve(cli.coordinator, None)?;
+        assert_eq!(target.url, client::DEFAULT_COORDINATOR);
         let cli = Cli::try_parse_from([
             "medfl",
             "model",
@@ -218,13 +232,15 @@ mod tests {
             "--coordinator",
             "http://c:1",
         ])?;
-        assert_eq!(cli.coordinator, "http://c:1");
+        assert_eq!(cli.coordinator.as_deref(), Some("http://c:1"));
         assert!(matches!(
             cli.command,
             Command::Model(ModelCommand::Pull { round: None, .. })
         ));
         let cli = Cli::try_parse_from(["medfl", "demo"])?;
-        assert!(matches!(cli.command, Command::Demo(ref d) if d.rounds == 12));
+        assert!(matches!(cli.command, Command::Demo(ref d) if d.rounds.is_none()));
+        let cli = Cli::try_parse_from(["medfl", "demo", "--task", "icd10", "--model", "m"])?;
+        assert!(matches!(cli.command, Command::Demo(ref d) if d.task == demo::DemoTask::Icd10));
         assert!(
             Cli::try_parse_from(["medfl", "model", "pull", "r1", "--round", "0", "-o", "m"])
                 .is_err()

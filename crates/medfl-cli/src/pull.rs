@@ -21,6 +21,61 @@ pub struct Pulled {
     pub sha256: String,
 }
 
+/// `medfl model pull`: the global model as pulled; for a text run, rewritten as an adapter
+/// file carrying the run spec, and with `merged`, also merged into the base at `base` in the
+/// directory `out`.
+pub async fn pull_command(
+    client: &mut RunClient,
+    run_id: &str,
+    round: u32,
+    out: &Path,
+    merged: bool,
+    base: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let detail = client
+        .get_run(unary(GetRunRequest {
+            run_id: run_id.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .rpc("GetRun")?
+        .into_inner();
+    let spec = medfl_core::spec::RunSpec::from_toml(&detail.spec_toml)
+        .with_context(|| format!("the spec of run {run_id}"))?;
+    let text_run = spec.encoder().is_some();
+    anyhow::ensure!(
+        text_run || !merged,
+        "run {run_id} trains no pre-trained base: there is nothing to merge into"
+    );
+    let file = if merged {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        out.join("adapter.pulled.safetensors")
+    } else {
+        out.to_path_buf()
+    };
+    let pulled = pull(client, run_id, round, &file).await?;
+    println!(
+        "{}  global model of run {run_id} ({} bytes, {})",
+        pulled.sha256,
+        pulled.size,
+        table::human_bytes(pulled.size)
+    );
+    if !text_run {
+        println!("written to {}", file.display());
+        return Ok(());
+    }
+    let sha = crate::adapter::write_adapter(&file, &detail.spec_toml)?;
+    println!(
+        "{sha}  {} (the adapter and head, with the run spec in its metadata)",
+        file.display()
+    );
+    if let (true, Some(base)) = (merged, base) {
+        crate::adapter::write_merged(&file, &base, out)?;
+        std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
+    }
+    Ok(())
+}
+
 /// Pulls the global model of run `run_id` after `round` (the latest when 0) into `out`: the bytes
 /// go to `out.part`, which is renamed to `out` once every byte arrived, and removed on failure.
 /// When `round` is given and the run lists that round's model hash, the download must match it.

@@ -52,9 +52,11 @@ pub const ROUND_COLUMNS: &[Column] = &[
     right("TRAIN_LOSS", 10),
     right("ACC", 6),
     right("AUC", 6),
+    right("F1", 6),
     right("SECS", 6),
     right("DOWN", 9),
     right("UP", 9),
+    right("PER_UPDATE", 17),
     left("GLOBAL", 12),
 ];
 
@@ -177,8 +179,9 @@ fn render_line(columns: &[Column], widths: &[usize], cells: &[String]) -> String
     out
 }
 
-/// The cells of one [`RoundSummary`] under [`ROUND_COLUMNS`].
-pub fn round_cells(r: &RoundSummary) -> Vec<String> {
+/// The cells of one [`RoundSummary`] under [`ROUND_COLUMNS`]; `full_model_bytes` (0 when
+/// unknown) is what each update's size is compared with.
+pub fn round_cells(r: &RoundSummary, full_model_bytes: u64) -> Vec<String> {
     vec![
         r.round.to_string(),
         r.attempts.to_string(),
@@ -191,24 +194,39 @@ pub fn round_cells(r: &RoundSummary) -> Vec<String> {
         },
         metric(&r.eval_metrics, "accuracy"),
         metric(&r.eval_metrics, "auc"),
+        metric(&r.eval_metrics, "macro_f1"),
         format!("{:.1}", r.duration_ms as f64 / 1000.0),
         human_bytes(r.bytes_down),
         human_bytes(r.bytes_up),
+        per_update(r, full_model_bytes),
         short_sha(&r.global_sha256),
     ]
 }
 
+/// Mean bytes of an update this round, and their share of the whole model.
+fn per_update(r: &RoundSummary, full_model_bytes: u64) -> String {
+    if r.sites_reported == 0 {
+        return "-".into();
+    }
+    let each = r.bytes_up / u64::from(r.sites_reported);
+    if full_model_bytes == 0 {
+        return human_bytes(each);
+    }
+    let share = 100.0 * each as f64 / full_model_bytes as f64;
+    format!("{} {share:.2}%", human_bytes(each))
+}
+
 /// One [`RoundSummary`] as a line under [`header_line`]`(`[`ROUND_COLUMNS`]`)`, as `run watch`
 /// prints it when the round completes.
-pub fn round_line(r: &RoundSummary) -> String {
-    line(ROUND_COLUMNS, &round_cells(r))
+pub fn round_line(r: &RoundSummary, full_model_bytes: u64) -> String {
+    line(ROUND_COLUMNS, &round_cells(r, full_model_bytes))
 }
 
 /// The per-round table of a run.
-pub fn rounds_table(rounds: &[RoundSummary]) -> String {
+pub fn rounds_table(rounds: &[RoundSummary], full_model_bytes: u64) -> String {
     let mut table = Table::new(ROUND_COLUMNS);
     for r in rounds {
-        table.push(round_cells(r));
+        table.push(round_cells(r, full_model_bytes));
     }
     table.render()
 }
@@ -493,7 +511,7 @@ mod tests {
 
     #[test]
     fn round_row_shows_dashes_for_missing_metrics() {
-        let cells = round_cells(&round());
+        let cells = round_cells(&round(), 0);
         assert_eq!(
             cells,
             [
@@ -504,31 +522,36 @@ mod tests {
                 "0.1235",
                 "0.9000",
                 "-",
+                "-",
                 "2.3",
                 "3.0 MiB",
                 "512 B",
+                "170 B",
                 "0123456789ab"
             ]
         );
-        let empty = round_cells(&RoundSummary::default());
+        // Each update's share of the whole model.
+        assert_eq!(round_cells(&round(), 17_000)[11], "170 B 1.00%");
+        let empty = round_cells(&RoundSummary::default(), 100);
         assert_eq!(empty[4], "-");
-        assert_eq!(empty[10], "-");
+        assert_eq!(empty[11], "-");
+        assert_eq!(empty[12], "-");
     }
 
     #[test]
     fn round_line_lines_up_with_header() {
         let header = header_line(ROUND_COLUMNS);
-        let row = round_line(&round());
+        let row = round_line(&round(), 0);
         assert_eq!(
             header,
-            "ROUND  TRIES  SITES  EXAMPLES  TRAIN_LOSS     ACC     AUC    SECS       DOWN         UP  GLOBAL"
+            "ROUND  TRIES  SITES  EXAMPLES  TRAIN_LOSS     ACC     AUC      F1    SECS       DOWN         UP         PER_UPDATE  GLOBAL"
         );
         assert_eq!(
             row,
-            "    3      1    3/4      1200      0.1235  0.9000       -     2.3    3.0 MiB      512 B  0123456789ab"
+            "    3      1    3/4      1200      0.1235  0.9000       -       -     2.3    3.0 MiB      512 B              170 B  0123456789ab"
         );
         // The table used by `run show` has the same layout when no cell is wider than its column.
-        let table = rounds_table(&[round()]);
+        let table = rounds_table(&[round()], 0);
         assert_eq!(table, format!("{header}\n{row}\n"));
     }
 

@@ -97,7 +97,7 @@ async fn follow(
                 multi.suspend(|| println!("{header}"));
             }
             if printed.insert(r.round) {
-                let line = table::round_line(r);
+                let line = table::round_line(r, detail.full_model_bytes);
                 multi.suspend(|| println!("{line}"));
             }
         }

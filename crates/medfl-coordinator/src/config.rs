@@ -19,6 +19,7 @@ site_offline_after_secs = 30
 max_concurrent_uploads = 8
 retain_updates = false
 log_format = "text"
+insecure_dev = false
 "#;
 
 /// The keys, as `MEDFL_<KEY>` environment variables may set them.
@@ -33,6 +34,11 @@ const KEYS: &[&str] = &[
     "max_concurrent_uploads",
     "retain_updates",
     "log_format",
+    "insecure_dev",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "revocation_list",
 ];
 
 /// Everything the coordinator reads at start.
@@ -59,6 +65,20 @@ pub struct CoordinatorConfig {
     pub retain_updates: bool,
     /// `text` or `json` logs.
     pub log_format: String,
+    /// The consortium CA certificate: clients must present a certificate it issued.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// The coordinator's certificate (from its `medfl provision` kit).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The coordinator's private key.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The CA's `revoked.json`, re-read when it changes: revoked participants are refused.
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
+    /// Serve plaintext gRPC without TLS, identities or roles: for a trial on one machine only.
+    pub insecure_dev: bool,
     /// Base models the operator publishes, by the name run specs use: text runs need their base
     /// here (to shape the adapters), and sites without it fetch it from here by hash.
     #[serde(default)]
@@ -72,14 +92,29 @@ impl CoordinatorConfig {
         let mut cfg: Self =
             medfl_daemon::load_config(DEFAULTS, file, KEYS).map_err(CoordinatorError::Config)?;
         if let Some(base) = file.and_then(Path::parent) {
-            for dir in cfg.base_models.values_mut() {
-                if dir.is_relative() {
-                    *dir = base.join(&*dir);
+            let tls = [
+                &mut cfg.tls_ca,
+                &mut cfg.tls_cert,
+                &mut cfg.tls_key,
+                &mut cfg.revocation_list,
+            ];
+            for path in tls
+                .into_iter()
+                .flatten()
+                .chain(cfg.base_models.values_mut())
+            {
+                if path.is_relative() {
+                    *path = base.join(&*path);
                 }
             }
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether clients are identified by certificates.
+    pub fn tls(&self) -> bool {
+        self.tls_ca.is_some() && self.tls_cert.is_some() && self.tls_key.is_some()
     }
 
     /// The defaults alone (tests and the demo start from these).
@@ -117,6 +152,13 @@ impl CoordinatorConfig {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format", "must be `text` or `json`");
+        }
+        let tls = [&self.tls_ca, &self.tls_cert, &self.tls_key];
+        if tls.iter().any(|p| p.is_some()) && !tls.iter().all(|p| p.is_some()) {
+            return bad(
+                "tls_cert",
+                "set all of tls_ca, tls_cert and tls_key, or none",
+            );
         }
         Ok(())
     }

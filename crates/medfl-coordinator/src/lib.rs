@@ -6,6 +6,7 @@
 //! - [`server`]: [`serve`] on a bound listener with a shutdown future.
 //! - [`site_service`] / [`run_service`]: the two gRPC services (thin handlers).
 //! - [`engine`]: one task per run, driving the core round state machine.
+//! - [`auth`]: identities from client certificates, and what each role may call.
 //! - [`aggregate`]: strategies applied to updates read back from disk a block at a time.
 //! - [`campaign`]: cross-site evaluation of a run's final model.
 //! - [`published`]: base models the operator publishes for sites to fetch.
@@ -14,6 +15,7 @@
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 
 pub mod aggregate;
+pub mod auth;
 pub mod blobs;
 pub mod campaign;
 pub mod config;

@@ -13,12 +13,16 @@ struct Args {
     /// Configuration file (TOML); `MEDFL_*` environment variables override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Serve plaintext gRPC with no certificates or roles (a trial on one machine only).
+    #[arg(long)]
+    insecure_dev: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = CoordinatorConfig::load(args.config.as_deref())?;
+    let mut config = CoordinatorConfig::load(args.config.as_deref())?;
+    config.insecure_dev |= args.insecure_dev;
     medfl_daemon::init_logging(&config.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

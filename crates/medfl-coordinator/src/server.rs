@@ -12,8 +12,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
 use tracing::info;
 
+use crate::auth::{Authority, Gate};
 use crate::blobs::BlobStore;
 use crate::config::CoordinatorConfig;
 use crate::published::Published;
@@ -59,22 +62,41 @@ pub async fn serve(
         engine::spawn(&shared, run, &mut *engines.lock().await)?;
     }
 
+    // Mutual TLS, or plaintext only when asked for in so many words.
+    let (tls, authority) = security(&shared.config)?;
+    if tls.is_none() {
+        medfl_daemon::warn_plaintext("coordinator", shared.shutdown.clone());
+    }
+    let authority = Arc::new(authority);
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SiteServiceServer<SiteApi>>().await;
     health.set_serving::<RunServiceServer<RunApi>>().await;
-    let site_api = SiteServiceServer::new(SiteApi::new(shared.clone()))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let run_api = RunServiceServer::new(RunApi::new(shared.clone(), engines.clone()))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let site_api = InterceptedService::new(
+        SiteServiceServer::new(SiteApi::new(shared.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        Gate::sites(authority.clone()),
+    );
+    let run_api = InterceptedService::new(
+        RunServiceServer::new(RunApi::new(shared.clone(), engines.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        Gate::researchers(authority),
+    );
 
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
     info!(%addr, data_dir = %data_dir.display(), resumed = running.len(), "coordinator serving");
     let stop = stop_tx.clone();
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+    }
+    builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -94,4 +116,33 @@ pub async fn serve(
     while engines.join_next().await.is_some() {}
     info!("coordinator stopped");
     Ok(())
+}
+
+/// The server's TLS settings and the authority that identifies callers; `None` for TLS only
+/// with `insecure_dev`, and an error naming the keys when neither is configured.
+fn security(
+    config: &CoordinatorConfig,
+) -> Result<(Option<ServerTlsConfig>, Authority), CoordinatorError> {
+    let (Some(ca), Some(cert), Some(key)) = (&config.tls_ca, &config.tls_cert, &config.tls_key)
+    else {
+        if config.insecure_dev {
+            return Ok((None, Authority::new(false, None)));
+        }
+        return Err(CoordinatorError::Config(
+            "`tls_ca`, `tls_cert`, `tls_key`: the coordinator serves only mutual TLS; set them to \
+             the files of its `medfl provision` kit, or pass --insecure-dev for a trial on one \
+             machine"
+                .into(),
+        ));
+    };
+    let tls = medfl_pki::server_tls(cert, key, ca)
+        .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
+    let revocations = match &config.revocation_list {
+        Some(path) => Some(
+            medfl_pki::WatchedRevocations::open(path)
+                .map_err(|e| CoordinatorError::Config(format!("`revocation_list`: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok((Some(tls), Authority::new(true, revocations)))
 }

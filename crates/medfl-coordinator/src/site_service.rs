@@ -54,6 +54,8 @@ impl SiteApi {
                 })
         };
         let site = get(SITE_METADATA)?;
+        crate::auth::check_site_name(req, &site)
+            .map_err(|s| CoordinatorError::PermissionDenied(s.message().to_string()))?;
         let token = get(TOKEN_METADATA)?;
         let now = now_ms();
         let mut sites = self.shared.sites()?;
@@ -302,6 +304,7 @@ impl SiteService for SiteApi {
         &self,
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
+        crate::auth::check_site_name(&req, &req.get_ref().site)?;
         let req = req.into_inner();
         if !valid_name(&req.site) {
             return Err(CoordinatorError::Invalid(format!(

@@ -5,6 +5,7 @@
 //! - [`load_config`]: embedded defaults, then a TOML file, then `MEDFL_*` variables.
 //! - [`init_logging`]: `tracing` to stderr, filtered by `RUST_LOG`, as text or JSON lines.
 //! - [`stop_signal`]: completes on SIGINT or SIGTERM.
+//! - [`warn_plaintext`]: the once-a-minute warning of a daemon running without TLS.
 
 use std::path::Path;
 
@@ -81,6 +82,30 @@ pub async fn stop_signal() {
         return;
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// How often a daemon without TLS says so.
+const PLAINTEXT_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Logs a warning now and every minute until `stop` turns true: `who` runs plaintext gRPC
+/// (`--insecure-dev`), which suits a trial on one machine and nothing else.
+pub fn warn_plaintext(who: &'static str, mut stop: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(PLAINTEXT_WARNING_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => tracing::warn!(
+                    "{who} running without TLS (--insecure-dev): traffic is readable and \
+                     identities unchecked; use the kits of `medfl provision` outside a trial"
+                ),
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
-use crate::SiteError;
+use crate::{SiteConfig, SiteError};
 
 /// Largest message accepted from the coordinator (chunks are at most 16 MiB).
 const MAX_MESSAGE: usize = 32 << 20;
@@ -24,14 +24,24 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `url`.
-    pub async fn connect(url: &str, name: &str, token: &str) -> Result<Self, SiteError> {
+    /// Connects to the coordinator of `cfg`: mutual TLS with the site's kit for an `https` URL.
+    pub async fn connect(cfg: &SiteConfig, token: &str) -> Result<Self, SiteError> {
+        let (url, name) = (cfg.coordinator.as_str(), cfg.name.as_str());
         let connect_err = |message: String| SiteError::Connect {
             url: url.to_string(),
             message,
         };
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| connect_err(e.to_string()))?
+        let mut endpoint =
+            Endpoint::from_shared(url.to_string()).map_err(|e| connect_err(e.to_string()))?;
+        if let (Some(ca), Some(cert), Some(key)) = (&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key) {
+            let host = endpoint.uri().host().unwrap_or_default().to_string();
+            let tls = medfl_pki::client_tls(ca, cert, key, &host)
+                .map_err(|e| SiteError::Config(format!("TLS: {e}")))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| SiteError::Config(format!("TLS: {e}")))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))

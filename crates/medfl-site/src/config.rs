@@ -16,6 +16,7 @@ reconnect_max_secs = 30
 model_cache = 2
 log_format = "text"
 fetch_base_models = true
+insecure_dev = false
 "#;
 
 /// One dataset the site holds.
@@ -43,6 +44,10 @@ const KEYS: &[&str] = &[
     "model_cache",
     "log_format",
     "fetch_base_models",
+    "insecure_dev",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
 ];
 
 /// Everything the site daemon reads at start.
@@ -72,23 +77,45 @@ pub struct SiteConfig {
     pub base_models: BTreeMap<String, PathBuf>,
     /// Fetch a base model this site lacks from the coordinator, verified by hash.
     pub fetch_base_models: bool,
+    /// The consortium CA certificate the coordinator's certificate must chain to.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// This site's certificate (from its `medfl provision` kit).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// This site's private key.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Talk plaintext gRPC to an `http://` coordinator: for a trial on one machine only.
+    pub insecure_dev: bool,
 }
 
 impl SiteConfig {
     /// Loads defaults, then `file`, then `MEDFL_*` variables (`MEDFL_NAME`, `MEDFL_COORDINATOR`,
     /// ...), and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, SiteError> {
+        Self::load_with(file, false)
+    }
+
+    /// [`SiteConfig::load`], with plaintext allowed when `insecure_dev` (the command-line flag).
+    pub fn load_with(file: Option<&Path>, insecure_dev: bool) -> Result<Self, SiteError> {
         let mut cfg: Self =
             medfl_daemon::load_config(DEFAULTS, file, KEYS).map_err(SiteError::Config)?;
+        cfg.insecure_dev |= insecure_dev;
         if let Some(base) = file.and_then(Path::parent) {
             for ds in cfg.datasets.values_mut() {
                 if ds.path.is_relative() {
                     ds.path = base.join(&ds.path);
                 }
             }
-            for dir in cfg.base_models.values_mut() {
-                if dir.is_relative() {
-                    *dir = base.join(&*dir);
+            let tls = [&mut cfg.tls_ca, &mut cfg.tls_cert, &mut cfg.tls_key];
+            for path in tls
+                .into_iter()
+                .flatten()
+                .chain(cfg.base_models.values_mut())
+            {
+                if path.is_relative() {
+                    *path = base.join(&*path);
                 }
             }
         }
@@ -115,6 +142,23 @@ impl SiteConfig {
             return bad(
                 "coordinator",
                 format!("`{}` is not an http(s) URL", self.coordinator),
+            );
+        }
+        let tls = [&self.tls_ca, &self.tls_cert, &self.tls_key];
+        if self.coordinator.starts_with("https://") && !tls.iter().all(|p| p.is_some()) {
+            return bad(
+                "tls_cert",
+                "an https coordinator needs tls_ca, tls_cert and tls_key (the site's kit)".into(),
+            );
+        }
+        if self.coordinator.starts_with("http://") && !self.insecure_dev {
+            return bad(
+                "coordinator",
+                format!(
+                    "`{}` is plaintext: use the https URL of the site's kit, or insecure_dev = \
+                     true (--insecure-dev) for a trial on one machine",
+                    self.coordinator
+                ),
             );
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_secs == 0 {
@@ -151,7 +195,7 @@ mod tests {
         let path = dir.path().join("site.toml");
         std::fs::write(
             &path,
-            "name = \"hospital-a\"\n[datasets.bc]\npath = \"bc.csv\"\n",
+            "name = \"hospital-a\"\ninsecure_dev = true\n[datasets.bc]\npath = \"bc.csv\"\n",
         )
         .unwrap();
         let cfg = SiteConfig::load(Some(&path)).unwrap();
@@ -168,7 +212,7 @@ mod tests {
         assert!(err.contains("`name`"), "{err}");
         std::fs::write(
             &path,
-            "name = \"a\"\n[datasets.bc]\npath = \"x\"\nformat = \"xls\"\n",
+            "name = \"a\"\ninsecure_dev = true\n[datasets.bc]\npath = \"x\"\nformat = \"xls\"\n",
         )
         .unwrap();
         let err = SiteConfig::load(Some(&path)).unwrap_err().to_string();

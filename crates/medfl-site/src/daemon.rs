@@ -78,6 +78,11 @@ pub async fn run_observed(
         seed,
     );
     let cancels = worker.cancels.clone();
+    // Tells the plaintext warning to stop when the site does.
+    let (stopping, stop_watch) = watch::channel(false);
+    if cfg.tls_cert.is_none() {
+        medfl_daemon::warn_plaintext("site", stop_watch);
+    }
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -98,6 +103,7 @@ pub async fn run_observed(
         }
     };
     cancel_all(&cancels);
+    stopping.send_replace(true);
     info!(site = %cfg.name, "site stopped");
     result
 }
@@ -117,7 +123,7 @@ async fn session(
     registrations: &watch::Sender<u64>,
 ) -> Result<(), SiteError> {
     let cfg = worker.config().clone();
-    let mut client = Client::connect(&cfg.coordinator, &cfg.name, worker.token()).await?;
+    let mut client = Client::connect(&cfg, worker.token()).await?;
     let reply = client
         .site
         .register(v1::RegisterRequest {

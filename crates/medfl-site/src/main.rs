@@ -12,12 +12,15 @@ struct Args {
     /// Configuration file (TOML); `MEDFL_*` environment variables override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Talk plaintext gRPC to an `http://` coordinator (a trial on one machine only).
+    #[arg(long)]
+    insecure_dev: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = SiteConfig::load(args.config.as_deref())?;
+    let config = SiteConfig::load_with(args.config.as_deref(), args.insecure_dev)?;
     medfl_daemon::init_logging(&config.log_format);
     run(config, medfl_daemon::stop_signal()).await?;
     Ok(())

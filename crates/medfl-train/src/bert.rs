@@ -383,7 +383,16 @@ impl Module for Projection {
             );
         }
         let rows = x.reshape(((), self.in_features()))?;
-        let mut y = rows.matmul(&self.weight.t()?)?;
+        let frozen = !self.weight.is_variable() && rows.device().is_cpu();
+        let mut y = if frozen && rows.track_op() {
+            // Gradient flows through `x` only: candle's matmul backward would also compute the
+            // frozen weight's gradient, a product as large as the forward one, and drop it.
+            rows.contiguous()?.apply_op1(FrozenLinear {
+                weight: self.weight.clone(),
+            })?
+        } else {
+            rows.matmul(&self.weight.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -399,6 +408,48 @@ impl Module for Projection {
         let mut shape = lead.to_vec();
         shape.push(self.out_features());
         y.reshape(shape)
+    }
+}
+
+/// `x Wᵀ` for rows `x` and a weight that takes no gradient.
+struct FrozenLinear {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (rows, width) = layout.shape().dims2()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear needs a contiguous input");
+        };
+        let x = Tensor::from_slice(
+            &storage.as_slice::<f32>()?[start..end],
+            (rows, width),
+            &Device::Cpu,
+        )?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let out = y.dims2()?;
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            out.into(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
     }
 }
 
@@ -764,6 +815,25 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5)
+    }
+
+    #[test]
+    fn a_frozen_projection_passes_the_same_gradient_to_its_input() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+        let x = candle_core::Var::new(&[[0.5f32, -1.], [2., 0.25]], &dev).unwrap();
+        let y = Projection::new(w.clone(), None)
+            .unwrap()
+            .forward(x.as_tensor())
+            .unwrap();
+        let direct = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(close(&flat(&y), &flat(&direct)));
+        let grad = |t: &Tensor| {
+            let g = t.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            flat(g.get(&x).unwrap())
+        };
+        assert!(close(&grad(&y), &grad(&direct)));
     }
 
     #[test]

@@ -232,6 +232,16 @@ impl TextClassifier {
         Ok(sorted.index_select(&inverse, 0)?)
     }
 
+    /// Class probabilities of each of `texts` under `params`, in the order given.
+    pub fn probabilities(
+        &self,
+        params: &ModelParams,
+        texts: &[&str],
+    ) -> Result<Vec<Vec<f32>>, TrainError> {
+        let logits = self.logits(params, texts)?;
+        Ok(candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?)
+    }
+
     fn check(&self, params: &ModelParams) -> Result<(), TrainError> {
         let want = self.schema();
         let got = params.schema();

@@ -1,0 +1,360 @@
+//! `medfl demo --task icd10`: three hospitals adapt a pre-trained text encoder (LoRA) to assign
+//! ICD-10-CM chapters to diagnosis descriptions; a cardiology centre and a cancer centre see
+//! mostly their own specialties, a general hospital a bit of everything. The federated adapter
+//! is compared with each hospital alone and with centralised training on the pooled data.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use medfl_core::safetensors::decode;
+use medfl_core::spec::RunSpec;
+use medfl_core::ModelParams;
+use medfl_proto::v1::CreateRunRequest;
+use medfl_site::config::DatasetConfig;
+use medfl_train::{
+    label_skew_partition, model_for_run, BaseModels, Data, LocalModel, TextExamples, TextTable,
+    TrainOptions,
+};
+use serde::Serialize;
+
+use crate::client::{self, RpcResultExt};
+use crate::demo::{round_metrics, site_config, training_curve_svg, DemoArgs, LocalFederation};
+use crate::demo::{RoundMetrics, Scores};
+use crate::{pull, table};
+
+/// The bundled ICD-10-CM descriptions with their chapters (US public domain).
+const BUNDLED_DATA: &str = include_str!("../../../data/icd10cm_chapters.jsonl");
+/// The base model's name in the demo's configs.
+const BASE: &str = "all-MiniLM-L6-v2";
+const SEED: u64 = 42;
+/// Share of each chapter held out for the final test.
+const TEST_SHARE: f64 = 0.0125;
+/// Each hospital's share of its own specialties and of every other chapter.
+const HOSPITALS: [(&str, &[&str], f64, f64); 3] = [
+    (
+        "cardiology-centre",
+        &["circulatory", "respiratory"],
+        0.10,
+        0.004,
+    ),
+    ("cancer-centre", &["neoplasms", "blood_immune"], 0.10, 0.004),
+    ("general-hospital", &[], 0.0, 0.012),
+];
+
+/// What the demo writes to `metrics.json`.
+#[derive(Serialize)]
+struct TextDemoMetrics {
+    run_id: String,
+    base_model_sha256: String,
+    rounds: Vec<RoundMetrics>,
+    test_examples: usize,
+    update_bytes: u64,
+    base_model_bytes: u64,
+    federated: Scores,
+    site_alone: BTreeMap<String, Scores>,
+    centralized: Scores,
+}
+
+fn spec_text(rounds: u32, sha: &str, labels: &[String]) -> String {
+    let labels: Vec<String> = labels.iter().map(|l| format!("\"{l}\"")).collect();
+    format!(
+        r#"name = "icd10-lora-demo"
+rounds = {rounds}
+min_sites = 3
+round_deadline_secs = 1800
+seed = {SEED}
+
+[model]
+kind = "bert"
+base = "{BASE}"
+base_sha256 = "{sha}"
+pooling = "mean"
+max_seq_len = 48
+
+[model.adaptation]
+method = "lora"
+rank = 8
+alpha = 16.0
+target_modules = ["query", "value"]
+
+[task]
+dataset = "diagnoses"
+text = "text"
+label = "label"
+labels = [{}]
+validation_fraction = 0.1
+
+[training]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.003
+optimizer = "adamw"
+"#,
+        labels.join(", ")
+    )
+}
+
+/// Runs the ICD-10 demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let rounds = args.rounds.unwrap_or(3);
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
+    let model_dir = args.model.clone().context(
+        "the icd10 demo needs the all-MiniLM-L6-v2 model: pass its directory with --model DIR \
+         (e.g. `git clone https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2`)",
+    )?;
+    let model_dir = model_dir
+        .canonicalize()
+        .with_context(|| format!("--model {}", model_dir.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let out = args.out.canonicalize()?;
+    let bases = BaseModels::new(
+        BTreeMap::from([(BASE.to_string(), model_dir.clone())]),
+        None,
+    );
+    let sha = bases.weights_sha256(&model_dir)?;
+    let table = match &args.data {
+        Some(path) => TextTable::load_jsonl(path)?,
+        None => TextTable::read_jsonl(
+            Path::new("bundled icd10cm_chapters.jsonl"),
+            BUNDLED_DATA.as_bytes(),
+        )?,
+    };
+    let label_column = table.column("label");
+    let mut labels = label_column.clone();
+    labels.sort();
+    labels.dedup();
+    let spec_toml = spec_text(rounds, &sha, &labels);
+    let spec = RunSpec::from_toml(&spec_toml)?;
+
+    // Split: a held-out test set of every chapter, then the three hospitals' case mixes.
+    let mut shares = vec![vec![TEST_SHARE; labels.len()]];
+    for (_, specialties, own, other) in HOSPITALS {
+        shares.push(
+            labels
+                .iter()
+                .map(|l| {
+                    if specialties.contains(&l.as_str()) {
+                        own
+                    } else {
+                        other
+                    }
+                })
+                .collect(),
+        );
+    }
+    let refs: Vec<&str> = label_column.iter().map(String::as_str).collect();
+    let parts = label_skew_partition(&refs, &labels, &shares, SEED);
+    let data_dir = out.join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    let test_table = table.subset(&parts[0]);
+    test_table.write_jsonl(&data_dir.join("test.jsonl"))?;
+    println!(
+        "medfl demo (icd10): 1 coordinator, {} hospitals, {rounds} rounds of LoRA on {BASE}",
+        HOSPITALS.len()
+    );
+    println!(
+        "held-out test split: {} descriptions of {} chapters",
+        parts[0].len(),
+        labels.len()
+    );
+    let mut site_data = Vec::new();
+    for ((name, specialties, _, _), rows) in HOSPITALS.iter().zip(&parts[1..]) {
+        let t = table.subset(rows);
+        let own = t
+            .column("label")
+            .iter()
+            .filter(|l| specialties.contains(&l.as_str()))
+            .count();
+        let mix = if specialties.is_empty() {
+            "every chapter alike".to_string()
+        } else {
+            format!(
+                "{:.0}% {}",
+                100.0 * own as f64 / t.len().max(1) as f64,
+                specialties.join(" + ")
+            )
+        };
+        println!("  {name:<18} {:>4} descriptions, {mix}", t.len());
+        let path = data_dir.join(format!("{name}.jsonl"));
+        t.write_jsonl(&path)?;
+        site_data.push((name.to_string(), path, t));
+    }
+
+    let sites = site_data
+        .iter()
+        .map(|(name, path, _)| {
+            site_config(
+                &out,
+                name,
+                [(
+                    "diagnoses".to_string(),
+                    DatasetConfig {
+                        path: path.clone(),
+                        format: "jsonl".into(),
+                    },
+                )]
+                .into(),
+                BTreeMap::from([(BASE.to_string(), model_dir.clone())]),
+            )
+        })
+        .collect();
+    let federation = LocalFederation::start(
+        &out,
+        BTreeMap::from([(BASE.to_string(), model_dir.clone())]),
+        sites,
+    )
+    .await?;
+    let mut runs = client::connect(&federation.url).await?;
+    let run_id = runs
+        .create_run(client::unary(CreateRunRequest {
+            spec_toml: spec_toml.clone(),
+        }))
+        .await
+        .rpc("CreateRun")?
+        .into_inner()
+        .run_id;
+    println!("run {run_id} created\n");
+    let detail = crate::watch::watch(&mut runs, &run_id).await?;
+    let adapter_path = out.join("adapter.safetensors");
+    let pulled = pull::pull(&mut runs, &run_id, 0, &adapter_path).await?;
+    crate::adapter::write_adapter(&adapter_path, &spec_toml)?;
+    println!(
+        "final adapter: {} ({}, global model sha256 {})",
+        adapter_path.display(),
+        table::human_bytes(pulled.size),
+        table::short_sha(&pulled.sha256)
+    );
+    federation.stop().await?;
+
+    // Compare on the held-out split with the same budget: `rounds` epochs of local training.
+    let global = decode(&std::fs::read(&adapter_path)?)?;
+    let model = model_for_run(&spec, &bases)?;
+    let test = Data::Text(test_table.examples("text", "label", &labels)?.0);
+    let score = |params: &ModelParams, n: usize| -> anyhow::Result<Scores> {
+        let m = model.evaluate(params, &test)?.metrics;
+        Ok(Scores {
+            accuracy: m["accuracy"],
+            auc: None,
+            macro_f1: m.get("macro_f1").copied(),
+            train_examples: n,
+        })
+    };
+    let federated_train = detail.rounds.last().map_or(0, |r| r.num_examples as usize);
+    let federated = score(&global, federated_train)?;
+    let epochs = rounds * spec.training.local_epochs;
+    let mut alone = BTreeMap::new();
+    let mut pooled = Vec::new();
+    for (name, _, t) in &site_data {
+        let (examples, _) = t.examples("text", "label", &labels)?;
+        let (train, _) = examples.split(spec.task.validation_fraction, SEED);
+        println!(
+            "training {name} alone ({} descriptions, {epochs} epochs)...",
+            train.len()
+        );
+        let params = train_alone(model.as_ref(), &spec, &train, epochs)?;
+        alone.insert(name.clone(), score(&params, train.len())?);
+        pooled.push(train);
+    }
+    let pooled = TextExamples::concat(&pooled.iter().collect::<Vec<_>>());
+    println!(
+        "training centrally on the pooled {} descriptions...",
+        pooled.len()
+    );
+    let centralized = score(
+        &train_alone(model.as_ref(), &spec, &pooled, epochs)?,
+        pooled.len(),
+    )?;
+
+    println!(
+        "\nheld-out test split ({} descriptions), same training budget ({epochs} epochs):",
+        test.len()
+    );
+    println!(
+        "  {:<30} {:>9} {:>9} {:>10}",
+        "model", "accuracy", "macro-F1", "trained on"
+    );
+    let line = |label: &str, s: &Scores| {
+        println!(
+            "  {label:<30} {:>8.2}% {:>9.4} {:>10}",
+            100.0 * s.accuracy,
+            s.macro_f1.unwrap_or(0.0),
+            s.train_examples
+        )
+    };
+    line("federated LoRA (medfl)", &federated);
+    for (name, s) in &alone {
+        line(&format!("{name} alone"), s);
+    }
+    line("centralized (pooled data)", &centralized);
+    let last = detail.rounds.last();
+    let update_bytes = last.map_or(0, |r| r.bytes_up / u64::from(r.sites_reported.max(1)));
+    println!(
+        "\neach update: {} = {:.2}% of the {} base model; the base never left a site",
+        table::human_bytes(update_bytes),
+        100.0 * update_bytes as f64 / detail.full_model_bytes.max(1) as f64,
+        table::human_bytes(detail.full_model_bytes)
+    );
+
+    let metrics = TextDemoMetrics {
+        run_id,
+        base_model_sha256: sha,
+        rounds: detail.rounds.iter().map(round_metrics).collect(),
+        test_examples: test.len(),
+        update_bytes,
+        base_model_bytes: detail.full_model_bytes,
+        federated,
+        site_alone: alone,
+        centralized,
+    };
+    let metrics_path = out.join("metrics.json");
+    std::fs::write(&metrics_path, serde_json::to_string_pretty(&metrics)?)?;
+    let chart_path = out.join("training_curve.svg");
+    std::fs::write(
+        &chart_path,
+        training_curve_svg(&detail.rounds, "macro_f1", "macro-F1"),
+    )?;
+    println!(
+        "\nwrote {}, {} and {}",
+        adapter_path.display(),
+        metrics_path.display(),
+        chart_path.display()
+    );
+    println!(
+        "try it: medfl predict --model {} --adapter {} --input {}",
+        model_dir.display(),
+        adapter_path.display(),
+        data_dir.join("test.jsonl").display()
+    );
+    Ok(())
+}
+
+/// Trains from the run's initial adapter for `epochs` epochs on `data` alone.
+fn train_alone(
+    model: &dyn LocalModel,
+    spec: &RunSpec,
+    data: &TextExamples,
+    epochs: u32,
+) -> anyhow::Result<ModelParams> {
+    let mut opts = TrainOptions::from_spec(spec, SEED);
+    opts.epochs = epochs;
+    opts.steps = 0;
+    let report = model.train(
+        &model.init(spec.seed)?,
+        &Data::Text(data.clone()),
+        &opts,
+        &AtomicBool::new(false),
+        &mut |p| {
+            if p.step % 50 == 0 || p.step == p.total_steps {
+                eprint!(
+                    "\r  step {}/{}  loss {:.4}   ",
+                    p.step, p.total_steps, p.loss
+                );
+            }
+        },
+    )?;
+    eprintln!();
+    Ok(report.params)
+}

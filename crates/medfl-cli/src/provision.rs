@@ -1,0 +1,295 @@
+//! `medfl provision`: creates the consortium's CA and a kit per participant, adds participants
+//! later, revokes them, and lists what was issued.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use medfl_pki::{Ca, Kit, Role, CA_KEY_FILE, REVOKED_FILE};
+
+/// `medfl provision` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ProvisionCommand {
+    /// Create the consortium CA, the coordinator's kit and one kit per participant.
+    Init {
+        /// The consortium's name (put in every certificate).
+        #[arg(long, value_name = "NAME")]
+        consortium: String,
+        /// Where participants reach the coordinator (port 7443 when none is given).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        coordinator: String,
+        /// A hospital site (repeat, or separate with commas).
+        #[arg(long = "site", value_name = "NAME", value_delimiter = ',')]
+        sites: Vec<String>,
+        /// A researcher (repeat, or separate with commas).
+        #[arg(long = "researcher", value_name = "NAME", value_delimiter = ',')]
+        researchers: Vec<String>,
+        /// An operator (repeat, or separate with commas).
+        #[arg(long = "operator", value_name = "NAME", value_delimiter = ',')]
+        operators: Vec<String>,
+        /// Where to write the kits, one directory each.
+        #[arg(short, long, value_name = "DIR")]
+        out: PathBuf,
+        /// Where to create the CA [default: OUT/ca].
+        #[arg(long, value_name = "DIR")]
+        ca: Option<PathBuf>,
+    },
+    /// Issue a kit for a new site.
+    AddSite(AddArgs),
+    /// Issue a kit for a new researcher.
+    AddResearcher(AddArgs),
+    /// Issue a kit for a new operator.
+    AddOperator(AddArgs),
+    /// Revoke a participant's certificate; coordinators reading the revocation list refuse it
+    /// from then on.
+    Revoke {
+        /// The participant.
+        name: String,
+        /// The CA directory.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+    },
+    /// List every certificate the CA issued.
+    List {
+        /// The CA directory.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+    },
+}
+
+/// Arguments of the `add-*` subcommands.
+#[derive(Debug, clap::Args)]
+pub struct AddArgs {
+    /// The new participant's name (letters, digits, '-', '_', '.').
+    name: String,
+    /// The CA directory.
+    #[arg(long, value_name = "DIR")]
+    ca: PathBuf,
+    /// Where to write the kit (into OUT/NAME).
+    #[arg(short, long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+/// Runs a subcommand.
+pub fn run(command: ProvisionCommand) -> anyhow::Result<()> {
+    match command {
+        ProvisionCommand::Init {
+            consortium,
+            coordinator,
+            sites,
+            researchers,
+            operators,
+            out,
+            ca,
+        } => {
+            let done = medfl_pki::provision(
+                ca.as_deref(),
+                &consortium,
+                &coordinator,
+                &sites,
+                &researchers,
+                &operators,
+                &out,
+            )
+            .context("provisioning the consortium")?;
+            println!(
+                "Created the CA of {consortium:?} in {}\n  CA certificate SHA-256 {}\n",
+                done.ca_dir.display(),
+                done.ca_sha256_hex
+            );
+            print_kits(&done.kits);
+            print_next_steps(&done.ca_dir, &done.kits);
+        }
+        ProvisionCommand::AddSite(args) => add(Role::Site, args)?,
+        ProvisionCommand::AddResearcher(args) => add(Role::Researcher, args)?,
+        ProvisionCommand::AddOperator(args) => add(Role::Operator, args)?,
+        ProvisionCommand::Revoke { name, ca } => {
+            let mut authority = open(&ca)?;
+            let revoked = authority
+                .revoke(&name)
+                .with_context(|| format!("revoking {name:?}"))?;
+            let list = ca.join(REVOKED_FILE);
+            println!(
+                "Revoked {} {:?} (serial {}) at {}.\nWrote {}.",
+                revoked.role,
+                revoked.name,
+                revoked.serial,
+                revoked.revoked_at.unwrap_or_default(),
+                list.display()
+            );
+            println!(
+                "\nNext: copy {} over the coordinator's revocation_list (or point \
+                 revocation_list at it);\nthe coordinator re-reads it and refuses {name:?} \
+                 from its next request, without a restart.",
+                list.display()
+            );
+        }
+        ProvisionCommand::List { ca } => {
+            let authority = open(&ca)?;
+            let consortium = authority.consortium();
+            println!(
+                "{:?}: coordinator {}, CA SHA-256 {}\n",
+                consortium.name,
+                consortium.coordinator().url(),
+                consortium.ca_sha256
+            );
+            println!(
+                "{:<12} {:<24} {:<21} {:<21} SERIAL",
+                "ROLE", "NAME", "EXPIRES", "REVOKED"
+            );
+            for p in &consortium.participants {
+                println!(
+                    "{:<12} {:<24} {:<21} {:<21} {}",
+                    p.role.as_str(),
+                    p.name,
+                    p.not_after,
+                    p.revoked_at.as_deref().unwrap_or("-"),
+                    p.serial
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open(ca: &Path) -> anyhow::Result<Ca> {
+    Ca::open(ca).with_context(|| format!("opening the CA in {}", ca.display()))
+}
+
+fn add(role: Role, args: AddArgs) -> anyhow::Result<()> {
+    let mut ca = open(&args.ca)?;
+    let kit = ca
+        .issue_kit(role, &args.name, &args.out)
+        .with_context(|| format!("adding {role} {:?}", args.name))?;
+    print_kits(std::slice::from_ref(&kit));
+    print_next_steps(&args.ca, std::slice::from_ref(&kit));
+    Ok(())
+}
+
+fn print_kits(kits: &[Kit]) {
+    println!("{:<12} {:<24} {:<21} KIT", "ROLE", "NAME", "EXPIRES");
+    for kit in kits {
+        println!(
+            "{:<12} {:<24} {:<21} {}\n{:<12} certificate SHA-256 {}",
+            kit.role.as_str(),
+            kit.name,
+            kit.not_after,
+            kit.dir.display(),
+            "",
+            kit.sha256_hex
+        );
+    }
+}
+
+fn print_next_steps(ca_dir: &Path, kits: &[Kit]) {
+    println!("\nNext steps:");
+    println!(
+        "  1. Copy each kit directory to its participant only, over a channel you trust; \
+         a kit's .key file is its participant's private key and never leaves the kit."
+    );
+    for kit in kits {
+        let config = kit.config.display();
+        match kit.role {
+            Role::Coordinator => println!(
+                "     coordinator: medfl-coordinator --config {config} \
+                 (in the kit's directory, or with the paths adjusted)"
+            ),
+            Role::Site => println!(
+                "     site {}: edit its [datasets] in {config}, then medfl-site --config {config}",
+                kit.name
+            ),
+            Role::Researcher | Role::Operator => {
+                println!("     {} {}: use {config} with medfl", kit.role, kit.name)
+            }
+        }
+    }
+    println!(
+        "  2. Keep {} offline and backed up: {CA_KEY_FILE} can issue certificates for the whole \
+         consortium and belongs in no kit.",
+        ca_dir.display()
+    );
+    println!(
+        "  3. Compare the SHA-256 fingerprints above with each participant when they receive \
+         their kit."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: ProvisionCommand,
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn init_add_and_revoke_end_to_end() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("kits");
+        let out_arg = out.to_string_lossy().into_owned();
+        let ca_arg = out.join("ca").to_string_lossy().into_owned();
+        let cli = Cli::try_parse_from([
+            "provision",
+            "init",
+            "--consortium",
+            "Net",
+            "--coordinator",
+            "coord.example.org:9443",
+            "--site",
+            "hospital-a,hospital-b",
+            "--researcher",
+            "alice",
+            "-o",
+            &out_arg,
+        ])?;
+        match &cli.command {
+            ProvisionCommand::Init { sites, ca, .. } => {
+                assert_eq!(sites, &["hospital-a", "hospital-b"]);
+                assert!(ca.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        run(cli.command)?;
+        assert!(out.join("hospital-b/site.toml").is_file());
+
+        let cli = Cli::try_parse_from([
+            "provision",
+            "add-site",
+            "hospital-c",
+            "--ca",
+            &ca_arg,
+            "-o",
+            &out_arg,
+        ])?;
+        run(cli.command)?;
+        assert!(out.join("hospital-c/hospital-c.key").is_file());
+
+        let cli = Cli::try_parse_from(["provision", "revoke", "hospital-a", "--ca", &ca_arg])?;
+        run(cli.command)?;
+        let list = medfl_pki::RevocationList::load(&out.join("ca").join(REVOKED_FILE))?;
+        assert_eq!(list.revoked[0].name, "hospital-a");
+
+        let cli = Cli::try_parse_from(["provision", "list", "--ca", &ca_arg])?;
+        run(cli.command)?;
+
+        let cli = Cli::try_parse_from([
+            "provision",
+            "add-site",
+            "hospital-c",
+            "--ca",
+            &ca_arg,
+            "-o",
+            &out_arg,
+        ])?;
+        let err = format!("{:#}", run(cli.command).unwrap_err());
+        assert!(err.contains("hospital-c"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Mutual TLS with kits from `medfl provision`: the breast cancer federation runs over it, and
+//! callers without the right certificate or role are refused with a status naming the rule.
+
+use std::path::Path;
+
+use medfl_e2e::{
+    breast_cancer_spec, init_logs, site_config_with, split_breast_cancer, test_config,
+    wait_for_completion, Coordinator, Site,
+};
+use medfl_pki::{provision, Ca, Kit, Role};
+use medfl_proto::v1;
+use medfl_proto::v1::run_service_client::RunServiceClient;
+use medfl_proto::v1::site_service_client::SiteServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+fn kit<'a>(kits: &'a [Kit], name: &str) -> &'a Kit {
+    kits.iter()
+        .find(|k| k.name == name)
+        .expect("a kit of that name")
+}
+
+fn pem(path: &Path) -> String {
+    std::fs::read_to_string(path).expect("a PEM file")
+}
+
+async fn channel(url: &str, tls: ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(url.to_string())?
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+/// A channel authenticated with `kit`'s certificate.
+async fn as_participant(url: &str, kit: &Kit) -> Channel {
+    let tls = medfl_pki::client_tls(&kit.ca, &kit.cert, &kit.key, "localhost").expect("TLS");
+    channel(url, tls).await.expect("connect")
+}
+
+fn register(site: &str) -> tonic::Request<v1::RegisterRequest> {
+    tonic::Request::new(v1::RegisterRequest {
+        site: site.into(),
+        token: "a-token-of-at-least-16-bytes".into(),
+        datasets: vec![],
+        version: "test".into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sites = ["site-a", "site-b", "site-c"].map(String::from);
+    let made = provision(
+        None,
+        "test-consortium",
+        "localhost",
+        &sites,
+        &["alice".to_string()],
+        &[],
+        &dir.path().join("kits"),
+    )
+    .expect("provisioning");
+    let coordinator_kit = kit(&made.kits, "coordinator");
+    let mut cfg = test_config(&dir.path().join("coordinator"));
+    cfg.insecure_dev = false;
+    cfg.tls_ca = Some(coordinator_kit.ca.clone());
+    cfg.tls_cert = Some(coordinator_kit.cert.clone());
+    cfg.tls_key = Some(coordinator_kit.key.clone());
+    cfg.revocation_list = Some(made.ca_dir.join(medfl_pki::REVOKED_FILE));
+    let coordinator = Coordinator::start(cfg).await;
+    let url = format!("https://localhost:{}", coordinator.addr.port());
+
+    // Two hospitals with their kits train over mutual TLS.
+    let (csvs, _test) = split_breast_cancer(dir.path(), 2);
+    let mut running = Vec::new();
+    for (name, csv) in sites.iter().zip(&csvs) {
+        let k = kit(&made.kits, name);
+        let tables = format!(
+            "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[datasets.breast_cancer]\npath = \"{}\"\n",
+            k.ca.display(),
+            k.cert.display(),
+            k.key.display(),
+            csv.display()
+        );
+        let mut site = Site::start(site_config_with(
+            name,
+            &url,
+            &dir.path().join(name),
+            &tables,
+        ));
+        site.registered(1).await;
+        running.push(site);
+    }
+    let alice = kit(&made.kits, "alice");
+    let mut runs = RunServiceClient::new(as_participant(&url, alice).await);
+    let run_id = runs
+        .create_run(v1::CreateRunRequest {
+            spec_toml: breast_cancer_spec("over-tls", 2, 2, 60),
+        })
+        .await
+        .expect("a researcher creates a run")
+        .into_inner()
+        .run_id;
+    wait_for_completion(&mut runs, &run_id).await;
+
+    // No client certificate: the handshake or the first call fails.
+    let ca = Certificate::from_pem(pem(&alice.ca));
+    let anonymous = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .domain_name("localhost");
+    let refused = match channel(&url, anonymous).await {
+        Err(_) => true,
+        Ok(ch) => RunServiceClient::new(ch)
+            .list_runs(v1::ListRunsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a caller without a certificate was served");
+
+    // A certificate from another consortium's CA.
+    let other = provision(
+        None,
+        "other-consortium",
+        "localhost",
+        &[],
+        &["mallory".to_string()],
+        &[],
+        &dir.path().join("other-kits"),
+    )
+    .expect("provisioning");
+    let mallory = kit(&other.kits, "mallory");
+    let foreign = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .identity(Identity::from_pem(pem(&mallory.cert), pem(&mallory.key)))
+        .domain_name("localhost");
+    let refused = match channel(&url, foreign).await {
+        Err(_) => true,
+        Ok(ch) => RunServiceClient::new(ch)
+            .list_runs(v1::ListRunsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a certificate of another CA was accepted");
+
+    // A site acting as another site.
+    let mut site_a = SiteServiceClient::new(as_participant(&url, kit(&made.kits, "site-a")).await);
+    let err = site_a
+        .register(register("site-b"))
+        .await
+        .expect_err("impostor");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("cannot act as site `site-b`"),
+        "{}",
+        err.message()
+    );
+
+    // A researcher calling a site-only RPC, and a site calling the run service.
+    let mut as_site = SiteServiceClient::new(as_participant(&url, alice).await);
+    let err = as_site
+        .poll_task(v1::PollTaskRequest {})
+        .await
+        .expect_err("researcher polling tasks");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("researcher `alice` may not call SiteService")
+            && err.message().contains("only sites"),
+        "{}",
+        err.message()
+    );
+    let mut site_runs =
+        RunServiceClient::new(as_participant(&url, kit(&made.kits, "site-a")).await);
+    let err = site_runs
+        .list_runs(v1::ListRunsRequest {})
+        .await
+        .expect_err("a site listing runs");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // A revoked site is refused from its next call on, without a coordinator restart.
+    let site_c = kit(&made.kits, "site-c");
+    let mut c = SiteServiceClient::new(as_participant(&url, site_c).await);
+    c.register(register("site-c"))
+        .await
+        .expect("not revoked yet");
+    let mut ca_admin = Ca::open(&made.ca_dir).expect("the CA");
+    assert_eq!(ca_admin.revoke("site-c").expect("revoke").role, Role::Site);
+    let err = c.register(register("site-c")).await.expect_err("revoked");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("site-c"), "{}", err.message());
+
+    for s in running {
+        s.stop().await;
+    }
+    coordinator.stop().await;
+}
