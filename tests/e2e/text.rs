@@ -2,12 +2,11 @@
 //! refuse other weights; only the adapter travels; LoRA on the real model learns ICD-10 chapters.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use medfl_core::safetensors::decode;
 use medfl_e2e::{
-    create_run, icd10_jsonl, init_logs, shared_minilm, site_config_with, test_config,
-    wait_for_completion, Coordinator, Site,
+    create_run, icd10_jsonl, init_logs, shared_minilm, test_config, text_site as site_with,
+    text_spec, wait_for_completion, write_parts, Coordinator, Site,
 };
 use medfl_train::testing::write_tiny_bert;
 use medfl_train::{label_skew_partition, model_for_run, BaseModels, Data, TextTable};
@@ -18,85 +17,6 @@ fn chapters(table: &TextTable) -> Vec<String> {
     labels.sort();
     labels.dedup();
     labels
-}
-
-fn text_spec(
-    name: &str,
-    base: &str,
-    sha: &str,
-    labels: &[String],
-    rounds: u32,
-    extra: &str,
-) -> String {
-    let labels: Vec<String> = labels.iter().map(|l| format!("\"{l}\"")).collect();
-    format!(
-        r#"name = "{name}"
-rounds = {rounds}
-min_sites = 2
-round_deadline_secs = 240
-max_retries = 0
-seed = 5
-
-[model]
-kind = "bert"
-base = "{base}"
-base_sha256 = "{sha}"
-max_seq_len = 32
-{extra}
-
-[task]
-dataset = "notes"
-text = "text"
-label = "label"
-labels = [{}]
-validation_fraction = 0.2
-
-[training]
-local_epochs = 1
-batch_size = 16
-learning_rate = 0.002
-optimizer = "adamw"
-"#,
-        labels.join(", ")
-    )
-}
-
-/// Writes each part of `table` (rows by index) as JSON lines; returns the paths.
-fn write_parts(table: &TextTable, parts: &[Vec<usize>], dir: &Path) -> Vec<PathBuf> {
-    parts
-        .iter()
-        .enumerate()
-        .map(|(i, rows)| {
-            let path = dir.join(format!("part-{i}.jsonl"));
-            table
-                .subset(rows)
-                .write_jsonl(&path)
-                .expect("writing a part");
-            path
-        })
-        .collect()
-}
-
-fn site_with(
-    name: &str,
-    coordinator: &Coordinator,
-    dir: &Path,
-    data: &Path,
-    base: Option<(&str, &Path)>,
-) -> Site {
-    let mut tables = format!(
-        "[datasets.notes]\npath = \"{}\"\nformat = \"jsonl\"\n",
-        data.display()
-    );
-    if let Some((name, path)) = base {
-        tables += &format!("\n[base_models]\n{name} = \"{}\"\n", path.display());
-    }
-    Site::start(site_config_with(
-        name,
-        &coordinator.url(),
-        &dir.join(name),
-        &tables,
-    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,7 +14,7 @@ use medfl_core::ModelParams;
 use medfl_proto::v1;
 use medfl_proto::v1::run_service_client::RunServiceClient;
 use medfl_site::{SiteConfig, SiteError};
-use medfl_train::{label_skew_partition, Table};
+use medfl_train::{label_skew_partition, Table, TextTable};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -492,4 +492,86 @@ pub fn test_accuracy(spec_toml: &str, params: &ModelParams, test_csv: &Path) -> 
         .evaluate(params, &medfl_train::Data::Table(ex))
         .expect("evaluate")
         .metrics["accuracy"]
+}
+
+/// A text-classification run spec on base `base` pinned by `sha`, over the JSON-lines dataset
+/// `notes` (fields `text`, `label`); `extra` is appended to the `[model]` table.
+pub fn text_spec(
+    name: &str,
+    base: &str,
+    sha: &str,
+    labels: &[String],
+    rounds: u32,
+    extra: &str,
+) -> String {
+    let labels: Vec<String> = labels.iter().map(|l| format!("\"{l}\"")).collect();
+    format!(
+        r#"name = "{name}"
+rounds = {rounds}
+min_sites = 2
+round_deadline_secs = 240
+max_retries = 0
+seed = 5
+
+[model]
+kind = "bert"
+base = "{base}"
+base_sha256 = "{sha}"
+max_seq_len = 32
+{extra}
+
+[task]
+dataset = "notes"
+text = "text"
+label = "label"
+labels = [{}]
+validation_fraction = 0.2
+
+[training]
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.002
+optimizer = "adamw"
+"#,
+        labels.join(", ")
+    )
+}
+
+/// Writes each part of `table` (rows by index) as JSON lines; returns the paths.
+pub fn write_parts(table: &TextTable, parts: &[Vec<usize>], dir: &Path) -> Vec<PathBuf> {
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let path = dir.join(format!("part-{i}.jsonl"));
+            table
+                .subset(rows)
+                .write_jsonl(&path)
+                .expect("writing a part");
+            path
+        })
+        .collect()
+}
+
+/// A site holding `data` as JSON-lines dataset `notes`, and base model `base` if given.
+pub fn text_site(
+    name: &str,
+    coordinator: &Coordinator,
+    dir: &Path,
+    data: &Path,
+    base: Option<(&str, &Path)>,
+) -> Site {
+    let mut tables = format!(
+        "[datasets.notes]\npath = \"{}\"\nformat = \"jsonl\"\n",
+        data.display()
+    );
+    if let Some((name, path)) = base {
+        tables += &format!("\n[base_models]\n{name} = \"{}\"\n", path.display());
+    }
+    Site::start(site_config_with(
+        name,
+        &coordinator.url(),
+        &dir.join(name),
+        &tables,
+    ))
 }
