@@ -3,7 +3,7 @@
 
 use medfl_core::safetensors::encode;
 use medfl_core::NamedTensor;
-use medfl_e2e::raw::{header_for, shifted, RawSite};
+use medfl_e2e::raw::{new_key, shifted, RawSite};
 use medfl_e2e::*;
 use medfl_proto::v1;
 use tonic::Code;
@@ -69,7 +69,7 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
     half.extend_from_slice(&(json.len() as u64).to_le_bytes());
     half.extend_from_slice(json.as_bytes());
     half.extend_from_slice(&[0u8; 4]);
-    let header = header_for(&tb, &half, 10);
+    let header = bad.header_for(&tb, &half, 10);
     let len = half.len();
     assert_eq!(
         code(bad.push_raw(header, half, len).await),
@@ -77,15 +77,16 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
     );
     // Hash does not match the bytes.
     let bytes = encode(&shifted(&global, 1.0));
-    let mut header = header_for(&tb, &bytes, 10);
+    let mut header = bad.header_for(&tb, &bytes, 10);
     header.sha256 = hex::encode([7u8; 32]);
+    bad.sign_with(&mut header, None);
     let len = bytes.len();
     assert_eq!(
         code(bad.push_raw(header, bytes.clone(), len).await),
         Code::DataLoss
     );
     // Truncated: the upload breaks off halfway.
-    let header = header_for(&tb, &bytes, 10);
+    let header = bad.header_for(&tb, &bytes, 10);
     assert_eq!(
         code(bad.push_raw(header, bytes.clone(), len / 2).await),
         Code::DataLoss
@@ -234,5 +235,68 @@ async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
             assert!((y - x - 0.5 / n.sqrt()).abs() < 1e-5, "{x} -> {y}");
         }
     }
+    coordinator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsigned_forged_and_replayed_updates_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let mut site = RawSite::register(&coordinator.url(), "signer").await;
+    let mut client = coordinator.runs().await;
+    let run = create_run(&mut client, &breast_cancer_spec("signed", 2, 1, 60)).await;
+    let t1 = site.next_task().await;
+    // Tasks carry the coordinator's signature over run, round, attempt, kind and model.
+    let claim = medfl_core::signing::TaskClaim {
+        run_id: &t1.run_id,
+        round: t1.round,
+        attempt: t1.attempt,
+        kind: t1.kind,
+        global_sha256: &t1.global_sha256,
+    };
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &site.coordinator_key)
+        .verify(&claim.message(), &t1.signature)
+        .expect("a signed task");
+    let global = site.download(&t1.global_sha256).await;
+    let bytes = encode(&shifted(&global, 0.1));
+    let len = bytes.len();
+    let denied = |r: Result<v1::PushUpdateResponse, tonic::Status>| match r {
+        Err(s) if s.code() == Code::PermissionDenied && s.message().contains("signature") => true,
+        other => panic!("expected a signature refusal, got {other:?}"),
+    };
+    // Unsigned.
+    let mut h = site.header_for(&t1, &bytes, 10);
+    h.signature.clear();
+    assert!(denied(site.push_raw(h, bytes.clone(), len).await));
+    // Signed with a key the coordinator never pinned for this site.
+    let mut h = site.header_for(&t1, &bytes, 10);
+    site.sign_with(&mut h, Some(&new_key()));
+    assert!(denied(site.push_raw(h, bytes.clone(), len).await));
+    // A claim changed after signing (more examples, more weight).
+    let mut h = site.header_for(&t1, &bytes, 10);
+    h.num_examples = 1000;
+    assert!(denied(site.push_raw(h, bytes.clone(), len).await));
+    // The genuine update is accepted.
+    let signed_round_1 = site.header_for(&t1, &bytes, 10);
+    site.push_raw(signed_round_1.clone(), bytes.clone(), len)
+        .await
+        .expect("a signed update");
+    let e1 = site.next_task().await;
+    site.evaluate(&e1, 0.9).await.expect("evaluation");
+    // Round 2: the round-1 update replayed under round 2's numbers is refused.
+    let t2 = site.next_task().await;
+    assert_eq!(t2.round, 2);
+    let replay = v1::UpdateHeader {
+        round: t2.round,
+        attempt: t2.attempt,
+        base_sha256: t2.global_sha256.clone(),
+        ..signed_round_1
+    };
+    assert!(denied(site.push_raw(replay, bytes.clone(), len).await));
+    let results = coordinator.store().site_results(&run, 1).expect("results");
+    assert!(
+        results.iter().any(|r| r.outcome == "accepted"),
+        "{results:#?}"
+    );
     coordinator.stop().await;
 }

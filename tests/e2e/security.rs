@@ -43,6 +43,7 @@ fn register(site: &str) -> tonic::Request<v1::RegisterRequest> {
         token: "a-token-of-at-least-16-bytes".into(),
         datasets: vec![],
         version: "test".into(),
+        signing_public_key: vec![7; 32],
     })
 }
 

@@ -2,10 +2,12 @@
 //! the bytes it wants (bad updates, duplicates, late results) or vanish mid-round.
 
 use medfl_core::safetensors::encode;
+use medfl_core::signing::UpdateClaim;
 use medfl_core::ModelParams;
 use medfl_proto::convert::{SITE_METADATA, TOKEN_METADATA};
 use medfl_proto::v1;
 use medfl_proto::v1::site_service_client::SiteServiceClient;
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
@@ -16,6 +18,16 @@ pub struct RawSite {
     token: String,
     /// The generated client.
     pub client: SiteServiceClient<Channel>,
+    /// The key it registered, which signs its updates.
+    signer: std::sync::Arc<Ed25519KeyPair>,
+    /// The coordinator's public key, as registration returned it.
+    pub coordinator_key: Vec<u8>,
+}
+
+/// A fresh Ed25519 key.
+pub fn new_key() -> Ed25519KeyPair {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).expect("key");
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key")
 }
 
 impl RawSite {
@@ -27,7 +39,8 @@ impl RawSite {
         let token = format!("{name}-secret-token-0123456789");
         let mut columns = crate::breast_cancer_features();
         columns.push("diagnosis".into());
-        client
+        let signer = new_key();
+        let reply = client
             .register(v1::RegisterRequest {
                 site: name.into(),
                 token: token.clone(),
@@ -37,14 +50,43 @@ impl RawSite {
                     rows: 100,
                 }],
                 version: "test".into(),
+                signing_public_key: signer.public_key().as_ref().to_vec(),
             })
             .await
-            .expect("register");
+            .expect("register")
+            .into_inner();
         Self {
             name: name.into(),
             token,
             client,
+            signer: std::sync::Arc::new(signer),
+            coordinator_key: reply.coordinator_public_key,
         }
+    }
+
+    /// Signs `header` as this site, with `key` when given (else its registered key).
+    pub fn sign_with(&self, header: &mut v1::UpdateHeader, key: Option<&Ed25519KeyPair>) {
+        let claim = UpdateClaim {
+            run_id: &header.run_id,
+            round: header.round,
+            attempt: header.attempt,
+            base_sha256: &header.base_sha256,
+            update_sha256: &header.sha256,
+            examples: header.num_examples,
+            site: &self.name,
+        };
+        header.signature = key
+            .unwrap_or(&self.signer)
+            .sign(&claim.message())
+            .as_ref()
+            .to_vec();
+    }
+
+    /// A correct, signed header for `bytes` as an update to `task`.
+    pub fn header_for(&self, task: &v1::Task, bytes: &[u8], examples: u64) -> v1::UpdateHeader {
+        let mut header = header_for(task, bytes, examples);
+        self.sign_with(&mut header, None);
+        header
     }
 
     /// The same site with another token (an impostor).
@@ -53,6 +95,8 @@ impl RawSite {
             name: name.into(),
             token: "not-the-right-token-at-all".into(),
             client: self.client.clone(),
+            signer: self.signer.clone(),
+            coordinator_key: self.coordinator_key.clone(),
         }
     }
 
@@ -128,7 +172,7 @@ impl RawSite {
         examples: u64,
     ) -> Result<v1::PushUpdateResponse, Status> {
         let bytes = encode(params);
-        let header = header_for(task, &bytes, examples);
+        let header = self.header_for(task, &bytes, examples);
         let len = bytes.len();
         self.push_raw(header, bytes, len).await
     }
@@ -161,7 +205,7 @@ impl RawSite {
     }
 }
 
-/// A correct header for `bytes` as an update to `task`.
+/// A correct but unsigned header for `bytes` as an update to `task`.
 pub fn header_for(task: &v1::Task, bytes: &[u8], examples: u64) -> v1::UpdateHeader {
     v1::UpdateHeader {
         run_id: task.run_id.clone(),
@@ -173,6 +217,7 @@ pub fn header_for(task: &v1::Task, bytes: &[u8], examples: u64) -> v1::UpdateHea
         num_examples: examples,
         train_loss: 0.5,
         train_steps: 1,
+        signature: Vec::new(),
     }
 }
 

@@ -87,6 +87,7 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
             global_sha256: c.global_sha256.clone(),
             global_size: c.global_size,
             deadline_unix_ms: c.deadline_ms,
+            signature: Vec::new(),
         })
     }))
 }

@@ -10,6 +10,7 @@
 //! - [`aggregate`]: strategies applied to updates read back from disk a block at a time.
 //! - [`campaign`]: cross-site evaluation of a run's final model.
 //! - [`published`]: base models the operator publishes for sites to fetch.
+//! - [`signing`]: the coordinator's signing key; site update signatures.
 //! - [`state`]: what handlers and engines share.
 //! - [`store`]: SQLite state; [`blobs`]: content-addressed model files; [`stream`]: chunked reads.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod published;
 pub mod run_service;
 pub mod server;
+pub mod signing;
 pub mod site_service;
 pub mod state;
 pub mod store;

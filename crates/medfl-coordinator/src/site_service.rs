@@ -215,7 +215,17 @@ impl SiteApi {
         } else {
             None
         };
-        refusal.map_or(Ok(()), |r| Err(r.into()))
+        if let Some(r) = refusal {
+            return Err(r.into());
+        }
+        // Last: the signature binds every field checked above to this site's key.
+        let key = self
+            .shared
+            .sites()?
+            .get(site)
+            .map(|s| s.signing_key.clone())
+            .unwrap_or_default();
+        crate::signing::verify_update(site, &key, header)
     }
 
     /// Streams the update to a temporary blob, validating as it goes; returns its id.
@@ -323,6 +333,14 @@ impl SiteService for SiteApi {
                 CoordinatorError::Invalid(format!("more than {MAX_DATASETS} datasets")).into(),
             );
         }
+        if req.signing_public_key.len() != crate::signing::PUBLIC_KEY_LEN {
+            return Err(CoordinatorError::Invalid(format!(
+                "RegisterRequest.signing_public_key: {} bytes, an Ed25519 public key has {}",
+                req.signing_public_key.len(),
+                crate::signing::PUBLIC_KEY_LEN
+            ))
+            .into());
+        }
         let token_sha256 = sha256_hex(req.token.as_bytes());
         let now = now_ms();
         let datasets_summary: Vec<serde_json::Value> = req
@@ -334,7 +352,9 @@ impl SiteService for SiteApi {
         {
             let mut sites = self.shared.sites().map_err(Status::from)?;
             if let Some(existing) = sites.get(&req.site) {
-                if existing.token_sha256 != token_sha256 {
+                let other_key = !existing.signing_key.is_empty()
+                    && existing.signing_key != req.signing_public_key;
+                if existing.token_sha256 != token_sha256 || other_key {
                     let reason =
                         format!("site name `{}` is registered to another identity", req.site);
                     self.shared.audit(
@@ -350,6 +370,7 @@ impl SiteService for SiteApi {
                     token_sha256: token_sha256.clone(),
                     datasets: datasets.clone(),
                     last_seen_ms: now,
+                    signing_key: req.signing_public_key.clone(),
                 },
             );
         }
@@ -362,6 +383,7 @@ impl SiteService for SiteApi {
                     datasets,
                     registered_ms: now,
                     last_seen_ms: now,
+                    signing_key: req.signing_public_key.clone(),
                 })
             })
             .map_err(Status::from)?;
@@ -377,6 +399,7 @@ impl SiteService for SiteApi {
         Ok(Response::new(v1::RegisterResponse {
             chunk_size: self.shared.config.chunk_size,
             heartbeat_interval_secs: self.shared.config.heartbeat_interval_secs,
+            coordinator_public_key: crate::signing::public_key(&self.shared.signer),
         }))
     }
 
@@ -422,13 +445,17 @@ impl SiteService for SiteApi {
                         global_sha256: snap.global_sha256.clone(),
                         global_size: snap.global_size,
                         deadline_unix_ms: snap.deadline_ms,
+                        signature: Vec::new(),
                     })
                 })
             };
-            let task = match task {
+            let mut task = match task {
                 Some(task) => Some(task),
                 None => crate::campaign::task_for(&self.shared, &site)?,
             };
+            if let Some(t) = task.as_mut() {
+                crate::signing::sign_task(&self.shared.signer, t);
+            }
             if task.is_some() {
                 return Ok(Response::new(v1::PollTaskResponse { task }));
             }

@@ -32,6 +32,8 @@ pub struct SiteLive {
     pub datasets: Vec<DatasetInfo>,
     /// Last call, ms since the epoch.
     pub last_seen_ms: u64,
+    /// Its pinned Ed25519 public key.
+    pub signing_key: Vec<u8>,
 }
 
 impl SiteLive {
@@ -178,6 +180,8 @@ pub struct Shared {
     pub bases: medfl_train::BaseModels,
     /// The same models' files, which sites may fetch by hash.
     pub published: crate::published::Published,
+    /// Signs every task handed out.
+    pub signer: ring::signature::Ed25519KeyPair,
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> CoordinatorError {
@@ -194,6 +198,7 @@ impl Shared {
         shutdown: watch::Receiver<bool>,
         published: crate::published::Published,
     ) -> Result<Self, CoordinatorError> {
+        let signer = crate::signing::load_or_create(&config.data_dir)?;
         let bases = medfl_train::BaseModels::new(config.base_models.clone(), None);
         let sites = store
             .sites()?
@@ -206,6 +211,7 @@ impl Shared {
                         datasets: s.datasets,
                         // Nobody is online until they call again.
                         last_seen_ms: 0,
+                        signing_key: s.signing_key,
                     },
                 )
             })
@@ -225,6 +231,7 @@ impl Shared {
             audit,
             bases,
             published,
+            signer,
         })
     }
 

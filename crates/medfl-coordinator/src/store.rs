@@ -83,6 +83,8 @@ pub struct SiteRecord {
     pub registered_ms: u64,
     /// Last call.
     pub last_seen_ms: u64,
+    /// Its Ed25519 public key, pinned at first registration (empty before signing existed).
+    pub signing_key: Vec<u8>,
 }
 
 /// A run as stored.
@@ -199,6 +201,15 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Databases from before update signing lack the sites' keys.
+        let has_key: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('sites') WHERE name = 'signing_key'")?
+            .exists([])?;
+        if !has_key {
+            conn.execute_batch(
+                "ALTER TABLE sites ADD COLUMN signing_key BLOB NOT NULL DEFAULT x''",
+            )?;
+        }
         Ok(Self { conn })
     }
 
@@ -210,15 +221,16 @@ impl Store {
             .map(|d| (d.name.clone(), d.columns.clone()))
             .collect();
         self.conn.execute(
-            "INSERT INTO sites (name, token_sha256, datasets, registered_ms, last_seen_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(name) DO UPDATE SET datasets = ?3, last_seen_ms = ?5",
+            "INSERT INTO sites (name, token_sha256, datasets, registered_ms, last_seen_ms, signing_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(name) DO UPDATE SET datasets = ?3, last_seen_ms = ?5, signing_key = ?6",
             params![
                 site.name,
                 site.token_sha256,
                 serde_json::to_string(&datasets).unwrap_or_default(),
                 site.registered_ms as i64,
-                site.last_seen_ms as i64
+                site.last_seen_ms as i64,
+                site.signing_key
             ],
         )?;
         Ok(())
@@ -236,7 +248,8 @@ impl Store {
     /// Every site, by name.
     pub fn sites(&self) -> Result<Vec<SiteRecord>, CoordinatorError> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, token_sha256, datasets, registered_ms, last_seen_ms FROM sites ORDER BY name",
+            "SELECT name, token_sha256, datasets, registered_ms, last_seen_ms, signing_key
+             FROM sites ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
             let datasets: String = r.get(2)?;
@@ -251,6 +264,7 @@ impl Store {
                     .collect(),
                 registered_ms: r.get::<_, i64>(3)? as u64,
                 last_seen_ms: r.get::<_, i64>(4)? as u64,
+                signing_key: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

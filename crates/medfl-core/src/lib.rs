@@ -8,6 +8,7 @@
 //! - [`run`]: the lifecycle of a run.
 //! - [`round`]: the round state machine (who was selected, who reported, when the round closes).
 //! - [`selection`]: deterministic sampling of sites for a round.
+//! - [`signing`]: the bytes sites sign for updates and the coordinator signs for tasks.
 //! - [`spec`]: the run spec researchers write, and its validation.
 //! - [`metrics`]: accuracy, AUC and example-weighted means.
 
@@ -18,6 +19,7 @@ pub mod round;
 pub mod run;
 pub mod safetensors;
 pub mod selection;
+pub mod signing;
 pub mod spec;
 pub mod strategy;
 pub mod tensors;

@@ -131,6 +131,7 @@ async fn session(
             token: worker.token().to_string(),
             datasets: worker.dataset_schemas(),
             version: env!("CARGO_PKG_VERSION").into(),
+            signing_public_key: worker.signing_public_key(),
         })
         .await
         .map_err(|s| match s.code() {
@@ -141,6 +142,7 @@ async fn session(
             _ => SiteError::Rpc(s),
         })?
         .into_inner();
+    worker.pin_coordinator_key(&reply.coordinator_public_key)?;
     worker.chunk_size = (reply.chunk_size as usize).clamp(4096, 16 << 20);
     backoff.reset();
     info!(site = %cfg.name, coordinator = %cfg.coordinator, "registered");

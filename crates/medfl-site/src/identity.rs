@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use ring::signature::Ed25519KeyPair;
 use serde::{Deserialize, Serialize};
 
 use crate::SiteError;
@@ -32,6 +33,12 @@ pub struct SiteState {
     /// Runs by id.
     #[serde(default)]
     pub runs: BTreeMap<String, RunRecord>,
+    /// The site's Ed25519 key (PKCS#8, hex), which signs every update it sends.
+    #[serde(default)]
+    pub signing_key: String,
+    /// The coordinator's Ed25519 public key (hex), pinned at the first registration.
+    #[serde(default)]
+    pub coordinator_key: String,
 }
 
 impl SiteState {
@@ -56,6 +63,12 @@ impl SiteState {
                     state.site
                 )));
             }
+            let mut state = state;
+            if state.signing_key.is_empty() {
+                // State from before update signing: give the site its key now.
+                state.signing_key = new_signing_key()?;
+                state.save(data_dir)?;
+            }
             return Ok(state);
         }
         let mut secret = [0u8; 32];
@@ -65,9 +78,21 @@ impl SiteState {
             site: site.to_string(),
             token: hex::encode(secret),
             runs: BTreeMap::new(),
+            signing_key: new_signing_key()?,
+            coordinator_key: String::new(),
         };
         state.save(data_dir)?;
         Ok(state)
+    }
+
+    /// The site's signing key.
+    pub fn signer(&self) -> Result<Ed25519KeyPair, SiteError> {
+        hex::decode(&self.signing_key)
+            .ok()
+            .and_then(|der| Ed25519KeyPair::from_pkcs8(&der).ok())
+            .ok_or_else(|| {
+                SiteError::Config("site.json: `signing_key` is not an Ed25519 key".into())
+            })
     }
 
     /// Writes the state atomically, readable by the owner only.
@@ -91,6 +116,13 @@ impl SiteState {
     }
 }
 
+/// A fresh Ed25519 key, PKCS#8 in hex.
+fn new_signing_key() -> Result<String, SiteError> {
+    Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .map(|k| hex::encode(k.as_ref()))
+        .map_err(|_| SiteError::Config("no system randomness for the signing key".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +132,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = SiteState::load_or_create(dir.path(), "h1").unwrap();
         assert_eq!(a.token.len(), 64);
+        assert!(a.signer().is_ok());
         let mut b = SiteState::load_or_create(dir.path(), "h1").unwrap();
         assert_eq!(a, b);
         b.runs.insert("r".into(), RunRecord::default());

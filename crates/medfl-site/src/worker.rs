@@ -82,6 +82,8 @@ pub struct Worker {
     audit: AuditLog,
     /// Upload chunk size, from the coordinator.
     pub chunk_size: usize,
+    /// Signs every update this site sends.
+    signer: ring::signature::Ed25519KeyPair,
 }
 
 /// FNV-1a, to derive a stable per-site seed from the site's name.
@@ -96,6 +98,7 @@ impl Worker {
     /// an error naming file and line.
     pub fn open(config: SiteConfig) -> Result<Self, SiteError> {
         let state = SiteState::load_or_create(&config.data_dir, &config.name)?;
+        let signer = state.signer()?;
         let cache = ModelCache::open(&config.data_dir, config.model_cache)?;
         let audit = AuditLog::open(&config.data_dir.join("audit.jsonl"))
             .map_err(|e| SiteError::Config(format!("audit log: {e}")))?;
@@ -119,6 +122,7 @@ impl Worker {
             cancels: Arc::default(),
             audit,
             chunk_size: 1 << 20,
+            signer,
         })
     }
 
@@ -141,6 +145,54 @@ impl Worker {
     /// The site's secret token.
     pub fn token(&self) -> &str {
         &self.state.token
+    }
+
+    /// The public half of the site's signing key.
+    pub fn signing_public_key(&self) -> Vec<u8> {
+        ring::signature::KeyPair::public_key(&self.signer)
+            .as_ref()
+            .to_vec()
+    }
+
+    /// Pins the coordinator's signing key at the first registration; a coordinator presenting
+    /// another key later is refused.
+    pub fn pin_coordinator_key(&mut self, key: &[u8]) -> Result<(), SiteError> {
+        let key = hex::encode(key);
+        if self.state.coordinator_key.is_empty() {
+            self.state.coordinator_key = key;
+            return self.state.save(&self.config.data_dir);
+        }
+        if self.state.coordinator_key != key {
+            return Err(SiteError::Config(format!(
+                "the coordinator signs with another key than the one pinned at this site's first \
+                 registration ({}); if the coordinator was re-installed on purpose, clear \
+                 `coordinator_key` in {}",
+                self.state.coordinator_key,
+                self.config.data_dir.join("site.json").display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a task the pinned coordinator key did not sign.
+    fn verify_task(&self, task: &v1::Task) -> Result<(), SiteError> {
+        let claim = medfl_core::signing::TaskClaim {
+            run_id: &task.run_id,
+            round: task.round,
+            attempt: task.attempt,
+            kind: task.kind,
+            global_sha256: &task.global_sha256,
+        };
+        let key = hex::decode(&self.state.coordinator_key).unwrap_or_default();
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+            .verify(&claim.message(), &task.signature)
+            .map_err(|_| {
+                SiteError::Corrupt(format!(
+                    "the task for run {} round {} is not signed by the coordinator: refusing \
+                     its global model {}",
+                    task.run_id, task.round, task.global_sha256
+                ))
+            })
     }
 
     /// What the coordinator may know of the datasets: names, column headers and row counts.
@@ -307,6 +359,7 @@ impl Worker {
     }
 
     async fn execute(&mut self, client: &mut Client, task: &v1::Task) -> Result<(), SiteError> {
+        self.verify_task(task)?;
         let prepared = match self.prepared.get(&task.run_id) {
             Some(p) => p.clone(),
             None => {
@@ -394,6 +447,21 @@ impl Worker {
             num_examples: report.examples,
             train_loss: report.mean_loss,
             train_steps: report.steps,
+            signature: Vec::new(),
+        };
+        let claim = medfl_core::signing::UpdateClaim {
+            run_id: &header.run_id,
+            round: header.round,
+            attempt: header.attempt,
+            base_sha256: &header.base_sha256,
+            update_sha256: &header.sha256,
+            examples: header.num_examples,
+            site: &self.config.name,
+        };
+        let signature = self.signer.sign(&claim.message()).as_ref().to_vec();
+        let header = v1::UpdateHeader {
+            signature,
+            ..header
         };
         // What leaves the hospital is on record whether or not the coordinator takes it.
         let mut sent = json!({
@@ -403,6 +471,7 @@ impl Worker {
             "examples": header.num_examples,
             "tensors": report.params.tensors.iter().map(|t| &t.name).collect::<Vec<_>>(),
             "l2_distance_from_global": distance,
+            "signature": hex::encode(&header.signature),
         });
         let result = push_update(client, header, bytes, self.chunk_size).await;
         sent["accepted"] = json!(result.is_ok());
