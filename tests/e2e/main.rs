@@ -6,6 +6,7 @@ mod examples;
 mod fedavg;
 mod resilience;
 mod security;
+mod site_control;
 mod site_input;
 mod strategies;
 mod text;

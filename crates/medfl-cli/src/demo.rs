@@ -344,6 +344,7 @@ pub(crate) fn site_config(
         tls_key: None,
         // The demo's coordinator runs in this process on loopback.
         insecure_dev: true,
+        policy: Default::default(),
     }
 }
 

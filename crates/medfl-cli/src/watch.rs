@@ -99,6 +99,11 @@ async fn follow(
             if printed.insert(r.round) {
                 let line = table::round_line(r, detail.full_model_bytes);
                 multi.suspend(|| println!("{line}"));
+                // Sites that did not contribute, and why (refused, awaiting approval, ...).
+                for s in r.sites.iter().filter(|s| s.outcome != "accepted") {
+                    let note = format!("      {}: {}: {}", s.site, s.outcome, s.reason);
+                    multi.suspend(|| println!("{note}"));
+                }
             }
         }
         // The run is over for its watcher once its final evaluation is in as well.

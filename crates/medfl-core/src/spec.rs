@@ -438,6 +438,23 @@ fn default_tau() -> f64 {
 }
 
 impl StrategySpec {
+    /// The strategy's `name` in the spec.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StrategySpec::Fedavg => "fedavg",
+            StrategySpec::Fedprox { .. } => "fedprox",
+            StrategySpec::Fedavgm { .. } => "fedavgm",
+            StrategySpec::Fedadam(_) => "fedadam",
+            StrategySpec::Fedyogi(_) => "fedyogi",
+            StrategySpec::Fedadagrad { .. } => "fedadagrad",
+            StrategySpec::Median => "median",
+            StrategySpec::TrimmedMean { .. } => "trimmed_mean",
+            StrategySpec::Krum { .. } => "krum",
+            StrategySpec::MultiKrum { .. } => "multi_krum",
+            StrategySpec::Bulyan { .. } => "bulyan",
+        }
+    }
+
     /// The proximal weight sites use (FedProx), or 0.
     pub fn proximal_mu(&self) -> f64 {
         match self {

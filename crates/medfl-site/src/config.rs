@@ -88,6 +88,9 @@ pub struct SiteConfig {
     pub tls_key: Option<PathBuf>,
     /// Talk plaintext gRPC to an `http://` coordinator: for a trial on one machine only.
     pub insecure_dev: bool,
+    /// What runs may train here, and whether they wait for approval.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
 }
 
 impl SiteConfig {

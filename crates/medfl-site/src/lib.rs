@@ -7,6 +7,7 @@
 //! - [`worker`]: doing a train or evaluate task.
 //! - [`cache`]: verified, resumable downloads of global models.
 //! - [`base_fetch`]: fetching a pinned base model from the coordinator.
+//! - [`policy`]: the hospital's policy and the per-run approval queue.
 //! - [`client`]: the identified gRPC client; [`identity`]: the site's token and run history.
 
 pub mod base_fetch;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod identity;
+pub mod policy;
 pub mod worker;
 
 pub use config::SiteConfig;

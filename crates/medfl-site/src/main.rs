@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use medfl_site::policy::{Approvals, Decision};
 use medfl_site::{run, SiteConfig};
 
 /// The medfl site daemon: trains on local data, sends only model updates, dials out only.
@@ -13,15 +14,89 @@ struct Args {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Talk plaintext gRPC to an `http://` coordinator (a trial on one machine only).
-    #[arg(long)]
+    #[arg(long, global = true)]
     insecure_dev: bool,
+    /// Without a command the daemon runs.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The hospital's decisions on the runs that reached this site.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Runs that reached this site and wait for approval (all runs with --all).
+    Pending {
+        /// Every run with its decision.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Lets a run train on this site's data from its next task on.
+    Approve {
+        /// Run id.
+        run: String,
+    },
+    /// Refuses a run; the researcher sees the reason.
+    Reject {
+        /// Run id.
+        run: String,
+        /// Why, as the researcher will read it.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = SiteConfig::load_with(args.config.as_deref(), args.insecure_dev)?;
+    if let Some(Command::Runs(command)) = args.command {
+        return runs(&config, command);
+    }
     medfl_daemon::init_logging(&config.log_format);
     run(config, medfl_daemon::stop_signal()).await?;
+    Ok(())
+}
+
+/// `medfl-site runs ...`: reads and writes the approval queue in the data directory, which the
+/// running daemon consults at every task.
+fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
+    let dir = &config.data_dir;
+    match command {
+        RunsCommand::Pending { all } => {
+            let queue = Approvals::load(dir)?;
+            let shown: Vec<_> = queue
+                .runs
+                .iter()
+                .filter(|(_, a)| all || a.decision == Decision::Pending)
+                .collect();
+            if shown.is_empty() {
+                println!("no run waits for approval at `{}`", config.name);
+            }
+            for (id, a) in shown {
+                let decision = format!("{:?}", a.decision).to_lowercase();
+                println!(
+                    "{id}  {decision:<8}  {}: {}  {}",
+                    a.name, a.summary, a.reason
+                );
+            }
+        }
+        RunsCommand::Approve { run } => {
+            let a = Approvals::decide(dir, &run, Decision::Approved, "")?;
+            println!(
+                "approved {run} ({}); it trains here from its next task",
+                a.name
+            );
+        }
+        RunsCommand::Reject { run, reason } => {
+            let a = Approvals::decide(dir, &run, Decision::Rejected, &reason)?;
+            println!("rejected {run} ({}): {reason}", a.name);
+        }
+    }
     Ok(())
 }

@@ -364,10 +364,41 @@ impl Worker {
             Some(p) => p.clone(),
             None => {
                 let spec = RunSpec::from_toml(&task.spec_toml)?;
+                // Nothing is fetched or loaded for a run the policy refuses anyway.
+                if let Some(why) = self.config.policy.violation(&spec, 0) {
+                    return Err(SiteError::Task(format!(
+                        "rejected by the site's policy: {why}"
+                    )));
+                }
                 self.ensure_base(client, &spec).await?;
                 self.prepare(task, spec)?
             }
         };
+        // The hospital decides, at every task: its policy, then its approval queue.
+        let update_bytes = prepared.model.schema().numel() as u64 * 4;
+        let admitted = crate::policy::admit(
+            &self.config.policy,
+            &self.config.data_dir,
+            &task.run_id,
+            &prepared.spec,
+            update_bytes,
+        );
+        let event = match &admitted {
+            Ok(Some(a)) => Some(("run_approved", a.summary.clone())),
+            Err(e) => Some(("run_not_admitted", e.to_string())),
+            Ok(None) => None,
+        };
+        if let Some((what, detail)) = event {
+            self.audit(
+                Event::new(
+                    what,
+                    json!({ "name": prepared.spec.name, "detail": detail }),
+                )
+                .run(task.run_id.clone()),
+            );
+        }
+        admitted?;
+
         let cancel = self.cancel_flag(&task.run_id);
         let (bytes, downloaded) = self
             .cache

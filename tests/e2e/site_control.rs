@@ -1,0 +1,89 @@
+//! The hospital decides: a run outside a site's policy is refused there with the reason the
+//! researcher sees, and a site requiring approval keeps a run out until the hospital approves it.
+
+use medfl_e2e::{
+    breast_cancer_spec, create_run, init_logs, site_config_with, split_breast_cancer, test_config,
+    wait_for_completion, watch_until, Coordinator, Site,
+};
+use medfl_proto::v1;
+use medfl_site::policy::{Approvals, Decision};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policies_refuse_runs_and_approval_gates_them() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let (csvs, _test) = split_breast_cancer(dir.path(), 3);
+    let policies = [
+        "",
+        "[policy]\nrequire_approval = true\n",
+        "[policy]\ntask_kinds = [\"text_classification\"]\n",
+    ];
+    let names = ["open", "careful", "text-only"];
+    let mut sites = Vec::new();
+    for ((name, csv), policy) in names.iter().zip(&csvs).zip(policies) {
+        let tables = format!(
+            "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
+            csv.display()
+        );
+        let mut site = Site::start(site_config_with(
+            name,
+            &coordinator.url(),
+            &dir.path().join(name),
+            &tables,
+        ));
+        site.registered(1).await;
+        sites.push(site);
+    }
+    let mut client = coordinator.runs().await;
+    let run = create_run(&mut client, &breast_cancer_spec("gated", 2, 1, 60)).await;
+    let detail = wait_for_completion(&mut client, &run).await;
+
+    // Every round: the open site trained, the careful one waited, the text-only one refused.
+    for round in &detail.rounds {
+        let by_site = |name: &str| {
+            round
+                .sites
+                .iter()
+                .find(|s| s.site == name)
+                .unwrap_or_else(|| panic!("{name} in round {}", round.round))
+        };
+        assert_eq!(by_site("open").outcome, "accepted");
+        let careful = by_site("careful");
+        assert_eq!(careful.outcome, "failed");
+        assert!(
+            careful.reason.contains("awaits the hospital's approval"),
+            "{careful:?}"
+        );
+        let text_only = by_site("text-only");
+        assert!(
+            text_only.reason.contains("policy")
+                && text_only.reason.contains("tabular_classification"),
+            "{text_only:?}"
+        );
+    }
+    let careful_dir = dir.path().join("careful");
+    let queue = Approvals::load(&careful_dir).expect("queue");
+    assert_eq!(queue.runs[&run].decision, Decision::Pending);
+
+    // Once approved, the careful site takes part: it scores the final model when asked.
+    Approvals::decide(&careful_dir, &run, Decision::Approved, "").expect("approve");
+    client
+        .evaluate_run(v1::EvaluateRunRequest {
+            run_id: run.clone(),
+        })
+        .await
+        .expect("evaluate");
+    let detail = watch_until(&mut client, &run, |d| {
+        !d.evaluating && d.final_evaluation.iter().any(|e| e.site == "careful")
+    })
+    .await;
+    assert!(detail
+        .final_evaluation
+        .iter()
+        .all(|e| e.site != "text-only"));
+    for s in sites {
+        s.stop().await;
+    }
+    coordinator.stop().await;
+}
