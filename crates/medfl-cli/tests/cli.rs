@@ -139,7 +139,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let tampered = dir.join("tampered.jsonl");
     let original = std::fs::read_to_string(&site_log).expect("log");
     let mut lines: Vec<String> = original.lines().map(String::from).collect();
-    lines[1] = lines[1].replacen("\"bytes\":", "\"bytes\":1", 1);
+    lines[1] = lines[1].replacen('{', "{ ", 1);
     std::fs::write(&tampered, lines.join("\n") + "\n").expect("write");
     let out = medfl(
         &url,
