@@ -1,5 +1,6 @@
 //! The hospital decides: a run outside a site's policy is refused there with the reason the
-//! researcher sees, and a site requiring approval keeps a run out until the hospital approves it.
+//! researcher sees, a site requiring approval keeps a run out until the hospital approves it, and
+//! a paused site does nothing until resumed.
 
 use medfl_e2e::{
     breast_cancer_spec, create_run, init_logs, site_config_with, split_breast_cancer, test_config,
@@ -13,13 +14,14 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
-    let (csvs, _test) = split_breast_cancer(dir.path(), 3);
+    let (csvs, _test) = split_breast_cancer(dir.path(), 4);
     let policies = [
         "",
         "[policy]\nrequire_approval = true\n",
         "[policy]\ntask_kinds = [\"text_classification\"]\n",
+        "",
     ];
-    let names = ["open", "careful", "text-only"];
+    let names = ["open", "careful", "text-only", "paused"];
     let mut sites = Vec::new();
     for ((name, csv), policy) in names.iter().zip(&csvs).zip(policies) {
         let tables = format!(
@@ -35,6 +37,9 @@ async fn policies_refuse_runs_and_approval_gates_them() {
         site.registered(1).await;
         sites.push(site);
     }
+    // The hospital throws the kill switch of one site.
+    let paused_dir = dir.path().join("paused");
+    medfl_site::policy::set_paused(&paused_dir, Some("maintenance")).expect("pause");
     let mut client = coordinator.runs().await;
     let run = create_run(&mut client, &breast_cancer_spec("gated", 2, 1, 60)).await;
     let detail = wait_for_completion(&mut client, &run).await;
@@ -61,6 +66,7 @@ async fn policies_refuse_runs_and_approval_gates_them() {
                 && text_only.reason.contains("tabular_classification"),
             "{text_only:?}"
         );
+        assert!(by_site("paused").reason.contains("paused by the hospital"));
     }
     let careful_dir = dir.path().join("careful");
     let queue = Approvals::load(&careful_dir).expect("queue");
@@ -68,6 +74,7 @@ async fn policies_refuse_runs_and_approval_gates_them() {
 
     // Once approved, the careful site takes part: it scores the final model when asked.
     Approvals::decide(&careful_dir, &run, Decision::Approved, "").expect("approve");
+    medfl_site::policy::set_paused(&paused_dir, None).expect("resume");
     client
         .evaluate_run(v1::EvaluateRunRequest {
             run_id: run.clone(),
@@ -75,7 +82,10 @@ async fn policies_refuse_runs_and_approval_gates_them() {
         .await
         .expect("evaluate");
     let detail = watch_until(&mut client, &run, |d| {
-        !d.evaluating && d.final_evaluation.iter().any(|e| e.site == "careful")
+        !d.evaluating
+            && ["careful", "paused"]
+                .iter()
+                .all(|s| d.final_evaluation.iter().any(|e| e.site == *s))
     })
     .await;
     assert!(detail

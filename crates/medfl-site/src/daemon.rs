@@ -81,8 +81,9 @@ pub async fn run_observed(
     // Tells the plaintext warning to stop when the site does.
     let (stopping, stop_watch) = watch::channel(false);
     if cfg.tls_cert.is_none() {
-        medfl_daemon::warn_plaintext("site", stop_watch);
+        medfl_daemon::warn_plaintext("site", stop_watch.clone());
     }
+    watch_kill_switch(cfg.data_dir.clone(), cancels.clone(), stop_watch);
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -106,6 +107,40 @@ pub async fn run_observed(
     stopping.send_replace(true);
     info!(site = %cfg.name, "site stopped");
     result
+}
+
+/// How often the daemon looks at the kill switch.
+const PAUSE_CHECK: Duration = Duration::from_millis(500);
+
+/// Cancels any training under way as soon as the hospital pauses the site, until `stop`.
+fn watch_kill_switch(
+    data_dir: std::path::PathBuf,
+    cancels: CancelFlags,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(PAUSE_CHECK);
+        let mut was_paused = false;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let paused = crate::policy::is_paused(&data_dir);
+                    if paused {
+                        cancel_all(&cancels);
+                    }
+                    if paused != was_paused {
+                        info!(paused, "kill switch {}", if paused { "thrown: training stopped, nothing is sent" } else { "released" });
+                        was_paused = paused;
+                    }
+                }
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn cancel_all(cancels: &CancelFlags) {

@@ -26,6 +26,14 @@ enum Command {
     /// The hospital's decisions on the runs that reached this site.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Kill switch: stop any training now and send nothing until `resume`.
+    Pause {
+        /// Why, for the log.
+        #[arg(long, default_value = "paused by the hospital")]
+        reason: String,
+    },
+    /// Release the kill switch.
+    Resume,
 }
 
 #[derive(Subcommand)]
@@ -55,8 +63,22 @@ enum RunsCommand {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = SiteConfig::load_with(args.config.as_deref(), args.insecure_dev)?;
-    if let Some(Command::Runs(command)) = args.command {
-        return runs(&config, command);
+    match args.command {
+        Some(Command::Runs(command)) => return runs(&config, command),
+        Some(Command::Pause { reason }) => {
+            medfl_site::policy::set_paused(&config.data_dir, Some(&reason))?;
+            println!(
+                "`{}` paused: training stops within a second, nothing is sent",
+                config.name
+            );
+            return Ok(());
+        }
+        Some(Command::Resume) => {
+            medfl_site::policy::set_paused(&config.data_dir, None)?;
+            println!("`{}` resumed", config.name);
+            return Ok(());
+        }
+        None => {}
     }
     medfl_daemon::init_logging(&config.log_format);
     run(config, medfl_daemon::stop_signal()).await?;

@@ -179,6 +179,32 @@ impl Approvals {
     }
 }
 
+/// The kill switch's file: while it exists the site trains and uploads nothing.
+fn pause_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("paused")
+}
+
+/// Whether the hospital has paused this site (`medfl-site pause`).
+pub fn is_paused(data_dir: &Path) -> bool {
+    pause_file(data_dir).exists()
+}
+
+/// Pauses (with `reason`) or resumes the site; a running daemon notices within a second, stops
+/// any training under way and sends nothing until resumed.
+pub fn set_paused(data_dir: &Path, paused: Option<&str>) -> Result<(), SiteError> {
+    let path = pause_file(data_dir);
+    match paused {
+        Some(reason) => std::fs::write(&path, format!("{reason}\n"))
+            .map_err(|e| SiteError::io(format!("writing {}", path.display()), e)),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(SiteError::io(format!("removing {}", path.display()), e))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Whether `run` (spec `spec`, update of `update_bytes`) may train at the site in `data_dir`
 /// under `policy`: a run outside the policy is rejected for good; one needing approval is queued
 /// and waits. Returns the event to audit when the queue changed.

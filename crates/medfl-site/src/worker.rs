@@ -174,6 +174,16 @@ impl Worker {
         Ok(())
     }
 
+    /// Refuses to work while the hospital has paused the site.
+    fn check_not_paused(&self) -> Result<(), SiteError> {
+        if crate::policy::is_paused(&self.config.data_dir) {
+            return Err(SiteError::Task(
+                "paused by the hospital (medfl-site resume to continue)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses a task the pinned coordinator key did not sign.
     fn verify_task(&self, task: &v1::Task) -> Result<(), SiteError> {
         let claim = medfl_core::signing::TaskClaim {
@@ -317,7 +327,7 @@ impl Worker {
         match self.execute(client, &task).await {
             Ok(()) => Ok(()),
             Err(e) if e.is_disconnect() => Err(e),
-            Err(SiteError::Cancelled) => {
+            Err(SiteError::Cancelled) if !crate::policy::is_paused(&self.config.data_dir) => {
                 info!(run = %run, round, site = %self.config.name, "task cancelled");
                 Ok(())
             }
@@ -360,6 +370,7 @@ impl Worker {
 
     async fn execute(&mut self, client: &mut Client, task: &v1::Task) -> Result<(), SiteError> {
         self.verify_task(task)?;
+        self.check_not_paused()?;
         let prepared = match self.prepared.get(&task.run_id) {
             Some(p) => p.clone(),
             None => {
@@ -504,6 +515,8 @@ impl Worker {
             "l2_distance_from_global": distance,
             "signature": hex::encode(&header.signature),
         });
+        // The kill switch may have been thrown while training: then nothing leaves.
+        self.check_not_paused()?;
         let result = push_update(client, header, bytes, self.chunk_size).await;
         sent["accepted"] = json!(result.is_ok());
         if let Err(e) = &result {
