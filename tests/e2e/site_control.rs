@@ -24,10 +24,22 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     let names = ["open", "careful", "text-only", "paused"];
     let mut sites = Vec::new();
     for ((name, csv), policy) in names.iter().zip(&csvs).zip(policies) {
-        let tables = format!(
-            "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
-            csv.display()
-        );
+        let tables = if *name == "open" {
+            // This hospital registered its data with `medfl-site dataset add`, not in the config.
+            let dataset = medfl_site::config::DatasetConfig {
+                path: csv.clone(),
+                format: "csv".into(),
+            };
+            let site_dir = dir.path().join(name);
+            medfl_site::registry::add(&site_dir, &Default::default(), "breast_cancer", dataset)
+                .expect("registering the dataset");
+            policy.to_string()
+        } else {
+            format!(
+                "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
+                csv.display()
+            )
+        };
         let mut site = Site::start(site_config_with(
             name,
             &coordinator.url(),

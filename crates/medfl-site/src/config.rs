@@ -20,7 +20,7 @@ insecure_dev = false
 "#;
 
 /// One dataset the site holds.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
     /// The file; relative paths are relative to the config file's directory.

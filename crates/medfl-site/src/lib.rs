@@ -8,6 +8,7 @@
 //! - [`cache`]: verified, resumable downloads of global models.
 //! - [`base_fetch`]: fetching a pinned base model from the coordinator.
 //! - [`policy`]: the hospital's policy and the per-run approval queue.
+//! - [`registry`]: datasets registered by name with `medfl-site dataset add`.
 //! - [`client`]: the identified gRPC client; [`identity`]: the site's token and run history.
 
 pub mod base_fetch;
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod error;
 pub mod identity;
 pub mod policy;
+pub mod registry;
 pub mod worker;
 
 pub use config::SiteConfig;

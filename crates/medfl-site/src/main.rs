@@ -34,6 +34,31 @@ enum Command {
     },
     /// Release the kill switch.
     Resume,
+    /// The datasets this site holds, by the names run specs use.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Registers a dataset (checked to load); the daemon serves it from its next start.
+    Add {
+        /// The name run specs will use.
+        name: String,
+        /// The file (never sent anywhere).
+        #[arg(long)]
+        path: PathBuf,
+        /// `csv` or `jsonl`.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
+    /// Lists the datasets of the config file and of the registry.
+    List,
+    /// Forgets a registered dataset.
+    Remove {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
             println!("`{}` resumed", config.name);
             return Ok(());
         }
+        Some(Command::Dataset(command)) => return datasets(&config, command),
         None => {}
     }
     medfl_daemon::init_logging(&config.log_format);
@@ -118,6 +144,40 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
         RunsCommand::Reject { run, reason } => {
             let a = Approvals::decide(dir, &run, Decision::Rejected, &reason)?;
             println!("rejected {run} ({}): {reason}", a.name);
+        }
+    }
+    Ok(())
+}
+
+/// `medfl-site dataset ...`: the registry in the data directory.
+fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> {
+    use medfl_site::config::DatasetConfig;
+    let dir = &config.data_dir;
+    match command {
+        DatasetCommand::Add { name, path, format } => {
+            anyhow::ensure!(
+                matches!(format.as_str(), "csv" | "jsonl"),
+                "--format must be csv or jsonl"
+            );
+            let rows = medfl_site::registry::add(
+                dir,
+                &config.datasets,
+                &name,
+                DatasetConfig { path, format },
+            )?;
+            println!("registered `{name}` ({rows} records); restart the daemon to offer it");
+        }
+        DatasetCommand::List => {
+            let registered = medfl_site::registry::load(dir)?;
+            for (origin, map) in [("config", &config.datasets), ("registry", &registered)] {
+                for (name, ds) in map {
+                    println!("{name}  {}  {}  ({origin})", ds.format, ds.path.display());
+                }
+            }
+        }
+        DatasetCommand::Remove { name } => {
+            medfl_site::registry::remove(dir, &name)?;
+            println!("removed `{name}`");
         }
     }
     Ok(())

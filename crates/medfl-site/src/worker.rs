@@ -33,7 +33,7 @@ struct Prepared {
 }
 
 /// A dataset the site holds.
-enum Dataset {
+pub(crate) enum Dataset {
     /// A CSV table.
     Table(Table),
     /// A JSON-lines file of records.
@@ -41,7 +41,7 @@ enum Dataset {
 }
 
 impl Dataset {
-    fn load(format: &str, path: &std::path::Path) -> Result<Self, TrainError> {
+    pub(crate) fn load(format: &str, path: &std::path::Path) -> Result<Self, TrainError> {
         Ok(match format {
             "jsonl" => Dataset::Text(TextTable::load_jsonl(path)?),
             _ => Dataset::Table(Table::load_csv(path)?),
@@ -56,7 +56,7 @@ impl Dataset {
         }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Dataset::Table(t) => t.len(),
             Dataset::Text(t) => t.len(),
@@ -103,7 +103,8 @@ impl Worker {
         let audit = AuditLog::open(&config.data_dir.join("audit.jsonl"))
             .map_err(|e| SiteError::Config(format!("audit log: {e}")))?;
         let mut datasets = BTreeMap::new();
-        for (name, ds) in &config.datasets {
+        let registered = crate::registry::load(&config.data_dir)?;
+        for (name, ds) in config.datasets.iter().chain(&registered) {
             let data = Dataset::load(&ds.format, &ds.path)?;
             info!(site = %config.name, dataset = %name, rows = data.len(), columns = data.columns().len(), "dataset loaded");
             datasets.insert(name.clone(), data);
