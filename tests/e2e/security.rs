@@ -196,3 +196,50 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
     }
     coordinator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_refuses_a_global_model_tampered_with_on_the_way() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(medfl_e2e::test_config(&dir.path().join("c"))).await;
+    let (csvs, _test) = split_breast_cancer(dir.path(), 1);
+    let tables = format!(
+        "[datasets.breast_cancer]\npath = \"{}\"\n",
+        csvs[0].display()
+    );
+    let config = site_config_with(
+        "wary",
+        &coordinator.url(),
+        &dir.path().join("wary"),
+        &tables,
+    );
+    // Registered, then away while the run is created and its model altered on disk.
+    let mut site = Site::start(config.clone());
+    site.registered(1).await;
+    site.stop().await;
+    let mut runs = coordinator.runs().await;
+    let spec =
+        breast_cancer_spec("tampered", 1, 1, 5).replace("max_retries = 2", "max_retries = 0");
+    let run = medfl_e2e::create_run(&mut runs, &spec).await;
+    let initial = coordinator.store().run(&run).expect("run").initial_sha256;
+    let blob = coordinator.blob_path(&initial);
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&blob, bytes).expect("tamper");
+
+    let site = Site::start(config.clone());
+    let detail = medfl_e2e::wait_for_end(&mut runs, &run).await;
+    assert_eq!(medfl_e2e::status(&detail), v1::RunStatus::Failed as i32);
+    // The site said why, in its audit log, and trained on nothing.
+    let audit = std::fs::read_to_string(config.data_dir.join("audit.jsonl")).expect("audit");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("task_failed") && l.contains("hash")),
+        "{audit}"
+    );
+    assert!(!audit.contains("update_sent"), "{audit}");
+    site.stop().await;
+    coordinator.stop().await;
+}
