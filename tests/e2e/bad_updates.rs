@@ -247,13 +247,7 @@ async fn unsigned_forged_and_replayed_updates_are_refused() {
     let run = create_run(&mut client, &breast_cancer_spec("signed", 2, 1, 60)).await;
     let t1 = site.next_task().await;
     // Tasks carry the coordinator's signature over run, round, attempt, kind and model.
-    let claim = medfl_core::signing::TaskClaim {
-        run_id: &t1.run_id,
-        round: t1.round,
-        attempt: t1.attempt,
-        kind: t1.kind,
-        global_sha256: &t1.global_sha256,
-    };
+    let claim = medfl_proto::convert::task_claim(&t1);
     ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &site.coordinator_key)
         .verify(&claim.message(), &t1.signature)
         .expect("a signed task");

@@ -2,7 +2,6 @@
 //! the bytes it wants (bad updates, duplicates, late results) or vanish mid-round.
 
 use medfl_core::safetensors::encode;
-use medfl_core::signing::UpdateClaim;
 use medfl_core::ModelParams;
 use medfl_proto::convert::{SITE_METADATA, TOKEN_METADATA};
 use medfl_proto::v1;
@@ -66,15 +65,7 @@ impl RawSite {
 
     /// Signs `header` as this site, with `key` when given (else its registered key).
     pub fn sign_with(&self, header: &mut v1::UpdateHeader, key: Option<&Ed25519KeyPair>) {
-        let claim = UpdateClaim {
-            run_id: &header.run_id,
-            round: header.round,
-            attempt: header.attempt,
-            base_sha256: &header.base_sha256,
-            update_sha256: &header.sha256,
-            examples: header.num_examples,
-            site: &self.name,
-        };
+        let claim = medfl_proto::convert::update_claim(header, &self.name);
         header.signature = key
             .unwrap_or(&self.signer)
             .sign(&claim.message())

@@ -98,15 +98,12 @@ impl CoordinatorConfig {
                 &mut cfg.tls_key,
                 &mut cfg.revocation_list,
             ];
-            for path in tls
-                .into_iter()
-                .flatten()
-                .chain(cfg.base_models.values_mut())
-            {
-                if path.is_relative() {
-                    *path = base.join(&*path);
-                }
-            }
+            medfl_daemon::resolve_relative(
+                base,
+                tls.into_iter()
+                    .flatten()
+                    .chain(cfg.base_models.values_mut()),
+            );
         }
         cfg.validate()?;
         Ok(cfg)

@@ -1,10 +1,9 @@
 //! The coordinator's Ed25519 key, which signs every task it hands out, and the check of a site's
 //! signature on its update.
 
-use std::io::Write;
 use std::path::Path;
 
-use medfl_core::signing::{TaskClaim, UpdateClaim};
+use medfl_proto::convert::{task_claim, update_claim};
 use medfl_proto::v1;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
@@ -17,20 +16,22 @@ pub const PUBLIC_KEY_LEN: usize = 32;
 pub fn load_or_create(data_dir: &Path) -> Result<Ed25519KeyPair, CoordinatorError> {
     let path = data_dir.join("signing.pk8");
     let bad = |why: String| CoordinatorError::Config(format!("{}: {why}", path.display()));
-    if let Ok(bytes) = std::fs::read(&path) {
-        return Ed25519KeyPair::from_pkcs8(&bytes).map_err(|e| bad(format!("not a key: {e}")));
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            return Ed25519KeyPair::from_pkcs8(&bytes).map_err(|e| bad(format!("not a key: {e}")))
+        }
+        // Only a missing key is created: an unreadable one is never replaced.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(CoordinatorError::io(
+                format!("reading {}", path.display()),
+                e,
+            ))
+        }
+        Err(_) => {}
     }
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| bad(e.to_string()))?;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(&path)
-        .map_err(|e| CoordinatorError::io(format!("creating {}", path.display()), e))?;
-    file.write_all(pkcs8.as_ref())
-        .and_then(|()| file.sync_all())
+    medfl_daemon::write_private(&path, pkcs8.as_ref())
         .map_err(|e| CoordinatorError::io(format!("writing {}", path.display()), e))?;
     Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| bad(e.to_string()))
 }
@@ -42,14 +43,7 @@ pub fn public_key(key: &Ed25519KeyPair) -> Vec<u8> {
 
 /// Signs `task` in place.
 pub fn sign_task(key: &Ed25519KeyPair, task: &mut v1::Task) {
-    let claim = TaskClaim {
-        run_id: &task.run_id,
-        round: task.round,
-        attempt: task.attempt,
-        kind: task.kind,
-        global_sha256: &task.global_sha256,
-    };
-    task.signature = key.sign(&claim.message()).as_ref().to_vec();
+    task.signature = key.sign(&task_claim(task).message()).as_ref().to_vec();
 }
 
 /// Checks that `site`, whose pinned key is `public_key`, signed `header`.
@@ -58,17 +52,8 @@ pub fn verify_update(
     public_key: &[u8],
     header: &v1::UpdateHeader,
 ) -> Result<(), CoordinatorError> {
-    let claim = UpdateClaim {
-        run_id: &header.run_id,
-        round: header.round,
-        attempt: header.attempt,
-        base_sha256: &header.base_sha256,
-        update_sha256: &header.sha256,
-        examples: header.num_examples,
-        site,
-    };
     UnparsedPublicKey::new(&ED25519, public_key)
-        .verify(&claim.message(), &header.signature)
+        .verify(&update_claim(header, site).message(), &header.signature)
         .map_err(|_| {
             CoordinatorError::PermissionDenied(format!(
                 "the signature of site `{site}`'s update for run {} round {} attempt {} does not \

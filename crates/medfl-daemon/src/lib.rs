@@ -6,6 +6,7 @@
 //! - [`init_logging`]: `tracing` to stderr, filtered by `RUST_LOG`, as text or JSON lines.
 //! - [`stop_signal`]: completes on SIGINT or SIGTERM.
 //! - [`warn_plaintext`]: the once-a-minute warning of a daemon running without TLS.
+//! - [`write_private`]: replaces a file atomically, readable by its owner only.
 
 use std::path::Path;
 
@@ -82,6 +83,35 @@ pub async fn stop_signal() {
         return;
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Replaces `path` with `bytes` atomically (a temporary file beside it, then a rename), the file
+/// readable and writable by its owner only (keys, tokens, state).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Makes each relative path in `paths` relative to `base` (a config file's directory).
+pub fn resolve_relative<'a>(
+    base: &Path,
+    paths: impl IntoIterator<Item = &'a mut std::path::PathBuf>,
+) {
+    for path in paths {
+        if path.is_relative() {
+            *path = base.join(&*path);
+        }
+    }
 }
 
 /// How often a daemon without TLS says so.

@@ -1,6 +1,7 @@
 //! Conversions between wire types and domain types, and the metadata that carries identity.
 
 use medfl_core::run::RunStatus;
+use medfl_core::signing::{TaskClaim, UpdateClaim};
 use medfl_core::spec::DatasetInfo;
 
 use crate::v1;
@@ -9,6 +10,30 @@ use crate::v1;
 pub const SITE_METADATA: &str = "x-medfl-site";
 /// Metadata key carrying the calling site's secret token.
 pub const TOKEN_METADATA: &str = "x-medfl-token";
+
+/// What `site` signs for the update `header` describes.
+pub fn update_claim<'a>(header: &'a v1::UpdateHeader, site: &'a str) -> UpdateClaim<'a> {
+    UpdateClaim {
+        run_id: &header.run_id,
+        round: header.round,
+        attempt: header.attempt,
+        base_sha256: &header.base_sha256,
+        update_sha256: &header.sha256,
+        examples: header.num_examples,
+        site,
+    }
+}
+
+/// What the coordinator signs for `task`.
+pub fn task_claim(task: &v1::Task) -> TaskClaim<'_> {
+    TaskClaim {
+        run_id: &task.run_id,
+        round: task.round,
+        attempt: task.attempt,
+        kind: task.kind,
+        global_sha256: &task.global_sha256,
+    }
+}
 
 impl From<DatasetInfo> for v1::DatasetSchema {
     fn from(d: DatasetInfo) -> Self {

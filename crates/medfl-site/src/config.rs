@@ -106,21 +106,14 @@ impl SiteConfig {
             medfl_daemon::load_config(DEFAULTS, file, KEYS).map_err(SiteError::Config)?;
         cfg.insecure_dev |= insecure_dev;
         if let Some(base) = file.and_then(Path::parent) {
-            for ds in cfg.datasets.values_mut() {
-                if ds.path.is_relative() {
-                    ds.path = base.join(&ds.path);
-                }
-            }
             let tls = [&mut cfg.tls_ca, &mut cfg.tls_cert, &mut cfg.tls_key];
-            for path in tls
-                .into_iter()
-                .flatten()
-                .chain(cfg.base_models.values_mut())
-            {
-                if path.is_relative() {
-                    *path = base.join(&*path);
-                }
-            }
+            medfl_daemon::resolve_relative(
+                base,
+                tls.into_iter()
+                    .flatten()
+                    .chain(cfg.base_models.values_mut())
+                    .chain(cfg.datasets.values_mut().map(|d| &mut d.path)),
+            );
         }
         cfg.validate()?;
         Ok(cfg)

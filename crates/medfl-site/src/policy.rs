@@ -3,7 +3,6 @@
 //! `data_dir/approvals.json` so `medfl-site runs approve` works while the daemon runs.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use medfl_core::spec::RunSpec;
@@ -141,21 +140,10 @@ impl Approvals {
     /// Writes the queue atomically.
     pub fn save(&self, data_dir: &Path) -> Result<(), SiteError> {
         let path = Self::path(data_dir);
-        let tmp = data_dir.join("approvals.json.tmp");
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| SiteError::Config(format!("approvals: {e}")))?;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options
-            .open(&tmp)
-            .map_err(|e| SiteError::io(format!("writing {}", tmp.display()), e))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| SiteError::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| SiteError::io(format!("replacing {}", path.display()), e))
+        medfl_daemon::write_private(&path, text.as_bytes())
+            .map_err(|e| SiteError::io(format!("writing {}", path.display()), e))
     }
 
     /// Records the hospital's decision on `run`.

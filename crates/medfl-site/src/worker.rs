@@ -187,13 +187,7 @@ impl Worker {
 
     /// Refuses a task the pinned coordinator key did not sign.
     fn verify_task(&self, task: &v1::Task) -> Result<(), SiteError> {
-        let claim = medfl_core::signing::TaskClaim {
-            run_id: &task.run_id,
-            round: task.round,
-            attempt: task.attempt,
-            kind: task.kind,
-            global_sha256: &task.global_sha256,
-        };
+        let claim = medfl_proto::convert::task_claim(task);
         let key = hex::decode(&self.state.coordinator_key).unwrap_or_default();
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
             .verify(&claim.message(), &task.signature)
@@ -492,15 +486,7 @@ impl Worker {
             train_steps: report.steps,
             signature: Vec::new(),
         };
-        let claim = medfl_core::signing::UpdateClaim {
-            run_id: &header.run_id,
-            round: header.round,
-            attempt: header.attempt,
-            base_sha256: &header.base_sha256,
-            update_sha256: &header.sha256,
-            examples: header.num_examples,
-            site: &self.config.name,
-        };
+        let claim = medfl_proto::convert::update_claim(&header, &self.config.name);
         let signature = self.signer.sign(&claim.message()).as_ref().to_vec();
         let header = v1::UpdateHeader {
             signature,
