@@ -42,7 +42,7 @@ pub struct DemoArgs {
     /// LoRA on a pre-trained encoder; needs `--model`).
     #[arg(long, value_enum, default_value_t = DemoTask::BreastCancer)]
     pub task: DemoTask,
-    /// Number of federated rounds (12 for breast-cancer, 3 for icd10 when absent).
+    /// Number of federated rounds (12 for breast-cancer, 6 for icd10 when absent).
     #[arg(long)]
     pub rounds: Option<u32>,
     /// Directory for the demo's coordinator, sites and models.

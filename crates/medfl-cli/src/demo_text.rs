@@ -98,7 +98,7 @@ optimizer = "adamw"
 
 /// Runs the ICD-10 demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let rounds = args.rounds.unwrap_or(3);
+    let rounds = args.rounds.unwrap_or(6);
     anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
     let model_dir = args.model.clone().context(
         "the icd10 demo needs the all-MiniLM-L6-v2 model: pass its directory with --model DIR \
