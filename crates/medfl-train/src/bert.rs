@@ -1,8 +1,9 @@
 //! A BERT encoder (e.g. all-MiniLM-L6-v2) loaded from `config.json` and `model.safetensors`.
 //!
-//! Every dense layer is a [`Projection`], so an adapter (LoRA) can wrap any of them. Only
-//! differentiable candle ops are used (no fused softmax / layer-norm kernels, which have no
-//! backward pass), so gradients can flow through the encoder to such adapters.
+//! Every dense layer is a [`Projection`], so an adapter (LoRA) can wrap any of them. Gradients
+//! flow through the whole encoder to such adapters: on the CPU the dense layers, attention, layer
+//! norms and GELU are fused kernels with hand-derived backward passes ([`crate::ops`]), elsewhere
+//! differentiable candle ops (candle's own fused softmax / layer norm have no backward pass).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), medfl_train::TrainError> {
@@ -29,7 +30,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use medfl_core::selection::SplitMix64;
 use serde::{Deserialize, Serialize};
 
-use crate::TrainError;
+use crate::{ops, TrainError};
 
 /// Activation after the intermediate dense layer (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,7 +290,8 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// A fresh mask shaped like `x`: 0 for dropped values, `1 / (1 - p)` for kept ones.
+    fn mask(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let keep = 1.0 / (1.0 - self.p);
         let mask: Vec<f32> = {
             let mut rng = match self.rng.lock() {
@@ -306,7 +308,7 @@ impl Dropout {
                 })
                 .collect()
         };
-        x * Tensor::from_vec(mask, x.shape(), x.device())?
+        Tensor::from_vec(mask, x.shape(), x.device())
     }
 }
 
@@ -369,11 +371,10 @@ impl Projection {
     pub fn out_features(&self) -> usize {
         self.weight.dims().first().copied().unwrap_or(0)
     }
-}
 
-impl Module for Projection {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Some((&width, lead)) = x.dims().split_last() else {
+    /// Errors unless the last dimension of `x` is the input width.
+    fn check_input(&self, x: &Tensor) -> candle_core::Result<()> {
+        let Some(&width) = x.dims().last() else {
             candle_core::bail!("projection of a scalar");
         };
         if width != self.in_features() {
@@ -382,78 +383,39 @@ impl Module for Projection {
                 self.in_features()
             );
         }
-        let rows = x.reshape(((), self.in_features()))?;
-        let frozen = !self.weight.is_variable() && rows.device().is_cpu();
-        let mut y = if frozen && rows.track_op() {
-            // Gradient flows through `x` only: candle's matmul backward would also compute the
-            // frozen weight's gradient, a product as large as the forward one, and drop it.
-            rows.contiguous()?.apply_op1(FrozenLinear {
-                weight: self.weight.clone(),
-            })?
-        } else {
-            rows.matmul(&self.weight.t()?)?
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        Ok(())
+    }
+
+    /// The projection of `gelu(x)` (exact GELU). Without an adapter the activation is fused
+    /// into the product ([`ops::gelu_dense`]), so training does not keep it: it is the widest
+    /// tensor of a layer.
+    fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.adapter.is_some() {
+            return self.forward(&ops::gelu_erf(x)?);
         }
-        if let Some(lora) = &self.adapter {
-            let input = match &lora.dropout {
-                Some(d) => d.apply(&rows)?,
-                None => rows,
-            };
-            // Two thin products (rows × rank, then rank × out) rather than forming B A.
-            let low = input.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
-            y = (y + (low * lora.scale)?)?;
-        }
-        let mut shape = lead.to_vec();
-        shape.push(self.out_features());
-        y.reshape(shape)
+        self.check_input(x)?;
+        ops::gelu_dense(x, &self.weight, self.bias.as_ref())
     }
 }
 
-/// `x Wᵀ` for rows `x` and a weight that takes no gradient.
-struct FrozenLinear {
-    weight: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (rows, width) = layout.shape().dims2()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-linear needs a contiguous input");
+impl Module for Projection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.check_input(x)?;
+        let keep = match self.adapter.as_ref().and_then(|l| l.dropout.as_ref()) {
+            Some(d) => Some(d.mask(x)?),
+            None => None,
         };
-        let x = Tensor::from_slice(
-            &storage.as_slice::<f32>()?[start..end],
-            (rows, width),
-            &Device::Cpu,
-        )?;
-        let y = x.matmul(&self.weight.t()?)?;
-        let out = y.dims2()?;
-        Ok((
-            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            out.into(),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.weight)?))
+        let low_rank = self.adapter.as_ref().map(|l| ops::LowRank {
+            a: &l.a,
+            b: &l.b,
+            scale: l.scale,
+            keep: keep.as_ref(),
+        });
+        ops::dense(x, &self.weight, self.bias.as_ref(), low_rank)
     }
 }
 
-/// Layer normalisation over the last dimension, from differentiable ops.
+/// Layer normalisation over the last dimension ([`ops::layer_norm`]).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -461,14 +423,16 @@ struct LayerNorm {
     eps: f64,
 }
 
+impl LayerNorm {
+    /// The norm of `x + residual`, the residual connection of each encoder block.
+    fn forward_sum(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, Some(residual), &self.weight, &self.bias, self.eps)
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
-            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        ops::layer_norm(x, None, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -607,34 +571,23 @@ impl EncoderLayer {
 
     /// `x` is `[batch, seq, hidden]`; `key_bias` is `[batch, 1, 1, seq]`, added to the scores.
     fn forward(&self, x: &Tensor, key_bias: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, seq, hidden) = x.dims3()?;
-        let head_dim = hidden / self.heads;
-        let split = |t: Tensor| {
-            t.reshape((batch, seq, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(key_bias)?;
-        // `softmax` is built from differentiable ops, unlike the fused `softmax_last_dim`.
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden))?;
+        let context = ops::attention(
+            &self.query.forward(x)?,
+            &self.key.forward(x)?,
+            &self.value.forward(x)?,
+            key_bias,
+            self.heads,
+        )?;
         let attended = self
             .attention_norm
-            .forward(&(self.attention_out.forward(&context)? + x)?)?;
+            .forward_sum(&self.attention_out.forward(&context)?, x)?;
         let inner = self.intermediate.forward(&attended)?;
-        let inner = match self.act {
-            HiddenAct::Gelu => inner.gelu_erf()?,
-            HiddenAct::GeluTanh => inner.gelu()?,
-            HiddenAct::Relu => inner.relu()?,
+        let output = match self.act {
+            HiddenAct::Gelu => self.output.forward_gelu(&inner)?,
+            HiddenAct::GeluTanh => self.output.forward(&inner.gelu()?)?,
+            HiddenAct::Relu => self.output.forward(&inner.relu()?)?,
         };
-        self.output_norm
-            .forward(&(self.output.forward(&inner)? + attended)?)
+        self.output_norm.forward_sum(&output, &attended)
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`fit`]: the training loop every model shares.
 //! - [`model`]: the [`LocalModel`] trait the round engine trains through, and [`model_for_run`].
 //! - [`mlp`]: a multi-layer perceptron / logistic regression on tabular features.
+//! - [`ops`]: fused CPU kernels with hand-derived gradients for the encoder's hot spots.
 //! - [`params`]: moving weights between [`medfl_core::ModelParams`] and candle tensors.
 //! - [`testing`]: a tiny random BERT on disk, for tests and benchmarks.
 //! - [`text_data`]: JSON-lines text datasets and labelled texts.
@@ -24,6 +25,7 @@ pub mod export;
 pub mod fit;
 pub mod mlp;
 pub mod model;
+pub mod ops;
 pub mod params;
 pub mod testing;
 pub mod text_data;
