@@ -293,13 +293,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         site_alone: alone,
         centralized,
     };
+    write_results(&out, &model_path, &metrics, &detail.rounds, ("auc", "AUC"))
+}
+
+/// Writes `metrics.json` and `training_curve.svg` (accuracy, `second` metric and loss per
+/// round) into `out`, and says where they and the model are.
+pub(crate) fn write_results(
+    out: &Path,
+    model_path: &Path,
+    metrics: &impl Serialize,
+    rounds: &[RoundSummary],
+    second: (&str, &str),
+) -> anyhow::Result<()> {
     let metrics_path = out.join("metrics.json");
-    std::fs::write(&metrics_path, serde_json::to_string_pretty(&metrics)?)?;
+    std::fs::write(&metrics_path, serde_json::to_string_pretty(metrics)?)?;
     let chart_path = out.join("training_curve.svg");
-    std::fs::write(
-        &chart_path,
-        training_curve_svg(&detail.rounds, "auc", "AUC"),
-    )?;
+    std::fs::write(&chart_path, training_curve_svg(rounds, second.0, second.1))?;
     println!(
         "\nwrote {}, {} and {}",
         model_path.display(),
@@ -449,7 +458,7 @@ pub(crate) fn round_metrics(r: &RoundSummary) -> RoundMetrics {
 
 /// A small SVG chart of validation accuracy, a second metric (`key`, shown as `label`) and
 /// training loss per round.
-pub(crate) fn training_curve_svg(rounds: &[RoundSummary], key: &str, label: &str) -> String {
+fn training_curve_svg(rounds: &[RoundSummary], key: &str, label: &str) -> String {
     let (w, h, pad) = (640.0, 360.0, 48.0);
     let n = rounds.len().max(2) as f64;
     let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1.0);

@@ -20,7 +20,7 @@ use medfl_train::{
 use serde::Serialize;
 
 use crate::client::{self, RpcResultExt};
-use crate::demo::{round_metrics, site_config, training_curve_svg, DemoArgs, LocalFederation};
+use crate::demo::{round_metrics, site_config, write_results, DemoArgs, LocalFederation};
 use crate::demo::{RoundMetrics, Scores};
 use crate::{pull, table};
 
@@ -309,19 +309,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         site_alone: alone,
         centralized,
     };
-    let metrics_path = out.join("metrics.json");
-    std::fs::write(&metrics_path, serde_json::to_string_pretty(&metrics)?)?;
-    let chart_path = out.join("training_curve.svg");
-    std::fs::write(
-        &chart_path,
-        training_curve_svg(&detail.rounds, "macro_f1", "macro-F1"),
+    write_results(
+        &out,
+        &adapter_path,
+        &metrics,
+        &detail.rounds,
+        ("macro_f1", "macro-F1"),
     )?;
-    println!(
-        "\nwrote {}, {} and {}",
-        adapter_path.display(),
-        metrics_path.display(),
-        chart_path.display()
-    );
     println!(
         "try it: medfl predict --model {} --adapter {} --input {}",
         model_dir.display(),
