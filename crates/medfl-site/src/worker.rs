@@ -84,6 +84,34 @@ pub struct Worker {
     pub chunk_size: usize,
     /// Signs every update this site sends.
     signer: ring::signature::Ed25519KeyPair,
+    /// Runs admitted since this daemon started (each is audited once).
+    admitted: std::collections::HashSet<String>,
+}
+
+/// Records the policy in force in the audit log at every start, as a change when it differs
+/// from the one the site last started with (kept in `data_dir/policy.json`).
+fn audit_policy(config: &SiteConfig, audit: &AuditLog) -> Result<(), SiteError> {
+    let policy = serde_json::to_value(&config.policy)
+        .map_err(|e| SiteError::Config(format!("policy: {e}")))?;
+    let path = config.data_dir.join("policy.json");
+    let previous: Option<serde_json::Value> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let event = match &previous {
+        Some(p) if *p == policy => "policy_in_force",
+        Some(_) => "policy_changed",
+        None => "policy_in_force",
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let data = json!({ "policy": policy, "previous": previous });
+    audit
+        .append(Event::new(event, data).site(config.name.clone()), now)
+        .map_err(|e| SiteError::Config(format!("audit log: {e}")))?;
+    medfl_daemon::write_private(&path, policy.to_string().as_bytes())
+        .map_err(|e| SiteError::io(format!("writing {}", path.display()), e))
 }
 
 /// FNV-1a, to derive a stable per-site seed from the site's name.
@@ -113,6 +141,7 @@ impl Worker {
             config.base_models.clone(),
             Some(config.data_dir.join("base-models")),
         );
+        audit_policy(&config, &audit)?;
         Ok(Self {
             config,
             datasets,
@@ -124,6 +153,7 @@ impl Worker {
             audit,
             chunk_size: 1 << 20,
             signer,
+            admitted: Default::default(),
         })
     }
 
@@ -389,8 +419,12 @@ impl Worker {
             &prepared.spec,
             update_bytes,
         );
+        // Audited: every refusal, and the first admission of a run (approved by policy or by the
+        // hospital) since this daemon started.
+        let first = admitted.is_ok() && self.admitted.insert(task.run_id.clone());
         let event = match &admitted {
             Ok(Some(a)) => Some(("run_approved", a.summary.clone())),
+            Ok(None) if first => Some(("run_admitted", "approved by the hospital".into())),
             Err(e) => Some(("run_not_admitted", e.to_string())),
             Ok(None) => None,
         };
