@@ -11,7 +11,7 @@ use anyhow::Context;
 use medfl_coordinator::CoordinatorConfig;
 use medfl_core::safetensors::decode;
 use medfl_core::spec::RunSpec;
-use medfl_proto::v1::{CreateRunRequest, RoundSummary};
+use medfl_proto::v1::{CreateRunRequest, RoundSummary, RunDetail};
 use medfl_site::SiteConfig;
 use medfl_train::{
     label_skew_partition, model_for_run, BaseModels, Data, Examples, Standardizer, Table,
@@ -204,20 +204,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .collect();
     let federation = LocalFederation::start(&out, BTreeMap::new(), site_configs).await?;
-    let url = federation.url.clone();
-    let mut runs = client::connect(&url).await?;
-    let run_id = runs
-        .create_run(client::unary(CreateRunRequest {
-            spec_toml: spec_toml.clone(),
-        }))
-        .await
-        .rpc("CreateRun")?
-        .into_inner()
-        .run_id;
-    println!("run {run_id} created\n");
-    let detail = crate::watch::watch(&mut runs, &run_id).await?;
     let model_path = out.join("global_model.safetensors");
-    let pulled = pull::pull(&mut runs, &run_id, 0, &model_path).await?;
+    let (run_id, detail, pulled) = federation.run(&spec_toml, &model_path).await?;
     println!(
         "final global model: {} ({}, sha256 {})",
         model_path.display(),
@@ -405,6 +393,28 @@ impl LocalFederation {
             stop_coordinator,
             coordinator,
         })
+    }
+
+    /// Creates a run of `spec_toml`, follows it live until it ends and pulls its final model to
+    /// `model_path`.
+    pub async fn run(
+        &self,
+        spec_toml: &str,
+        model_path: &Path,
+    ) -> anyhow::Result<(String, RunDetail, pull::Pulled)> {
+        let mut runs = client::connect(&self.url).await?;
+        let run_id = runs
+            .create_run(client::unary(CreateRunRequest {
+                spec_toml: spec_toml.to_string(),
+            }))
+            .await
+            .rpc("CreateRun")?
+            .into_inner()
+            .run_id;
+        println!("run {run_id} created\n");
+        let detail = crate::watch::watch(&mut runs, &run_id).await?;
+        let pulled = pull::pull(&mut runs, &run_id, 0, model_path).await?;
+        Ok((run_id, detail, pulled))
     }
 
     /// Stops the sites, then the coordinator.

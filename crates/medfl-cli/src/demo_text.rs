@@ -11,7 +11,6 @@ use anyhow::Context;
 use medfl_core::safetensors::decode;
 use medfl_core::spec::RunSpec;
 use medfl_core::ModelParams;
-use medfl_proto::v1::CreateRunRequest;
 use medfl_site::config::DatasetConfig;
 use medfl_train::{
     label_skew_partition, model_for_run, BaseModels, Data, LocalModel, TextExamples, TextTable,
@@ -19,10 +18,9 @@ use medfl_train::{
 };
 use serde::Serialize;
 
-use crate::client::{self, RpcResultExt};
 use crate::demo::{round_metrics, site_config, write_results, DemoArgs, LocalFederation};
 use crate::demo::{RoundMetrics, Scores};
-use crate::{pull, table};
+use crate::table;
 
 /// The bundled ICD-10-CM descriptions with their chapters (US public domain).
 const BUNDLED_DATA: &str = include_str!("../../../data/icd10cm_chapters.jsonl");
@@ -207,19 +205,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sites,
     )
     .await?;
-    let mut runs = client::connect(&federation.url).await?;
-    let run_id = runs
-        .create_run(client::unary(CreateRunRequest {
-            spec_toml: spec_toml.clone(),
-        }))
-        .await
-        .rpc("CreateRun")?
-        .into_inner()
-        .run_id;
-    println!("run {run_id} created\n");
-    let detail = crate::watch::watch(&mut runs, &run_id).await?;
     let adapter_path = out.join("adapter.safetensors");
-    let pulled = pull::pull(&mut runs, &run_id, 0, &adapter_path).await?;
+    let (run_id, detail, pulled) = federation.run(&spec_toml, &adapter_path).await?;
     crate::adapter::write_adapter(&adapter_path, &spec_toml)?;
     println!(
         "final adapter: {} ({}, global model sha256 {})",

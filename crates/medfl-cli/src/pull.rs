@@ -32,14 +32,7 @@ pub async fn pull_command(
     merged: bool,
     base: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let detail = client
-        .get_run(unary(GetRunRequest {
-            run_id: run_id.to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .rpc("GetRun")?
-        .into_inner();
+    let detail = run_detail(client, run_id).await?;
     let spec = medfl_core::spec::RunSpec::from_toml(&detail.spec_toml)
         .with_context(|| format!("the spec of run {run_id}"))?;
     let text_run = spec.encoder().is_some();
@@ -164,6 +157,21 @@ async fn download(
     })
 }
 
+/// The run's detail, as `GetRun` gives it.
+async fn run_detail(
+    client: &mut RunClient,
+    run_id: &str,
+) -> anyhow::Result<medfl_proto::v1::RunDetail> {
+    Ok(client
+        .get_run(unary(GetRunRequest {
+            run_id: run_id.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .rpc("GetRun")?
+        .into_inner())
+}
+
 /// Compares the download with the model hash the run lists for `round`, when it lists one.
 async fn check_hash(
     client: &mut RunClient,
@@ -171,14 +179,7 @@ async fn check_hash(
     round: u32,
     sha256: &str,
 ) -> anyhow::Result<()> {
-    let detail = client
-        .get_run(unary(GetRunRequest {
-            run_id: run_id.to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .rpc("GetRun")?
-        .into_inner();
+    let detail = run_detail(client, run_id).await?;
     let listed = detail
         .rounds
         .iter()
