@@ -226,7 +226,11 @@ async fn a_site_refuses_a_global_model_tampered_with_on_the_way() {
     let mut bytes = std::fs::read(&blob).expect("blob");
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
-    std::fs::write(&blob, bytes).expect("tamper");
+    // Swapped in whole: the coordinator may be reading the blob's size to open round 1,
+    // and must never see it truncated half-way through the edit.
+    let altered = dir.path().join("altered");
+    std::fs::write(&altered, bytes).expect("tamper");
+    std::fs::rename(&altered, &blob).expect("tamper");
 
     let site = Site::start(config.clone());
     let detail = medfl_e2e::wait_for_end(&mut runs, &run).await;
