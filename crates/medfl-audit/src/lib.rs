@@ -122,9 +122,14 @@ struct Tail {
     file: File,
     prev: String,
     seq: u64,
+    /// The file's length after this process last read or wrote it: a different length means
+    /// another process appended since.
+    len: u64,
 }
 
-/// An open audit log, appended to by any thread.
+/// An open audit log, appended to by any thread and by other processes (a site daemon and the
+/// hospital's `medfl-site` commands share one log): each append holds an exclusive lock on the
+/// file and continues the chain from its actual last line.
 pub struct AuditLog {
     path: PathBuf,
     tail: Mutex<Tail>,
@@ -141,26 +146,27 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let (prev, seq) = if path.exists() {
-            let entries = read(path)?;
-            let last_line = last_line(path)?;
-            (
-                last_line
-                    .map(|l| hash_hex(&l))
-                    .unwrap_or_else(|| GENESIS.into()),
-                entries.last().map_or(0, |e| e.seq),
-            )
-        } else {
-            (GENESIS.to_string(), 0)
-        };
         let mut options = OpenOptions::new();
         options.create(true).append(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let file = options.open(path).map_err(io)?;
+        // Shared: no other process is half-way through a line while the chain is checked.
+        file.lock_shared().map_err(io)?;
+        let checked = read(path).and_then(|entries| {
+            let (prev, len) = last_line_hash(path)?;
+            Ok((prev, entries.last().map_or(0, |e| e.seq), len))
+        });
+        file.unlock().map_err(io)?;
+        let (prev, seq, len) = checked?;
         Ok(Self {
             path: path.to_path_buf(),
-            tail: Mutex::new(Tail { file, prev, seq }),
+            tail: Mutex::new(Tail {
+                file,
+                prev,
+                seq,
+                len,
+            }),
         })
     }
 
@@ -175,6 +181,40 @@ impl AuditLog {
             Ok(t) => t,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        tail.file.lock().map_err(io)?;
+        let written = self.append_locked(&mut tail, event, at_ms);
+        tail.file.unlock().map_err(io)?;
+        written
+    }
+
+    /// Appends under the file lock, first catching up with lines other processes added.
+    fn append_locked(&self, tail: &mut Tail, event: Event, at_ms: u64) -> Result<(), AuditError> {
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let len = tail.file.metadata().map_err(io)?.len();
+        if len != tail.len {
+            let (prev, _) = last_line_hash(&self.path)?;
+            let seq = match last_line(&self.path)? {
+                Some(line) => {
+                    serde_json::from_str::<Entry>(&line)
+                        .map_err(|e| AuditError::Broken {
+                            path: self.path.clone(),
+                            line: 0,
+                            reason: format!("last line is not an audit entry: {e}"),
+                        })?
+                        .seq
+                }
+                None => 0,
+            };
+            tail.prev = prev;
+            tail.seq = seq;
+        }
         let entry = Entry {
             seq: tail.seq + 1,
             at_ms,
@@ -187,18 +227,29 @@ impl AuditLog {
         };
         // Serialising plain data to JSON cannot fail.
         let line = serde_json::to_string(&entry).unwrap_or_default();
-        let io = |source| AuditError::Io {
-            path: self.path.clone(),
-            source,
-        };
         tail.file
             .write_all(format!("{line}\n").as_bytes())
             .and_then(|()| tail.file.sync_data())
             .map_err(io)?;
+        tail.len = tail.file.metadata().map_err(io)?.len();
         tail.prev = hash_hex(&line);
         tail.seq = entry.seq;
         Ok(())
     }
+}
+
+/// The `prev` the next line must carry, and the file's length.
+fn last_line_hash(path: &Path) -> Result<(String, u64), AuditError> {
+    let len = std::fs::metadata(path)
+        .map_err(|source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let prev = last_line(path)?
+        .map(|l| hash_hex(&l))
+        .unwrap_or_else(|| GENESIS.into());
+    Ok((prev, len))
 }
 
 fn last_line(path: &Path) -> Result<Option<String>, AuditError> {
@@ -297,6 +348,25 @@ mod tests {
         assert_eq!(entries[1].run.as_deref(), Some("r"));
         assert_eq!(entries[1].details["bytes"], 10);
         assert_eq!(entries[0].prev, GENESIS);
+    }
+
+    #[test]
+    fn two_writers_on_one_file_keep_one_chain() {
+        // As a site daemon and the hospital's command line do: each handle has its own open
+        // file, and neither knows what the other wrote.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let daemon = AuditLog::open(&path).unwrap();
+        let command = AuditLog::open(&path).unwrap();
+        for i in 0..4 {
+            daemon.append(Event::new("d", json!(i)), i).unwrap();
+            command.append(Event::new("c", json!(i)), i).unwrap();
+            command.append(Event::new("c", json!(i)), i).unwrap();
+        }
+        let entries = read(&path).unwrap();
+        assert_eq!(entries.len(), 12);
+        let events: String = entries.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(events, "dccdccdccdcc");
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! - [`base_fetch`]: fetching a pinned base model from the coordinator.
 //! - [`policy`]: the hospital's policy and the per-run approval queue.
 //! - [`registry`]: datasets registered by name with `medfl-site dataset add`.
+//! - [`audit`]: the site's audit log, shared by the daemon and the hospital's commands.
 //! - [`client`]: the identified gRPC client; [`identity`]: the site's token and run history.
 
+pub mod audit;
 pub mod base_fetch;
 pub mod cache;
 pub mod client;

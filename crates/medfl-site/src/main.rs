@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use medfl_site::policy::{Approvals, Decision};
 use medfl_site::{run, SiteConfig};
+use serde_json::json;
 
 /// The medfl site daemon: trains on local data, sends only model updates, dials out only.
 #[derive(Parser)]
@@ -92,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Runs(command)) => return runs(&config, command),
         Some(Command::Pause { reason }) => {
             medfl_site::policy::set_paused(&config.data_dir, Some(&reason))?;
+            record(&config, "site_paused", None, json!({ "reason": reason }))?;
             println!(
                 "`{}` paused: training stops within a second, nothing is sent",
                 config.name
@@ -100,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Resume) => {
             medfl_site::policy::set_paused(&config.data_dir, None)?;
+            record(&config, "site_resumed", None, json!({}))?;
             println!("`{}` resumed", config.name);
             return Ok(());
         }
@@ -136,6 +139,8 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
         }
         RunsCommand::Approve { run } => {
             let a = Approvals::decide(dir, &run, Decision::Approved, "")?;
+            let details = json!({ "name": a.name, "summary": a.summary });
+            record(config, "run_approved_by_hospital", Some(&run), details)?;
             println!(
                 "approved {run} ({}); it trains here from its next task",
                 a.name
@@ -143,6 +148,8 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
         }
         RunsCommand::Reject { run, reason } => {
             let a = Approvals::decide(dir, &run, Decision::Rejected, &reason)?;
+            let details = json!({ "name": a.name, "summary": a.summary, "reason": reason });
+            record(config, "run_rejected_by_hospital", Some(&run), details)?;
             println!("rejected {run} ({}): {reason}", a.name);
         }
     }
@@ -159,12 +166,13 @@ fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> 
                 matches!(format.as_str(), "csv" | "jsonl"),
                 "--format must be csv or jsonl"
             );
-            let rows = medfl_site::registry::add(
-                dir,
-                &config.datasets,
-                &name,
-                DatasetConfig { path, format },
-            )?;
+            let dataset = DatasetConfig {
+                path: path.clone(),
+                format: format.clone(),
+            };
+            let rows = medfl_site::registry::add(dir, &config.datasets, &name, dataset)?;
+            let details = json!({ "name": name, "path": path, "format": format, "records": rows });
+            record(config, "dataset_registered", None, details)?;
             println!("registered `{name}` ({rows} records); restart the daemon to offer it");
         }
         DatasetCommand::List => {
@@ -177,8 +185,20 @@ fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> 
         }
         DatasetCommand::Remove { name } => {
             medfl_site::registry::remove(dir, &name)?;
+            record(config, "dataset_removed", None, json!({ "name": name }))?;
             println!("removed `{name}`");
         }
     }
     Ok(())
+}
+
+/// Records a decision taken here by hand in the site's audit log.
+fn record(
+    config: &SiteConfig,
+    event: &'static str,
+    run: Option<&str>,
+    details: serde_json::Value,
+) -> anyhow::Result<()> {
+    medfl_site::audit::record_action(config, event, run, details)
+        .map_err(|e| anyhow::anyhow!("done, but not recorded in the audit log: {e}"))
 }

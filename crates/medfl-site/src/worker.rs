@@ -102,13 +102,12 @@ fn audit_policy(config: &SiteConfig, audit: &AuditLog) -> Result<(), SiteError> 
         Some(_) => "policy_changed",
         None => "policy_in_force",
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     let data = json!({ "policy": policy, "previous": previous });
     audit
-        .append(Event::new(event, data).site(config.name.clone()), now)
+        .append(
+            Event::new(event, data).site(config.name.clone()),
+            crate::audit::now_ms(),
+        )
         .map_err(|e| SiteError::Config(format!("audit log: {e}")))?;
     medfl_daemon::write_private(&path, policy.to_string().as_bytes())
         .map_err(|e| SiteError::io(format!("writing {}", path.display()), e))
@@ -128,8 +127,7 @@ impl Worker {
         let state = SiteState::load_or_create(&config.data_dir, &config.name)?;
         let signer = state.signer()?;
         let cache = ModelCache::open(&config.data_dir, config.model_cache)?;
-        let audit = AuditLog::open(&config.data_dir.join("audit.jsonl"))
-            .map_err(|e| SiteError::Config(format!("audit log: {e}")))?;
+        let audit = crate::audit::open(&config)?;
         let mut datasets = BTreeMap::new();
         let registered = crate::registry::load(&config.data_dir)?;
         for (name, ds) in config.datasets.iter().chain(&registered) {
@@ -159,10 +157,7 @@ impl Worker {
 
     /// Appends to the site's audit log; a failure is logged loudly but does not stop the site.
     pub fn audit(&self, event: Event) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = crate::audit::now_ms();
         if let Err(e) = self.audit.append(event.site(self.config.name.clone()), now) {
             tracing::error!(error = %e, "could not write the audit log");
         }
