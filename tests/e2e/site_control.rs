@@ -55,7 +55,8 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     let run = create_run(&mut client, &breast_cancer_spec("gated", 2, 1, 60)).await;
     let detail = wait_for_completion(&mut client, &run).await;
 
-    // Every round: the open site trained, the careful one waited, the text-only one refused.
+    // Every round: the open site trained, the careful one waited, the text-only one refused, and
+    // the researcher sees which (pending, rejected, paused) apart from sites that failed.
     for round in &detail.rounds {
         let by_site = |name: &str| {
             round
@@ -66,18 +67,21 @@ async fn policies_refuse_runs_and_approval_gates_them() {
         };
         assert_eq!(by_site("open").outcome, "accepted");
         let careful = by_site("careful");
-        assert_eq!(careful.outcome, "failed");
+        assert_eq!(careful.outcome, "pending", "{careful:?}");
         assert!(
             careful.reason.contains("awaits the hospital's approval"),
             "{careful:?}"
         );
         let text_only = by_site("text-only");
+        assert_eq!(text_only.outcome, "rejected", "{text_only:?}");
         assert!(
             text_only.reason.contains("policy")
                 && text_only.reason.contains("tabular_classification"),
             "{text_only:?}"
         );
-        assert!(by_site("paused").reason.contains("paused by the hospital"));
+        let paused = by_site("paused");
+        assert_eq!(paused.outcome, "paused", "{paused:?}");
+        assert!(paused.reason.contains("paused by the hospital"));
     }
     let careful_dir = dir.path().join("careful");
     let queue = Approvals::load(&careful_dir).expect("queue");

@@ -190,6 +190,7 @@ impl RawSite {
                 round: task.round,
                 attempt: task.attempt,
                 reason: reason.into(),
+                declined: v1::Declined::Unspecified.into(),
             }))
             .await
             .expect("report failure");

@@ -543,13 +543,14 @@ impl Engine {
                 round,
                 attempt,
                 reason,
+                outcome,
             } => {
                 if round == open.state.round
                     && attempt == open.state.attempt
                     && open.state.phase == Phase::Train
                     && open.state.is_pending(&site)
                 {
-                    warn!(run = %self.run_id, round, attempt, site = %site, reason = %reason, "site cannot train");
+                    warn!(run = %self.run_id, round, attempt, site = %site, outcome, reason = %reason, "site cannot train");
                     open.state.record_failure(&site, reason.clone());
                     self.shared.store()?.add_site_result(
                         &self.run_id,
@@ -557,7 +558,7 @@ impl Engine {
                             round,
                             attempt,
                             site,
-                            outcome: "failed".into(),
+                            outcome: outcome.into(),
                             reason,
                             ..Default::default()
                         },

@@ -590,6 +590,12 @@ impl SiteService for SiteApi {
             crate::campaign::fail(&self.shared, &site, &req.run_id, &reason)?;
             return Ok(Response::new(v1::ReportTaskFailureResponse {}));
         }
+        let outcome = match v1::Declined::try_from(req.declined) {
+            Ok(v1::Declined::PendingApproval) => "pending",
+            Ok(v1::Declined::Rejected) => "rejected",
+            Ok(v1::Declined::Paused) => "paused",
+            _ => "failed",
+        };
         let handle = self.shared.run_handle(&req.run_id)?;
         handle
             .tx
@@ -598,6 +604,7 @@ impl SiteService for SiteApi {
                 round: req.round,
                 attempt: req.attempt,
                 reason,
+                outcome,
             })
             .await
             .map_err(|_| CoordinatorError::Unavailable(format!("run `{}` ended", req.run_id)))?;

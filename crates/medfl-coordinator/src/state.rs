@@ -113,6 +113,9 @@ pub enum EngineMsg {
         attempt: u32,
         /// Why.
         reason: String,
+        /// "failed", or "pending", "rejected" or "paused" when the site's hospital keeps the run
+        /// out.
+        outcome: &'static str,
     },
     /// A researcher stops the run.
     Stop {

@@ -37,6 +37,14 @@ pub enum SiteError {
     /// The task cannot be done here (missing dataset, bad spec).
     #[error("{0}")]
     Task(String),
+    /// The hospital keeps the run from training here (approval pending, rejected, paused).
+    #[error("{reason}")]
+    Declined {
+        /// Which of those.
+        kind: crate::policy::Declined,
+        /// What the researcher is told.
+        reason: String,
+    },
     /// Training was cancelled (run stopped, site shutting down).
     #[error("cancelled")]
     Cancelled,

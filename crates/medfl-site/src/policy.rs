@@ -167,6 +167,24 @@ impl Approvals {
     }
 }
 
+/// Why the hospital keeps a run from training here; the researcher sees it per site and round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declined {
+    /// Waiting in the approval queue.
+    PendingApproval,
+    /// Outside the policy, or rejected by hand.
+    Rejected,
+    /// The kill switch is thrown.
+    Paused,
+}
+
+impl Declined {
+    /// The error saying so.
+    pub fn because(self, reason: String) -> SiteError {
+        SiteError::Declined { kind: self, reason }
+    }
+}
+
 /// The kill switch's file: while it exists the site trains and uploads nothing.
 fn pause_file(data_dir: &Path) -> PathBuf {
     data_dir.join("paused")
@@ -207,14 +225,13 @@ pub fn admit(
     if let Some(a) = queue.runs.get(run) {
         return match a.decision {
             Decision::Approved => Ok(None),
-            Decision::Pending => Err(SiteError::Task(format!(
-                "pending: run `{}` awaits the hospital's approval (medfl-site runs approve {run})",
+            Decision::Pending => Err(Declined::PendingApproval.because(format!(
+                "run `{}` awaits the hospital's approval (medfl-site runs approve {run})",
                 a.name
             ))),
-            Decision::Rejected => Err(SiteError::Task(format!(
-                "rejected by the hospital: {}",
-                a.reason
-            ))),
+            Decision::Rejected => {
+                Err(Declined::Rejected.because(format!("rejected by the hospital: {}", a.reason)))
+            }
         };
     }
     let violation = policy.violation(spec, update_bytes);
@@ -246,11 +263,11 @@ pub fn admit(
     queue.save(data_dir)?;
     match decision {
         Decision::Approved => Ok(Some(entry)),
-        Decision::Pending => Err(SiteError::Task(format!(
-            "pending: run `{}` awaits the hospital's approval (medfl-site runs approve {run})",
+        Decision::Pending => Err(Declined::PendingApproval.because(format!(
+            "run `{}` awaits the hospital's approval (medfl-site runs approve {run})",
             spec.name
         ))),
-        Decision::Rejected => Err(SiteError::Task(format!(
+        Decision::Rejected => Err(Declined::Rejected.because(format!(
             "rejected by the site's policy: {}",
             violation.unwrap_or_default()
         ))),
@@ -305,24 +322,30 @@ mod tests {
             ..Policy::default()
         };
         let s = spec("");
-        let err = admit(&manual, dir.path(), "run-1", &s, 8)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("pending"), "{err}");
-        let err = admit(&manual, dir.path(), "run-1", &s, 8)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("pending"), "{err}");
+        let err = admit(&manual, dir.path(), "run-1", &s, 8).unwrap_err();
+        assert!(
+            matches!(&err, SiteError::Declined { kind: Declined::PendingApproval, reason }
+                if reason.contains("awaits")),
+            "{err}"
+        );
+        let err = admit(&manual, dir.path(), "run-1", &s, 8).unwrap_err();
+        assert!(
+            matches!(&err, SiteError::Declined { kind: Declined::PendingApproval, reason }
+                if reason.contains("awaits")),
+            "{err}"
+        );
         Approvals::decide(dir.path(), "run-1", Decision::Approved, "").unwrap();
         assert!(admit(&manual, dir.path(), "run-1", &s, 8)
             .unwrap()
             .is_none());
         let _ = admit(&manual, dir.path(), "run-2", &s, 8);
         Approvals::decide(dir.path(), "run-2", Decision::Rejected, "not this study").unwrap();
-        let err = admit(&manual, dir.path(), "run-2", &s, 8)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not this study"), "{err}");
+        let err = admit(&manual, dir.path(), "run-2", &s, 8).unwrap_err();
+        assert!(
+            matches!(&err, SiteError::Declined { kind: Declined::Rejected, reason }
+                if reason.contains("not this study")),
+            "{err}"
+        );
         assert!(Approvals::decide(dir.path(), "run-9", Decision::Approved, "").is_err());
         let auto = Policy {
             require_approval: true,

@@ -21,7 +21,11 @@ use crate::cache::ModelCache;
 use crate::client::Client;
 use crate::config::SiteConfig;
 use crate::identity::SiteState;
+use crate::policy::Declined;
 use crate::SiteError;
+
+/// What the researcher is told while the kill switch is thrown.
+const PAUSED: &str = "paused by the hospital (medfl-site resume to continue)";
 
 /// A run's data at this site, split (and for tables standardised with this site's own
 /// statistics), and its model.
@@ -203,9 +207,7 @@ impl Worker {
     /// Refuses to work while the hospital has paused the site.
     fn check_not_paused(&self) -> Result<(), SiteError> {
         if crate::policy::is_paused(&self.config.data_dir) {
-            return Err(SiteError::Task(
-                "paused by the hospital (medfl-site resume to continue)".into(),
-            ));
+            return Err(Declined::Paused.because(PAUSED.into()));
         }
         Ok(())
     }
@@ -352,12 +354,25 @@ impl Worker {
                 Ok(())
             }
             Err(e) => {
-                // A refused result (late, duplicate, over the norm bound) or a task this site
-                // cannot do: either way, tell the coordinator not to wait for it this round.
-                let what = if matches!(e, SiteError::Rpc(_)) {
-                    "result refused"
-                } else {
-                    "task failed"
+                // Paused mid-task: the kill switch, not a fault, stopped it.
+                let e = match e {
+                    SiteError::Cancelled => Declined::Paused.because(PAUSED.into()),
+                    e => e,
+                };
+                // A refused result (late, duplicate, over the norm bound), a task this site
+                // cannot do, or a run the hospital keeps out: either way, tell the coordinator
+                // not to wait for it this round.
+                let (what, declined) = match &e {
+                    SiteError::Rpc(_) => ("result refused", v1::Declined::Unspecified),
+                    SiteError::Declined { kind, .. } => (
+                        "task declined",
+                        match kind {
+                            Declined::PendingApproval => v1::Declined::PendingApproval,
+                            Declined::Rejected => v1::Declined::Rejected,
+                            Declined::Paused => v1::Declined::Paused,
+                        },
+                    ),
+                    _ => ("task failed", v1::Declined::Unspecified),
                 };
                 warn!(run = %run, round, site = %self.config.name, error = %e, "{what}");
                 self.audit(
@@ -374,7 +389,13 @@ impl Worker {
                         run_id: run,
                         round,
                         attempt,
-                        reason: format!("{what}: {e}"),
+                        // A decline's kind is shown beside its reason already.
+                        reason: if declined == v1::Declined::Unspecified {
+                            format!("{what}: {e}")
+                        } else {
+                            e.to_string()
+                        },
+                        declined: declined.into(),
                     }))
                     .await;
                 match reply {
@@ -397,9 +418,9 @@ impl Worker {
                 let spec = RunSpec::from_toml(&task.spec_toml)?;
                 // Nothing is fetched or loaded for a run the policy refuses anyway.
                 if let Some(why) = self.config.policy.violation(&spec, 0) {
-                    return Err(SiteError::Task(format!(
-                        "rejected by the site's policy: {why}"
-                    )));
+                    return Err(
+                        Declined::Rejected.because(format!("rejected by the site's policy: {why}"))
+                    );
                 }
                 self.ensure_base(client, &spec).await?;
                 self.prepare(task, spec)?
