@@ -15,7 +15,7 @@ fn site(dir: &Path) -> PathBuf {
          data_dir = \"{}\"\n[policy]\nrequire_approval = true\n",
         dir.join("data").display()
     );
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, text).expect("writing the site config");
     config
 }
 
@@ -41,13 +41,15 @@ fn queue_run(data: &Path, run: &str) {
         "name = \"sepsis\"\nrounds = 1\n[model]\nkind = \"mlp\"\n[task]\ndataset = \"bc\"\n\
          features = [\"a\"]\nlabel = \"y\"\nlabels = [\"0\", \"1\"]\n",
     )
-    .unwrap();
+    .expect("spec");
     let policy = Policy {
         require_approval: true,
         ..Policy::default()
     };
-    let waiting = medfl_site::policy::admit(&policy, data, run, &spec, 8);
-    assert!(waiting.unwrap_err().to_string().contains("awaits"));
+    match medfl_site::policy::admit(&policy, data, run, &spec, 8) {
+        Err(e) => assert!(e.to_string().contains("awaits"), "{e}"),
+        Ok(_) => panic!("{run} was admitted without approval"),
+    }
 }
 
 #[test]
