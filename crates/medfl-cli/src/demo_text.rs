@@ -124,8 +124,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut labels = label_column.clone();
     labels.sort();
     labels.dedup();
-    let spec_toml = spec_text(rounds, &sha, &labels);
-    let spec = RunSpec::from_toml(&spec_toml)?;
+    let (spec_toml, spec) =
+        crate::demo::with_strategy(spec_text(rounds, &sha, &labels), args.strategy.as_deref())?;
 
     // Split: a held-out test set of every chapter, then the three hospitals' case mixes.
     let mut shares = vec![vec![TEST_SHARE; labels.len()]];
@@ -150,8 +150,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let test_table = table.subset(&parts[0]);
     test_table.write_jsonl(&data_dir.join("test.jsonl"))?;
     println!(
-        "medfl demo (icd10): 1 coordinator, {} hospitals, {rounds} rounds of LoRA on {BASE}",
-        HOSPITALS.len()
+        "medfl demo (icd10): 1 coordinator, {} hospitals, {rounds} rounds of LoRA on {BASE} ({})",
+        HOSPITALS.len(),
+        spec.strategy.name()
     );
     println!(
         "held-out test split: {} descriptions of {} chapters",

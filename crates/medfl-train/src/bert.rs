@@ -604,9 +604,12 @@ impl BertModel {
     /// Loads `config.json` and `model.safetensors` from `dir`.
     ///
     /// The weights file is read into memory and parsed with candle's safe
-    /// [`candle_core::safetensors::load_buffer`]: candle's memory-mapped loaders need `unsafe`,
-    /// which this workspace denies. Half-precision weights are widened to f32; tensors the
-    /// encoder does not use (the pooler, `position_ids`) are ignored.
+    /// [`candle_core::safetensors::load_buffer`] rather than memory-mapped: a mapping of a file
+    /// that another process truncates kills the daemon with SIGBUS, and the bytes parsed must be
+    /// the bytes hashed against the run's pin (see `BaseModel::weights`). The read copy is
+    /// dropped once the tensors are built (candle copies a mapping into tensors too). Half-
+    /// precision weights are widened to f32; tensors the encoder does not use (the pooler,
+    /// `position_ids`) are ignored.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, TrainError> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let path = dir.join("model.safetensors");
