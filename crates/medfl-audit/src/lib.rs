@@ -199,21 +199,18 @@ impl AuditLog {
         };
         let len = tail.file.metadata().map_err(io)?.len();
         if len != tail.len {
-            let (prev, _) = last_line_hash(&self.path)?;
-            let seq = match last_line(&self.path)? {
+            (tail.prev, tail.seq) = match last_line(&self.path)? {
                 Some(line) => {
-                    serde_json::from_str::<Entry>(&line)
-                        .map_err(|e| AuditError::Broken {
+                    let last: Entry =
+                        serde_json::from_str(&line).map_err(|e| AuditError::Broken {
                             path: self.path.clone(),
                             line: 0,
                             reason: format!("last line is not an audit entry: {e}"),
-                        })?
-                        .seq
+                        })?;
+                    (hash_hex(&line), last.seq)
                 }
-                None => 0,
+                None => (GENESIS.to_string(), 0),
             };
-            tail.prev = prev;
-            tail.seq = seq;
         }
         let entry = Entry {
             seq: tail.seq + 1,
