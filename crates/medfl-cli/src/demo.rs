@@ -56,7 +56,8 @@ pub struct DemoArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Aggregation strategy and its parameters, as `NAME[:KEY=VALUE,...]`
-    /// (`fedavgm:momentum=0.5`, `fedprox:mu=0.01`, `trimmed_mean:beta=0.2`); FedAvg when absent.
+    /// (`fedavgm:momentum=0.5`, `fedprox:mu=0.01`, `trimmed_mean:beta=0.2`). When absent:
+    /// FedAvg for breast-cancer, FedAvgM with momentum 0.5 for icd10.
     #[arg(long, value_name = "STRATEGY", value_parser = strategy_table)]
     pub strategy: Option<String>,
 }
