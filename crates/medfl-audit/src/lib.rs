@@ -200,11 +200,11 @@ impl AuditLog {
         let len = tail.file.metadata().map_err(io)?.len();
         if len != tail.len {
             (tail.prev, tail.seq) = match last_line(&self.path)? {
-                Some(line) => {
+                Some((n, line)) => {
                     let last: Entry =
                         serde_json::from_str(&line).map_err(|e| AuditError::Broken {
                             path: self.path.clone(),
-                            line: 0,
+                            line: n,
                             reason: format!("last line is not an audit entry: {e}"),
                         })?;
                     (hash_hex(&line), last.seq)
@@ -244,22 +244,24 @@ fn last_line_hash(path: &Path) -> Result<(String, u64), AuditError> {
         })?
         .len();
     let prev = last_line(path)?
-        .map(|l| hash_hex(&l))
+        .map(|(_, l)| hash_hex(&l))
         .unwrap_or_else(|| GENESIS.into());
     Ok((prev, len))
 }
 
-fn last_line(path: &Path) -> Result<Option<String>, AuditError> {
+/// The file's last line and its number (1-based).
+fn last_line(path: &Path) -> Result<Option<(u64, String)>, AuditError> {
     let file = File::open(path).map_err(|source| AuditError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let mut last = None;
-    for line in BufReader::new(file).lines() {
-        last = Some(line.map_err(|source| AuditError::Io {
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| AuditError::Io {
             path: path.to_path_buf(),
             source,
-        })?);
+        })?;
+        last = Some((i as u64 + 1, line));
     }
     Ok(last)
 }
