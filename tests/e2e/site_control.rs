@@ -2,10 +2,13 @@
 //! researcher sees, a site requiring approval keeps a run out until the hospital approves it, and
 //! a paused site does nothing until resumed.
 
+use std::collections::BTreeSet;
+
 use medfl_e2e::{
     breast_cancer_spec, create_run, init_logs, site_config_with, split_breast_cancer, test_config,
-    wait_for_completion, Coordinator, Site,
+    wait_for_completion, wait_for_end, Coordinator, Site,
 };
+use medfl_proto::v1;
 use medfl_site::policy::{Approvals, Decision};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -99,6 +102,30 @@ async fn policies_refuse_runs_and_approval_gates_them() {
         .expect("an approved run is admitted");
     medfl_site::policy::set_paused(&paused_dir, None).expect("resume");
     assert!(!medfl_site::policy::is_paused(&paused_dir));
+
+    // Asked again, the approved and the resumed sites score the final model; the text-only one
+    // still refuses.
+    let asked = client
+        .evaluate_run(v1::EvaluateRunRequest {
+            run_id: run.clone(),
+        })
+        .await
+        .expect("evaluate")
+        .into_inner();
+    assert_eq!(asked.sites_asked, 4);
+    let detail = wait_for_end(&mut client, &run).await;
+    let scored: BTreeSet<&str> = detail
+        .final_evaluation
+        .iter()
+        .filter(|e| e.global_sha256 == asked.global_sha256)
+        .map(|e| e.site.as_str())
+        .collect();
+    assert_eq!(
+        scored,
+        BTreeSet::from(["careful", "open", "paused"]),
+        "{:?}",
+        detail.final_evaluation
+    );
     // The site's audit log holds its policy and the wait.
     let audit = std::fs::read_to_string(careful_dir.join("audit.jsonl")).expect("audit log");
     for event in ["policy_in_force", "run_not_admitted"] {

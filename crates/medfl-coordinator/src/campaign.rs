@@ -16,6 +16,9 @@ use crate::CoordinatorError;
 /// A cross-site evaluation collecting answers.
 #[derive(Debug, Clone)]
 pub struct Campaign {
+    /// Sent as the task's attempt and echoed in a site's failure report: a refusal of an earlier
+    /// evaluation of the same run must not strike the site from this one.
+    pub number: u32,
     /// The run spec sent with each task.
     pub spec_toml: Arc<str>,
     /// The model to score.
@@ -46,7 +49,11 @@ pub fn start(
         .collect();
     let asked = pending.len();
     if asked > 0 {
+        let number = shared
+            .campaign_numbers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let campaign = Campaign {
+            number,
             spec_toml: Arc::from(spec_toml),
             global_sha256: global_sha256.to_string(),
             global_size: shared.blobs.size(global_sha256)?,
@@ -81,7 +88,7 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
         c.pending.contains(site).then(|| v1::Task {
             run_id: run_id.clone(),
             round: 0,
-            attempt: 0,
+            attempt: c.number,
             kind: v1::TaskKind::Evaluate as i32,
             spec_toml: c.spec_toml.to_string(),
             global_sha256: c.global_sha256.clone(),
@@ -142,12 +149,17 @@ pub fn fail(
     shared: &Shared,
     site: &str,
     run_id: &str,
+    number: u32,
     reason: &str,
 ) -> Result<(), CoordinatorError> {
     let mut campaigns = shared.campaigns()?;
     let Some(campaign) = campaigns.get_mut(run_id) else {
         return Ok(());
     };
+    if campaign.number != number {
+        // A late refusal of an earlier evaluation: the site may well answer this one.
+        return Ok(());
+    }
     if campaign.pending.remove(site) {
         tracing::warn!(run = %run_id, site = %site, reason = %reason, "site cannot evaluate the final model");
     }
@@ -157,6 +169,11 @@ pub fn fail(
     drop(campaigns);
     shared.notify_runs();
     Ok(())
+}
+
+/// When the run's open cross-site evaluation gives up on the sites that have not answered.
+pub fn deadline(shared: &Shared, run_id: &str) -> Result<Option<u64>, CoordinatorError> {
+    Ok(shared.campaigns()?.get(run_id).map(|c| c.deadline_ms))
 }
 
 /// Whether a cross-site evaluation of the run is collecting answers.

@@ -114,8 +114,14 @@ impl RunApi {
         id: &str,
         sites_of_round: u32,
     ) -> Result<v1::RunDetail, CoordinatorError> {
+        // Read in the order the engine writes, so one detail never shows an ended run without
+        // its final evaluation: the engine opens the evaluation before storing the run's end,
+        // and stores each answer before the evaluation closes. So the run first, then whether
+        // the evaluation is open, then its answers. (Locks are not nested: answering holds the
+        // evaluation's lock while storing.)
+        let run = shared.store()?.run(id)?;
+        let evaluating = crate::campaign::active(shared, id)?;
         let store = shared.store()?;
-        let run = store.run(id)?;
         let rounds = store.rounds(id)?;
         let recent = rounds.len().saturating_sub(SITE_ROUNDS) as u32;
         let mut out = Vec::with_capacity(rounds.len());
@@ -176,7 +182,7 @@ impl RunApi {
                 global_sha256: e.global_sha256,
             })
             .collect();
-        detail.evaluating = crate::campaign::active(shared, id)?;
+        detail.evaluating = evaluating;
         detail.full_model_bytes = full_model_bytes(shared, &detail.spec_toml, &run.initial_sha256);
         if let Some(s) = snapshot {
             detail.current_round = s.round;
@@ -288,16 +294,19 @@ impl RunService for RunApi {
         req: Request<v1::GetRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let id = req.into_inner().run_id;
+        // Subscribe before the first read, and mark each change seen before reading again: a
+        // change between a read and the wait (a short run ending, the last site answering the
+        // final evaluation) then wakes the wait instead of being lost.
+        let mut changed = self.shared.runs_changed.subscribe();
+        changed.borrow_and_update();
         // Fail now on an unknown run rather than inside the stream.
         let first = Self::detail(&self.shared, &id, 0)?;
         let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
-            let mut changed = shared.runs_changed.subscribe();
             let mut shutdown = shared.shutdown.clone();
             let mut detail = Ok(first);
             loop {
-                changed.borrow_and_update();
                 // A run is over for its watchers once it ended and its final evaluation is in.
                 let ended = match &detail {
                     Ok(d) => {
@@ -311,10 +320,24 @@ impl RunService for RunApi {
                 if tx.send(detail.map_err(Status::from)).await.is_err() || ended {
                     return;
                 }
+                // An evaluation nobody answers ends at its deadline without any change to wake
+                // on, so its watchers wake then too.
+                let wake = crate::campaign::deadline(&shared, &id)
+                    .ok()
+                    .flatten()
+                    .map(|at| {
+                        let left = at.saturating_sub(now_ms()) + 1;
+                        tokio::time::Instant::now() + std::time::Duration::from_millis(left)
+                    });
                 tokio::select! {
                     r = changed.changed() => if r.is_err() { return },
+                    _ = async { match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    } } => {}
                     _ = crate::state::stopping(&mut shutdown) => return,
                 }
+                changed.borrow_and_update();
                 detail = Self::detail(&shared, &id, 0);
             }
         });

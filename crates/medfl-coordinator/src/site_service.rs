@@ -587,7 +587,7 @@ impl SiteService for SiteApi {
         let req = req.into_inner();
         let reason: String = req.reason.chars().take(2000).collect();
         if req.round == 0 {
-            crate::campaign::fail(&self.shared, &site, &req.run_id, &reason)?;
+            crate::campaign::fail(&self.shared, &site, &req.run_id, req.attempt, &reason)?;
             return Ok(Response::new(v1::ReportTaskFailureResponse {}));
         }
         let outcome = match v1::Declined::try_from(req.declined) {

@@ -170,6 +170,8 @@ pub struct Shared {
     runs: Mutex<BTreeMap<String, RunHandle>>,
     sites: Mutex<BTreeMap<String, SiteLive>>,
     campaigns: Mutex<BTreeMap<String, crate::campaign::Campaign>>,
+    /// Numbers cross-site evaluations, so an answer to an earlier one of the same run is told apart.
+    pub campaign_numbers: std::sync::atomic::AtomicU32,
     /// Bumped whenever a task may have appeared; task polls wait on it.
     pub tasks_changed: watch::Sender<u64>,
     /// Bumped whenever any run changed; run watchers wait on it.
@@ -227,6 +229,7 @@ impl Shared {
             runs: Mutex::new(BTreeMap::new()),
             sites: Mutex::new(sites),
             campaigns: Mutex::new(BTreeMap::new()),
+            campaign_numbers: std::sync::atomic::AtomicU32::new(1),
             tasks_changed: watch::Sender::new(0),
             runs_changed: watch::Sender::new(0),
             uploads,
