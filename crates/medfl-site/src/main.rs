@@ -27,6 +27,19 @@ enum Command {
     /// The hospital's decisions on the runs that reached this site.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Same as `runs approve`.
+    Approve {
+        /// Run id.
+        run: String,
+    },
+    /// Same as `runs reject`.
+    Reject {
+        /// Run id.
+        run: String,
+        /// Why, as the researcher will read it.
+        #[arg(long)]
+        reason: String,
+    },
     /// Kill switch: stop any training now and send nothing until `resume`.
     Pause {
         /// Why, for the log.
@@ -91,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
     let config = SiteConfig::load_with(args.config.as_deref(), args.insecure_dev)?;
     match args.command {
         Some(Command::Runs(command)) => return runs(&config, command),
+        Some(Command::Approve { run }) => return runs(&config, RunsCommand::Approve { run }),
+        Some(Command::Reject { run, reason }) => {
+            return runs(&config, RunsCommand::Reject { run, reason })
+        }
         Some(Command::Pause { reason }) => {
             medfl_site::policy::set_paused(&config.data_dir, Some(&reason))?;
             record(&config, "site_paused", None, json!({ "reason": reason }))?;

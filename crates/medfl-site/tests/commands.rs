@@ -1,4 +1,4 @@
-//! The hospital's commands (`medfl-site runs approve|reject`, `pause`, `resume`,
+//! The hospital's commands (`medfl-site runs approve|reject` or `approve|reject`, `pause`, `resume`,
 //! `dataset add|remove`), run as the real binary: each takes effect and is recorded, with the
 //! account that took it, in the site's audit log, whose chain still verifies.
 
@@ -63,9 +63,10 @@ fn every_decision_taken_by_hand_is_audited() {
 
     assert!(medfl_site(&config, &["runs", "pending"]).contains("run-a"));
     medfl_site(&config, &["runs", "approve", "run-a"]);
+    // The short form the hospital may type instead.
     medfl_site(
         &config,
-        &["runs", "reject", "run-b", "--reason", "no ethics approval"],
+        &["reject", "run-b", "--reason", "no ethics approval"],
     );
     medfl_site(&config, &["pause", "--reason", "scanner upgrade"]);
     assert!(medfl_site::policy::is_paused(&data));
