@@ -136,3 +136,49 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     }
     coordinator.stop().await;
 }
+
+/// A dataset the hospital registers on a running site is offered to runs without a restart, and
+/// one it removes is withdrawn: the coordinator hears of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let (csvs, _test) = split_breast_cancer(dir.path(), 1);
+    let site_dir = dir.path().join("late");
+    let mut site = Site::start(site_config_with("late", &coordinator.url(), &site_dir, ""));
+    site.registered(1).await;
+    let mut client = coordinator.runs().await;
+    let offered = |sites: v1::ListSitesResponse| -> Vec<String> {
+        sites.sites[0]
+            .datasets
+            .iter()
+            .map(|d| d.name.clone())
+            .collect()
+    };
+    let list = v1::ListSitesRequest {};
+    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    assert!(offered(sites).is_empty());
+
+    // `medfl-site dataset add` while the daemon runs.
+    let dataset = medfl_site::config::DatasetConfig {
+        path: csvs[0].clone(),
+        format: "csv".into(),
+    };
+    medfl_site::registry::add(&site_dir, &Default::default(), "breast_cancer", dataset)
+        .expect("registering the dataset");
+    site.registered(2).await;
+    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    assert_eq!(offered(sites), ["breast_cancer"]);
+    let run = create_run(&mut client, &breast_cancer_spec("late-data", 1, 1, 60)).await;
+    let detail = wait_for_completion(&mut client, &run).await;
+    assert_eq!(detail.rounds[0].sites[0].outcome, "accepted");
+
+    // `medfl-site dataset remove`: withdrawn from the coordinator too.
+    medfl_site::registry::remove(&site_dir, "breast_cancer").expect("removing");
+    site.registered(3).await;
+    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    assert!(offered(sites).is_empty());
+    site.stop().await;
+    coordinator.stop().await;
+}

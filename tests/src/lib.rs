@@ -340,7 +340,8 @@ impl Site {
         }
     }
 
-    /// Waits until the site has registered `n` times in all.
+    /// Waits until the site has registered `n` times in all (a site registers again when its
+    /// datasets change).
     pub async fn registered(&mut self, n: u64) {
         tokio::time::timeout(RUN_TIMEOUT, self.registrations.wait_for(|c| *c >= n))
             .await

@@ -59,8 +59,8 @@ pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Resu
     run_observed(config, shutdown, watch::Sender::new(0)).await
 }
 
-/// [`run`], counting successful registrations in `registrations` so a supervisor (or a test)
-/// can wait for the site to be connected.
+/// [`run`], counting successful registrations (and re-registrations after a dataset change)
+/// in `registrations` so a supervisor (or a test) can wait for the site to be connected.
 pub async fn run_observed(
     config: SiteConfig,
     shutdown: impl Future<Output = ()>,
@@ -151,7 +151,11 @@ fn cancel_all(cancels: &CancelFlags) {
     }
 }
 
-/// One connection's life: register, then poll and work until the connection fails.
+/// How often a running site looks for datasets registered or removed by hand.
+const REGISTRY_CHECK: Duration = Duration::from_millis(500);
+
+/// One connection's life: register, then poll and work until the connection fails. Datasets
+/// registered or removed meanwhile are loaded and announced by registering again.
 async fn session(
     worker: &mut Worker,
     backoff: &mut Backoff,
@@ -159,6 +163,72 @@ async fn session(
 ) -> Result<(), SiteError> {
     let cfg = worker.config().clone();
     let mut client = Client::connect(&cfg, worker.token()).await?;
+    let mut registry = crate::registry::stamp(&cfg.data_dir);
+    let reply = register(&mut client, worker).await?;
+    worker.pin_coordinator_key(&reply.coordinator_public_key)?;
+    worker.chunk_size = (reply.chunk_size as usize).clamp(4096, 16 << 20);
+    backoff.reset();
+    info!(site = %cfg.name, coordinator = %cfg.coordinator, "registered");
+    registrations.send_modify(|n| *n += 1);
+    let heartbeat = tokio::spawn(heartbeats(
+        client.clone(),
+        worker.cancels.clone(),
+        Duration::from_secs(u64::from(reply.heartbeat_interval_secs.max(1))),
+    ));
+    let _stop_heartbeats = AbortOnDrop(heartbeat);
+    let mut check = tokio::time::interval(REGISTRY_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut poll = client.authed(v1::PollTaskRequest {});
+        // A coordinator answers polls within its poll timeout; past this the link is dead.
+        poll.set_timeout(POLL_LIMIT);
+        let polled = {
+            let reply = client.site.poll_task(poll);
+            tokio::pin!(reply);
+            loop {
+                tokio::select! {
+                    r = &mut reply => break Some(r),
+                    _ = check.tick() => {
+                        let now = crate::registry::stamp(&cfg.data_dir);
+                        if now != registry {
+                            registry = now;
+                            // Dropping the poll loses nothing: tasks stay open at the coordinator.
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        let Some(polled) = polled else {
+            match worker.reload_datasets() {
+                Ok(true) => {
+                    register(&mut client, worker).await?;
+                    info!(site = %cfg.name, datasets = ?worker.dataset_schemas().iter().map(|d| &d.name).collect::<Vec<_>>(), "datasets changed; coordinator told");
+                    registrations.send_modify(|n| *n += 1);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(site = %cfg.name, error = %e, "dataset registry unreadable; datasets unchanged")
+                }
+            }
+            continue;
+        };
+        let task = polled
+            .map_err(|s| SiteError::Connect {
+                url: cfg.coordinator.clone(),
+                message: format!("polling for tasks: {}: {}", s.code(), s.message()),
+            })?
+            .into_inner()
+            .task;
+        if let Some(task) = task {
+            worker.handle(&mut client, task).await?;
+        }
+    }
+}
+
+/// Registers (again) with the site's identity and current datasets; audited.
+async fn register(client: &mut Client, worker: &Worker) -> Result<v1::RegisterResponse, SiteError> {
+    let cfg = worker.config();
     let reply = client
         .site
         .register(v1::RegisterRequest {
@@ -177,39 +247,11 @@ async fn session(
             _ => SiteError::Rpc(s),
         })?
         .into_inner();
-    worker.pin_coordinator_key(&reply.coordinator_public_key)?;
-    worker.chunk_size = (reply.chunk_size as usize).clamp(4096, 16 << 20);
-    backoff.reset();
-    info!(site = %cfg.name, coordinator = %cfg.coordinator, "registered");
     worker.audit(medfl_audit::Event::new(
         "registered",
         serde_json::json!({ "coordinator": cfg.coordinator, "datasets": worker.dataset_schemas().iter().map(|d| &d.name).collect::<Vec<_>>() }),
     ));
-    registrations.send_modify(|n| *n += 1);
-    let heartbeat = tokio::spawn(heartbeats(
-        client.clone(),
-        worker.cancels.clone(),
-        Duration::from_secs(u64::from(reply.heartbeat_interval_secs.max(1))),
-    ));
-    let _stop_heartbeats = AbortOnDrop(heartbeat);
-    loop {
-        let mut poll = client.authed(v1::PollTaskRequest {});
-        // A coordinator answers polls within its poll timeout; past this the link is dead.
-        poll.set_timeout(POLL_LIMIT);
-        let task = client
-            .site
-            .poll_task(poll)
-            .await
-            .map_err(|s| SiteError::Connect {
-                url: cfg.coordinator.clone(),
-                message: format!("polling for tasks: {}: {}", s.code(), s.message()),
-            })?
-            .into_inner()
-            .task;
-        if let Some(task) = task {
-            worker.handle(&mut client, task).await?;
-        }
-    }
+    Ok(reply)
 }
 
 /// Tells the coordinator the site is alive and which runs it works on; cancels stopped ones.

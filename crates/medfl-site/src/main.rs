@@ -55,7 +55,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DatasetCommand {
-    /// Registers a dataset (checked to load); the daemon serves it from its next start.
+    /// Registers a dataset (checked to load); a running daemon offers it within a second.
     Add {
         /// The name run specs will use.
         name: String,
@@ -190,7 +190,9 @@ fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> 
             let rows = medfl_site::registry::add(dir, &config.datasets, &name, dataset)?;
             let details = json!({ "name": name, "path": path, "format": format, "records": rows });
             record(config, "dataset_registered", None, details)?;
-            println!("registered `{name}` ({rows} records); restart the daemon to offer it");
+            println!(
+                "registered `{name}` ({rows} records); a running daemon offers it within a second"
+            );
         }
         DatasetCommand::List => {
             let registered = medfl_site::registry::load(dir)?;

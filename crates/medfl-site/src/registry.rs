@@ -12,6 +12,13 @@ fn path(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("datasets.json")
 }
 
+/// When and how big the registry file was last written (`None` while there is none), for a
+/// running daemon to notice `medfl-site dataset add|remove` cheaply.
+pub fn stamp(data_dir: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path(data_dir)).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
 /// The registered datasets (none when nothing was registered).
 pub fn load(data_dir: &Path) -> Result<BTreeMap<String, DatasetConfig>, SiteError> {
     let file = path(data_dir);

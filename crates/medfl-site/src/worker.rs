@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::ModelCache;
 use crate::client::Client;
-use crate::config::SiteConfig;
+use crate::config::{DatasetConfig, SiteConfig};
 use crate::identity::SiteState;
 use crate::policy::Declined;
 use crate::SiteError;
@@ -75,6 +75,9 @@ pub type CancelFlags = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
 pub struct Worker {
     config: SiteConfig,
     datasets: BTreeMap<String, Dataset>,
+    /// Where each dataset was loaded from (the config file's and the registry's, together), so
+    /// a change to the registry is noticed and only what changed is reloaded.
+    sources: BTreeMap<String, DatasetConfig>,
     /// Base models: configured by name, or fetched by hash into `data_dir/base-models`.
     bases: BaseModels,
     state: SiteState,
@@ -117,6 +120,15 @@ fn audit_policy(config: &SiteConfig, audit: &AuditLog) -> Result<(), SiteError> 
         .map_err(|e| SiteError::io(format!("writing {}", path.display()), e))
 }
 
+/// The datasets of the config file and of the registry, by name.
+fn dataset_sources(config: &SiteConfig) -> Result<BTreeMap<String, DatasetConfig>, SiteError> {
+    let mut sources = crate::registry::load(&config.data_dir)?;
+    for (name, ds) in &config.datasets {
+        sources.insert(name.clone(), ds.clone());
+    }
+    Ok(sources)
+}
+
 /// FNV-1a, to derive a stable per-site seed from the site's name.
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -133,8 +145,8 @@ impl Worker {
         let cache = ModelCache::open(&config.data_dir, config.model_cache)?;
         let audit = crate::audit::open(&config)?;
         let mut datasets = BTreeMap::new();
-        let registered = crate::registry::load(&config.data_dir)?;
-        for (name, ds) in config.datasets.iter().chain(&registered) {
+        let sources = dataset_sources(&config)?;
+        for (name, ds) in &sources {
             let data = Dataset::load(&ds.format, &ds.path)?;
             info!(site = %config.name, dataset = %name, rows = data.len(), columns = data.columns().len(), "dataset loaded");
             datasets.insert(name.clone(), data);
@@ -147,6 +159,7 @@ impl Worker {
         Ok(Self {
             config,
             datasets,
+            sources,
             bases,
             state,
             cache,
@@ -225,6 +238,48 @@ impl Worker {
                     task.run_id, task.round, task.global_sha256
                 ))
             })
+    }
+
+    /// Follows the dataset registry (`medfl-site dataset add|remove` on a running site): loads
+    /// what was added, forgets what was removed, and drops what runs had prepared from either.
+    /// Returns whether the datasets changed, so the site tells the coordinator. A registered
+    /// file that no longer loads is left out with an error in the log, not retried until the
+    /// registry changes again; the site keeps serving the others.
+    pub fn reload_datasets(&mut self) -> Result<bool, SiteError> {
+        let wanted = dataset_sources(&self.config)?;
+        if wanted == self.sources {
+            return Ok(false);
+        }
+        let site = self.config.name.clone();
+        self.datasets.retain(|name, _| {
+            let keep = wanted.get(name) == self.sources.get(name);
+            if !keep && !wanted.contains_key(name) {
+                info!(site = %site, dataset = %name, "dataset removed from the registry: no longer offered");
+            }
+            keep
+        });
+        for (name, ds) in &wanted {
+            if self.sources.get(name) == Some(ds) {
+                continue;
+            }
+            match Dataset::load(&ds.format, &ds.path) {
+                Ok(data) => {
+                    info!(site = %site, dataset = %name, rows = data.len(), columns = data.columns().len(), "dataset loaded");
+                    self.datasets.insert(name.clone(), data);
+                }
+                Err(e) => {
+                    tracing::error!(site = %site, dataset = %name, error = %e, "registered dataset does not load; not offered");
+                }
+            }
+        }
+        let datasets = &self.datasets;
+        let sources = &self.sources;
+        self.prepared.retain(|_, p| {
+            let name = &p.spec.task.dataset;
+            datasets.contains_key(name) && wanted.get(name) == sources.get(name)
+        });
+        self.sources = wanted;
+        Ok(true)
     }
 
     /// What the coordinator may know of the datasets: names, column headers and row counts.
