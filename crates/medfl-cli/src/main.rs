@@ -115,6 +115,19 @@ enum ModelCommand {
         #[arg(long, value_name = "DIR")]
         base: Option<PathBuf>,
     },
+    /// Merge an adapter pulled earlier into its base model, without the coordinator: writes a
+    /// Hugging Face directory at OUT that PyTorch/transformers loads unchanged.
+    Merge {
+        /// The adapter, as `medfl model pull` wrote it (it carries the run spec).
+        #[arg(long, value_name = "FILE")]
+        adapter: PathBuf,
+        /// The base model directory the run trained on (checked against the run's pinned hash).
+        #[arg(long, value_name = "DIR")]
+        base: PathBuf,
+        /// The directory to write.
+        #[arg(short, long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -187,6 +200,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             let mut client = target.connect().await?;
             pull::pull_command(&mut client, &run, round.unwrap_or(0), &out, merged, base).await?
+        }
+        Command::Model(ModelCommand::Merge { adapter, base, out }) => {
+            adapter::write_merged(&adapter, &base, &out)?
         }
         Command::Predict(args) => adapter::predict(&args)?,
     }

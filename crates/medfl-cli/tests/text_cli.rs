@@ -1,6 +1,7 @@
 //! The `medfl` binary on a text run (a tiny BERT): the round table shows each update's share of
-//! the model, `model pull` gives the adapter and `--merged` the base with it merged in, and
-//! `predict` classifies a file; and `medfl provision` kits drive a coordinator over mutual TLS.
+//! the model, `model pull` gives the adapter and `--merged` (or later `model merge`) the base with
+//! it merged in, and `predict` classifies a file; and `medfl provision` kits drive a coordinator
+//! over mutual TLS.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
@@ -134,6 +135,25 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
     );
     assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
     assert!(merged.join("adapter.safetensors").is_file());
+    // Later, without the coordinator, the pulled adapter merges into the same weights.
+    let offline = d.join("merged-offline");
+    let out = medfl(&[
+        "model",
+        "merge",
+        "--adapter",
+        adapter.to_str().expect("utf-8"),
+        "--base",
+        base.to_str().expect("utf-8"),
+        "-o",
+        offline.to_str().expect("utf-8"),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read(offline.join("model.safetensors")).expect("merged offline")
+            == std::fs::read(merged.join("model.safetensors")).expect("merged"),
+        "an offline merge differs from `pull --merged`"
+    );
     // Merging into other weights than the run pinned is refused.
     let other = d.join("other");
     write_tiny_bert(&other, 1.0).expect("tiny model");
