@@ -56,8 +56,7 @@ enum Command {
     #[command(subcommand)]
     Audit(audit::AuditCommand),
     /// Create the consortium's CA and kits; add, revoke and list participants.
-    #[command(subcommand)]
-    Provision(provision::ProvisionCommand),
+    Provision(provision::ProvisionArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,6 +260,42 @@ mod tests {
             Cli::try_parse_from(["medfl", "model", "pull", "r1", "--round", "0", "-o", "m"])
                 .is_err()
         );
+        Ok(())
+    }
+
+    #[test]
+    fn provision_takes_init_with_or_without_the_word() -> anyhow::Result<()> {
+        let init = [
+            "--consortium",
+            "c",
+            "--coordinator",
+            "h:1",
+            "--site",
+            "a",
+            "-o",
+            "k",
+        ];
+        for words in [&["medfl", "provision"][..], &["medfl", "provision", "init"]] {
+            let cli = Cli::try_parse_from(words.iter().chain(&init))?;
+            let Command::Provision(args) = cli.command else {
+                panic!("{words:?} is not provision");
+            };
+            assert!(matches!(
+                provision::ProvisionArgs::command(args)?,
+                provision::ProvisionCommand::Init(_)
+            ));
+        }
+        // A subcommand's options do not mix with init's.
+        let mixed = [
+            "medfl",
+            "provision",
+            "--consortium",
+            "c",
+            "list",
+            "--ca",
+            "x",
+        ];
+        assert!(Cli::try_parse_from(mixed).is_err());
         Ok(())
     }
 }

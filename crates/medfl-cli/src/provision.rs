@@ -6,33 +6,49 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use medfl_pki::{Ca, Kit, Role, CA_KEY_FILE, REVOKED_FILE};
 
+/// `medfl provision`: `init` (also written without the word, `medfl provision --consortium ...`)
+/// or another subcommand.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ProvisionArgs {
+    /// What to do; `init` when only its options are given.
+    #[command(subcommand)]
+    command: Option<ProvisionCommand>,
+    #[command(flatten)]
+    init: Option<InitArgs>,
+}
+
+/// Options of `medfl provision init`.
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// The consortium's name (put in every certificate).
+    #[arg(long, value_name = "NAME")]
+    consortium: String,
+    /// Where participants reach the coordinator (port 7443 when none is given).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    coordinator: String,
+    /// A hospital site (repeat, or separate with commas).
+    #[arg(long = "site", value_name = "NAME", value_delimiter = ',')]
+    sites: Vec<String>,
+    /// A researcher (repeat, or separate with commas).
+    #[arg(long = "researcher", value_name = "NAME", value_delimiter = ',')]
+    researchers: Vec<String>,
+    /// An operator (repeat, or separate with commas).
+    #[arg(long = "operator", value_name = "NAME", value_delimiter = ',')]
+    operators: Vec<String>,
+    /// Where to write the kits, one directory each.
+    #[arg(short, long, value_name = "DIR")]
+    out: PathBuf,
+    /// Where to create the CA [default: OUT/ca].
+    #[arg(long, value_name = "DIR")]
+    ca: Option<PathBuf>,
+}
+
 /// `medfl provision` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ProvisionCommand {
     /// Create the consortium CA, the coordinator's kit and one kit per participant.
-    Init {
-        /// The consortium's name (put in every certificate).
-        #[arg(long, value_name = "NAME")]
-        consortium: String,
-        /// Where participants reach the coordinator (port 7443 when none is given).
-        #[arg(long, value_name = "HOST[:PORT]")]
-        coordinator: String,
-        /// A hospital site (repeat, or separate with commas).
-        #[arg(long = "site", value_name = "NAME", value_delimiter = ',')]
-        sites: Vec<String>,
-        /// A researcher (repeat, or separate with commas).
-        #[arg(long = "researcher", value_name = "NAME", value_delimiter = ',')]
-        researchers: Vec<String>,
-        /// An operator (repeat, or separate with commas).
-        #[arg(long = "operator", value_name = "NAME", value_delimiter = ',')]
-        operators: Vec<String>,
-        /// Where to write the kits, one directory each.
-        #[arg(short, long, value_name = "DIR")]
-        out: PathBuf,
-        /// Where to create the CA [default: OUT/ca].
-        #[arg(long, value_name = "DIR")]
-        ca: Option<PathBuf>,
-    },
+    Init(InitArgs),
     /// Issue a kit for a new site.
     AddSite(AddArgs),
     /// Issue a kit for a new researcher.
@@ -69,10 +85,25 @@ pub struct AddArgs {
     out: PathBuf,
 }
 
-/// Runs a subcommand.
-pub fn run(command: ProvisionCommand) -> anyhow::Result<()> {
-    match command {
-        ProvisionCommand::Init {
+impl ProvisionArgs {
+    /// The subcommand, `init` when only its options were given.
+    pub fn command(self) -> anyhow::Result<ProvisionCommand> {
+        match (self.command, self.init) {
+            (Some(command), _) => Ok(command),
+            (None, Some(init)) => Ok(ProvisionCommand::Init(init)),
+            // clap already asks for init's options when no subcommand is given.
+            (None, None) => anyhow::bail!(
+                "medfl provision needs a subcommand or init's options \
+                 (--consortium NAME --coordinator HOST[:PORT] -o DIR)"
+            ),
+        }
+    }
+}
+
+/// Runs `medfl provision`.
+pub fn run(args: ProvisionArgs) -> anyhow::Result<()> {
+    match args.command()? {
+        ProvisionCommand::Init(InitArgs {
             consortium,
             coordinator,
             sites,
@@ -80,7 +111,7 @@ pub fn run(command: ProvisionCommand) -> anyhow::Result<()> {
             operators,
             out,
             ca,
-        } => {
+        }) => {
             let done = medfl_pki::provision(
                 ca.as_deref(),
                 &consortium,
@@ -220,8 +251,8 @@ mod tests {
 
     #[derive(Debug, Parser)]
     struct Cli {
-        #[command(subcommand)]
-        command: ProvisionCommand,
+        #[command(flatten)]
+        args: ProvisionArgs,
     }
 
     #[test]
@@ -249,14 +280,14 @@ mod tests {
             "-o",
             &out_arg,
         ])?;
-        match &cli.command {
-            ProvisionCommand::Init { sites, ca, .. } => {
+        match &cli.args.command {
+            Some(ProvisionCommand::Init(InitArgs { sites, ca, .. })) => {
                 assert_eq!(sites, &["hospital-a", "hospital-b"]);
                 assert!(ca.is_none());
             }
             other => panic!("{other:?}"),
         }
-        run(cli.command)?;
+        run(cli.args)?;
         assert!(out.join("hospital-b/site.toml").is_file());
 
         let cli = Cli::try_parse_from([
@@ -268,16 +299,16 @@ mod tests {
             "-o",
             &out_arg,
         ])?;
-        run(cli.command)?;
+        run(cli.args)?;
         assert!(out.join("hospital-c/hospital-c.key").is_file());
 
         let cli = Cli::try_parse_from(["provision", "revoke", "hospital-a", "--ca", &ca_arg])?;
-        run(cli.command)?;
+        run(cli.args)?;
         let list = medfl_pki::RevocationList::load(&out.join("ca").join(REVOKED_FILE))?;
         assert_eq!(list.revoked[0].name, "hospital-a");
 
         let cli = Cli::try_parse_from(["provision", "list", "--ca", &ca_arg])?;
-        run(cli.command)?;
+        run(cli.args)?;
 
         let cli = Cli::try_parse_from([
             "provision",
@@ -288,7 +319,7 @@ mod tests {
             "-o",
             &out_arg,
         ])?;
-        let err = format!("{:#}", run(cli.command).unwrap_err());
+        let err = format!("{:#}", run(cli.args).unwrap_err());
         assert!(err.contains("hospital-c"), "{err}");
         Ok(())
     }

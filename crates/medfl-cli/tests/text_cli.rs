@@ -213,9 +213,9 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
 async fn provisioned_kits_drive_the_cli_over_mutual_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kits = dir.path().join("kits");
+    // Written as the operator may type it, without `init`.
     let out = medfl(&[
         "provision",
-        "init",
         "--consortium",
         "test",
         "--coordinator",
