@@ -91,11 +91,6 @@ impl Target {
     }
 }
 
-/// Connects to the coordinator at `addr` (`http://host:port`) in plaintext.
-pub async fn connect(addr: &str) -> anyhow::Result<RunClient> {
-    connect_with(addr, None).await
-}
-
 /// Connects to the coordinator at `addr`: `https://` with a kit's `tls` files, or plaintext
 /// `http://` to a coordinator started with `--insecure-dev`.
 pub async fn connect_with(addr: &str, tls: Option<&TlsFiles>) -> anyhow::Result<RunClient> {
@@ -189,7 +184,7 @@ mod tests {
     #[tokio::test]
     async fn bad_addresses_name_the_option() {
         for addr in ["not a url", "bogus", "127.0.0.1:7070", "ftp://host:1"] {
-            let err = connect(addr).await.err().map(|e| format!("{e:#}"));
+            let err = connect_with(addr, None).await.err().map(|e| format!("{e:#}"));
             let text = err.unwrap_or_default();
             assert!(text.contains("--coordinator"), "{text}");
             assert!(text.contains(addr), "{text}");

@@ -348,10 +348,16 @@ pub(crate) fn write_results(
 /// A running site daemon.
 type SiteTask = tokio::task::JoinHandle<Result<(), medfl_site::SiteError>>;
 
-/// A coordinator and site daemons in this process, on loopback.
+/// The demo's researcher, whose kit drives the run.
+const DEMO_RESEARCHER: &str = "demo-researcher";
+
+/// A coordinator and site daemons in this process, on loopback, over mutual TLS with kits the
+/// demo provisions for itself (`OUT/kits`), as a real consortium would.
 pub(crate) struct LocalFederation {
     /// The coordinator's URL.
     pub url: String,
+    /// The researcher's kit files.
+    researcher: client::TlsFiles,
     sites: Vec<(oneshot::Sender<()>, SiteTask)>,
     stop_coordinator: oneshot::Sender<()>,
     coordinator: tokio::task::JoinHandle<Result<(), medfl_coordinator::CoordinatorError>>,
@@ -375,32 +381,65 @@ pub(crate) fn site_config(
         base_models,
         fetch_base_models: false,
         datasets,
+        // Set by `LocalFederation::start` from the site's kit.
         tls_ca: None,
         tls_cert: None,
         tls_key: None,
-        // The demo's coordinator runs in this process on loopback.
-        insecure_dev: true,
+        insecure_dev: false,
         policy: Default::default(),
     }
 }
 
 impl LocalFederation {
-    /// Starts a coordinator on an ephemeral loopback port publishing `base_models`, then each
-    /// site, waiting until every one has registered.
+    /// Provisions a consortium for the demo (a CA and a kit per participant, in `OUT/kits`),
+    /// starts a coordinator on an ephemeral loopback port publishing `base_models`, then each
+    /// site, waiting until every one has registered. Every connection is mutual TLS.
     pub async fn start(
         out: &Path,
         base_models: BTreeMap<String, PathBuf>,
         sites: Vec<SiteConfig>,
     ) -> anyhow::Result<Self> {
+        // Fresh kits every time: the demo's CA is its own and lives only as long as its output.
+        let kits_dir = out.join("kits");
+        if kits_dir.exists() {
+            std::fs::remove_dir_all(&kits_dir)
+                .with_context(|| format!("cannot replace {}", kits_dir.display()))?;
+        }
+        let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+        let made = medfl_pki::provision(
+            None,
+            "medfl-demo",
+            "localhost",
+            &names,
+            &[DEMO_RESEARCHER.to_string()],
+            &[],
+            &kits_dir,
+        )
+        .context("provisioning the demo's consortium")?;
+        let kit = |name: &str| {
+            made.kits
+                .iter()
+                .find(|k| k.name == name)
+                .with_context(|| format!("no kit for {name}"))
+        };
         let mut cfg = CoordinatorConfig::defaults();
         cfg.data_dir = out.join("coordinator");
         cfg.heartbeat_interval_secs = 1;
         cfg.site_offline_after_secs = 30;
         cfg.base_models = base_models;
-        // Everything runs in this process on loopback.
-        cfg.insecure_dev = true;
+        let own = kit(medfl_pki::COORDINATOR_NAME)?;
+        cfg.tls_ca = Some(own.ca.clone());
+        cfg.tls_cert = Some(own.cert.clone());
+        cfg.tls_key = Some(own.key.clone());
+        cfg.revocation_list = Some(made.ca_dir.join(medfl_pki::REVOKED_FILE));
+        cfg.insecure_dev = false;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        // The certificate names `localhost`; the listener is on its IPv4 loopback address.
+        let url = format!("https://localhost:{}", listener.local_addr()?.port());
+        println!(
+            "mutual TLS: a consortium CA and a kit for the coordinator, each hospital and {DEMO_RESEARCHER} in {}",
+            kits_dir.display()
+        );
         let (stop_coordinator, coordinator_stopped) = oneshot::channel::<()>();
         let coordinator = tokio::spawn(medfl_coordinator::serve(listener, cfg, async {
             let _ = coordinator_stopped.await;
@@ -409,6 +448,10 @@ impl LocalFederation {
         // Each hospital is a site daemon with its own data directory, dialling out.
         for mut config in sites {
             config.coordinator = url.clone();
+            let own = kit(&config.name)?;
+            config.tls_ca = Some(own.ca.clone());
+            config.tls_cert = Some(own.cert.clone());
+            config.tls_key = Some(own.key.clone());
             config.validate()?;
             let name = config.name.clone();
             let (stop, stopped) = oneshot::channel::<()>();
@@ -426,8 +469,15 @@ impl LocalFederation {
                 .with_context(|| format!("site {name} stopped before registering"))?;
             running.push((stop, task));
         }
+        let researcher = kit(DEMO_RESEARCHER)?;
+        let researcher = client::TlsFiles {
+            tls_ca: researcher.ca.clone(),
+            tls_cert: researcher.cert.clone(),
+            tls_key: researcher.key.clone(),
+        };
         Ok(Self {
             url,
+            researcher,
             sites: running,
             stop_coordinator,
             coordinator,
@@ -441,7 +491,7 @@ impl LocalFederation {
         spec_toml: &str,
         model_path: &Path,
     ) -> anyhow::Result<(String, RunDetail, pull::Pulled)> {
-        let mut runs = client::connect(&self.url).await?;
+        let mut runs = client::connect_with(&self.url, Some(&self.researcher)).await?;
         let run_id = runs
             .create_run(client::unary(CreateRunRequest {
                 spec_toml: spec_toml.to_string(),

@@ -210,7 +210,7 @@ async fn start() -> anyhow::Result<(RunClient, oneshot::Sender<()>)> {
                 },
             ),
     );
-    let client = client::connect(&format!("http://{addr}")).await?;
+    let client = client::connect_with(&format!("http://{addr}"), None).await?;
     Ok((client, stop))
 }
 
@@ -269,7 +269,7 @@ async fn unreachable_coordinator_suggests_the_option() -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     drop(listener);
-    let err = client::connect(&format!("http://{addr}"))
+    let err = client::connect_with(&format!("http://{addr}"), None)
         .await
         .map_or_else(|e| format!("{e:#}"), |_| String::new());
     assert!(err.contains(&addr.to_string()), "{err}");
