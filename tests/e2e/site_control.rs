@@ -182,3 +182,73 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     site.stop().await;
     coordinator.stop().await;
 }
+
+/// A site awaiting approval takes no sampled slot: with `fraction` 0.5 of four sites, every round
+/// trains on two willing sites, and once the careful site has declined it is asked again every
+/// round (so approving it takes effect at once) on top of those two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_awaiting_approval_takes_no_sampled_slot() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let (csvs, _test) = split_breast_cancer(dir.path(), 4);
+    let names = ["careful", "open-1", "open-2", "open-3"];
+    let mut sites = Vec::new();
+    for (name, csv) in names.iter().zip(&csvs) {
+        let policy = if *name == "careful" {
+            "[policy]\nrequire_approval = true\n"
+        } else {
+            ""
+        };
+        let tables = format!(
+            "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
+            csv.display()
+        );
+        let mut site = Site::start(site_config_with(
+            name,
+            &coordinator.url(),
+            &dir.path().join(name),
+            &tables,
+        ));
+        site.registered(1).await;
+        sites.push(site);
+    }
+    let mut client = coordinator.runs().await;
+    let spec = format!(
+        "fraction = 0.5\n{}",
+        breast_cancer_spec("sampled", 5, 1, 60)
+    );
+    let run = create_run(&mut client, &spec).await;
+    let detail = wait_for_completion(&mut client, &run).await;
+
+    let (mut declined_before, mut checked) = (false, 0);
+    for round in &detail.rounds {
+        let outcome = |name: &str| {
+            round
+                .sites
+                .iter()
+                .find(|s| s.site == name)
+                .map(|s| s.outcome.as_str())
+        };
+        let accepted = round
+            .sites
+            .iter()
+            .filter(|s| s.outcome == "accepted")
+            .count();
+        // Until the careful site first declines, the coordinator cannot know it will.
+        if declined_before {
+            assert_eq!(accepted, 2, "round {}: {:?}", round.round, round.sites);
+            assert_eq!(outcome("careful"), Some("pending"), "round {}", round.round);
+            checked += 1;
+        }
+        declined_before |= outcome("careful") == Some("pending");
+    }
+    assert!(
+        checked > 0,
+        "the careful site declined in no round but the last"
+    );
+    for s in sites {
+        s.stop().await;
+    }
+    coordinator.stop().await;
+}

@@ -184,7 +184,10 @@ mod tests {
     #[tokio::test]
     async fn bad_addresses_name_the_option() {
         for addr in ["not a url", "bogus", "127.0.0.1:7070", "ftp://host:1"] {
-            let err = connect_with(addr, None).await.err().map(|e| format!("{e:#}"));
+            let err = connect_with(addr, None)
+                .await
+                .err()
+                .map(|e| format!("{e:#}"));
             let text = err.unwrap_or_default();
             assert!(text.contains("--coordinator"), "{text}");
             assert!(text.contains(addr), "{text}");

@@ -12,7 +12,7 @@ use medfl_core::fedavg::FedAvg;
 use medfl_core::metrics::weighted_mean;
 use medfl_core::round::{Decision, Phase, RoundLimits, RoundState};
 use medfl_core::run::RunStatus;
-use medfl_core::selection::select_sites;
+use medfl_core::selection::select_sites_sparing;
 use medfl_core::spec::{DefenseSpec, NormAction, RunSpec};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -53,6 +53,7 @@ pub fn spawn(
         snap_tx,
         initial_sha256: run.initial_sha256.clone(),
         opt_state: OptState::default(),
+        declining: Vec::new(),
     };
     tasks.spawn(engine.run());
     Ok(())
@@ -74,6 +75,9 @@ struct Engine {
     initial_sha256: String,
     /// Server optimizer state after the last committed round.
     opt_state: OptState,
+    /// Sites whose hospital kept the run out at their last task (awaiting approval, rejected,
+    /// paused): still asked every round, but they take no sampled slot.
+    declining: Vec<String>,
 }
 
 /// How a phase ended.
@@ -365,13 +369,14 @@ impl Engine {
             .collect())
     }
 
-    /// The eligible sites sampled for this attempt.
+    /// The eligible sites sampled for this attempt, plus every eligible site that declined last.
     fn select(&self, round: u32, attempt: u32) -> Result<Vec<String>, CoordinatorError> {
         let spec = &self.handle.spec;
         let candidates = self.candidates()?;
         let seed = spec.seed ^ (u64::from(round) << 32) ^ u64::from(attempt);
-        Ok(select_sites(
+        Ok(select_sites_sparing(
             &candidates,
+            &self.declining,
             spec.fraction,
             spec.min_sites as usize,
             seed,
@@ -430,7 +435,11 @@ impl Engine {
         }
     }
 
-    async fn handle_msg(&self, open: &mut Attempt, msg: EngineMsg) -> Result<(), CoordinatorError> {
+    async fn handle_msg(
+        &mut self,
+        open: &mut Attempt,
+        msg: EngineMsg,
+    ) -> Result<(), CoordinatorError> {
         match msg {
             EngineMsg::Update {
                 site,
@@ -458,6 +467,7 @@ impl Engine {
                 match &result {
                     Ok(()) => {
                         info!(run = %self.run_id, round, attempt, site = %site, examples, train_loss, "update accepted");
+                        self.declining.retain(|d| *d != site);
                         self.shared.audit(
                             medfl_audit::Event::new(
                                 "update_accepted",
@@ -551,6 +561,12 @@ impl Engine {
                     && open.state.is_pending(&site)
                 {
                     warn!(run = %self.run_id, round, attempt, site = %site, outcome, reason = %reason, "site cannot train");
+                    let declined = outcome != "failed";
+                    if declined && !self.declining.contains(&site) {
+                        self.declining.push(site.clone());
+                    } else if !declined {
+                        self.declining.retain(|d| *d != site);
+                    }
                     open.state.record_failure(&site, reason.clone());
                     self.shared.store()?.add_site_result(
                         &self.run_id,

@@ -38,22 +38,40 @@ pub fn select_sites(
     min_sites: usize,
     seed: u64,
 ) -> Vec<String> {
+    select_sites_sparing(candidates, &[], fraction, min_sites, seed)
+}
+
+/// As [`select_sites`], except that candidates in `declining` (sites whose hospital kept the run
+/// out last time: awaiting approval, rejected, paused) take no sampled slot: the sample is drawn
+/// from the others, and every declining candidate is added on top. So the run still trains on as
+/// many sites as the fraction asks for, and a site the hospital approves meanwhile joins at
+/// once.
+pub fn select_sites_sparing(
+    candidates: &[String],
+    declining: &[String],
+    fraction: f64,
+    min_sites: usize,
+    seed: u64,
+) -> Vec<String> {
     let mut pool: Vec<String> = candidates.to_vec();
     pool.sort();
     pool.dedup();
     let n = pool.len();
+    let (mut chosen, mut pool): (Vec<String>, Vec<String>) =
+        pool.into_iter().partition(|c| declining.contains(c));
     let want = ((fraction.clamp(0.0, 1.0) * n as f64).ceil() as usize)
         .max(min_sites)
-        .min(n);
+        .min(pool.len());
     let mut rng = SplitMix64::new(seed);
     // Partial Fisher-Yates: the first `want` entries are a uniform sample.
     for i in 0..want {
-        let j = i + rng.below(n - i);
+        let j = i + rng.below(pool.len() - i);
         pool.swap(i, j);
     }
     pool.truncate(want);
-    pool.sort();
-    pool
+    chosen.extend(pool);
+    chosen.sort();
+    chosen
 }
 
 #[cfg(test)]
@@ -84,6 +102,29 @@ mod tests {
         let a = select_sites(&names(20), 0.3, 1, 99);
         assert_eq!(a, select_sites(&shuffled, 0.3, 1, 99));
         assert_ne!(a, select_sites(&names(20), 0.3, 1, 100));
+    }
+
+    #[test]
+    fn declining_sites_take_no_slot_but_are_always_asked() {
+        let all = names(10);
+        let declining = vec!["site-3".to_string(), "site-7".to_string()];
+        for seed in 0..50 {
+            let picked = select_sites_sparing(&all, &declining, 0.3, 1, seed);
+            // 3 of the 8 willing sites, plus both declining ones.
+            assert_eq!(picked.len(), 5, "{picked:?}");
+            assert!(declining.iter().all(|d| picked.contains(d)));
+        }
+        // A declining site that is not a candidate (offline) is not added.
+        let picked = select_sites_sparing(&names(3), &["site-9".to_string()], 1.0, 1, 1);
+        assert_eq!(picked, names(3));
+        // Nobody declining: the same sample as before.
+        assert_eq!(
+            select_sites_sparing(&all, &[], 0.3, 1, 5),
+            select_sites(&all, 0.3, 1, 5)
+        );
+        // Fewer willing sites than the fraction asks: all of them.
+        let picked = select_sites_sparing(&names(3), &names(2), 1.0, 3, 1);
+        assert_eq!(picked, names(3));
     }
 
     #[test]
