@@ -3,6 +3,7 @@
 //! a paused site does nothing until resumed.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 
 use medfl_e2e::{
     breast_cancer_spec, create_run, init_logs, site_config_with, split_breast_cancer, test_config,
@@ -10,6 +11,30 @@ use medfl_e2e::{
 };
 use medfl_proto::v1;
 use medfl_site::policy::{Approvals, Decision};
+
+/// The config tables of a site holding `csv` as dataset `breast_cancer`, under `policy`.
+fn holding_breast_cancer(policy: &str, csv: &Path) -> String {
+    format!(
+        "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
+        csv.display()
+    )
+}
+
+/// Starts site `name` (its state under `dir/name`) and waits until it registered.
+async fn start_site(coordinator: &Coordinator, dir: &Path, name: &str, tables: &str) -> Site {
+    let config = site_config_with(name, &coordinator.url(), &dir.join(name), tables);
+    let mut site = Site::start(config);
+    site.registered(1).await;
+    site
+}
+
+/// Stops the sites, then the coordinator.
+async fn stop(sites: Vec<Site>, coordinator: Coordinator) {
+    for s in sites {
+        s.stop().await;
+    }
+    coordinator.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn policies_refuse_runs_and_approval_gates_them() {
@@ -37,19 +62,9 @@ async fn policies_refuse_runs_and_approval_gates_them() {
                 .expect("registering the dataset");
             policy.to_string()
         } else {
-            format!(
-                "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
-                csv.display()
-            )
+            holding_breast_cancer(policy, csv)
         };
-        let mut site = Site::start(site_config_with(
-            name,
-            &coordinator.url(),
-            &dir.path().join(name),
-            &tables,
-        ));
-        site.registered(1).await;
-        sites.push(site);
+        sites.push(start_site(&coordinator, dir.path(), name, &tables).await);
     }
     // The hospital throws the kill switch of one site.
     let paused_dir = dir.path().join("paused");
@@ -131,10 +146,7 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     for event in ["policy_in_force", "run_not_admitted"] {
         assert!(audit.contains(event), "{event} missing from {audit}");
     }
-    for s in sites {
-        s.stop().await;
-    }
-    coordinator.stop().await;
+    stop(sites, coordinator).await;
 }
 
 /// A dataset the hospital registers on a running site is offered to runs without a restart, and
@@ -146,8 +158,7 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
     let (csvs, _test) = split_breast_cancer(dir.path(), 1);
     let site_dir = dir.path().join("late");
-    let mut site = Site::start(site_config_with("late", &coordinator.url(), &site_dir, ""));
-    site.registered(1).await;
+    let mut site = start_site(&coordinator, dir.path(), "late", "").await;
     let mut client = coordinator.runs().await;
     let offered = |sites: v1::ListSitesResponse| -> Vec<String> {
         sites.sites[0]
@@ -179,8 +190,7 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     site.registered(3).await;
     let sites = client.list_sites(list).await.expect("sites").into_inner();
     assert!(offered(sites).is_empty());
-    site.stop().await;
-    coordinator.stop().await;
+    stop(vec![site], coordinator).await;
 }
 
 /// A site awaiting approval takes no sampled slot: with `fraction` 0.5 of four sites, every round
@@ -200,18 +210,8 @@ async fn a_site_awaiting_approval_takes_no_sampled_slot() {
         } else {
             ""
         };
-        let tables = format!(
-            "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
-            csv.display()
-        );
-        let mut site = Site::start(site_config_with(
-            name,
-            &coordinator.url(),
-            &dir.path().join(name),
-            &tables,
-        ));
-        site.registered(1).await;
-        sites.push(site);
+        let tables = holding_breast_cancer(policy, csv);
+        sites.push(start_site(&coordinator, dir.path(), name, &tables).await);
     }
     let mut client = coordinator.runs().await;
     let spec = format!(
@@ -247,8 +247,5 @@ async fn a_site_awaiting_approval_takes_no_sampled_slot() {
         checked > 0,
         "the careful site declined in no round but the last"
     );
-    for s in sites {
-        s.stop().await;
-    }
-    coordinator.stop().await;
+    stop(sites, coordinator).await;
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use medfl_site::policy::{Approvals, Decision};
 use medfl_site::{run, SiteConfig};
 use serde_json::json;
@@ -28,18 +28,9 @@ enum Command {
     #[command(subcommand)]
     Runs(RunsCommand),
     /// Same as `runs approve`.
-    Approve {
-        /// Run id.
-        run: String,
-    },
+    Approve(ApproveArgs),
     /// Same as `runs reject`.
-    Reject {
-        /// Run id.
-        run: String,
-        /// Why, as the researcher will read it.
-        #[arg(long)]
-        reason: String,
-    },
+    Reject(RejectArgs),
     /// Kill switch: stop any training now and send nothing until `resume`.
     Pause {
         /// Why, for the log.
@@ -84,18 +75,24 @@ enum RunsCommand {
         all: bool,
     },
     /// Lets a run train on this site's data from its next task on.
-    Approve {
-        /// Run id.
-        run: String,
-    },
+    Approve(ApproveArgs),
     /// Refuses a run; the researcher sees the reason.
-    Reject {
-        /// Run id.
-        run: String,
-        /// Why, as the researcher will read it.
-        #[arg(long)]
-        reason: String,
-    },
+    Reject(RejectArgs),
+}
+
+#[derive(ClapArgs)]
+struct ApproveArgs {
+    /// Run id.
+    run: String,
+}
+
+#[derive(ClapArgs)]
+struct RejectArgs {
+    /// Run id.
+    run: String,
+    /// Why, as the researcher will read it.
+    #[arg(long)]
+    reason: String,
 }
 
 #[tokio::main]
@@ -104,10 +101,8 @@ async fn main() -> anyhow::Result<()> {
     let config = SiteConfig::load_with(args.config.as_deref(), args.insecure_dev)?;
     match args.command {
         Some(Command::Runs(command)) => return runs(&config, command),
-        Some(Command::Approve { run }) => return runs(&config, RunsCommand::Approve { run }),
-        Some(Command::Reject { run, reason }) => {
-            return runs(&config, RunsCommand::Reject { run, reason })
-        }
+        Some(Command::Approve(args)) => return runs(&config, RunsCommand::Approve(args)),
+        Some(Command::Reject(args)) => return runs(&config, RunsCommand::Reject(args)),
         Some(Command::Pause { reason }) => {
             medfl_site::policy::set_paused(&config.data_dir, Some(&reason))?;
             record(&config, "site_paused", None, json!({ "reason": reason }))?;
@@ -154,7 +149,7 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        RunsCommand::Approve { run } => {
+        RunsCommand::Approve(ApproveArgs { run }) => {
             let a = Approvals::decide(dir, &run, Decision::Approved, "")?;
             let details = json!({ "name": a.name, "summary": a.summary });
             record(config, "run_approved_by_hospital", Some(&run), details)?;
@@ -163,7 +158,7 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
                 a.name
             );
         }
-        RunsCommand::Reject { run, reason } => {
+        RunsCommand::Reject(RejectArgs { run, reason }) => {
             let a = Approvals::decide(dir, &run, Decision::Rejected, &reason)?;
             let details = json!({ "name": a.name, "summary": a.summary, "reason": reason });
             record(config, "run_rejected_by_hospital", Some(&run), details)?;
