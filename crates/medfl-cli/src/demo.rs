@@ -289,8 +289,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let centralized = score(&centralized_params, pooled.len())?;
 
     println!(
-        "\nheld-out test split ({} rows), same training budget ({epochs} local epochs):",
-        test.len()
+        "\nheld-out test split ({} rows), same training budget ({}):",
+        test.len(),
+        epochs_text(epochs)
     );
     println!(
         "  {:<28} {:>9} {:>7} {:>8}",
@@ -343,6 +344,14 @@ pub(crate) fn write_results(
         chart_path.display()
     );
     Ok(())
+}
+
+/// "1 epoch", "3 epochs".
+pub(crate) fn epochs_text(epochs: u32) -> String {
+    match epochs {
+        1 => "1 epoch".into(),
+        n => format!("{n} epochs"),
+    }
 }
 
 /// A running site daemon.

@@ -18,7 +18,9 @@ use medfl_train::{
 };
 use serde::Serialize;
 
-use crate::demo::{round_metrics, site_config, write_results, DemoArgs, LocalFederation};
+use crate::demo::{
+    epochs_text, round_metrics, site_config, write_results, DemoArgs, LocalFederation,
+};
 use crate::demo::{RoundMetrics, Scores};
 use crate::table;
 
@@ -245,8 +247,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let (examples, _) = t.examples("text", "label", &labels)?;
         let (train, _) = examples.split(spec.task.validation_fraction, SEED);
         println!(
-            "training {name} alone ({} descriptions, {epochs} epochs)...",
-            train.len()
+            "training {name} alone ({} descriptions, {})...",
+            train.len(),
+            epochs_text(epochs)
         );
         let params = train_alone(model.as_ref(), &spec, &train, epochs)?;
         alone.insert(name.clone(), score(&params, train.len())?);
@@ -263,8 +266,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     )?;
 
     println!(
-        "\nheld-out test split ({} descriptions), same training budget ({epochs} epochs):",
-        test.len()
+        "\nheld-out test split ({} descriptions), same training budget ({}):",
+        test.len(),
+        epochs_text(epochs)
     );
     println!(
         "  {:<30} {:>9} {:>9} {:>10}",
