@@ -150,7 +150,8 @@ async fn policies_refuse_runs_and_approval_gates_them() {
 }
 
 /// A dataset the hospital registers on a running site is offered to runs without a restart, and
-/// one it removes is withdrawn: the coordinator hears of both.
+/// one it removes is withdrawn: the coordinator hears of both, also of a change made while it was
+/// out of reach.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     init_logs();
@@ -190,6 +191,21 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     site.registered(3).await;
     let sites = client.list_sites(list).await.expect("sites").into_inner();
     assert!(offered(sites).is_empty());
+
+    // Registered while the coordinator is down: told once the site is back in touch.
+    let mut coordinator = coordinator;
+    coordinator.kill();
+    let dataset = medfl_site::config::DatasetConfig {
+        path: csvs[0].clone(),
+        format: "csv".into(),
+    };
+    medfl_site::registry::add(&site_dir, &Default::default(), "breast_cancer", dataset)
+        .expect("registering the dataset again");
+    coordinator.restart();
+    site.registered(4).await;
+    let mut client = coordinator.runs().await;
+    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    assert_eq!(offered(sites), ["breast_cancer"]);
     stop(vec![site], coordinator).await;
 }
 

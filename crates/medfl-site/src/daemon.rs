@@ -163,7 +163,10 @@ async fn session(
 ) -> Result<(), SiteError> {
     let cfg = worker.config().clone();
     let mut client = Client::connect(&cfg, worker.token()).await?;
+    // Catch up with registry changes made before this session (at start, or while the
+    // coordinator was out of reach), then follow the file from here.
     let mut registry = crate::registry::stamp(&cfg.data_dir);
+    follow_registry(worker);
     let reply = register(&mut client, worker).await?;
     worker.pin_coordinator_key(&reply.coordinator_public_key)?;
     worker.chunk_size = (reply.chunk_size as usize).clamp(4096, 16 << 20);
@@ -200,16 +203,10 @@ async fn session(
             }
         };
         let Some(polled) = polled else {
-            match worker.reload_datasets() {
-                Ok(true) => {
-                    register(&mut client, worker).await?;
-                    info!(site = %cfg.name, datasets = ?worker.dataset_schemas().iter().map(|d| &d.name).collect::<Vec<_>>(), "datasets changed; coordinator told");
-                    registrations.send_modify(|n| *n += 1);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(site = %cfg.name, error = %e, "dataset registry unreadable; datasets unchanged")
-                }
+            if follow_registry(worker) {
+                register(&mut client, worker).await?;
+                info!(site = %cfg.name, datasets = ?worker.dataset_schemas().iter().map(|d| &d.name).collect::<Vec<_>>(), "datasets changed; coordinator told");
+                registrations.send_modify(|n| *n += 1);
             }
             continue;
         };
@@ -224,6 +221,15 @@ async fn session(
             worker.handle(&mut client, task).await?;
         }
     }
+}
+
+/// Brings the worker's datasets in line with the registry; whether they changed. An unreadable
+/// registry is logged and changes nothing.
+fn follow_registry(worker: &mut Worker) -> bool {
+    worker.reload_datasets().unwrap_or_else(|e| {
+        warn!(site = %worker.config().name, error = %e, "dataset registry unreadable; datasets unchanged");
+        false
+    })
 }
 
 /// Registers (again) with the site's identity and current datasets; audited.
