@@ -179,7 +179,8 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
         .expect_err("a site listing runs");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
-    // A revoked site is refused from its next call on, without a coordinator restart.
+    // A revoked site is refused without a coordinator restart: on a connection it already
+    // holds, from its next call on; a new connection, in the TLS handshake.
     let site_c = kit(&made.kits, "site-c");
     let mut c = SiteServiceClient::new(as_participant(&url, site_c).await);
     c.register(register("site-c"))
@@ -190,6 +191,19 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
     let err = c.register(register("site-c")).await.expect_err("revoked");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("site-c"), "{}", err.message());
+    let tls =
+        medfl_pki::client_tls(&site_c.ca, &site_c.cert, &site_c.key, "localhost").expect("TLS");
+    let refused = match channel(&url, tls).await {
+        Err(e) => format!("{e:?}"),
+        Ok(ch) => format!(
+            "{:?}",
+            SiteServiceClient::new(ch)
+                .register(register("site-c"))
+                .await
+                .expect_err("a revoked site on a new connection")
+        ),
+    };
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
 
     for s in running {
         s.stop().await;

@@ -10,12 +10,13 @@ use tonic::{Request, Status};
 #[derive(Debug)]
 pub struct Authority {
     tls: bool,
-    revocations: Option<WatchedRevocations>,
+    revocations: Option<Arc<WatchedRevocations>>,
 }
 
 impl Authority {
-    /// Identifies callers by certificate (`tls`), refusing those in `revocations`.
-    pub fn new(tls: bool, revocations: Option<WatchedRevocations>) -> Self {
+    /// Identifies callers by certificate (`tls`), refusing those in `revocations` (also checked
+    /// in the TLS handshake; checked here again for connections made before a revocation).
+    pub fn new(tls: bool, revocations: Option<Arc<WatchedRevocations>>) -> Self {
         Self { tls, revocations }
     }
 

@@ -11,9 +11,9 @@ use medfl_proto::v1::site_service_server::SiteServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::ServerTlsConfig;
 use tracing::info;
 
 use crate::auth::{Authority, Gate};
@@ -90,27 +90,35 @@ pub async fn serve(
         .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
     info!(%addr, data_dir = %data_dir.display(), resumed = running.len(), "coordinator serving");
     let stop = stop_tx.clone();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
-    }
-    builder
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .concurrency_limit_per_connection(256)
         .add_service(health_service)
         .add_service(site_api)
-        .add_service(run_api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            // Long polls and watches end now instead of at their timeouts.
-            stop.send_replace(true);
-        })
-        .await
-        .map_err(|e| CoordinatorError::Internal(format!("gRPC server: {e}")))?;
+        .add_service(run_api);
+    let shutdown = async move {
+        shutdown.await;
+        // Long polls and watches end now instead of at their timeouts.
+        stop.send_replace(true);
+    };
+    match tls {
+        // Handshakes run here, not in tonic, so that revoked certificates are refused in them.
+        Some(acceptor) => {
+            let incoming = medfl_pki::tls_incoming(listener, acceptor);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming = TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+    .map_err(|e| CoordinatorError::Internal(format!("gRPC server: {e}")))?;
     stop_tx.send_replace(true);
     let mut engines = engines.lock().await;
     while engines.join_next().await.is_some() {}
@@ -122,7 +130,7 @@ pub async fn serve(
 /// with `insecure_dev`, and an error naming the keys when neither is configured.
 fn security(
     config: &CoordinatorConfig,
-) -> Result<(Option<ServerTlsConfig>, Authority), CoordinatorError> {
+) -> Result<(Option<TlsAcceptor>, Authority), CoordinatorError> {
     let (Some(ca), Some(cert), Some(key)) = (&config.tls_ca, &config.tls_cert, &config.tls_key)
     else {
         if config.insecure_dev {
@@ -135,14 +143,14 @@ fn security(
                 .into(),
         ));
     };
-    let tls = medfl_pki::server_tls(cert, key, ca)
-        .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
     let revocations = match &config.revocation_list {
-        Some(path) => Some(
+        Some(path) => Some(Arc::new(
             medfl_pki::WatchedRevocations::open(path)
                 .map_err(|e| CoordinatorError::Config(format!("`revocation_list`: {e}")))?,
-        ),
+        )),
         None => None,
     };
+    let tls = medfl_pki::server_tls(cert, key, ca, revocations.clone())
+        .map_err(|e| CoordinatorError::Config(format!("TLS: {e}")))?;
     Ok((Some(tls), Authority::new(true, revocations)))
 }

@@ -24,11 +24,13 @@
 //! - [`Issued`], [`Kit`], [`provision`]: certificates and the per-participant kit directories
 //!   with their ready config files (`site.toml`, `coordinator.toml`, `medfl.toml`).
 //! - [`RevocationList`], [`WatchedRevocations`]: the revocation list, re-read when it changes.
-//! - [`server_tls`], [`client_tls`]: tonic mutual-TLS configuration from PEM files.
+//! - [`server_tls`], [`tls_incoming`]: the coordinator's mutual-TLS handshake, refusing revoked
+//!   participants; [`client_tls`]: tonic client settings from a kit's PEM files.
 
 mod ca;
 mod error;
 mod fsutil;
+mod handshake;
 mod identity;
 mod kit;
 mod revocation;
@@ -39,6 +41,7 @@ pub use ca::{
     CONSORTIUM_FILE, DEFAULT_PORT, REVOKED_FILE,
 };
 pub use error::PkiError;
+pub use handshake::tls_incoming;
 pub use identity::{identity_uri, validate_name, PeerIdentity, Role, URI_PREFIX};
 pub use kit::{provision, Kit, Provisioned, COORDINATOR_NAME};
 pub use revocation::{RevocationList, Revoked, WatchedRevocations};

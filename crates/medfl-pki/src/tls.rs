@@ -1,32 +1,60 @@
-//! tonic mutual-TLS settings from a kit's PEM files, checked up front so that a wrong or
-//! mismatched file is reported by name at start rather than as a failed handshake later.
+//! Mutual-TLS settings from a kit's PEM files, checked up front so that a wrong or mismatched
+//! file is reported by name at start rather than as a failed handshake later.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use x509_parser::certificate::X509Certificate;
 
-use crate::{fsutil, PkiError};
+use crate::handshake::{RevocationCheckingVerifier, HANDSHAKE_TIMEOUT};
+use crate::{fsutil, PkiError, WatchedRevocations};
 
-/// The longest a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Server settings: present the certificate in `cert_pem_path` with the key in `key_pem_path`,
-/// and require every client to present a certificate issued by the CA in `ca_pem_path`.
+/// Server side, for [`crate::tls_incoming`]: present the certificate in `cert_pem_path` with the
+/// key in `key_pem_path`, and require every client to present a certificate issued by the CA in
+/// `ca_pem_path` and not in `revocations`, which is re-read when it changes, so a revocation
+/// refuses new connections without a restart. Speaks HTTP/2 only, as gRPC does.
 pub fn server_tls(
     cert_pem_path: &Path,
     key_pem_path: &Path,
     ca_pem_path: &Path,
-) -> Result<ServerTlsConfig, PkiError> {
+    revocations: Option<Arc<WatchedRevocations>>,
+) -> Result<TlsAcceptor, PkiError> {
     let files = KitFiles::read(ca_pem_path, cert_pem_path, key_pem_path)?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(&files.cert, &files.key))
-        .client_ca_root(Certificate::from_pem(&files.ca))
-        .client_auth_optional(false)
-        .timeout(HANDSHAKE_TIMEOUT))
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for der in all_cert_ders(ca_pem_path, files.ca.as_bytes())? {
+        roots
+            .add(der)
+            .map_err(|e| PkiError::malformed(ca_pem_path, format!("unusable CA: {e}")))?;
+    }
+    let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| PkiError::malformed(ca_pem_path, format!("unusable CA: {e}")))?;
+    let verifier: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier> =
+        match revocations {
+            Some(revocations) => Arc::new(RevocationCheckingVerifier {
+                inner: chain,
+                revocations,
+            }),
+            None => chain,
+        };
+    let certs = all_cert_ders(cert_pem_path, files.cert.as_bytes())?;
+    let key = PrivateKeyDer::from_pem_slice(files.key.as_bytes())
+        .map_err(|e| PkiError::malformed(key_pem_path, format!("no PEM private key: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PkiError::malformed(cert_pem_path, format!("TLS settings: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| PkiError::malformed(key_pem_path, format!("unusable key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Client settings: trust only the CA in `ca_pem_path`, check that the server's certificate is
@@ -175,7 +203,7 @@ mod tests {
     fn a_matching_kit_loads() {
         let f = files();
         client_tls(&f.ca, &f.cert, &f.key, "coord").unwrap();
-        server_tls(&f.cert, &f.key, &f.ca).unwrap();
+        server_tls(&f.cert, &f.key, &f.ca, None).unwrap();
     }
 
     #[test]
@@ -203,9 +231,10 @@ mod tests {
             let err = result.unwrap_err().to_string();
             assert!(err.contains(expected), "{expected}: {err}");
         }
-        let err = server_tls(&f.cert, &f.other_key, &f.ca)
-            .unwrap_err()
-            .to_string();
+        let err = server_tls(&f.cert, &f.other_key, &f.ca, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(
             err.contains("b.key") && err.contains("does not belong"),
             "{err}"

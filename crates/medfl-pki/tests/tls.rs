@@ -1,7 +1,9 @@
 //! Mutual TLS end to end: a real tonic server on `127.0.0.1:0` presenting a provisioned
-//! coordinator kit, and clients with a site kit, no certificate, a foreign consortium's
-//! certificate, or no trust in the coordinator's CA. An interceptor on the health service reads
-//! the caller's identity from its certificate and checks the revocation list on every call.
+//! coordinator kit behind [`tls_incoming`], and clients with a site kit, no certificate, a
+//! foreign consortium's certificate, a revoked one, or no trust in the coordinator's CA. The
+//! handshake refuses revoked certificates; an interceptor on the health service reads the
+//! caller's identity from its certificate and checks the revocation list on every call too, for
+//! connections made before a revocation.
 
 // Helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
@@ -11,15 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use medfl_pki::{
-    client_tls, provision, server_tls, Ca, Kit, PeerIdentity, PkiError, Provisioned, Role,
-    WatchedRevocations, REVOKED_FILE,
+    client_tls, provision, server_tls, tls_incoming, Ca, Kit, PeerIdentity, PkiError, Provisioned,
+    Role, WatchedRevocations, REVOKED_FILE,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -101,10 +102,10 @@ fn identify(
 impl Coordinator {
     async fn start(consortium: &Consortium) -> Self {
         let kit = consortium.kit("coordinator");
-        let tls = server_tls(&kit.cert, &kit.key, &kit.ca).unwrap();
         // The CA's own list: a revocation is seen without copying it anywhere.
         let revocations =
             Arc::new(WatchedRevocations::open(&consortium.done.ca_dir.join(REVOKED_FILE)).unwrap());
+        let tls = server_tls(&kit.cert, &kit.key, &kit.ca, Some(revocations.clone())).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let interceptor = {
             let seen = seen.clone();
@@ -119,10 +120,8 @@ impl Coordinator {
         let port = listener.local_addr().unwrap().port();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = Server::builder()
-            .tls_config(tls)
-            .unwrap()
             .add_service(InterceptedService::new(health, interceptor))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(tls_incoming(listener, tls), async {
                 let _ = stopped.await;
             });
         Self {
@@ -133,9 +132,9 @@ impl Coordinator {
         }
     }
 
-    /// Dials `https://localhost:<port>` and asks for the overall health.
-    async fn health(&self, tls: ClientTlsConfig) -> Result<ServingStatus, Status> {
-        let channel = Endpoint::from_shared(format!("https://localhost:{}", self.port))
+    /// Dials `https://localhost:<port>`: a connection, handshake done.
+    async fn connect(&self, tls: ClientTlsConfig) -> Result<Channel, Status> {
+        Endpoint::from_shared(format!("https://localhost:{}", self.port))
             .unwrap()
             .tls_config(tls)
             .map_err(|e| Status::internal(format!("{e:?}")))?
@@ -143,19 +142,28 @@ impl Coordinator {
             .timeout(Duration::from_secs(10))
             .connect()
             .await
-            .map_err(|e| Status::unavailable(format!("connect: {e:?}")))?;
-        let response = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await?;
-        Ok(response.into_inner().status())
+            .map_err(|e| Status::unavailable(format!("connect: {e:?}")))
+    }
+
+    /// Dials and asks for the overall health.
+    async fn health(&self, tls: ClientTlsConfig) -> Result<ServingStatus, Status> {
+        check(self.connect(tls).await?).await
     }
 
     async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.unwrap().unwrap();
     }
+}
+
+/// Asks for the overall health over `channel`.
+async fn check(channel: Channel) -> Result<ServingStatus, Status> {
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    Ok(response.into_inner().status())
 }
 
 #[tokio::test]
@@ -265,11 +273,16 @@ async fn a_revocation_is_honoured_without_a_restart() {
     let net = Consortium::new("Net");
     let coordinator = Coordinator::start(&net).await;
     let channel_tls = net.client("hospital-a");
-    coordinator.health(channel_tls.clone()).await.unwrap();
+    let open = coordinator.connect(channel_tls.clone()).await.unwrap();
+    check(open.clone()).await.unwrap();
 
     let mut ca = Ca::open(&net.done.ca_dir).unwrap();
     ca.revoke("hospital-a").unwrap();
+    // A new connection is refused in the handshake...
     let err = coordinator.health(channel_tls).await.unwrap_err();
+    assert!(format!("{err:?}").contains("CertificateRevoked"), "{err:?}");
+    // ...and one made before the revocation is refused at its next call, naming who.
+    let err = check(open).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("hospital-a"), "{err:?}");
     // Others are unaffected.
