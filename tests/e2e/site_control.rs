@@ -20,6 +20,16 @@ fn holding_breast_cancer(policy: &str, csv: &Path) -> String {
     )
 }
 
+/// `medfl-site dataset add breast_cancer --path CSV` for the site whose state is in `site_dir`.
+fn register_breast_cancer(site_dir: &Path, csv: &Path) {
+    let dataset = medfl_site::config::DatasetConfig {
+        path: csv.to_path_buf(),
+        format: "csv".into(),
+    };
+    medfl_site::registry::add(site_dir, &Default::default(), "breast_cancer", dataset)
+        .expect("registering the dataset");
+}
+
 /// Starts site `name` (its state under `dir/name`) and waits until it registered.
 async fn start_site(coordinator: &Coordinator, dir: &Path, name: &str, tables: &str) -> Site {
     let config = site_config_with(name, &coordinator.url(), &dir.join(name), tables);
@@ -53,13 +63,7 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     for ((name, csv), policy) in names.iter().zip(&csvs).zip(policies) {
         let tables = if *name == "open" {
             // This hospital registered its data with `medfl-site dataset add`, not in the config.
-            let dataset = medfl_site::config::DatasetConfig {
-                path: csv.clone(),
-                format: "csv".into(),
-            };
-            let site_dir = dir.path().join(name);
-            medfl_site::registry::add(&site_dir, &Default::default(), "breast_cancer", dataset)
-                .expect("registering the dataset");
+            register_breast_cancer(&dir.path().join(name), csv);
             policy.to_string()
         } else {
             holding_breast_cancer(policy, csv)
@@ -173,12 +177,7 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     assert!(offered(sites).is_empty());
 
     // `medfl-site dataset add` while the daemon runs.
-    let dataset = medfl_site::config::DatasetConfig {
-        path: csvs[0].clone(),
-        format: "csv".into(),
-    };
-    medfl_site::registry::add(&site_dir, &Default::default(), "breast_cancer", dataset)
-        .expect("registering the dataset");
+    register_breast_cancer(&site_dir, &csvs[0]);
     site.registered(2).await;
     let sites = client.list_sites(list).await.expect("sites").into_inner();
     assert_eq!(offered(sites), ["breast_cancer"]);
@@ -195,12 +194,7 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     // Registered while the coordinator is down: told once the site is back in touch.
     let mut coordinator = coordinator;
     coordinator.kill();
-    let dataset = medfl_site::config::DatasetConfig {
-        path: csvs[0].clone(),
-        format: "csv".into(),
-    };
-    medfl_site::registry::add(&site_dir, &Default::default(), "breast_cancer", dataset)
-        .expect("registering the dataset again");
+    register_breast_cancer(&site_dir, &csvs[0]);
     coordinator.restart();
     site.registered(4).await;
     let mut client = coordinator.runs().await;

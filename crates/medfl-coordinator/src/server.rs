@@ -90,8 +90,8 @@ pub async fn serve(
         .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
     info!(%addr, data_dir = %data_dir.display(), resumed = running.len(), "coordinator serving");
     let stop = stop_tx.clone();
+    // No `tcp_nodelay` here: tonic ignores it for `serve_with_incoming`; `tls_incoming` sets it.
     let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .concurrency_limit_per_connection(256)
