@@ -11,13 +11,15 @@ use tonic::Code;
 use crate::fedavg::{assert_global_is, expected_average};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_updates_are_refused_and_good_ones_averaged() {
+async fn bad_updates_are_refused_and_good_ones_averaged_retaining_updates() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
-    let url = coordinator.url();
-    let mut good1 = RawSite::register(&url, "good-1").await;
-    let mut good2 = RawSite::register(&url, "good-2").await;
-    let mut bad = RawSite::register(&url, "bad").await;
+    // Updates are kept (a non-default) so the test can average the good ones itself.
+    let mut config = test_config(&dir.path().join("coordinator"));
+    config.retain_updates = true;
+    let coordinator = Coordinator::start(config).await;
+    let mut good1 = RawSite::register(&coordinator, "good-1").await;
+    let mut good2 = RawSite::register(&coordinator, "good-2").await;
+    let mut bad = RawSite::register(&coordinator, "bad").await;
     let mut client = coordinator.runs().await;
     let spec = breast_cancer_spec("bad-updates", 2, 2, 60);
     let run = create_run(&mut client, &spec).await;
@@ -93,16 +95,16 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
     );
     // Absurd example count.
     assert_eq!(code(bad.push(&tb, &global, 0).await), Code::InvalidArgument);
-    // Unknown site, and a known name with the wrong token.
+    // Another name than its certificate's: an unknown site, and a known one.
     let mut stranger = bad.impostor("nobody");
     assert_eq!(
         code(stranger.push(&tb, &global, 10).await),
-        Code::Unauthenticated
+        Code::PermissionDenied
     );
     let mut impostor = bad.impostor("good-1");
     assert_eq!(
         code(impostor.push(&tb, &global, 10).await),
-        Code::Unauthenticated
+        Code::PermissionDenied
     );
 
     // The good updates, one of them twice.
@@ -136,14 +138,14 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
 
     // Every refusal is on record with its reason.
     let results = coordinator.store().site_results(&run, 1).expect("results");
-    let refused = results.iter().filter(|r| r.outcome == "refused").count();
+    let refused = results.iter().filter(|r| r.outcome == medfl_core::run::SiteOutcome::Refused).count();
     assert_eq!(refused, 9, "{results:#?}");
     assert!(results
         .iter()
         .any(|r| r.site == "bad" && r.reason.contains("non-finite")));
     assert!(results
         .iter()
-        .any(|r| r.site == "bad" && r.outcome == "failed"));
+        .any(|r| r.site == "bad" && r.outcome == medfl_core::run::SiteOutcome::Failed));
 
     client
         .stop_run(v1::StopRunRequest {
@@ -160,9 +162,8 @@ async fn bad_updates_are_refused_and_good_ones_averaged() {
 async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
-    let url = coordinator.url();
-    let mut a = RawSite::register(&url, "site-a").await;
-    let mut b = RawSite::register(&url, "site-b").await;
+    let mut a = RawSite::register(&coordinator, "site-a").await;
+    let mut b = RawSite::register(&coordinator, "site-b").await;
     let mut client = coordinator.runs().await;
     let spec = format!(
         "{}\n[defense]\nmax_update_norm = 1.0\nnorm_action = \"reject\"\nmax_examples = 1000\n",
@@ -201,7 +202,7 @@ async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
         .await
         .expect("near update");
     let results = coordinator.store().site_results(&run, 1).expect("results");
-    assert_eq!(results.iter().filter(|r| r.outcome == "refused").count(), 2);
+    assert_eq!(results.iter().filter(|r| r.outcome == medfl_core::run::SiteOutcome::Refused).count(), 2);
     client
         .stop_run(v1::StopRunRequest {
             run_id: run.clone(),
@@ -242,7 +243,7 @@ async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
 async fn unsigned_forged_and_replayed_updates_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
-    let mut site = RawSite::register(&coordinator.url(), "signer").await;
+    let mut site = RawSite::register(&coordinator, "signer").await;
     let mut client = coordinator.runs().await;
     let run = create_run(&mut client, &breast_cancer_spec("signed", 2, 1, 60)).await;
     let t1 = site.next_task().await;
@@ -289,7 +290,7 @@ async fn unsigned_forged_and_replayed_updates_are_refused() {
     assert!(denied(site.push_raw(replay, bytes.clone(), len).await));
     let results = coordinator.store().site_results(&run, 1).expect("results");
     assert!(
-        results.iter().any(|r| r.outcome == "accepted"),
+        results.iter().any(|r| r.outcome == medfl_core::run::SiteOutcome::Accepted),
         "{results:#?}"
     );
     coordinator.stop().await;

@@ -5,8 +5,9 @@ use medfl_e2e::*;
 use crate::fedavg::{assert_global_is, expected_average};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_quarter_gigabyte_model_round_trips() {
-    let fed = Federation::start(2).await;
+async fn a_quarter_gigabyte_model_round_trips_retaining_updates() {
+    // Updates are kept (a non-default) so the test can average them itself.
+    let fed = Federation::start_configured(2, true, |c| c.retain_updates = true).await;
     let mut client = fed.coordinator.runs().await;
     // 30 -> 9000 -> 8000 -> 2: 72.3 million parameters, 289 MB of F32.
     let spec = breast_cancer_spec("big-model", 1, 2, 600)

@@ -6,7 +6,7 @@ use medfl_proto::v1;
 /// The test's own weighted average of the accepted updates of `round`, in f64.
 pub fn expected_average(fed: &Coordinator, run: &str, round: u32) -> Vec<Vec<f64>> {
     let results = fed.store().site_results(run, round).expect("site results");
-    let accepted: Vec<_> = results.iter().filter(|r| r.outcome == "accepted").collect();
+    let accepted: Vec<_> = results.iter().filter(|r| r.outcome == medfl_core::run::SiteOutcome::Accepted).collect();
     assert!(!accepted.is_empty(), "round {round} has accepted updates");
     let total: f64 = accepted.iter().map(|r| r.examples as f64).sum();
     let mut sum: Vec<Vec<f64>> = Vec::new();
@@ -43,8 +43,9 @@ pub fn assert_global_is(fed: &Coordinator, global_sha: &str, expected: &[Vec<f64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_sites_three_rounds_average_exactly_and_learn() {
-    let fed = Federation::start(3).await;
+async fn three_sites_three_rounds_average_exactly_and_learn_retaining_updates() {
+    // Updates are kept (a non-default) so the test can average them itself.
+    let fed = Federation::start_configured(3, true, |c| c.retain_updates = true).await;
     let mut client = fed.coordinator.runs().await;
     let spec = breast_cancer_spec("fedavg-e2e", 3, 3, 120);
     let run = create_run(&mut client, &spec).await;

@@ -4,6 +4,8 @@ mod bad_updates;
 mod big_model;
 mod examples;
 mod fedavg;
+mod hospital_control;
+mod lifecycle;
 mod resilience;
 mod security;
 mod site_control;

@@ -4,10 +4,15 @@ use medfl_e2e::raw::RawSite;
 use medfl_e2e::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_site_killed_mid_round_is_left_behind_at_the_deadline() {
-    let fed = Federation::start(2).await;
+async fn a_site_killed_mid_round_is_left_behind_at_the_deadline_and_offline_after_3s() {
+    // Offline after 3 s of silence (default 30 s), so the run sees the site go within a few rounds.
+    let fed = Federation::start_configured(2, true, |c| {
+        c.heartbeat_interval_secs = 1;
+        c.site_offline_after_secs = 3;
+    })
+    .await;
     let mut client = fed.coordinator.runs().await;
-    let mut doomed = RawSite::register(&fed.coordinator.url(), "doomed").await;
+    let mut doomed = RawSite::register(&fed.coordinator, "doomed").await;
     let spec = breast_cancer_spec("site-dies", 3, 2, 4);
     let run = create_run(&mut client, &spec).await;
     // The doomed site takes its round-1 task and dies without answering.
@@ -23,7 +28,7 @@ async fn a_site_killed_mid_round_is_left_behind_at_the_deadline() {
     let missing: Vec<_> = first
         .sites
         .iter()
-        .filter(|s| s.outcome == "missing")
+        .filter(|s| s.outcome() == medfl_proto::v1::SiteOutcome::Missing)
         .map(|s| s.site.as_str())
         .collect();
     assert_eq!(missing, vec!["doomed"]);

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use medfl_e2e::{
-    breast_cancer_spec, init_logs, site_config_with, split_breast_cancer, test_config,
+    breast_cancer_spec, init_logs, site_config, site_config_with, split_breast_cancer, test_config,
     wait_for_completion, Coordinator, Site,
 };
 use medfl_pki::{provision, Ca, Kit, Role};
@@ -13,12 +13,6 @@ use medfl_proto::v1::run_service_client::RunServiceClient;
 use medfl_proto::v1::site_service_client::SiteServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
-
-fn kit<'a>(kits: &'a [Kit], name: &str) -> &'a Kit {
-    kits.iter()
-        .find(|k| k.name == name)
-        .expect("a kit of that name")
-}
 
 fn pem(path: &Path) -> String {
     std::fs::read_to_string(path).expect("a PEM file")
@@ -52,48 +46,20 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
     init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let sites = ["site-a", "site-b", "site-c"].map(String::from);
-    let made = provision(
-        None,
-        "test-consortium",
-        "localhost",
-        &sites,
-        &["alice".to_string()],
-        &[],
-        &dir.path().join("kits"),
-    )
-    .expect("provisioning");
-    let coordinator_kit = kit(&made.kits, "coordinator");
-    let mut cfg = test_config(&dir.path().join("coordinator"));
-    cfg.insecure_dev = false;
-    cfg.tls_ca = Some(coordinator_kit.ca.clone());
-    cfg.tls_cert = Some(coordinator_kit.cert.clone());
-    cfg.tls_key = Some(coordinator_kit.key.clone());
-    cfg.revocation_list = Some(made.ca_dir.join(medfl_pki::REVOKED_FILE));
-    let coordinator = Coordinator::start(cfg).await;
-    let url = format!("https://localhost:{}", coordinator.addr.port());
+    // The shipped default: mutual TLS with kits from the consortium's CA.
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let pki = coordinator.pki.clone().expect("a TLS coordinator");
+    let url = coordinator.url();
 
     // Two hospitals with their kits train over mutual TLS.
     let (csvs, _test) = split_breast_cancer(dir.path(), 2);
     let mut running = Vec::new();
     for (name, csv) in sites.iter().zip(&csvs) {
-        let k = kit(&made.kits, name);
-        let tables = format!(
-            "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[datasets.breast_cancer]\npath = \"{}\"\n",
-            k.ca.display(),
-            k.cert.display(),
-            k.key.display(),
-            csv.display()
-        );
-        let mut site = Site::start(site_config_with(
-            name,
-            &url,
-            &dir.path().join(name),
-            &tables,
-        ));
+        let mut site = Site::start(site_config(name, &coordinator, &dir.path().join(name), csv));
         site.registered(1).await;
         running.push(site);
     }
-    let alice = kit(&made.kits, "alice");
+    let alice = &pki.kit(Role::Researcher, "alice");
     let mut runs = RunServiceClient::new(as_participant(&url, alice).await);
     let run_id = runs
         .create_run(v1::CreateRunRequest {
@@ -130,7 +96,7 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
         &dir.path().join("other-kits"),
     )
     .expect("provisioning");
-    let mallory = kit(&other.kits, "mallory");
+    let mallory = other.kits.iter().find(|k| k.name == "mallory").expect("mallory's kit");
     let foreign = ClientTlsConfig::new()
         .ca_certificate(ca)
         .identity(Identity::from_pem(pem(&mallory.cert), pem(&mallory.key)))
@@ -145,7 +111,7 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
     assert!(refused, "a certificate of another CA was accepted");
 
     // A site acting as another site.
-    let mut site_a = SiteServiceClient::new(as_participant(&url, kit(&made.kits, "site-a")).await);
+    let mut site_a = SiteServiceClient::new(as_participant(&url, &pki.kit(Role::Site, "site-a")).await);
     let err = site_a
         .register(register("site-b"))
         .await
@@ -172,7 +138,7 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
         err.message()
     );
     let mut site_runs =
-        RunServiceClient::new(as_participant(&url, kit(&made.kits, "site-a")).await);
+        RunServiceClient::new(as_participant(&url, &pki.kit(Role::Site, "site-a")).await);
     let err = site_runs
         .list_runs(v1::ListRunsRequest {})
         .await
@@ -181,12 +147,12 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
 
     // A revoked site is refused without a coordinator restart: on a connection it already
     // holds, from its next call on; a new connection, in the TLS handshake.
-    let site_c = kit(&made.kits, "site-c");
+    let site_c = &pki.kit(Role::Site, "site-c");
     let mut c = SiteServiceClient::new(as_participant(&url, site_c).await);
     c.register(register("site-c"))
         .await
         .expect("not revoked yet");
-    let mut ca_admin = Ca::open(&made.ca_dir).expect("the CA");
+    let mut ca_admin = Ca::open(&pki.ca_dir()).expect("the CA");
     assert_eq!(ca_admin.revoke("site-c").expect("revoke").role, Role::Site);
     let err = c.register(register("site-c")).await.expect_err("revoked");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -223,7 +189,7 @@ async fn a_site_refuses_a_global_model_tampered_with_on_the_way() {
     );
     let config = site_config_with(
         "wary",
-        &coordinator.url(),
+        &coordinator,
         &dir.path().join("wary"),
         &tables,
     );

@@ -32,7 +32,7 @@ fn register_breast_cancer(site_dir: &Path, csv: &Path) {
 
 /// Starts site `name` (its state under `dir/name`) and waits until it registered.
 async fn start_site(coordinator: &Coordinator, dir: &Path, name: &str, tables: &str) -> Site {
-    let config = site_config_with(name, &coordinator.url(), &dir.join(name), tables);
+    let config = site_config_with(name, coordinator, &dir.join(name), tables);
     let mut site = Site::start(config);
     site.registered(1).await;
     site
@@ -74,7 +74,7 @@ async fn policies_refuse_runs_and_approval_gates_them() {
     let paused_dir = dir.path().join("paused");
     medfl_site::policy::set_paused(&paused_dir, Some("maintenance")).expect("pause");
     let mut client = coordinator.runs().await;
-    let run = create_run(&mut client, &breast_cancer_spec("gated", 2, 1, 60)).await;
+    let run = create_run(&mut client, &breast_cancer_spec("gated", 2, 1, 8)).await;
     let detail = wait_for_completion(&mut client, &run).await;
 
     // Every round: the open site trained, the careful one waited, the text-only one refused, and
@@ -87,22 +87,22 @@ async fn policies_refuse_runs_and_approval_gates_them() {
                 .find(|s| s.site == name)
                 .unwrap_or_else(|| panic!("{name} in round {}", round.round))
         };
-        assert_eq!(by_site("open").outcome, "accepted");
+        assert_eq!(by_site("open").outcome(), medfl_proto::v1::SiteOutcome::Accepted);
         let careful = by_site("careful");
-        assert_eq!(careful.outcome, "pending", "{careful:?}");
+        assert_eq!(careful.outcome(), medfl_proto::v1::SiteOutcome::Pending, "{careful:?}");
         assert!(
             careful.reason.contains("awaits the hospital's approval"),
             "{careful:?}"
         );
         let text_only = by_site("text-only");
-        assert_eq!(text_only.outcome, "rejected", "{text_only:?}");
+        assert_eq!(text_only.outcome(), medfl_proto::v1::SiteOutcome::Rejected, "{text_only:?}");
         assert!(
             text_only.reason.contains("policy")
                 && text_only.reason.contains("tabular_classification"),
             "{text_only:?}"
         );
         let paused = by_site("paused");
-        assert_eq!(paused.outcome, "paused", "{paused:?}");
+        assert_eq!(paused.outcome(), medfl_proto::v1::SiteOutcome::Paused, "{paused:?}");
         assert!(paused.reason.contains("paused by the hospital"));
     }
     let careful_dir = dir.path().join("careful");
@@ -111,13 +111,20 @@ async fn policies_refuse_runs_and_approval_gates_them() {
 
     // Once approved, the careful site's gate opens for the run; the kill switch is released.
     Approvals::decide(&careful_dir, &run, Decision::Approved, "").expect("approve");
-    let spec =
-        medfl_core::spec::RunSpec::from_toml(&breast_cancer_spec("gated", 2, 1, 60)).expect("spec");
+    let spec_toml = breast_cancer_spec("gated", 2, 1, 8);
+    let spec = medfl_core::spec::RunSpec::from_toml(&spec_toml).expect("spec");
     let careful_policy = medfl_site::policy::Policy {
         require_approval: true,
         ..Default::default()
     };
-    medfl_site::policy::admit(&careful_policy, &careful_dir, &run, &spec, 8)
+    medfl_site::policy::admit(
+        &careful_policy,
+        &careful_dir,
+        &run,
+        &spec,
+        &medfl_site::policy::spec_sha256(&spec_toml),
+        8,
+    )
         .expect("an approved run is admitted");
     medfl_site::policy::set_paused(&paused_dir, None).expect("resume");
     assert!(!medfl_site::policy::is_paused(&paused_dir));
@@ -183,7 +190,7 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     assert_eq!(offered(sites), ["breast_cancer"]);
     let run = create_run(&mut client, &breast_cancer_spec("late-data", 1, 1, 60)).await;
     let detail = wait_for_completion(&mut client, &run).await;
-    assert_eq!(detail.rounds[0].sites[0].outcome, "accepted");
+    assert_eq!(detail.rounds[0].sites[0].outcome(), medfl_proto::v1::SiteOutcome::Accepted);
 
     // `medfl-site dataset remove`: withdrawn from the coordinator too.
     medfl_site::registry::remove(&site_dir, "breast_cancer").expect("removing");
@@ -226,7 +233,7 @@ async fn a_site_awaiting_approval_takes_no_sampled_slot() {
     let mut client = coordinator.runs().await;
     let spec = format!(
         "fraction = 0.5\n{}",
-        breast_cancer_spec("sampled", 5, 1, 60)
+        breast_cancer_spec("sampled", 5, 1, 8)
     );
     let run = create_run(&mut client, &spec).await;
     let detail = wait_for_completion(&mut client, &run).await;
@@ -238,20 +245,20 @@ async fn a_site_awaiting_approval_takes_no_sampled_slot() {
                 .sites
                 .iter()
                 .find(|s| s.site == name)
-                .map(|s| s.outcome.as_str())
+                .map(|s| s.outcome())
         };
         let accepted = round
             .sites
             .iter()
-            .filter(|s| s.outcome == "accepted")
+            .filter(|s| s.outcome() == medfl_proto::v1::SiteOutcome::Accepted)
             .count();
         // Until the careful site first declines, the coordinator cannot know it will.
         if declined_before {
             assert_eq!(accepted, 2, "round {}: {:?}", round.round, round.sites);
-            assert_eq!(outcome("careful"), Some("pending"), "round {}", round.round);
+            assert_eq!(outcome("careful"), Some(v1::SiteOutcome::Pending), "round {}", round.round);
             checked += 1;
         }
-        declined_before |= outcome("careful") == Some("pending");
+        declined_before |= outcome("careful") == Some(v1::SiteOutcome::Pending);
     }
     assert!(
         checked > 0,

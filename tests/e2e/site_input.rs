@@ -10,11 +10,12 @@ async fn a_malformed_csv_stops_the_site_at_start_naming_file_and_line() {
     let csv = dir.path().join("broken.csv");
     std::fs::write(&csv, "a,b,diagnosis\n1,2,M\n3,4\n5,6,B\n").expect("csv");
     // No coordinator at all: the data is checked before the site dials out.
-    let config = site_config(
+    let config = site_config_at(
         "broken",
         "http://127.0.0.1:9",
         &dir.path().join("site"),
-        &csv,
+        None,
+        &format!("[datasets.breast_cancer]\npath = \"{}\"\n", csv.display()),
     );
     let err = medfl_site::run(config, std::future::pending())
         .await
@@ -22,11 +23,15 @@ async fn a_malformed_csv_stops_the_site_at_start_naming_file_and_line() {
     let msg = err.to_string();
     assert!(msg.contains("broken.csv:3"), "{msg}");
 
-    let config = site_config(
+    let config = site_config_at(
         "missing",
         "http://127.0.0.1:9",
         &dir.path().join("site2"),
-        &dir.path().join("nowhere.csv"),
+        None,
+        &format!(
+            "[datasets.breast_cancer]\npath = \"{}\"\n",
+            dir.path().join("nowhere.csv").display()
+        ),
     );
     let msg = medfl_site::run(config, std::future::pending())
         .await
@@ -46,7 +51,7 @@ async fn a_site_with_an_unknown_label_fails_its_task_and_the_run_goes_on() {
     std::fs::write(&csv, lines.join("\n") + "\n").expect("csv");
     let mut odd = Site::start(site_config(
         "odd",
-        &fed.coordinator.url(),
+        &fed.coordinator,
         &fed.dir.path().join("odd"),
         &csv,
     ));
@@ -63,7 +68,7 @@ async fn a_site_with_an_unknown_label_fails_its_task_and_the_run_goes_on() {
         .iter()
         .find(|s| s.site == "odd")
         .expect("the odd site's result");
-    assert_eq!(failed.outcome, "failed");
+    assert_eq!(failed.outcome(), medfl_proto::v1::SiteOutcome::Failed);
     assert!(
         failed.reason.contains("odd.csv:4") && failed.reason.contains("unknown label `X`"),
         "{}",
@@ -71,11 +76,10 @@ async fn a_site_with_an_unknown_label_fails_its_task_and_the_run_goes_on() {
     );
 
     // The coordinator also answers the standard gRPC health check.
-    let channel = tonic::transport::Endpoint::from_shared(fed.coordinator.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = fed
+        .coordinator
+        .channel_as(medfl_pki::Role::Researcher, RESEARCHER)
+        .await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let reply = health
         .check(tonic_health::pb::HealthCheckRequest {

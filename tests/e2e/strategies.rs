@@ -41,7 +41,7 @@ async fn accuracy_on(honest: usize, strategy: &str, attacked: bool) -> f64 {
     let fed = Federation::start_with(honest, false).await;
     let (stop, stopped) = watch::channel(false);
     let attacker = if attacked {
-        let site = RawSite::register(&fed.coordinator.url(), "attacker").await;
+        let site = RawSite::register(&fed.coordinator, "attacker").await;
         Some(spawn_attacker(site, stopped))
     } else {
         None

@@ -33,18 +33,29 @@ pub fn icd10_jsonl() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/icd10cm_chapters.jsonl")
 }
 
+/// Whether tests that need the shared assets (models, reference vectors) must run: CI sets
+/// `MEDFL_REQUIRE_ASSETS=1`, so there a missing asset fails the test instead of skipping it.
+pub fn assets_required() -> bool {
+    std::env::var("MEDFL_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
+}
+
 /// The shared all-MiniLM-L6-v2 model, or `None` (with a notice) when this checkout has none.
+/// Panics when it is absent and [`assets_required`].
 pub fn shared_minilm(test: &str) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/all-MiniLM-L6-v2");
     if dir.join("model.safetensors").is_file() {
-        Some(dir)
-    } else {
-        println!(
-            "skipping {test}: no shared all-MiniLM-L6-v2 model at {}",
-            dir.display()
-        );
-        None
+        return Some(dir);
     }
+    assert!(
+        !assets_required(),
+        "{test}: MEDFL_REQUIRE_ASSETS=1 but there is no all-MiniLM-L6-v2 model at {}",
+        dir.display()
+    );
+    println!(
+        "skipping {test}: no shared all-MiniLM-L6-v2 model at {}",
+        dir.display()
+    );
+    None
 }
 
 /// Its 30 feature columns.
@@ -149,6 +160,61 @@ learning_rate = 0.1
     )
 }
 
+/// The consortium of a test coordinator: its CA, issuing a kit to each site and researcher the
+/// first time a test asks for one, as `medfl provision` and `medfl ca issue` would.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    root: PathBuf,
+    kits: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, medfl_pki::Kit>>>,
+}
+
+/// The name of the researcher whose kit [`Coordinator::runs`] uses.
+pub const RESEARCHER: &str = "researcher";
+
+impl TestPki {
+    /// Creates a CA and the coordinator's kit (host `localhost`) under `root`.
+    pub fn create(root: &Path) -> Self {
+        let made = medfl_pki::provision(
+            Some(&root.join("ca")),
+            "test-consortium",
+            "localhost",
+            &[],
+            &[],
+            &[],
+            &root.join("kits"),
+        )
+        .expect("provisioning a test consortium");
+        let kits = made.kits.into_iter().map(|k| (k.name.clone(), k)).collect();
+        Self {
+            root: root.to_path_buf(),
+            kits: std::sync::Arc::new(std::sync::Mutex::new(kits)),
+        }
+    }
+
+    /// The consortium [`test_config`] made for the coordinator with data directory `data_dir`.
+    pub fn of(data_dir: &Path) -> Option<Self> {
+        consortia().lock().ok()?.get(&pki_dir(data_dir)).cloned()
+    }
+
+    /// The CA's directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+
+    /// The kit of `name`, issued as `role` on first use.
+    pub fn kit(&self, role: medfl_pki::Role, name: &str) -> medfl_pki::Kit {
+        let mut kits = self.kits.lock().expect("kit registry");
+        if let Some(kit) = kits.get(name) {
+            return kit.clone();
+        }
+        let kit = medfl_pki::Ca::open(&self.ca_dir())
+            .and_then(|mut ca| ca.issue_kit(role, name, &self.root.join("kits")))
+            .expect("issuing a test kit");
+        kits.insert(name.to_string(), kit.clone());
+        kit
+    }
+}
+
 /// A coordinator running in-process on a runtime of its own, so a test can kill it the way a
 /// crash would: every task, connection and engine dropped at once.
 pub struct Coordinator {
@@ -156,21 +222,44 @@ pub struct Coordinator {
     pub addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// Its consortium, when it serves mutual TLS (the shipped default).
+    pub pki: Option<TestPki>,
     config: CoordinatorConfig,
     runtime: Option<tokio::runtime::Runtime>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), CoordinatorError>>>,
 }
 
-/// Configuration for tests: fast heartbeats, short polls, updates kept for inspection.
+/// Every consortium made by [`test_config`] in this process, by directory.
+fn consortia() -> &'static std::sync::Mutex<std::collections::BTreeMap<PathBuf, TestPki>> {
+    static CONSORTIA: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::BTreeMap<PathBuf, TestPki>>,
+    > = std::sync::OnceLock::new();
+    CONSORTIA.get_or_init(Default::default)
+}
+
+/// Where the consortium of the coordinator with data directory `data_dir` lives.
+fn pki_dir(data_dir: &Path) -> PathBuf {
+    data_dir.with_extension("pki")
+}
+
+/// The shipped default configuration, plus only what a test must choose: the data directory and
+/// mutual TLS with a freshly provisioned consortium (kits for sites and researchers are issued
+/// by [`Coordinator::site_kit`] and [`Coordinator::runs`]). Retention, limits, polls and
+/// heartbeats stay at their defaults; a test that changes one says so in its name.
 pub fn test_config(data_dir: &Path) -> CoordinatorConfig {
+    let pki = TestPki::create(&pki_dir(data_dir));
+    consortia()
+        .lock()
+        .expect("consortia")
+        .insert(pki_dir(data_dir), pki.clone());
+    let coordinator = pki.kit(medfl_pki::Role::Coordinator, medfl_pki::COORDINATOR_NAME);
     let mut cfg = CoordinatorConfig::defaults();
     cfg.data_dir = data_dir.to_path_buf();
-    cfg.poll_timeout_secs = 2;
-    cfg.heartbeat_interval_secs = 1;
-    cfg.site_offline_after_secs = 3;
-    cfg.retain_updates = true;
-    cfg.insecure_dev = true;
+    cfg.tls_ca = Some(coordinator.ca.clone());
+    cfg.tls_cert = Some(coordinator.cert.clone());
+    cfg.tls_key = Some(coordinator.key.clone());
+    cfg.revocation_list = Some(pki.ca_dir().join(medfl_pki::REVOKED_FILE));
     cfg
 }
 
@@ -207,9 +296,16 @@ impl Coordinator {
             })
             .await
         });
+        // Tests that bring kits of their own get no test consortium.
+        let pki = TestPki::of(&data_dir).filter(|p| {
+            cfg.tls_ca
+                .as_ref()
+                .is_some_and(|ca| ca.starts_with(&p.root))
+        });
         Self {
             addr,
             data_dir,
+            pki,
             config: cfg,
             runtime: Some(runtime),
             stop: Some(stop),
@@ -223,16 +319,46 @@ impl Coordinator {
         *self = Self::start_on(self.addr, self.config.clone());
     }
 
-    /// `http://addr`.
+    /// Where participants reach it: `https://localhost:PORT` over TLS, else `http://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.pki {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
-    /// A researcher client.
+    /// The kit of site `name` (issued on first use), when the coordinator serves TLS.
+    pub fn site_kit(&self, name: &str) -> Option<medfl_pki::Kit> {
+        self.pki
+            .as_ref()
+            .map(|p| p.kit(medfl_pki::Role::Site, name))
+    }
+
+    /// A channel for participant `name` in `role`, with its kit when the coordinator serves TLS.
+    pub async fn channel_as(&self, role: medfl_pki::Role, name: &str) -> Channel {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.url()).expect("endpoint");
+        let endpoint = match &self.pki {
+            Some(pki) => {
+                let kit = pki.kit(role, name);
+                let tls = medfl_pki::client_tls(&kit.ca, &kit.cert, &kit.key, "localhost")
+                    .expect("client TLS");
+                endpoint.tls_config(tls).expect("TLS endpoint")
+            }
+            None => endpoint,
+        };
+        endpoint.connect().await.expect("connect")
+    }
+
+    /// The config file of researcher [`RESEARCHER`]'s kit, for the `medfl` CLI (`--config`).
+    pub fn researcher_config(&self) -> Option<PathBuf> {
+        self.pki
+            .as_ref()
+            .map(|p| p.kit(medfl_pki::Role::Researcher, RESEARCHER).config)
+    }
+
+    /// A client of researcher [`RESEARCHER`].
     pub async fn runs(&self) -> RunServiceClient<Channel> {
-        RunServiceClient::connect(self.url())
-            .await
-            .expect("connect")
+        RunServiceClient::new(self.channel_as(medfl_pki::Role::Researcher, RESEARCHER).await)
     }
 
     /// A read connection to its state database.
@@ -291,8 +417,14 @@ pub struct Site {
     task: JoinHandle<Result<(), SiteError>>,
 }
 
-/// Site configuration for tests, holding `csv` as dataset `breast_cancer`.
-pub fn site_config(name: &str, coordinator: &str, data_dir: &Path, csv: &Path) -> SiteConfig {
+/// Site configuration for tests, holding `csv` as dataset `breast_cancer`, connected to
+/// `coordinator` with its kit.
+pub fn site_config(
+    name: &str,
+    coordinator: &Coordinator,
+    data_dir: &Path,
+    csv: &Path,
+) -> SiteConfig {
     site_config_with(
         name,
         coordinator,
@@ -301,17 +433,47 @@ pub fn site_config(name: &str, coordinator: &str, data_dir: &Path, csv: &Path) -
     )
 }
 
-/// Site configuration for tests with `tables` (TOML: datasets, base models) appended.
+/// Site configuration for tests with `tables` (TOML: datasets, base models) appended, connected
+/// to `coordinator` with its kit.
 pub fn site_config_with(
     name: &str,
-    coordinator: &str,
+    coordinator: &Coordinator,
     data_dir: &Path,
     tables: &str,
 ) -> SiteConfig {
+    site_config_at(
+        name,
+        &coordinator.url(),
+        data_dir,
+        coordinator.site_kit(name).as_ref(),
+        tables,
+    )
+}
+
+/// Site configuration for a coordinator at `url`, with `kit` for mutual TLS (none for a
+/// plaintext coordinator), written beside `data_dir` and loaded as the daemon would. Sites
+/// reconnect within a second (`reconnect_*`), so a restarted coordinator is not kept waiting.
+pub fn site_config_at(
+    name: &str,
+    url: &str,
+    data_dir: &Path,
+    kit: Option<&medfl_pki::Kit>,
+    tables: &str,
+) -> SiteConfig {
+    let tls = kit
+        .map(|k| {
+            format!(
+                "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                k.ca.display(),
+                k.cert.display(),
+                k.key.display()
+            )
+        })
+        .unwrap_or_default();
     let text = format!(
-        "name = \"{name}\"\ncoordinator = \"{coordinator}\"\ndata_dir = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_secs = 1\ninsecure_dev = {}\n\n{tables}",
+        "name = \"{name}\"\ncoordinator = \"{url}\"\ndata_dir = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_secs = 1\ninsecure_dev = {}\n{tls}\n{tables}",
         data_dir.display(),
-        coordinator.starts_with("http://"),
+        url.starts_with("http://"),
     );
     let file = data_dir.with_extension("toml");
     std::fs::create_dir_all(data_dir).expect("site dir");
@@ -378,9 +540,21 @@ impl Federation {
 
     /// Starts a coordinator and `n` sites, with label skew or with even shares.
     pub async fn start_with(n: usize, skewed: bool) -> Self {
+        Self::start_configured(n, skewed, |_| {}).await
+    }
+
+    /// As [`Self::start_with`], with `change` made to the coordinator's default configuration
+    /// (a test that changes a default says so in its name).
+    pub async fn start_configured(
+        n: usize,
+        skewed: bool,
+        change: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Self {
         init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
-        let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+        let mut config = test_config(&dir.path().join("coordinator"));
+        change(&mut config);
+        let coordinator = Coordinator::start(config).await;
         let (csvs, test_csv) = split_breast_cancer_with(&dir.path().join("data"), n, skewed);
         let mut sites: Vec<Site> = csvs
             .iter()
@@ -389,7 +563,7 @@ impl Federation {
                 let name = format!("hospital-{i}");
                 Site::start(site_config(
                     &name,
-                    &coordinator.url(),
+                    &coordinator,
                     &dir.path().join(&name),
                     csv,
                 ))
@@ -571,7 +745,7 @@ pub fn text_site(
     }
     Site::start(site_config_with(
         name,
-        &coordinator.url(),
+        coordinator,
         &dir.join(name),
         &tables,
     ))

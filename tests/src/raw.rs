@@ -30,11 +30,11 @@ pub fn new_key() -> Ed25519KeyPair {
 }
 
 impl RawSite {
-    /// Connects and registers with the breast cancer dataset's columns.
-    pub async fn register(url: &str, name: &str) -> Self {
-        let mut client = SiteServiceClient::connect(url.to_string())
-            .await
-            .expect("connect");
+    /// Connects (with its own kit when `coordinator` serves TLS) and registers with the breast
+    /// cancer dataset's columns.
+    pub async fn register(coordinator: &crate::Coordinator, name: &str) -> Self {
+        let mut client =
+            SiteServiceClient::new(coordinator.channel_as(medfl_pki::Role::Site, name).await);
         let token = format!("{name}-secret-token-0123456789");
         let mut columns = crate::breast_cancer_features();
         columns.push("diagnosis".into());

@@ -45,7 +45,7 @@ fn detail(run_id: &str, status: RunStatus, done: u32, current: u32) -> RunDetail
             sites: vec![
                 SiteRoundResult {
                     site: "st-marys".into(),
-                    outcome: "accepted".into(),
+                    outcome: medfl_proto::v1::SiteOutcome::Accepted as i32,
                     num_examples: 100,
                     train_loss: 0.5,
                     eval_metrics: [("accuracy".to_string(), 0.875)].into_iter().collect(),
@@ -53,7 +53,7 @@ fn detail(run_id: &str, status: RunStatus, done: u32, current: u32) -> RunDetail
                 },
                 SiteRoundResult {
                     site: "general".into(),
-                    outcome: "missing".into(),
+                    outcome: medfl_proto::v1::SiteOutcome::Missing as i32,
                     reason: "deadline passed".into(),
                     ..SiteRoundResult::default()
                 },

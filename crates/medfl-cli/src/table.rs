@@ -237,7 +237,7 @@ pub fn site_results_table(sites: &[SiteRoundResult]) -> String {
     for s in sites {
         table.push(vec![
             one_line(&s.site),
-            one_line(&s.outcome),
+            outcome_name(s.outcome).to_string(),
             if s.reason.is_empty() {
                 "-".into()
             } else {
@@ -459,6 +459,11 @@ fn one_line(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// How a site's outcome is shown.
+pub fn outcome_name(code: i32) -> &'static str {
+    medfl_proto::convert::site_outcome(code).map_or("unknown", |o| o.as_str())
 }
 
 #[cfg(test)]

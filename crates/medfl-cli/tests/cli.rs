@@ -3,12 +3,16 @@
 
 use std::process::{Command, Output};
 
-use medfl_e2e::{breast_cancer_spec, Federation};
+use medfl_e2e::{breast_cancer_spec, Coordinator, Federation};
 
-/// Runs `medfl --coordinator URL ARGS...` off the async threads.
-async fn medfl(url: &str, args: &[&str]) -> Output {
+/// Runs `medfl --config KIT --coordinator URL ARGS...` as the test consortium's researcher, off
+/// the async threads.
+async fn medfl(coordinator: &Coordinator, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
-    cmd.arg("--coordinator").arg(url).args(args);
+    if let Some(kit) = coordinator.researcher_config() {
+        cmd.arg("--config").arg(kit);
+    }
+    cmd.arg("--coordinator").arg(coordinator.url()).args(args);
     tokio::task::spawn_blocking(move || cmd.output().expect("run medfl"))
         .await
         .expect("join")
@@ -21,17 +25,16 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_researcher_drives_a_run_from_the_cli() {
     let fed = Federation::start(2).await;
-    let url = fed.coordinator.url();
     let dir = fed.dir.path();
     let spec = dir.join("run.toml");
     std::fs::write(&spec, breast_cancer_spec("cli-run", 2, 2, 60)).expect("spec");
 
-    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = text(&out.stdout).trim().to_string();
     assert!(run.starts_with("cli-run-"), "{run}");
 
-    let out = medfl(&url, &["run", "watch", &run]).await;
+    let out = medfl(&fed.coordinator, &["run", "watch", &run]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let watched = text(&out.stdout);
     assert!(watched.contains("completed"), "{watched}");
@@ -48,7 +51,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         watched.contains("final model evaluated at each site"),
         "{watched}"
     );
-    let out = medfl(&url, &["run", "evaluate", &run]).await;
+    let out = medfl(&fed.coordinator, &["run", "evaluate", &run]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let evaluated = text(&out.stdout);
     assert!(
@@ -56,16 +59,16 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         "{evaluated}"
     );
 
-    let out = medfl(&url, &["run", "list"]).await;
+    let out = medfl(&fed.coordinator, &["run", "list"]).await;
     assert!(text(&out.stdout).contains(&run), "{}", text(&out.stdout));
-    let out = medfl(&url, &["run", "show", &run]).await;
+    let out = medfl(&fed.coordinator, &["run", "show", &run]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("hospital-0"),
         "{}",
         text(&out.stdout)
     );
-    let out = medfl(&url, &["sites"]).await;
+    let out = medfl(&fed.coordinator, &["sites"]).await;
     assert!(
         text(&out.stdout).contains("hospital-1"),
         "{}",
@@ -74,7 +77,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
 
     let model = dir.join("model.safetensors");
     let out = medfl(
-        &url,
+        &fed.coordinator,
         &[
             "model",
             "pull",
@@ -95,12 +98,12 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let site_log = dir.join("hospital-0").join("audit.jsonl");
     let coordinator_log = fed.coordinator.data_dir.join("audit.jsonl");
     for log in [&site_log, &coordinator_log] {
-        let out = medfl(&url, &["audit", "verify", log.to_str().expect("utf-8")]).await;
+        let out = medfl(&fed.coordinator, &["audit", "verify", log.to_str().expect("utf-8")]).await;
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert!(text(&out.stdout).contains("hash chain intact"));
     }
     let out = medfl(
-        &url,
+        &fed.coordinator,
         &[
             "audit",
             "show",
@@ -119,7 +122,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         "{sent}"
     );
     let out = medfl(
-        &url,
+        &fed.coordinator,
         &[
             "audit",
             "show",
@@ -142,7 +145,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     lines[1] = lines[1].replacen('{', "{ ", 1);
     std::fs::write(&tampered, lines.join("\n") + "\n").expect("write");
     let out = medfl(
-        &url,
+        &fed.coordinator,
         &["audit", "verify", tampered.to_str().expect("utf-8")],
     )
     .await;
@@ -155,7 +158,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
 
     // Bad input: named field, unknown run, ended run.
     std::fs::write(&spec, breast_cancer_spec("bad", 0, 2, 60)).expect("spec");
-    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("rounds"),
@@ -163,7 +166,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         text(&out.stderr)
     );
     std::fs::write(&spec, breast_cancer_spec("too-many", 1, 5, 60)).expect("spec");
-    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("min_sites"),
@@ -173,21 +176,21 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let huge =
         breast_cancer_spec("huge", 1, 2, 60).replace("hidden = []", "hidden = [1048576, 1048576]");
     std::fs::write(&spec, huge).expect("spec");
-    let out = medfl(&url, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("parameters exceed"),
         "{}",
         text(&out.stderr)
     );
-    let out = medfl(&url, &["run", "show", "no-such-run"]).await;
+    let out = medfl(&fed.coordinator, &["run", "show", "no-such-run"]).await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("no-such-run"),
         "{}",
         text(&out.stderr)
     );
-    let out = medfl(&url, &["run", "stop", &run]).await;
+    let out = medfl(&fed.coordinator, &["run", "stop", &run]).await;
     assert!(!out.status.success(), "stopping an ended run is refused");
     fed.stop().await;
 }

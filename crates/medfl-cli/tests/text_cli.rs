@@ -46,6 +46,8 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
     cfg.base_models = BTreeMap::from([("tiny".to_string(), base.clone())]);
     let coordinator = Coordinator::start(cfg).await;
     let url = coordinator.url();
+    let kit = coordinator.researcher_config().expect("a TLS coordinator");
+    let kit = kit.to_str().expect("utf-8");
 
     let table = TextTable::load_jsonl(&icd10_jsonl()).expect("ICD-10 data");
     let mut labels = table.column("label");
@@ -73,6 +75,8 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
     let spec = d.join("run.toml");
     std::fs::write(&spec, text_spec("tiny-cli", "tiny", &sha, &labels, 1, "")).expect("spec");
     let out = medfl(&[
+        "--config",
+        kit,
         "--coordinator",
         &url,
         "run",
@@ -82,7 +86,7 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = text(&out.stdout).trim().to_string();
-    let out = medfl(&["--coordinator", &url, "run", "watch", &run]).await;
+    let out = medfl(&["--config", kit, "--coordinator", &url, "run", "watch", &run]).await;
     let watched = text(&out.stdout);
     assert!(
         out.status.success() && watched.contains("PER_UPDATE"),
@@ -96,6 +100,8 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
     // The adapter, with its spec inside.
     let adapter = d.join("adapter.safetensors");
     let out = medfl(&[
+        "--config",
+        kit,
         "--coordinator",
         &url,
         "model",
@@ -116,6 +122,8 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
     // The base with the adapter merged: the base's names and shapes, and its other files.
     let merged = d.join("merged");
     let out = medfl(&[
+        "--config",
+        kit,
         "--coordinator",
         &url,
         "model",
@@ -158,6 +166,8 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
     let other = d.join("other");
     write_tiny_bert(&other, 1.0).expect("tiny model");
     let out = medfl(&[
+        "--config",
+        kit,
         "--coordinator",
         &url,
         "model",
@@ -241,6 +251,7 @@ async fn provisioned_kits_drive_the_cli_over_mutual_tls() {
     cfg.tls_ca = Some(kits.join("coordinator/ca.pem"));
     cfg.tls_cert = Some(kits.join("coordinator/coordinator.pem"));
     cfg.tls_key = Some(kits.join("coordinator/coordinator.key"));
+    cfg.revocation_list = None;
     let coordinator = Coordinator::start(cfg).await;
     let url = format!("https://localhost:{}", coordinator.addr.port());
     let alice = kits.join("alice/medfl.toml");

@@ -1,8 +1,15 @@
 //! Content-addressed blob storage on disk: every model and update is a file named by the SHA-256
 //! of its bytes, written to a temporary file first and renamed into place once verified.
+//!
+//! Files have owners (references in the state database, see `store::BlobRef`); this module only
+//! keeps a file from being collected between the moment it is stored and the moment its writer
+//! records its owner: [`Incoming::finish`] pins the id, [`BlobStore::unpin`] lets it go, and
+//! [`BlobStore::collect`] skips pinned ids. Two runs, an update and a model may share one file.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use ring::digest::{Context, SHA256};
 
@@ -25,6 +32,9 @@ pub fn is_blob_id(id: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Ids stored but not yet owned, with how many writers hold each. Held while a file is put
+    /// in place and while collection decides, so the two never interleave.
+    pins: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl BlobStore {
@@ -39,7 +49,69 @@ impl BlobStore {
             .map_err(|e| CoordinatorError::io(format!("creating {}", tmp.display()), e))?;
         Ok(Self {
             root: root.to_path_buf(),
+            pins: Arc::default(),
         })
+    }
+
+    fn pins(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // The map stays consistent even if a holder panicked: each update is one statement.
+        self.pins.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lets go of a pin taken by [`Incoming::finish`], once the blob's owner is recorded.
+    pub fn unpin(&self, id: &str) {
+        let mut pins = self.pins();
+        if let Some(n) = pins.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(id);
+            }
+        }
+    }
+
+    /// Deletes each of `ids` that is neither pinned nor, by `owned`, referenced; returns the
+    /// ids deleted and the bytes freed. `owned` is asked while new blobs are kept from landing.
+    pub fn collect(
+        &self,
+        ids: impl IntoIterator<Item = String>,
+        owned: impl Fn(&str) -> Result<bool, CoordinatorError>,
+    ) -> Result<(Vec<String>, u64), CoordinatorError> {
+        let pins = self.pins();
+        let mut freed = (Vec::new(), 0);
+        for id in ids {
+            if pins.contains_key(&id) || owned(&id)? {
+                continue;
+            }
+            let size = self.size(&id).unwrap_or(0);
+            self.remove(&id)?;
+            freed.0.push(id);
+            freed.1 += size;
+        }
+        Ok(freed)
+    }
+
+    /// Every blob id on disk (temporary files excluded).
+    pub fn ids(&self) -> Result<Vec<String>, CoordinatorError> {
+        let read = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .map_err(|e| CoordinatorError::io(format!("listing {}", dir.display()), e))
+        };
+        let mut ids = Vec::new();
+        for shard in read(&self.root)? {
+            let shard = shard.map_err(|e| CoordinatorError::io("listing blobs", e))?;
+            let name = shard.file_name();
+            if name.len() != 2 || !shard.path().is_dir() {
+                continue;
+            }
+            for file in read(&shard.path())? {
+                let file = file.map_err(|e| CoordinatorError::io("listing blobs", e))?;
+                if let Some(id) = file.file_name().to_str().filter(|id| is_blob_id(id)) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
     }
 
     /// The file holding blob `id`.
@@ -60,7 +132,8 @@ impl BlobStore {
             .map_err(|_| CoordinatorError::NotFound(format!("no blob {id}")))
     }
 
-    /// Stores `bytes` and returns their id (blocking: call off the async threads for big blobs).
+    /// Stores `bytes` and returns their id, pinned (blocking: call off the async threads for big
+    /// blobs).
     pub fn put(&self, bytes: &[u8]) -> Result<String, CoordinatorError> {
         let mut incoming = self.incoming()?;
         incoming.write(bytes)?;
@@ -124,7 +197,8 @@ impl Incoming {
         self.tmp.path()
     }
 
-    /// Verifies the hash against `expected` (when given) and moves the blob into place.
+    /// Verifies the hash against `expected` (when given) and moves the blob into place, pinned
+    /// until its writer records an owner and calls [`BlobStore::unpin`].
     pub fn finish(self, expected: Option<&str>) -> Result<String, CoordinatorError> {
         let id = hex::encode(self.hasher.finish());
         if let Some(expected) = expected {
@@ -143,9 +217,11 @@ impl Incoming {
             .as_file()
             .sync_all()
             .map_err(|e| CoordinatorError::io("syncing a blob", e))?;
+        let mut pins = self.store.pins();
         self.tmp
             .persist(&dest)
             .map_err(|e| CoordinatorError::io(format!("storing blob {id}"), e.error))?;
+        *pins.entry(id.clone()).or_default() += 1;
         Ok(id)
     }
 }
@@ -170,5 +246,27 @@ mod tests {
         assert!(store.path("../../etc/passwd").is_err());
         store.remove(&id).unwrap();
         assert!(store.size(&id).is_err());
+    }
+
+    #[test]
+    fn collection_spares_pinned_and_owned_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let a = store.put(b"a").unwrap();
+        let b = store.put(b"b").unwrap();
+        let c = store.put(b"c").unwrap();
+        let owned = |id: &str| Ok(id == b);
+        // Still pinned by their writers: nothing goes.
+        let (gone, _) = store.collect([a.clone(), b.clone()], owned).unwrap();
+        assert!(gone.is_empty());
+        store.unpin(&a);
+        store.unpin(&b);
+        let (gone, bytes) = store.collect([a.clone(), b.clone()], owned).unwrap();
+        assert_eq!((gone, bytes), (vec![a.clone()], 1));
+        assert_eq!(store.ids().unwrap(), {
+            let mut ids = vec![b, c];
+            ids.sort();
+            ids
+        });
     }
 }

@@ -70,7 +70,7 @@ pub fn start(
             .run(run_id),
         );
         shared.notify_tasks();
-        shared.notify_runs();
+        shared.notify_run(run_id);
     }
     Ok(asked)
 }
@@ -79,11 +79,13 @@ pub fn start(
 pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, CoordinatorError> {
     let now = now_ms();
     let mut campaigns = shared.campaigns()?;
-    let before = campaigns.len();
-    campaigns.retain(|_, c| now < c.deadline_ms && !c.pending.is_empty());
-    if campaigns.len() != before {
-        shared.notify_runs();
-    }
+    campaigns.retain(|run_id, c| {
+        let open = now < c.deadline_ms && !c.pending.is_empty();
+        if !open {
+            shared.notify_run(run_id);
+        }
+        open
+    });
     Ok(campaigns.iter().find_map(|(run_id, c)| {
         c.pending.contains(site).then(|| v1::Task {
             run_id: run_id.clone(),
@@ -140,7 +142,7 @@ pub fn report(
         info!(run = %req.run_id, "cross-site evaluation complete");
     }
     drop(campaigns);
-    shared.notify_runs();
+    shared.notify_run(&req.run_id);
     Ok(())
 }
 
@@ -167,7 +169,7 @@ pub fn fail(
         campaigns.remove(run_id);
     }
     drop(campaigns);
-    shared.notify_runs();
+    shared.notify_run(run_id);
     Ok(())
 }
 

@@ -18,6 +18,7 @@ heartbeat_interval_secs = 5
 site_offline_after_secs = 30
 max_concurrent_uploads = 8
 retain_updates = false
+keep_models = "all"
 log_format = "text"
 insecure_dev = false
 "#;
@@ -33,6 +34,7 @@ const KEYS: &[&str] = &[
     "site_offline_after_secs",
     "max_concurrent_uploads",
     "retain_updates",
+    "keep_models",
     "log_format",
     "insecure_dev",
     "tls_ca",
@@ -63,6 +65,8 @@ pub struct CoordinatorConfig {
     pub max_concurrent_uploads: u32,
     /// Keep each site's update blob after aggregation (for audit and reproduction).
     pub retain_updates: bool,
+    /// Global models kept of an ended run: `all`, `final` or `last:N`.
+    pub keep_models: String,
     /// `text` or `json` logs.
     pub log_format: String,
     /// The consortium CA certificate: clients must present a certificate it issued.
@@ -109,6 +113,13 @@ impl CoordinatorConfig {
         Ok(cfg)
     }
 
+    /// The parsed `keep_models` (checked by [`Self::validate`]).
+    pub fn keep_models(&self) -> Result<crate::retention::KeepModels, CoordinatorError> {
+        self.keep_models
+            .parse()
+            .map_err(|e| CoordinatorError::Config(format!("`keep_models`: {e}")))
+    }
+
     /// Whether clients are identified by certificates.
     pub fn tls(&self) -> bool {
         self.tls_ca.is_some() && self.tls_cert.is_some() && self.tls_key.is_some()
@@ -147,6 +158,7 @@ impl CoordinatorConfig {
         if self.max_concurrent_uploads == 0 || self.max_concurrent_uploads > 1024 {
             return bad("max_concurrent_uploads", "must be 1..=1024");
         }
+        self.keep_models()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format", "must be `text` or `json`");
         }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use medfl_core::fedavg::FedAvg;
 use medfl_core::metrics::weighted_mean;
 use medfl_core::round::{Decision, Phase, RoundLimits, RoundState};
-use medfl_core::run::RunStatus;
+use medfl_core::run::{RunStatus, SiteOutcome};
 use medfl_core::selection::select_sites_sparing;
 use medfl_core::spec::{DefenseSpec, NormAction, RunSpec};
 use tokio::sync::{mpsc, watch};
@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::aggregate::{self, BlobReader, UpdateSource};
 use crate::state::{now_ms, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic};
-use crate::store::{RoundRecord, RunRecord, SiteResult};
+use crate::store::{BlobRef, BlobRole, RoundRecord, RunRecord, SiteResult};
 use crate::CoordinatorError;
 
 /// Messages queued per run before senders wait.
@@ -33,7 +33,7 @@ pub fn spawn(
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(), CoordinatorError> {
     let spec = Arc::new(RunSpec::from_toml(&run.spec)?);
-    let model = medfl_train::model_for_run(&spec, &shared.bases)?;
+    let model = medfl_model::RunModel::for_run(&spec, &shared.bases)?;
     let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
     let (snap_tx, snap_rx) = watch::channel(None);
     let handle = RunHandle {
@@ -102,8 +102,6 @@ struct Attempt {
     global_size: u64,
     losses: Vec<(u64, f64)>,
     evaluations: Vec<(u64, BTreeMap<String, f64>)>,
-    /// Update blobs received in this attempt, deleted once it ends unless retained.
-    update_blobs: Vec<String>,
     /// Set when folding failed part-way: the sums are unusable and the attempt must be redone.
     poisoned: Option<String>,
     /// Accepted updates, for strategies that aggregate them all at the close.
@@ -199,12 +197,23 @@ impl Engine {
             {
                 warn!(run = %id, error = %e, "could not record the run's end");
             }
+            let shared = self.shared.clone();
+            let run = id.clone();
+            let collected = tokio::task::spawn_blocking(move || {
+                crate::retention::collect_ended_run(&shared, &run)
+            })
+            .await;
+            match collected {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(run = %id, error = %e, "could not collect the ended run's blobs"),
+                Err(e) => warn!(run = %id, error = %e, "collection task failed"),
+            }
         }
         self.snap_tx.send_replace(None);
         if let Ok(mut runs) = self.shared.runs() {
             runs.remove(&id);
         }
-        self.shared.notify_runs();
+        self.shared.notify_run(&id);
         self.shared.notify_tasks();
     }
 
@@ -217,14 +226,21 @@ impl Engine {
             .map(|r| r.global_sha256.clone())
             .unwrap_or_else(|| self.initial_sha256.clone());
         // A resumed run continues with the optimizer state committed with its last round.
-        self.opt_state = done
-            .last()
-            .and_then(|r| serde_json::from_str(&r.opt_state).ok())
-            .unwrap_or_default();
+        self.opt_state = match done.last() {
+            Some(r) if !r.opt_state.is_empty() => serde_json::from_str(&r.opt_state).map_err(|e| {
+                CoordinatorError::Corrupt(format!(
+                    "run `{}` round {}: stored optimizer state does not parse: {e}",
+                    self.run_id, r.round
+                ))
+            })?,
+            _ => OptState::default(),
+        };
         let first = done.len() as u32 + 1;
         if first > 1 {
             info!(run = %self.run_id, round = first, "resuming run");
         }
+        // Updates of attempts a crash interrupted will never be folded.
+        self.release_updates(first, None).await;
         let limits = RoundLimits {
             min_sites: spec.min_sites as usize,
             deadline_ms: spec.round_deadline_secs * 1000,
@@ -251,13 +267,12 @@ impl Engine {
                     global_sha256: global.clone(),
                     losses: Vec::new(),
                     evaluations: Vec::new(),
-                    update_blobs: Vec::new(),
                     poisoned: None,
                     held: Vec::new(),
                 };
                 let flow = self.wait_phase(&mut open).await?;
                 if !matches!(flow, Flow::Close(_)) {
-                    self.drop_update_blobs(&open);
+                    self.release_updates(round, Some(attempt)).await;
                 }
                 let missing = match flow {
                     Flow::Close(missing) => {
@@ -289,7 +304,7 @@ impl Engine {
                 warn!(run = %self.run_id, round, attempt, missing = ?missing, "too few updates; retrying the round");
             };
             global = self.commit(&mut open, attempts, started_ms).await?;
-            self.drop_update_blobs(&open);
+            self.release_updates(round, Some(open.state.attempt)).await;
             open.state.begin_evaluation(now_ms());
             open.global_sha256 = global.clone();
             open.global_size = self.shared.blobs.size(&global)?;
@@ -304,7 +319,7 @@ impl Engine {
                 .store()?
                 .set_round_evaluation(&self.run_id, round, &metrics, down)?;
             info!(run = %self.run_id, round, metrics = ?metrics, "round evaluated");
-            self.shared.notify_runs();
+            self.shared.notify_run(&self.run_id);
         }
         // Every eligible site scores the final model on its own validation split. The run is
         // complete either way; a failure here only costs the cross-site table.
@@ -394,6 +409,7 @@ impl Engine {
             attempt: s.attempt,
             phase: s.phase,
             pending: s.pending().into_iter().collect(),
+            awaiting: s.awaiting.keys().cloned().collect(),
             selected: s.selected.clone(),
             reported,
             global_sha256: open.global_sha256.clone(),
@@ -401,7 +417,7 @@ impl Engine {
             deadline_ms: s.deadline_ms,
         }));
         self.shared.notify_tasks();
-        self.shared.notify_runs();
+        self.shared.notify_run(&self.run_id);
     }
 
     /// Handles messages until the state machine decides, the run is stopped or we shut down.
@@ -486,14 +502,10 @@ impl Engine {
                         self.shared.store()?.add_site_result(
                             &self.run_id,
                             &SiteResult {
-                                round,
-                                attempt,
-                                site: site.clone(),
-                                outcome: "accepted".into(),
                                 examples,
                                 train_loss,
                                 update_sha256: sha256.clone(),
-                                ..Default::default()
+                                ..SiteResult::new(round, attempt, &site, SiteOutcome::Accepted)
                             },
                             now,
                         )?;
@@ -509,9 +521,7 @@ impl Engine {
                         );
                     }
                 }
-                // Deleted when the attempt ends: two sites may send byte-identical updates,
-                // which share one content-addressed file.
-                open.update_blobs.push(sha256);
+                // The update's reference (taken on arrival) goes when the attempt ends.
                 let _ = reply.send(result);
             }
             EngineMsg::Evaluation {
@@ -558,25 +568,26 @@ impl Engine {
                 if round == open.state.round
                     && attempt == open.state.attempt
                     && open.state.phase == Phase::Train
-                    && open.state.is_pending(&site)
+                    && open.state.owes(&site)
                 {
-                    warn!(run = %self.run_id, round, attempt, site = %site, outcome, reason = %reason, "site cannot train");
-                    let declined = outcome != "failed";
+                    warn!(run = %self.run_id, round, attempt, site = %site, outcome = %outcome, reason = %reason, "site cannot train");
+                    let declined = outcome.is_declined();
                     if declined && !self.declining.contains(&site) {
                         self.declining.push(site.clone());
                     } else if !declined {
                         self.declining.retain(|d| *d != site);
                     }
-                    open.state.record_failure(&site, reason.clone());
+                    if outcome == SiteOutcome::Pending {
+                        // Holds its place until the deadline: an approval may still come.
+                        open.state.record_awaiting(&site, reason.clone());
+                    } else {
+                        open.state.record_failure(&site, reason.clone());
+                    }
                     self.shared.store()?.add_site_result(
                         &self.run_id,
                         &SiteResult {
-                            round,
-                            attempt,
-                            site,
-                            outcome: outcome.into(),
                             reason,
-                            ..Default::default()
+                            ..SiteResult::new(round, attempt, &site, outcome)
                         },
                         now_ms(),
                     )?;
@@ -665,15 +676,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes the attempt's update blobs unless the operator retains them.
-    fn drop_update_blobs(&self, open: &Attempt) {
-        if self.shared.config.retain_updates {
-            return;
-        }
-        for sha in &open.update_blobs {
-            if let Err(e) = self.shared.blobs.remove(sha) {
-                warn!(run = %self.run_id, error = %e, "could not delete an update blob");
-            }
+    /// Releases the updates of `round` (of `attempt`, or of every attempt) unless the operator
+    /// retains them; a blob another reference holds (a global model equal to an update, the
+    /// same update in another run) stays.
+    async fn release_updates(&self, round: u32, attempt: Option<u32>) {
+        let shared = self.shared.clone();
+        let run_id = self.run_id.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            crate::retention::release_updates(&shared, &run_id, round, attempt)
+        })
+        .await;
+        match released {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(run = %self.run_id, round, error = %e, "could not release update blobs"),
+            Err(e) => warn!(run = %self.run_id, round, error = %e, "update release task failed"),
         }
     }
 
@@ -686,18 +702,20 @@ impl Engine {
                 .get(site)
                 .map(|r| format!("site failed: {r}"))
                 .unwrap_or_else(|| "no update before the deadline".into());
-            if open.state.failures.contains_key(site) {
+            // Sites that failed or await approval have their own result already.
+            if open.state.failures.contains_key(site) || open.state.awaiting.contains_key(site) {
                 continue;
             }
             store.add_site_result(
                 &self.run_id,
                 &SiteResult {
-                    round: open.state.round,
-                    attempt: open.state.attempt,
-                    site: site.clone(),
-                    outcome: "missing".into(),
                     reason,
-                    ..Default::default()
+                    ..SiteResult::new(
+                        open.state.round,
+                        open.state.attempt,
+                        site,
+                        SiteOutcome::Missing,
+                    )
                 },
                 now_ms(),
             )?;
@@ -786,9 +804,31 @@ impl Engine {
             bytes_down: down,
             bytes_up: up,
             global_sha256: sha.clone(),
-            opt_state: serde_json::to_string(&opt_state).unwrap_or_default(),
+            opt_state: serde_json::to_string(&opt_state).map_err(|e| {
+                CoordinatorError::Internal(format!("optimizer state of round {}: {e}", open.state.round))
+            })?,
         };
-        self.shared.store()?.commit_round(&self.run_id, &record)?;
+        let round = record.round;
+        let made: Vec<BlobRef> = std::iter::once(BlobRef::of_round(&sha, &self.run_id, BlobRole::Global, round))
+            .chain(opt_state.m.iter().map(|m| BlobRef::of_round(m, &self.run_id, BlobRole::OptimizerM, round)))
+            .chain(opt_state.v.iter().map(|v| BlobRef::of_round(v, &self.run_id, BlobRole::OptimizerV, round)))
+            .collect();
+        self.shared.store()?.commit_round(&self.run_id, &record, &made)?;
+        for r in &made {
+            self.shared.blobs.unpin(&r.sha256);
+        }
+        // The previous round's optimizer state is superseded.
+        let superseded: Vec<BlobRef> = self
+            .shared
+            .store()?
+            .refs_of_run(&self.run_id)?
+            .into_iter()
+            .filter(|r| matches!(r.role, BlobRole::OptimizerM | BlobRole::OptimizerV) && r.round < round)
+            .collect();
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || crate::retention::release(&shared, &superseded))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("release task: {e}")))??;
         self.shared.audit(
             medfl_audit::Event::new(
                 "round_committed",
@@ -858,12 +898,8 @@ pub fn record_refusal(
         .site(site),
     );
     let result = SiteResult {
-        round,
-        attempt,
-        site: site.into(),
-        outcome: "refused".into(),
         reason: reason.into(),
-        ..Default::default()
+        ..SiteResult::new(round, attempt, site, SiteOutcome::Refused)
     };
     if let Err(e) = shared
         .store()
@@ -871,5 +907,5 @@ pub fn record_refusal(
     {
         warn!(run = %run_id, error = %e, "could not record a refusal");
     }
-    shared.notify_runs();
+    shared.notify_run(run_id);
 }

@@ -42,9 +42,9 @@ pub enum CoordinatorError {
     /// Pure logic refused something.
     #[error(transparent)]
     Core(#[from] CoreError),
-    /// Training-crate failure (building a model).
+    /// A run's model could not be built (its spec, its base model).
     #[error(transparent)]
-    Train(#[from] medfl_train::TrainError),
+    Model(#[from] medfl_model::ModelError),
     /// The coordinator is shutting down or a run ended.
     #[error("{0}")]
     Unavailable(String),
@@ -81,7 +81,7 @@ impl From<CoordinatorError> for Status {
                 Refusal::NotOpen { .. } | Refusal::WrongPhase { .. } => Code::FailedPrecondition,
             },
             CoordinatorError::Unavailable(_) => Code::Unavailable,
-            CoordinatorError::Train(_) => Code::InvalidArgument,
+            CoordinatorError::Model(_) => Code::InvalidArgument,
             CoordinatorError::Io { .. }
             | CoordinatorError::Db(_)
             | CoordinatorError::Internal(_) => Code::Internal,

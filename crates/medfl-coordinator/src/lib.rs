@@ -23,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod published;
+pub mod retention;
 pub mod run_service;
 pub mod server;
 pub mod signing;

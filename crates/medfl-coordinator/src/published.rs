@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use medfl_proto::v1;
-use medfl_train::base::{sha256_file, BASE_FILES};
+use medfl_model::base::{sha256_file, BASE_FILES};
 use tracing::info;
 
 use crate::CoordinatorError;

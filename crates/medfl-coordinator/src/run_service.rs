@@ -48,13 +48,14 @@ impl RunApi {
             .map(|(n, s)| (n.clone(), s.datasets.clone()))
             .collect();
         spec.validate_against(&sites)?;
-        let model = medfl_train::model_for_run(&spec, &self.shared.bases).map_err(|e| {
-            CoordinatorError::Invalid(match &e {
-                medfl_train::TrainError::BaseModel(why) => format!(
-                    "run spec: model.base_sha256: {why} (a text run's base must be published \
+        let model = medfl_model::RunModel::for_run(&spec, &self.shared.bases).map_err(|e| {
+            CoordinatorError::Invalid(if e.is_base_model() {
+                format!(
+                    "run spec: model.base_sha256: {e} (a text run's base must be published \
                      at the coordinator, under [base_models])"
-                ),
-                other => format!("run spec: model: {other}"),
+                )
+            } else {
+                format!("run spec: model: {e}")
             })
         })?;
         let params = model.schema().numel();
@@ -64,11 +65,10 @@ impl RunApi {
             )));
         }
         let shared = self.shared.clone();
-        let init_spec = spec.clone();
+        let seed = spec.seed;
         // Initial weights can be large: build and store them off the async threads.
         let initial = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
-            let params =
-                medfl_train::model_for_run(&init_spec, &shared.bases)?.init(init_spec.seed)?;
+            let params = model.init(seed)?;
             let mut incoming = shared.blobs.incoming()?;
             encode_params_chunks(&params, |bytes| incoming.write(bytes))?;
             incoming.finish(None)
@@ -87,7 +87,9 @@ impl RunApi {
             created_ms,
             error: String::new(),
         };
-        self.shared.store()?.insert_run(&record)?;
+        let inserted = self.shared.store().and_then(|mut s| s.insert_run(&record));
+        self.shared.blobs.unpin(&record.initial_sha256);
+        inserted?;
         engine::spawn(&self.shared, &record, &mut *self.engines.lock().await)?;
         info!(run = %id, name = %spec.name, rounds = spec.rounds, "run created");
         self.shared.audit(
@@ -136,7 +138,7 @@ impl RunApi {
                 .into_iter()
                 .map(|s| v1::SiteRoundResult {
                     site: s.site,
-                    outcome: s.outcome,
+                    outcome: v1::SiteOutcome::from(s.outcome) as i32,
                     reason: s.reason,
                     num_examples: s.examples,
                     train_loss: s.train_loss,
@@ -193,23 +195,36 @@ impl RunApi {
         Ok(detail)
     }
 
+    /// The kept global model of `round` of a run (0: its latest).
     fn model_sha(&self, run_id: &str, round: u32) -> Result<String, CoordinatorError> {
         let store = self.shared.store()?;
         let run = store.run(run_id)?;
         let rounds = store.rounds(run_id)?;
-        if round == 0 {
-            return Ok(rounds
+        let (round, sha) = match round {
+            0 => rounds
                 .last()
-                .map(|r| r.global_sha256.clone())
-                .unwrap_or(run.initial_sha256));
+                .map(|r| (r.round, r.global_sha256.clone()))
+                .unwrap_or((0, run.initial_sha256)),
+            n => rounds
+                .into_iter()
+                .find(|r| r.round == n)
+                .map(|r| (n, r.global_sha256))
+                .ok_or_else(|| {
+                    CoordinatorError::NotFound(format!("run `{run_id}` has no committed round {n}"))
+                })?,
+        };
+        let kept = store
+            .refs_of_run(run_id)?
+            .iter()
+            .any(|r| r.role.is_model() && r.round == round && r.sha256 == sha);
+        if !kept {
+            return Err(CoordinatorError::NotFound(format!(
+                "the model of round {round} of run `{run_id}` was not kept when the run ended \
+                 (the coordinator keeps `keep_models = \"{}\"`)",
+                self.shared.config.keep_models
+            )));
         }
-        rounds
-            .into_iter()
-            .find(|r| r.round == round)
-            .map(|r| r.global_sha256)
-            .ok_or_else(|| {
-                CoordinatorError::NotFound(format!("run `{run_id}` has no committed round {round}"))
-            })
+        Ok(sha)
     }
 }
 
@@ -297,7 +312,7 @@ impl RunService for RunApi {
         // Subscribe before the first read, and mark each change seen before reading again: a
         // change between a read and the wait (a short run ending, the last site answering the
         // final evaluation) then wakes the wait instead of being lost.
-        let mut changed = self.shared.runs_changed.subscribe();
+        let mut changed = self.shared.watch_run(&id)?;
         changed.borrow_and_update();
         // Fail now on an unknown run rather than inside the stream.
         let first = Self::detail(&self.shared, &id, 0)?;

@@ -56,6 +56,10 @@ pub async fn serve(
     let shared = Arc::new(Shared::new(
         config, store, blobs, audit, stop_rx, published,
     )?);
+    let sweeper = shared.clone();
+    tokio::task::spawn_blocking(move || crate::retention::sweep_orphans(&sweeper))
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("sweeping blobs: {e}")))??;
 
     let engines = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
     for run in &running {

@@ -20,7 +20,7 @@ use tracing::{info, instrument};
 use crate::blobs::sha256_hex;
 use crate::engine::record_refusal;
 use crate::state::{now_ms, EngineMsg, Shared, SiteLive};
-use crate::store::SiteRecord;
+use crate::store::{BlobRef, SiteRecord};
 use crate::stream::{blob_stream, file_stream};
 use crate::CoordinatorError;
 
@@ -124,6 +124,11 @@ impl SiteApi {
             .receive(&header, &handle, &mut stream)
             .await
             .map_err(refuse)?;
+        // Owned by this site's update in this attempt until the attempt ends.
+        let owner = BlobRef::update(&sha, &header.run_id, round, attempt, site);
+        let owned = self.shared.store().and_then(|s| s.add_ref(&owner));
+        self.shared.blobs.unpin(&sha);
+        owned?;
         // The engine records its own refusals.
         self.send_to_engine(&header.run_id, |reply| EngineMsg::Update {
             site: site.to_string(),
@@ -202,7 +207,7 @@ impl SiteApi {
                 site: site.into(),
                 round: header.round,
             })
-        } else if !snap.pending.contains(site) {
+        } else if !snap.pending.contains(site) && !snap.awaiting.contains(site) {
             Some(Refusal::Duplicate {
                 site: site.into(),
                 round: header.round,
@@ -590,12 +595,7 @@ impl SiteService for SiteApi {
             crate::campaign::fail(&self.shared, &site, &req.run_id, req.attempt, &reason)?;
             return Ok(Response::new(v1::ReportTaskFailureResponse {}));
         }
-        let outcome = match v1::Declined::try_from(req.declined) {
-            Ok(v1::Declined::PendingApproval) => "pending",
-            Ok(v1::Declined::Rejected) => "rejected",
-            Ok(v1::Declined::Paused) => "paused",
-            _ => "failed",
-        };
+        let outcome = medfl_proto::convert::declined_outcome(req.declined);
         let handle = self.shared.run_handle(&req.run_id)?;
         handle
             .tx

@@ -52,8 +52,11 @@ pub struct RoundSnapshot {
     pub attempt: u32,
     /// Phase.
     pub phase: Phase,
-    /// Sites that still owe a result in this phase.
+    /// Sites that still owe a result in this phase and are to be handed its task.
     pub pending: BTreeSet<String>,
+    /// Sites awaiting their hospital's approval: not handed the task again, but their update
+    /// is still welcome until the deadline.
+    pub awaiting: BTreeSet<String>,
     /// Sites asked.
     pub selected: BTreeSet<String>,
     /// Sites that answered.
@@ -113,9 +116,9 @@ pub enum EngineMsg {
         attempt: u32,
         /// Why.
         reason: String,
-        /// "failed", or "pending", "rejected" or "paused" when the site's hospital keeps the run
+        /// `Failed`, or `Pending`, `Rejected` or `Paused` when the site's hospital keeps the run
         /// out.
-        outcome: &'static str,
+        outcome: medfl_core::run::SiteOutcome,
     },
     /// A researcher stops the run.
     Stop {
@@ -174,15 +177,15 @@ pub struct Shared {
     pub campaign_numbers: std::sync::atomic::AtomicU32,
     /// Bumped whenever a task may have appeared; task polls wait on it.
     pub tasks_changed: watch::Sender<u64>,
-    /// Bumped whenever any run changed; run watchers wait on it.
-    pub runs_changed: watch::Sender<u64>,
+    /// One counter per run, bumped whenever that run changed; its watchers wait on it alone.
+    run_changes: Mutex<BTreeMap<String, watch::Sender<u64>>>,
     /// Limits concurrent uploads.
     pub uploads: Semaphore,
     /// Becomes true when the coordinator shuts down.
     pub shutdown: watch::Receiver<bool>,
     audit: medfl_audit::AuditLog,
     /// Base models text runs adapt (their architecture shapes the trainable tensors).
-    pub bases: medfl_train::BaseModels,
+    pub bases: medfl_model::BaseModels,
     /// The same models' files, which sites may fetch by hash.
     pub published: crate::published::Published,
     /// Signs every task handed out.
@@ -204,7 +207,7 @@ impl Shared {
         published: crate::published::Published,
     ) -> Result<Self, CoordinatorError> {
         let signer = crate::signing::load_or_create(&config.data_dir)?;
-        let bases = medfl_train::BaseModels::new(config.base_models.clone(), None);
+        let bases = medfl_model::BaseModels::new(config.base_models.clone(), None);
         let sites = store
             .sites()?
             .into_iter()
@@ -231,7 +234,7 @@ impl Shared {
             campaigns: Mutex::new(BTreeMap::new()),
             campaign_numbers: std::sync::atomic::AtomicU32::new(1),
             tasks_changed: watch::Sender::new(0),
-            runs_changed: watch::Sender::new(0),
+            run_changes: Mutex::new(BTreeMap::new()),
             uploads,
             shutdown,
             audit,
@@ -288,9 +291,26 @@ impl Shared {
         self.tasks_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Wakes run watchers.
-    pub fn notify_runs(&self) {
-        self.runs_changed.send_modify(|v| *v = v.wrapping_add(1));
+    fn run_changes_of(&self, run_id: &str) -> Result<watch::Sender<u64>, CoordinatorError> {
+        Ok(self
+            .run_changes
+            .lock()
+            .map_err(poisoned)?
+            .entry(run_id.to_string())
+            .or_insert_with(|| watch::Sender::new(0))
+            .clone())
+    }
+
+    /// Wakes the watchers of run `run_id` (and only them).
+    pub fn notify_run(&self, run_id: &str) {
+        if let Ok(changes) = self.run_changes_of(run_id) {
+            changes.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// Changes to run `run_id`, for a watcher.
+    pub fn watch_run(&self, run_id: &str) -> Result<watch::Receiver<u64>, CoordinatorError> {
+        Ok(self.run_changes_of(run_id)?.subscribe())
     }
 }
 

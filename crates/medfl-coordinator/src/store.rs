@@ -1,10 +1,11 @@
 //! The coordinator's durable state in SQLite (WAL): sites, runs, committed rounds, per-site
-//! results and refusals. Model bytes live in the blob store; rows hold their hashes.
+//! results and refusals. Model bytes live in the blob store; rows hold their hashes, and
+//! `blob_refs` says who owns each blob (a file goes only when its last reference does).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use medfl_core::run::RunStatus;
+use medfl_core::run::{RunStatus, SiteOutcome};
 use medfl_core::spec::DatasetInfo;
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -60,6 +61,16 @@ CREATE TABLE IF NOT EXISTS site_results (
     at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS site_results_by_round ON site_results (run_id, round);
+CREATE TABLE IF NOT EXISTS blob_refs (
+    sha256 TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    site TEXT NOT NULL DEFAULT '',
+    attempt INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (sha256, run_id, role, round, site, attempt)
+);
+CREATE INDEX IF NOT EXISTS blob_refs_by_run ON blob_refs (run_id);
 CREATE TABLE IF NOT EXISTS evaluations (
     run_id TEXT NOT NULL,
     global_sha256 TEXT NOT NULL,
@@ -69,6 +80,116 @@ CREATE TABLE IF NOT EXISTS evaluations (
     at_ms INTEGER NOT NULL
 );
 "#;
+
+/// The schema version this build writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// What a blob is to the run that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BlobRole {
+    /// The run's initial global model (round 0).
+    Initial,
+    /// The global model committed by a round.
+    Global,
+    /// A site's update in one attempt of a round.
+    Update,
+    /// The server optimizer's first moment after a round.
+    OptimizerM,
+    /// The server optimizer's second moment after a round.
+    OptimizerV,
+}
+
+impl BlobRole {
+    /// The name stored in `blob_refs.role`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobRole::Initial => "initial",
+            BlobRole::Global => "global",
+            BlobRole::Update => "update",
+            BlobRole::OptimizerM => "optimizer_m",
+            BlobRole::OptimizerV => "optimizer_v",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [
+            BlobRole::Initial,
+            BlobRole::Global,
+            BlobRole::Update,
+            BlobRole::OptimizerM,
+            BlobRole::OptimizerV,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
+    /// Whether the blob is a global model (initial or committed), which sites and researchers
+    /// may download.
+    pub fn is_model(self) -> bool {
+        matches!(self, BlobRole::Initial | BlobRole::Global)
+    }
+}
+
+/// One owner of a blob: a run, the blob's role in it, and for updates which site sent it in
+/// which attempt.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlobRef {
+    /// The blob.
+    pub sha256: String,
+    /// The run holding it.
+    pub run_id: String,
+    /// What it is to the run.
+    pub role: BlobRole,
+    /// The round (0 for the initial model).
+    pub round: u32,
+    /// The sending site (updates only).
+    pub site: String,
+    /// The attempt (updates only).
+    pub attempt: u32,
+}
+
+impl BlobRef {
+    /// A model or optimizer state of `run_id` at `round`.
+    pub fn of_round(sha256: &str, run_id: &str, role: BlobRole, round: u32) -> Self {
+        Self {
+            sha256: sha256.to_string(),
+            run_id: run_id.to_string(),
+            role,
+            round,
+            site: String::new(),
+            attempt: 0,
+        }
+    }
+
+    /// `site`'s update in `attempt` of `round`.
+    pub fn update(sha256: &str, run_id: &str, round: u32, attempt: u32, site: &str) -> Self {
+        Self {
+            site: site.to_string(),
+            attempt,
+            ..Self::of_round(sha256, run_id, BlobRole::Update, round)
+        }
+    }
+}
+
+/// A stored value that does not parse: names its table, row and column.
+#[derive(Debug)]
+struct BadRow(String);
+
+impl std::fmt::Display for BadRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadRow {}
+
+fn bad_row(column: usize, what: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        column,
+        rusqlite::types::Type::Text,
+        Box::new(BadRow(what)),
+    )
+}
 
 /// A site as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,7 +261,7 @@ pub struct RoundRecord {
 }
 
 /// One site's result in one attempt of a round (accepted, refused, missing, failed).
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SiteResult {
     /// Round.
     pub round: u32,
@@ -148,8 +269,8 @@ pub struct SiteResult {
     pub attempt: u32,
     /// Site.
     pub site: String,
-    /// `accepted`, `refused`, `missing` or `failed`.
-    pub outcome: String,
+    /// What came of it.
+    pub outcome: SiteOutcome,
     /// Why, for anything but `accepted`.
     pub reason: String,
     /// Reported example count.
@@ -162,6 +283,24 @@ pub struct SiteResult {
     pub eval_examples: u64,
     /// Its evaluation of the round's new global model.
     pub eval_metrics: BTreeMap<String, f64>,
+}
+
+impl SiteResult {
+    /// A result with no reason, examples or metrics yet.
+    pub fn new(round: u32, attempt: u32, site: &str, outcome: SiteOutcome) -> Self {
+        Self {
+            round,
+            attempt,
+            site: site.to_string(),
+            outcome,
+            reason: String::new(),
+            examples: 0,
+            train_loss: 0.0,
+            update_sha256: String::new(),
+            eval_examples: 0,
+            eval_metrics: BTreeMap::new(),
+        }
+    }
 }
 
 /// One site's evaluation of a run's final model.
@@ -185,11 +324,19 @@ pub struct Store {
 }
 
 fn metrics_json(m: &BTreeMap<String, f64>) -> String {
+    // Finite f64 values keyed by strings always serialise; non-finite ones are refused on input.
     serde_json::to_string(m).unwrap_or_else(|_| "{}".into())
 }
 
-fn metrics_from(s: &str) -> BTreeMap<String, f64> {
-    serde_json::from_str(s).unwrap_or_default()
+/// Metrics stored in column `column` of `row` (named for the error).
+fn metrics_from(
+    r: &rusqlite::Row<'_>,
+    column: usize,
+    row: impl Fn() -> String,
+) -> rusqlite::Result<BTreeMap<String, f64>> {
+    let text: String = r.get(column)?;
+    serde_json::from_str(&text)
+        .map_err(|e| bad_row(column, format!("{}: metrics do not parse: {e}", row())))
 }
 
 impl Store {
@@ -200,6 +347,14 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(CoordinatorError::Config(format!(
+                "{}: state schema version {version} is newer than this coordinator's \
+                 ({SCHEMA_VERSION}); run the newer coordinator",
+                path.display()
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
         // Databases from before update signing lack the sites' keys.
         let has_key: bool = conn
@@ -210,7 +365,92 @@ impl Store {
                 "ALTER TABLE sites ADD COLUMN signing_key BLOB NOT NULL DEFAULT x''",
             )?;
         }
+        if version < 1 {
+            // Version 1 gives blobs owners: every model, optimizer state and accepted update
+            // the old tables name becomes a reference.
+            conn.execute_batch(
+                "BEGIN;
+                 INSERT OR IGNORE INTO blob_refs (sha256, run_id, role, round)
+                     SELECT initial_sha256, id, 'initial', 0 FROM runs;
+                 INSERT OR IGNORE INTO blob_refs (sha256, run_id, role, round)
+                     SELECT global_sha256, run_id, 'global', round FROM rounds;
+                 INSERT OR IGNORE INTO blob_refs (sha256, run_id, role, round)
+                     SELECT json_extract(opt_state, '$.m'), run_id, 'optimizer_m', round
+                     FROM rounds WHERE opt_state != '' AND json_extract(opt_state, '$.m') IS NOT NULL;
+                 INSERT OR IGNORE INTO blob_refs (sha256, run_id, role, round)
+                     SELECT json_extract(opt_state, '$.v'), run_id, 'optimizer_v', round
+                     FROM rounds WHERE opt_state != '' AND json_extract(opt_state, '$.v') IS NOT NULL;
+                 INSERT OR IGNORE INTO blob_refs (sha256, run_id, role, round, site, attempt)
+                     SELECT update_sha256, run_id, 'update', round, site, attempt
+                     FROM site_results WHERE outcome = 'accepted' AND update_sha256 != '';
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
         Ok(Self { conn })
+    }
+
+    /// Records an owner of a blob (recording it twice is harmless).
+    pub fn add_ref(&self, r: &BlobRef) -> Result<(), CoordinatorError> {
+        Self::insert_ref(&self.conn, r)
+    }
+
+    fn insert_ref(conn: &Connection, r: &BlobRef) -> Result<(), CoordinatorError> {
+        conn.execute(
+            "INSERT OR IGNORE INTO blob_refs (sha256, run_id, role, round, site, attempt)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![r.sha256, r.run_id, r.role.as_str(), r.round, r.site, r.attempt],
+        )?;
+        Ok(())
+    }
+
+    /// Drops these references (in one transaction); returns the blobs they named, which the
+    /// caller offers to [`crate::blobs::BlobStore::collect`].
+    pub fn release(&mut self, refs: &[BlobRef]) -> Result<Vec<String>, CoordinatorError> {
+        let tx = self.conn.transaction()?;
+        for r in refs {
+            tx.execute(
+                "DELETE FROM blob_refs WHERE sha256 = ?1 AND run_id = ?2 AND role = ?3
+                     AND round = ?4 AND site = ?5 AND attempt = ?6",
+                params![r.sha256, r.run_id, r.role.as_str(), r.round, r.site, r.attempt],
+            )?;
+        }
+        tx.commit()?;
+        let mut shas: Vec<String> = refs.iter().map(|r| r.sha256.clone()).collect();
+        shas.sort();
+        shas.dedup();
+        Ok(shas)
+    }
+
+    /// Every reference held by run `run_id`.
+    pub fn refs_of_run(&self, run_id: &str) -> Result<Vec<BlobRef>, CoordinatorError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT sha256, run_id, role, round, site, attempt FROM blob_refs WHERE run_id = ?1
+             ORDER BY round, role, site, attempt",
+        )?;
+        let rows = stmt.query_map([run_id], |r| {
+            let role: String = r.get(2)?;
+            Ok(BlobRef {
+                sha256: r.get(0)?,
+                run_id: r.get(1)?,
+                role: BlobRole::parse(&role).ok_or_else(|| {
+                    bad_row(2, format!("blob_refs of run `{run_id}`: unknown role `{role}`"))
+                })?,
+                round: r.get(3)?,
+                site: r.get(4)?,
+                attempt: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether anything holds blob `sha`.
+    pub fn is_owned(&self, sha: &str) -> Result<bool, CoordinatorError> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM blob_refs WHERE sha256 = ?1)",
+            [sha],
+            |r| r.get(0),
+        )?)
     }
 
     /// Inserts or updates a site.
@@ -252,11 +492,12 @@ impl Store {
              FROM sites ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
+            let name: String = r.get(0)?;
             let datasets: String = r.get(2)?;
-            let datasets: Vec<(String, Vec<String>)> =
-                serde_json::from_str(&datasets).unwrap_or_default();
+            let datasets: Vec<(String, Vec<String>)> = serde_json::from_str(&datasets)
+                .map_err(|e| bad_row(2, format!("sites row `{name}`: datasets: {e}")))?;
             Ok(SiteRecord {
-                name: r.get(0)?,
+                name,
                 token_sha256: r.get(1)?,
                 datasets: datasets
                     .into_iter()
@@ -270,9 +511,10 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Creates a run.
-    pub fn insert_run(&self, run: &RunRecord) -> Result<(), CoordinatorError> {
-        self.conn.execute(
+    /// Creates a run, owner of its initial model.
+    pub fn insert_run(&mut self, run: &RunRecord) -> Result<(), CoordinatorError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
             "INSERT INTO runs (id, name, spec, status, rounds_total, initial_sha256, created_ms, error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
@@ -286,6 +528,11 @@ impl Store {
                 run.error
             ],
         )?;
+        Self::insert_ref(
+            &tx,
+            &BlobRef::of_round(&run.initial_sha256, &run.id, BlobRole::Initial, 0),
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -305,11 +552,14 @@ impl Store {
 
     fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         let status: String = r.get(3)?;
+        let id: String = r.get(0)?;
         Ok(RunRecord {
-            id: r.get(0)?,
+            status: RunStatus::parse(&status).ok_or_else(|| {
+                bad_row(3, format!("runs row `{id}`: unknown status `{status}`"))
+            })?,
+            id,
             name: r.get(1)?,
             spec: r.get(2)?,
-            status: RunStatus::parse(&status).unwrap_or(RunStatus::Failed),
             rounds_total: r.get(4)?,
             initial_sha256: r.get(5)?,
             created_ms: r.get::<_, i64>(6)? as u64,
@@ -340,13 +590,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Commits a round and its accepted updates' results in one transaction.
+    /// Commits a round with the references to what it made (its global model, optimizer
+    /// state), in one transaction.
     pub fn commit_round(
         &mut self,
         run_id: &str,
         round: &RoundRecord,
+        made: &[BlobRef],
     ) -> Result<(), CoordinatorError> {
-        self.conn.execute(
+        let tx = self.conn.transaction()?;
+        tx.execute(
             "INSERT INTO rounds (run_id, round, attempts, sites_selected, sites_reported, examples,
                 train_loss, eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
                 opt_state)
@@ -368,6 +621,10 @@ impl Store {
                 round.opt_state
             ],
         )?;
+        for r in made {
+            Self::insert_ref(&tx, r)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -401,14 +658,15 @@ impl Store {
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([run_id], |r| {
+            let round: u32 = r.get(0)?;
             Ok(RoundRecord {
-                round: r.get(0)?,
+                round,
                 attempts: r.get(1)?,
                 sites_selected: r.get(2)?,
                 sites_reported: r.get(3)?,
                 examples: r.get::<_, i64>(4)? as u64,
                 train_loss: r.get(5)?,
-                eval_metrics: metrics_from(&r.get::<_, String>(6)?),
+                eval_metrics: metrics_from(r, 6, || format!("run `{run_id}` round {round}"))?,
                 started_ms: r.get::<_, i64>(7)? as u64,
                 finished_ms: r.get::<_, i64>(8)? as u64,
                 bytes_down: r.get::<_, i64>(9)? as u64,
@@ -445,7 +703,7 @@ impl Store {
                 result.round,
                 result.attempt,
                 result.site,
-                result.outcome,
+                result.outcome.as_str(),
                 result.reason,
                 result.examples as i64,
                 result.train_loss,
@@ -487,17 +745,25 @@ impl Store {
              FROM site_results WHERE run_id = ?1 AND round = ?2 ORDER BY rowid",
         )?;
         let rows = stmt.query_map(params![run_id, round], |r| {
+            let site: String = r.get(2)?;
+            let outcome: String = r.get(3)?;
             Ok(SiteResult {
+                outcome: SiteOutcome::parse(&outcome).ok_or_else(|| {
+                    bad_row(3, format!(
+                        "site_results of run `{run_id}` round {round} site `{site}`: unknown outcome `{outcome}`"
+                    ))
+                })?,
                 round: r.get(0)?,
                 attempt: r.get(1)?,
-                site: r.get(2)?,
-                outcome: r.get(3)?,
+                eval_metrics: metrics_from(r, 9, || {
+                    format!("site_results of run `{run_id}` round {round} site `{site}`")
+                })?,
+                site,
                 reason: r.get(4)?,
                 examples: r.get::<_, i64>(5)? as u64,
                 train_loss: r.get(6)?,
                 update_sha256: r.get(7)?,
                 eval_examples: r.get::<_, i64>(8)? as u64,
-                eval_metrics: metrics_from(&r.get::<_, String>(9)?),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -530,23 +796,26 @@ impl Store {
              GROUP BY site ORDER BY site",
         )?;
         let rows = stmt.query_map([run_id], |r| {
+            let site: String = r.get(1)?;
             Ok(Evaluation {
                 global_sha256: r.get(0)?,
-                site: r.get(1)?,
+                metrics: metrics_from(r, 3, || {
+                    format!("evaluations of run `{run_id}` site `{site}`")
+                })?,
+                site,
                 examples: r.get::<_, i64>(2)? as u64,
-                metrics: metrics_from(&r.get::<_, String>(3)?),
                 at_ms: r.get::<_, i64>(4)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Whether `sha` is a global model (initial or committed) of any run: only those may be
-    /// downloaded by sites or pulled by researchers.
+    /// Whether `sha` is a kept global model (initial or committed) of any run: only those may
+    /// be downloaded by sites or pulled by researchers.
     pub fn is_global_model(&self, sha: &str) -> Result<bool, CoordinatorError> {
         Ok(self.conn.query_row(
-            "SELECT EXISTS(SELECT 1 FROM runs WHERE initial_sha256 = ?1)
-                 OR EXISTS(SELECT 1 FROM rounds WHERE global_sha256 = ?1)",
+            "SELECT EXISTS(SELECT 1 FROM blob_refs WHERE sha256 = ?1
+                 AND role IN ('initial', 'global'))",
             [sha],
             |r| r.get(0),
         )?)
@@ -582,19 +851,14 @@ mod tests {
                     global_sha256: "bb".into(),
                     ..Default::default()
                 },
+                &[BlobRef::of_round("bb", "r1", BlobRole::Global, 1)],
             )
             .unwrap();
             let metrics = BTreeMap::from([("accuracy".to_string(), 0.9)]);
             s.set_round_evaluation("r1", 1, &metrics, 10).unwrap();
             s.add_site_result(
                 "r1",
-                &SiteResult {
-                    round: 2,
-                    attempt: 3,
-                    site: "a".into(),
-                    outcome: "accepted".into(),
-                    ..Default::default()
-                },
+                &SiteResult::new(2, 3, "a", SiteOutcome::Accepted),
                 1,
             )
             .unwrap();
@@ -612,5 +876,58 @@ mod tests {
         assert!(s.is_global_model("bb").unwrap());
         assert!(!s.is_global_model("cc").unwrap());
         assert!(matches!(s.run("zz"), Err(CoordinatorError::NotFound(_))));
+    }
+
+    fn run(id: &str, initial: &str) -> RunRecord {
+        RunRecord {
+            id: id.into(),
+            name: "n".into(),
+            spec: "spec".into(),
+            status: RunStatus::Running,
+            rounds_total: 1,
+            initial_sha256: initial.into(),
+            created_ms: 1,
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_blob_stays_owned_until_its_last_reference_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("state.db")).unwrap();
+        // Two runs with the same initial model, and an update equal to a global model.
+        s.insert_run(&run("a", "init")).unwrap();
+        s.insert_run(&run("b", "init")).unwrap();
+        let update = BlobRef::update("g1", "a", 1, 1, "h1");
+        s.add_ref(&update).unwrap();
+        s.commit_round(
+            "a",
+            &RoundRecord {
+                round: 1,
+                global_sha256: "g1".into(),
+                ..Default::default()
+            },
+            &[BlobRef::of_round("g1", "a", BlobRole::Global, 1)],
+        )
+        .unwrap();
+        assert_eq!(s.release(&[update]).unwrap(), vec!["g1".to_string()]);
+        assert!(s.is_owned("g1").unwrap() && s.is_global_model("g1").unwrap());
+        let a = s.refs_of_run("a").unwrap();
+        assert_eq!(a.len(), 2);
+        s.release(&a).unwrap();
+        assert!(!s.is_owned("g1").unwrap());
+        assert!(s.is_owned("init").unwrap(), "run b still holds it");
+    }
+
+    #[test]
+    fn an_unknown_status_is_an_error_naming_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("state.db")).unwrap();
+        s.insert_run(&run("r9", "x")).unwrap();
+        s.conn
+            .execute("UPDATE runs SET status = 'exploded'", [])
+            .unwrap();
+        let err = s.run("r9").unwrap_err().to_string();
+        assert!(err.contains("r9") && err.contains("exploded"), "{err}");
     }
 }

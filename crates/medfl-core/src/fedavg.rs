@@ -193,6 +193,29 @@ impl TensorSink for Fold<'_> {
     }
 }
 
+/// The shared strategy reference vectors (`shared/vectors/strategies_reference.json` beside the
+/// repository), or `None` with a notice when this checkout has none. With
+/// `MEDFL_REQUIRE_ASSETS=1` (CI) a missing file fails the calling test instead.
+#[cfg(test)]
+#[track_caller]
+pub(crate) fn shared_strategies_reference(test: &str) -> Option<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/vectors/strategies_reference.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            let required = std::env::var("MEDFL_REQUIRE_ASSETS").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "{test}: MEDFL_REQUIRE_ASSETS=1 but {} cannot be read: {e}",
+                path.display()
+            );
+            eprintln!("skipping {test}: {} is absent", path.display());
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,10 +291,9 @@ mod tests {
     /// The same check against the shared reference file itself, when it is present.
     #[test]
     fn matches_shared_reference_file_when_present() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/vectors/strategies_reference.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            eprintln!("skipping: {} is absent", path.display());
+        let Some(text) =
+            shared_strategies_reference("fedavg::matches_shared_reference_file_when_present")
+        else {
             return;
         };
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();

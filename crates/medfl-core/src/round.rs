@@ -4,6 +4,10 @@
 //! selected site has answered, or at the deadline if at least `min_sites` reported; with fewer it
 //! is retried (a new attempt), and after `max_retries` retries the run fails. In `Evaluate`, the
 //! same sites score the new global model; it closes when all answered or at its deadline.
+//!
+//! A site whose hospital has the run in its approval queue is *awaiting*: it is not handed the
+//! task again, but it keeps its place until the deadline, so an approval given meanwhile still
+//! counts, and a waiting site never makes the round give up early.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -124,8 +128,11 @@ pub struct RoundState {
     pub selected: BTreeSet<String>,
     /// Sites whose update was accepted, with their example counts.
     pub updates: BTreeMap<String, u64>,
-    /// Sites that said they cannot do the task, with their reasons.
+    /// Sites that said they cannot do the train task, with their reasons.
     pub failures: BTreeMap<String, String>,
+    /// Sites awaiting their hospital's approval, with the reasons they gave: they hold their
+    /// place until the deadline and may still send an update.
+    pub awaiting: BTreeMap<String, String>,
     /// Sites that reported an evaluation.
     pub evaluated: BTreeSet<String>,
     /// When the current phase closes (ms since the epoch).
@@ -149,6 +156,7 @@ impl RoundState {
             selected: selected.into_iter().collect(),
             updates: BTreeMap::new(),
             failures: BTreeMap::new(),
+            awaiting: BTreeMap::new(),
             evaluated: BTreeSet::new(),
             deadline_ms: now_ms.saturating_add(limits.deadline_ms),
             limits,
@@ -175,14 +183,29 @@ impl RoundState {
 
     /// Records an accepted update. Call [`Self::admit_update`] first.
     pub fn record_update(&mut self, site: &str, examples: u64) {
+        self.awaiting.remove(site);
         self.updates.insert(site.into(), examples);
     }
 
     /// Records that `site` cannot do the train task.
     pub fn record_failure(&mut self, site: &str, reason: String) {
         if self.selected.contains(site) && !self.updates.contains_key(site) {
+            self.awaiting.remove(site);
             self.failures.insert(site.into(), reason);
         }
+    }
+
+    /// Records that `site` waits for its hospital's approval: it is not handed the task again
+    /// in this attempt but keeps its place until the deadline.
+    pub fn record_awaiting(&mut self, site: &str, reason: String) {
+        if self.is_pending(site) {
+            self.awaiting.insert(site.into(), reason);
+        }
+    }
+
+    /// Whether `site` still owes this phase a result: pending, or awaiting approval.
+    pub fn owes(&self, site: &str) -> bool {
+        self.is_pending(site) || (self.phase == Phase::Train && self.awaiting.contains_key(site))
     }
 
     /// Checks whether an evaluation from `site` for `round` may be accepted now.
@@ -239,12 +262,17 @@ impl RoundState {
         Ok(())
     }
 
-    /// Sites selected but not yet answered in the current phase.
+    /// Sites selected but not yet answered in the current phase, and not awaiting approval:
+    /// the sites to hand the phase's task.
     pub fn pending(&self) -> Vec<String> {
         self.selected
             .iter()
             .filter(|s| match self.phase {
-                Phase::Train => !self.updates.contains_key(*s) && !self.failures.contains_key(*s),
+                Phase::Train => {
+                    !self.updates.contains_key(*s)
+                        && !self.failures.contains_key(*s)
+                        && !self.awaiting.contains_key(*s)
+                }
                 Phase::Evaluate => !self.evaluated.contains(*s),
             })
             .cloned()
@@ -256,7 +284,9 @@ impl RoundState {
         self.selected.contains(site)
             && match self.phase {
                 Phase::Train => {
-                    !self.updates.contains_key(site) && !self.failures.contains_key(site)
+                    !self.updates.contains_key(site)
+                        && !self.failures.contains_key(site)
+                        && !self.awaiting.contains_key(site)
                 }
                 Phase::Evaluate => !self.evaluated.contains(site),
             }
@@ -265,7 +295,8 @@ impl RoundState {
     /// What to do now.
     pub fn decide(&self, now_ms: u64) -> Decision {
         let pending = self.pending();
-        let everyone_answered = pending.is_empty();
+        let waiting_for_approval = self.phase == Phase::Train && !self.awaiting.is_empty();
+        let everyone_answered = pending.is_empty() && !waiting_for_approval;
         if !everyone_answered && now_ms < self.deadline_ms {
             return Decision::Wait {
                 until_ms: self.deadline_ms,
@@ -367,6 +398,38 @@ mod tests {
         r.record_failure("c", "bad data".into());
         // Everyone answered, but only one update: no point waiting for the deadline.
         assert!(matches!(r.decide(10_001), Decision::Retry { .. }));
+    }
+
+    #[test]
+    fn a_site_awaiting_approval_holds_its_place_until_the_deadline() {
+        let mut r = round(1);
+        r.record_update("a", 10);
+        r.record_failure("c", "bad data".into());
+        r.record_awaiting("b", "awaits approval".into());
+        // Not handed the task again, but the round waits for it rather than retrying now.
+        assert!(r.pending().is_empty() && r.owes("b"));
+        assert_eq!(r.decide(10_001), Decision::Wait { until_ms: 11_000 });
+        // Approved in time: its update counts and the round closes at once.
+        r.admit_update("b", 3, 1, 10_500).unwrap();
+        r.record_update("b", 7);
+        assert_eq!(
+            r.decide(10_501),
+            Decision::Close {
+                missing: vec!["c".into()]
+            }
+        );
+        // Never approved: at the deadline the round closes with whoever reported, if enough.
+        let mut r = round(1);
+        r.record_update("a", 10);
+        r.record_update("c", 10);
+        r.record_awaiting("b", "awaits approval".into());
+        assert_eq!(r.decide(10_999), Decision::Wait { until_ms: 11_000 });
+        assert_eq!(
+            r.decide(11_000),
+            Decision::Close {
+                missing: vec!["b".into()]
+            }
+        );
     }
 
     #[test]

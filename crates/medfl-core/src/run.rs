@@ -41,9 +41,81 @@ impl RunStatus {
     }
 }
 
+/// What came of one site in one attempt of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SiteOutcome {
+    /// Its update was folded into the round.
+    Accepted,
+    /// Its update was refused (late, duplicate, bad signature, over the norm bound).
+    Refused,
+    /// It was selected but sent nothing before the deadline.
+    Missing,
+    /// It tried and could not do the task (bad data, a broken model).
+    Failed,
+    /// Its hospital has the run in the approval queue.
+    Pending,
+    /// Its hospital's policy or staff rejected the run.
+    Rejected,
+    /// Its hospital paused the site.
+    Paused,
+}
+
+impl SiteOutcome {
+    /// Every outcome, in order.
+    pub const ALL: [SiteOutcome; 7] = [
+        SiteOutcome::Accepted,
+        SiteOutcome::Refused,
+        SiteOutcome::Missing,
+        SiteOutcome::Failed,
+        SiteOutcome::Pending,
+        SiteOutcome::Rejected,
+        SiteOutcome::Paused,
+    ];
+
+    /// The lower-case name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteOutcome::Accepted => "accepted",
+            SiteOutcome::Refused => "refused",
+            SiteOutcome::Missing => "missing",
+            SiteOutcome::Failed => "failed",
+            SiteOutcome::Pending => "pending",
+            SiteOutcome::Rejected => "rejected",
+            SiteOutcome::Paused => "paused",
+        }
+    }
+
+    /// Parses [`Self::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// Whether the site's hospital, not a fault, kept the run out.
+    pub fn is_declined(self) -> bool {
+        matches!(
+            self,
+            SiteOutcome::Pending | SiteOutcome::Rejected | SiteOutcome::Paused
+        )
+    }
+}
+
+impl std::fmt::Display for SiteOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_round_trip() {
+        for o in SiteOutcome::ALL {
+            assert_eq!(SiteOutcome::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(SiteOutcome::parse("Accepted"), None);
+    }
 
     #[test]
     fn names_round_trip() {

@@ -1,6 +1,6 @@
 //! Conversions between wire types and domain types, and the metadata that carries identity.
 
-use medfl_core::run::RunStatus;
+use medfl_core::run::{RunStatus, SiteOutcome};
 use medfl_core::signing::{TaskClaim, UpdateClaim};
 use medfl_core::spec::DatasetInfo;
 
@@ -51,6 +51,44 @@ impl From<v1::DatasetSchema> for DatasetInfo {
             name: d.name,
             columns: d.columns,
         }
+    }
+}
+
+impl From<SiteOutcome> for v1::SiteOutcome {
+    fn from(o: SiteOutcome) -> Self {
+        match o {
+            SiteOutcome::Accepted => v1::SiteOutcome::Accepted,
+            SiteOutcome::Refused => v1::SiteOutcome::Refused,
+            SiteOutcome::Missing => v1::SiteOutcome::Missing,
+            SiteOutcome::Failed => v1::SiteOutcome::Failed,
+            SiteOutcome::Pending => v1::SiteOutcome::Pending,
+            SiteOutcome::Rejected => v1::SiteOutcome::Rejected,
+            SiteOutcome::Paused => v1::SiteOutcome::Paused,
+        }
+    }
+}
+
+/// The core outcome of a wire code; `None` for unspecified or unknown codes.
+pub fn site_outcome(code: i32) -> Option<SiteOutcome> {
+    Some(match v1::SiteOutcome::try_from(code).ok()? {
+        v1::SiteOutcome::Unspecified => return None,
+        v1::SiteOutcome::Accepted => SiteOutcome::Accepted,
+        v1::SiteOutcome::Refused => SiteOutcome::Refused,
+        v1::SiteOutcome::Missing => SiteOutcome::Missing,
+        v1::SiteOutcome::Failed => SiteOutcome::Failed,
+        v1::SiteOutcome::Pending => SiteOutcome::Pending,
+        v1::SiteOutcome::Rejected => SiteOutcome::Rejected,
+        v1::SiteOutcome::Paused => SiteOutcome::Paused,
+    })
+}
+
+/// The outcome a site's failure report stands for.
+pub fn declined_outcome(code: i32) -> SiteOutcome {
+    match v1::Declined::try_from(code) {
+        Ok(v1::Declined::PendingApproval) => SiteOutcome::Pending,
+        Ok(v1::Declined::Rejected) => SiteOutcome::Rejected,
+        Ok(v1::Declined::Paused) => SiteOutcome::Paused,
+        _ => SiteOutcome::Failed,
     }
 }
 

@@ -2,7 +2,6 @@
 //! tasks and do them; on a lost connection, back off exponentially with jitter and reconnect.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use medfl_core::selection::SplitMix64;
@@ -12,11 +11,15 @@ use tracing::{info, warn};
 
 use crate::client::Client;
 use crate::config::SiteConfig;
-use crate::worker::{CancelFlags, Worker};
+use crate::tasks::{CancelReason, Tasks};
+use crate::worker::Worker;
 use crate::SiteError;
 
 /// Longest a task poll may hang before the connection counts as dead.
 const POLL_LIMIT: Duration = Duration::from_secs(330);
+
+/// How long a stopping site waits for a task it cancelled to tell the coordinator so.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Exponential backoff with jitter: each delay is a random point in the upper half of
 /// `min * 2^n`, capped at `max`.
@@ -77,33 +80,51 @@ pub async fn run_observed(
         Duration::from_secs(cfg.reconnect_max_secs),
         seed,
     );
-    let cancels = worker.cancels.clone();
-    // Tells the plaintext warning to stop when the site does.
+    let tasks = worker.tasks().clone();
+    // Tells the watchers (and the session) to stop when the site does.
     let (stopping, stop_watch) = watch::channel(false);
     if cfg.tls_cert.is_none() {
         medfl_daemon::warn_plaintext("site", stop_watch.clone());
     }
-    watch_kill_switch(cfg.data_dir.clone(), cancels.clone(), stop_watch);
+    watch_kill_switch(cfg.data_dir.clone(), tasks.clone(), stop_watch.clone());
     tokio::pin!(shutdown);
     let result = loop {
-        tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            r = session(&mut worker, &mut backoff, &registrations) => match r {
-                // Only a refused identity is final: anything else is retried after a pause.
-                Err(e @ SiteError::Config(_)) => break Err(e),
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "lost the coordinator; reconnecting");
-                    tokio::select! {
-                        _ = &mut shutdown => break Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
+        let r = {
+            let connected = session(
+                &mut worker,
+                &mut backoff,
+                &registrations,
+                stop_watch.clone(),
+            );
+            tokio::pin!(connected);
+            tokio::select! {
+                _ = &mut shutdown => {
+                    stopping.send_replace(true);
+                    // A training task under way is cancelled and tells the coordinator it will
+                    // not answer, so no round waits for it; briefly, as the site is stopping.
+                    if tasks.cancel_all(CancelReason::ShuttingDown) > 0 {
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut connected).await;
                     }
+                    break Ok(());
                 }
-                Ok(()) => break Ok(()),
+                r = &mut connected => r,
             }
+        };
+        match r {
+            // Only a refused identity is final: anything else is retried after a pause.
+            Err(e @ SiteError::Config(_)) => break Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "lost the coordinator; reconnecting");
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Ok(()) => break Ok(()),
         }
     };
-    cancel_all(&cancels);
+    tasks.cancel_all(CancelReason::ShuttingDown);
     stopping.send_replace(true);
     info!(site = %cfg.name, "site stopped");
     result
@@ -113,11 +134,8 @@ pub async fn run_observed(
 const PAUSE_CHECK: Duration = Duration::from_millis(500);
 
 /// Cancels any training under way as soon as the hospital pauses the site, until `stop`.
-fn watch_kill_switch(
-    data_dir: std::path::PathBuf,
-    cancels: CancelFlags,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Only tasks in flight are cancelled: once resumed, the next task trains.
+fn watch_kill_switch(data_dir: std::path::PathBuf, tasks: Tasks, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(PAUSE_CHECK);
         let mut was_paused = false;
@@ -126,7 +144,7 @@ fn watch_kill_switch(
                 _ = every.tick() => {
                     let paused = crate::policy::is_paused(&data_dir);
                     if paused {
-                        cancel_all(&cancels);
+                        tasks.cancel_all(CancelReason::Paused);
                     }
                     if paused != was_paused {
                         info!(paused, "kill switch {}", if paused { "thrown: training stopped, nothing is sent" } else { "released" });
@@ -143,29 +161,33 @@ fn watch_kill_switch(
     });
 }
 
-fn cancel_all(cancels: &CancelFlags) {
-    if let Ok(cancels) = cancels.lock() {
-        for flag in cancels.values() {
-            flag.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-/// How often a running site looks for datasets registered or removed by hand.
+/// How often a running site looks for datasets registered or removed, and runs approved or
+/// rejected, by hand.
 const REGISTRY_CHECK: Duration = Duration::from_millis(500);
 
-/// One connection's life: register, then poll and work until the connection fails. Datasets
-/// registered or removed meanwhile are loaded and announced by registering again.
+/// What interrupted a poll.
+enum Interrupt {
+    /// The dataset registry changed.
+    Registry,
+    /// The approval queue changed.
+    Approvals,
+}
+
+/// One connection's life: register, then poll and work until the connection fails or `stop`
+/// turns true. Datasets registered or removed meanwhile are loaded and announced by registering
+/// again; tasks held while their run awaited approval are done once the hospital approves.
 async fn session(
     worker: &mut Worker,
     backoff: &mut Backoff,
     registrations: &watch::Sender<u64>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), SiteError> {
     let cfg = worker.config().clone();
     let mut client = Client::connect(&cfg, worker.token()).await?;
     // Catch up with registry changes made before this session (at start, or while the
     // coordinator was out of reach), then follow the file from here.
     let mut registry = crate::registry::stamp(&cfg.data_dir);
+    let mut approvals = crate::policy::stamp(&cfg.data_dir);
     follow_registry(worker);
     let reply = register(&mut client, worker).await?;
     worker.pin_coordinator_key(&reply.coordinator_public_key)?;
@@ -175,13 +197,18 @@ async fn session(
     registrations.send_modify(|n| *n += 1);
     let heartbeat = tokio::spawn(heartbeats(
         client.clone(),
-        worker.cancels.clone(),
+        worker.tasks().clone(),
         Duration::from_secs(u64::from(reply.heartbeat_interval_secs.max(1))),
     ));
     let _stop_heartbeats = AbortOnDrop(heartbeat);
     let mut check = tokio::time::interval(REGISTRY_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Decisions taken while the coordinator was out of reach.
+    worker.run_held(&mut client).await?;
     loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
         let mut poll = client.authed(v1::PollTaskRequest {});
         // A coordinator answers polls within its poll timeout; past this the link is dead.
         poll.set_timeout(POLL_LIMIT);
@@ -190,25 +217,37 @@ async fn session(
             tokio::pin!(reply);
             loop {
                 tokio::select! {
-                    r = &mut reply => break Some(r),
+                    r = &mut reply => break Ok(r),
                     _ = check.tick() => {
+                        // Dropping the poll loses nothing: tasks stay open at the coordinator.
                         let now = crate::registry::stamp(&cfg.data_dir);
                         if now != registry {
                             registry = now;
-                            // Dropping the poll loses nothing: tasks stay open at the coordinator.
-                            break None;
+                            break Err(Interrupt::Registry);
+                        }
+                        let now = crate::policy::stamp(&cfg.data_dir);
+                        if now != approvals {
+                            approvals = now;
+                            break Err(Interrupt::Approvals);
                         }
                     }
                 }
             }
         };
-        let Some(polled) = polled else {
-            if follow_registry(worker) {
-                register(&mut client, worker).await?;
-                info!(site = %cfg.name, datasets = ?worker.dataset_schemas().iter().map(|d| &d.name).collect::<Vec<_>>(), "datasets changed; coordinator told");
-                registrations.send_modify(|n| *n += 1);
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(Interrupt::Registry) => {
+                if follow_registry(worker) {
+                    register(&mut client, worker).await?;
+                    info!(site = %cfg.name, datasets = ?worker.dataset_schemas().iter().map(|d| &d.name).collect::<Vec<_>>(), "datasets changed; coordinator told");
+                    registrations.send_modify(|n| *n += 1);
+                }
+                continue;
             }
-            continue;
+            Err(Interrupt::Approvals) => {
+                worker.run_held(&mut client).await?;
+                continue;
+            }
         };
         let task = polled
             .map_err(|s| SiteError::Connect {
@@ -260,16 +299,14 @@ async fn register(client: &mut Client, worker: &Worker) -> Result<v1::RegisterRe
     Ok(reply)
 }
 
-/// Tells the coordinator the site is alive and which runs it works on; cancels stopped ones.
-async fn heartbeats(client: Client, cancels: CancelFlags, every: Duration) {
+/// Tells the coordinator the site is alive and which runs it works on; cancels the tasks of
+/// those it says ended.
+async fn heartbeats(client: Client, tasks: Tasks, every: Duration) {
     let mut client = client;
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let active_runs: Vec<String> = match cancels.lock() {
-            Ok(c) => c.keys().cloned().collect(),
-            Err(_) => Vec::new(),
-        };
+        let active_runs = tasks.active_runs();
         let Ok(reply) = client
             .site
             .heartbeat(client.authed(v1::HeartbeatRequest { active_runs }))
@@ -277,12 +314,9 @@ async fn heartbeats(client: Client, cancels: CancelFlags, every: Duration) {
         else {
             continue;
         };
-        if let Ok(mut cancels) = cancels.lock() {
-            for run in reply.into_inner().stopped_runs {
-                if let Some(flag) = cancels.remove(&run) {
-                    info!(run = %run, "run ended at the coordinator; abandoning its work");
-                    flag.store(true, Ordering::Relaxed);
-                }
+        for run in reply.into_inner().stopped_runs {
+            if tasks.run_stopped(&run) > 0 {
+                info!(run = %run, "run ended at the coordinator; abandoning its work");
             }
         }
     }

@@ -45,9 +45,9 @@ pub enum SiteError {
         /// What the researcher is told.
         reason: String,
     },
-    /// Training was cancelled (run stopped, site shutting down).
-    #[error("cancelled")]
-    Cancelled,
+    /// The task was cancelled (site paused, run stopped, site shutting down).
+    #[error("cancelled: {0}")]
+    Cancelled(crate::tasks::CancelReason),
 }
 
 impl SiteError {

@@ -5,6 +5,7 @@
 //! - [`config`]: layered configuration, datasets by name.
 //! - [`daemon`]: [`run`], the connect / register / poll loop with backoff.
 //! - [`worker`]: doing a train or evaluate task.
+//! - [`tasks`]: the tasks under way, each with its own cancellation token.
 //! - [`cache`]: verified, resumable downloads of global models.
 //! - [`base_fetch`]: fetching a pinned base model from the coordinator.
 //! - [`policy`]: the hospital's policy and the per-run approval queue.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod identity;
 pub mod policy;
 pub mod registry;
+pub mod tasks;
 pub mod worker;
 
 pub use config::SiteConfig;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use medfl_site::policy::{Approvals, Decision};
+use medfl_site::policy::{Approvals, Decided, Decision, Subject};
 use medfl_site::{run, SiteConfig};
 use serde_json::json;
 
@@ -27,9 +27,9 @@ enum Command {
     /// The hospital's decisions on the runs that reached this site.
     #[command(subcommand)]
     Runs(RunsCommand),
-    /// Same as `runs approve`.
+    /// Same as `runs approve`: approve a run by id, or ahead of time by name or spec SHA-256.
     Approve(ApproveArgs),
-    /// Same as `runs reject`.
+    /// Same as `runs reject`: reject a run by id, or ahead of time by name or spec SHA-256.
     Reject(RejectArgs),
     /// Kill switch: stop any training now and send nothing until `resume`.
     Pause {
@@ -68,27 +68,37 @@ enum DatasetCommand {
 
 #[derive(Subcommand)]
 enum RunsCommand {
-    /// Runs that reached this site and wait for approval (all runs with --all).
+    /// Runs that reached this site and wait for approval, with the SHA-256 of their spec
+    /// (with --all: every run with its decision, and the decisions taken ahead of time).
     Pending {
-        /// Every run with its decision.
+        /// Every run with its decision, and the decisions taken ahead of time.
         #[arg(long)]
         all: bool,
     },
-    /// Lets a run train on this site's data from its next task on.
+    /// Lets a run train on this site's data: a waiting run at once (a task it was holding
+    /// starts within a second), or ahead of time any run of a name, or the run whose spec has
+    /// a SHA-256. An approval holds for the spec the run first came with only.
     Approve(ApproveArgs),
-    /// Refuses a run; the researcher sees the reason.
+    /// Refuses a run (a waiting one, or ahead of time by name or spec SHA-256); the researcher
+    /// sees the reason.
     Reject(RejectArgs),
 }
 
+/// What the hospital approves.
 #[derive(ClapArgs)]
 struct ApproveArgs {
-    /// Run id.
+    /// The id of a run that reached this site; else 64 lowercase hex digits, the SHA-256 of a
+    /// run spec's file as the researcher submits it (`sha256sum spec.toml`); else a run name.
+    #[arg(value_name = "RUN_ID|SPEC_SHA256|NAME")]
     run: String,
 }
 
+/// What the hospital refuses, and why.
 #[derive(ClapArgs)]
 struct RejectArgs {
-    /// Run id.
+    /// The id of a run that reached this site; else 64 lowercase hex digits, the SHA-256 of a
+    /// run spec's file as the researcher submits it (`sha256sum spec.toml`); else a run name.
+    #[arg(value_name = "RUN_ID|SPEC_SHA256|NAME")]
     run: String,
     /// Why, as the researcher will read it.
     #[arg(long)]
@@ -126,8 +136,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The short form of a spec SHA-256 in listings.
+fn short(sha: &str) -> &str {
+    match sha {
+        "" => "-",
+        sha => sha.get(..12).unwrap_or(sha),
+    }
+}
+
 /// `medfl-site runs ...`: reads and writes the approval queue in the data directory, which the
-/// running daemon consults at every task.
+/// running daemon consults at every task (and watches, to start tasks it held for approval).
 fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
     let dir = &config.data_dir;
     match command {
@@ -138,31 +156,95 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
                 .iter()
                 .filter(|(_, a)| all || a.decision == Decision::Pending)
                 .collect();
-            if shown.is_empty() {
+            if shown.is_empty() && all {
+                println!("no run has reached `{}`", config.name);
+            } else if shown.is_empty() {
                 println!("no run waits for approval at `{}`", config.name);
             }
             for (id, a) in shown {
                 let decision = format!("{:?}", a.decision).to_lowercase();
                 println!(
-                    "{id}  {decision:<8}  {}: {}  {}",
-                    a.name, a.summary, a.reason
+                    "{id}  {decision:<8}  spec {}  {}: {}  {}",
+                    short(&a.spec_sha256),
+                    a.name,
+                    a.summary,
+                    a.reason
                 );
+            }
+            if all {
+                let ahead = queue
+                    .by_name
+                    .iter()
+                    .map(|(name, a)| (Subject::Name(name.clone()), a))
+                    .chain(
+                        queue
+                            .by_spec
+                            .iter()
+                            .map(|(sha, a)| (Subject::Spec(sha.clone()), a)),
+                    );
+                for (subject, a) in ahead {
+                    let decision = format!("{:?}", a.decision).to_lowercase();
+                    println!("ahead of time  {decision:<8}  {subject}  {}", a.reason);
+                }
             }
         }
         RunsCommand::Approve(ApproveArgs { run }) => {
-            let a = Approvals::decide(dir, &run, Decision::Approved, "")?;
-            let details = json!({ "name": a.name, "summary": a.summary });
-            record(config, "run_approved_by_hospital", Some(&run), details)?;
-            println!(
-                "approved {run} ({}); it trains here from its next task",
-                a.name
-            );
+            decide(config, &run, Decision::Approved, "")?;
         }
         RunsCommand::Reject(RejectArgs { run, reason }) => {
-            let a = Approvals::decide(dir, &run, Decision::Rejected, &reason)?;
-            let details = json!({ "name": a.name, "summary": a.summary, "reason": reason });
-            record(config, "run_rejected_by_hospital", Some(&run), details)?;
-            println!("rejected {run} ({}): {reason}", a.name);
+            decide(config, &run, Decision::Rejected, &reason)?;
+        }
+    }
+    Ok(())
+}
+
+/// Records the hospital's decision on what `arg` names, audits it and says what it means.
+fn decide(config: &SiteConfig, arg: &str, decision: Decision, reason: &str) -> anyhow::Result<()> {
+    let approved = decision == Decision::Approved;
+    let event = if approved {
+        "run_approved_by_hospital"
+    } else {
+        "run_rejected_by_hospital"
+    };
+    match Approvals::decide(&config.data_dir, arg, decision, reason)? {
+        Decided::Run { id, approval: a } => {
+            let mut details = json!({
+                "name": a.name,
+                "summary": a.summary,
+                "spec_sha256": a.spec_sha256,
+            });
+            if !approved {
+                details["reason"] = json!(reason);
+            }
+            record(config, event, Some(&id), details)?;
+            if approved {
+                println!(
+                    "approved {id} ({}, spec {}); it trains here from its next task",
+                    a.name,
+                    short(&a.spec_sha256)
+                );
+            } else {
+                println!("rejected {id} ({}): {reason}", a.name);
+            }
+        }
+        Decided::Ahead { subject, applied } => {
+            let mut details = json!({ "ahead": true, "applied_to": applied });
+            match &subject {
+                Subject::Spec(sha) => details["spec_sha256"] = json!(sha),
+                Subject::Name(name) | Subject::Run(name) => details["name"] = json!(name),
+            }
+            if !approved {
+                details["reason"] = json!(reason);
+            }
+            record(config, event, None, details)?;
+            let verb = if approved { "approved" } else { "rejected" };
+            println!(
+                "no run `{arg}` has reached `{}`: {verb} ahead of time {subject}",
+                config.name
+            );
+            if !applied.is_empty() {
+                println!("also {verb}, as it waited: {}", applied.join(", "));
+            }
         }
     }
     Ok(())

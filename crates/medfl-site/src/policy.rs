@@ -1,6 +1,8 @@
 //! The hospital decides what trains on its data: a policy (part of the site config) that every
 //! run must satisfy, and a queue of runs awaiting the hospital's approval, kept in
-//! `data_dir/approvals.json` so `medfl-site runs approve` works while the daemon runs.
+//! `data_dir/approvals.json` so `medfl-site runs approve` works while the daemon runs. Runs can
+//! be decided ahead of time by name or by spec SHA-256, and every decision is bound to the spec
+//! the run first came with.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -109,16 +111,129 @@ pub struct Approval {
     pub summary: String,
     /// Where it stands.
     pub decision: Decision,
+    /// Why it was rejected, or which decision taken ahead of time approved it.
+    #[serde(default)]
+    pub reason: String,
+    /// SHA-256 (lowercase hex) of the run spec as it first reached this site: the decision
+    /// holds for that spec only. Empty for runs queued before decisions were bound to specs
+    /// (bound at their next task).
+    #[serde(default)]
+    pub spec_sha256: String,
+}
+
+/// A decision the hospital took before the run reached this site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ahead {
+    /// Approved or rejected.
+    pub decision: Decision,
     /// Why it was rejected.
     #[serde(default)]
     pub reason: String,
 }
 
-/// The approval queue in `data_dir/approvals.json`, by run id.
+/// The approval queue in `data_dir/approvals.json`, by run id, and the decisions taken ahead
+/// of time, by run name and by run-spec SHA-256.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Approvals {
     /// Every run the site has seen.
     pub runs: BTreeMap<String, Approval>,
+    /// Decisions for any run of a name, taken before it arrived.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_name: BTreeMap<String, Ahead>,
+    /// Decisions for the run whose spec has a SHA-256, taken before it arrived.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_spec: BTreeMap<String, Ahead>,
+}
+
+/// What `medfl-site approve|reject ARG` decides on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A run in the queue, by id.
+    Run(String),
+    /// Any run of this name, ahead of time.
+    Name(String),
+    /// The run whose spec has this SHA-256, ahead of time.
+    Spec(String),
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Run(id) => write!(f, "run {id}"),
+            Subject::Name(name) => write!(f, "any run named `{name}`"),
+            Subject::Spec(sha) => write!(f, "the run whose spec has SHA-256 {sha}"),
+        }
+    }
+}
+
+/// A decision [`Approvals::decide`] recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decided {
+    /// On a run in the queue.
+    Run {
+        /// Its id.
+        id: String,
+        /// Its entry, as decided.
+        approval: Approval,
+    },
+    /// Ahead of time, by name or spec hash.
+    Ahead {
+        /// What it applies to.
+        subject: Subject,
+        /// Queued runs that awaited approval and were decided by it at once.
+        applied: Vec<String>,
+    },
+}
+
+/// A task whose run spec is not the one its run reached this site with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecChanged {
+    /// The run's id.
+    pub run: String,
+    /// Its name.
+    pub name: String,
+    /// The spec SHA-256 the hospital's decision is bound to.
+    pub bound: String,
+    /// The task's spec SHA-256.
+    pub new: String,
+}
+
+impl std::fmt::Display for SpecChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run `{}` ({}) reached this site with spec SHA-256 {}, but this task carries spec \
+             SHA-256 {}: the hospital's decision holds for the spec it was taken on only",
+            self.name, self.run, self.bound, self.new
+        )
+    }
+}
+
+impl SpecChanged {
+    /// The refusal the researcher sees.
+    pub fn into_error(self) -> SiteError {
+        Declined::Rejected.because(self.to_string())
+    }
+}
+
+/// Whether `text` is a run-spec SHA-256 as the hospital types it: 64 lowercase hex digits.
+pub fn is_spec_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// SHA-256 (lowercase hex) of a run spec's bytes exactly as received.
+pub fn spec_sha256(spec_toml: &str) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        spec_toml.as_bytes(),
+    ))
+}
+
+/// When and how big the approval queue was last written (`None` while there is none), for a
+/// running daemon to notice the hospital's decisions cheaply.
+pub fn stamp(data_dir: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(Approvals::path(data_dir)).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 impl Approvals {
@@ -137,8 +252,11 @@ impl Approvals {
         }
     }
 
-    /// Writes the queue atomically.
+    /// Writes the queue atomically (creating the data directory, for a decision taken ahead
+    /// of time before the daemon first ran).
     pub fn save(&self, data_dir: &Path) -> Result<(), SiteError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| SiteError::io(format!("creating {}", data_dir.display()), e))?;
         let path = Self::path(data_dir);
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| SiteError::Config(format!("approvals: {e}")))?;
@@ -146,24 +264,104 @@ impl Approvals {
             .map_err(|e| SiteError::io(format!("writing {}", path.display()), e))
     }
 
-    /// Records the hospital's decision on `run`.
+    /// What `arg` names: a run in the queue by id; else 64 lowercase hex digits name a run
+    /// spec by its SHA-256; anything else names runs by name.
+    pub fn subject(&self, arg: &str) -> Subject {
+        if self.runs.contains_key(arg) {
+            Subject::Run(arg.to_string())
+        } else if is_spec_sha256(arg) {
+            Subject::Spec(arg.to_string())
+        } else {
+            Subject::Name(arg.to_string())
+        }
+    }
+
+    /// The decision taken ahead of time for a run named `name` with spec `spec_sha256`, with
+    /// what it was taken on: one on the spec's hash, the more specific, before one on the name.
+    pub fn ahead_for(&self, name: &str, spec_sha256: &str) -> Option<(Subject, &Ahead)> {
+        self.by_spec
+            .get(spec_sha256)
+            .map(|a| (Subject::Spec(spec_sha256.to_string()), a))
+            .or_else(|| {
+                self.by_name
+                    .get(name)
+                    .map(|a| (Subject::Name(name.to_string()), a))
+            })
+    }
+
+    /// Whether a task of `run` carries another spec than the one its run is bound to.
+    pub fn spec_change(&self, run: &str, spec_sha256: &str) -> Option<SpecChanged> {
+        let a = self.runs.get(run)?;
+        (!a.spec_sha256.is_empty() && a.spec_sha256 != spec_sha256).then(|| SpecChanged {
+            run: run.to_string(),
+            name: a.name.clone(),
+            bound: a.spec_sha256.clone(),
+            new: spec_sha256.to_string(),
+        })
+    }
+
+    /// Where a task of queued `run` with spec `spec_sha256` stands, without changing anything:
+    /// rejected when its spec changed; `None` when the run is not queued.
+    pub fn standing(&self, run: &str, spec_sha256: &str) -> Option<Decision> {
+        if self.spec_change(run, spec_sha256).is_some() {
+            return Some(Decision::Rejected);
+        }
+        self.runs.get(run).map(|a| a.decision)
+    }
+
+    /// Records the hospital's decision on what `arg` names (see [`Approvals::subject`]). A
+    /// decision ahead of time also decides the queued runs it matches that await approval.
     pub fn decide(
         data_dir: &Path,
-        run: &str,
+        arg: &str,
         decision: Decision,
         reason: &str,
-    ) -> Result<Approval, SiteError> {
+    ) -> Result<Decided, SiteError> {
         let mut queue = Self::load(data_dir)?;
-        let entry = queue.runs.get_mut(run).ok_or_else(|| {
-            SiteError::Config(format!(
-                "run `{run}` has not reached this site (see `medfl-site runs pending`)"
-            ))
-        })?;
-        entry.decision = decision;
-        entry.reason = reason.to_string();
-        let entry = entry.clone();
+        let subject = queue.subject(arg);
+        let decided = match subject {
+            Subject::Run(id) => {
+                let entry = queue.runs.get_mut(&id).ok_or_else(|| {
+                    SiteError::Config(format!("run `{id}` has not reached this site"))
+                })?;
+                entry.decision = decision;
+                entry.reason = reason.to_string();
+                Decided::Run {
+                    approval: entry.clone(),
+                    id,
+                }
+            }
+            Subject::Name(_) | Subject::Spec(_) => {
+                let ahead = Ahead {
+                    decision,
+                    reason: reason.to_string(),
+                };
+                let (map, key) = match &subject {
+                    Subject::Spec(sha) => (&mut queue.by_spec, sha),
+                    Subject::Name(name) | Subject::Run(name) => (&mut queue.by_name, name),
+                };
+                map.insert(key.clone(), ahead);
+                let entry_reason = match decision {
+                    Decision::Approved => format!("approved ahead of time: {subject}"),
+                    _ => reason.to_string(),
+                };
+                let mut applied = Vec::new();
+                for (id, a) in &mut queue.runs {
+                    let matches = match &subject {
+                        Subject::Spec(sha) => a.spec_sha256 == *sha,
+                        Subject::Name(name) | Subject::Run(name) => a.name == *name,
+                    };
+                    if matches && a.decision == Decision::Pending {
+                        a.decision = decision;
+                        a.reason = entry_reason.clone();
+                        applied.push(id.clone());
+                    }
+                }
+                Decided::Ahead { subject, applied }
+            }
+        };
         queue.save(data_dir)?;
-        Ok(entry)
+        Ok(decided)
     }
 }
 
@@ -211,34 +409,61 @@ pub fn set_paused(data_dir: &Path, paused: Option<&str>) -> Result<(), SiteError
     }
 }
 
-/// Whether `run` (spec `spec`, update of `update_bytes`) may train at the site in `data_dir`
-/// under `policy`: a run outside the policy is rejected for good; one needing approval is queued
-/// and waits. Returns the event to audit when the queue changed.
+/// The refusal of a run waiting in the queue.
+fn awaiting(name: &str, run: &str) -> SiteError {
+    Declined::PendingApproval.because(format!(
+        "run `{name}` awaits the hospital's approval (medfl-site runs approve {run})"
+    ))
+}
+
+/// Whether `run` (spec `spec` whose SHA-256 is `spec_sha256`, update of `update_bytes`) may
+/// train at the site in `data_dir` under `policy`: a run outside the policy is rejected for
+/// good; one decided ahead of time (by name or spec hash) is decided so; one needing approval
+/// is queued and waits. The decision is bound to the spec the run first came with: a task
+/// carrying another spec is rejected. Returns the entry to audit when the queue admitted a
+/// new run.
 pub fn admit(
     policy: &Policy,
     data_dir: &Path,
     run: &str,
     spec: &RunSpec,
+    spec_sha256: &str,
     update_bytes: u64,
 ) -> Result<Option<Approval>, SiteError> {
     let mut queue = Approvals::load(data_dir)?;
-    if let Some(a) = queue.runs.get(run) {
+    if let Some(changed) = queue.spec_change(run, spec_sha256) {
+        return Err(changed.into_error());
+    }
+    if let Some(a) = queue.runs.get_mut(run) {
+        let a = if a.spec_sha256.is_empty() {
+            // Queued before decisions were bound to specs: bound to this one from now on.
+            a.spec_sha256 = spec_sha256.to_string();
+            let a = a.clone();
+            queue.save(data_dir)?;
+            a
+        } else {
+            a.clone()
+        };
         return match a.decision {
             Decision::Approved => Ok(None),
-            Decision::Pending => Err(Declined::PendingApproval.because(format!(
-                "run `{}` awaits the hospital's approval (medfl-site runs approve {run})",
-                a.name
-            ))),
+            Decision::Pending => Err(awaiting(&a.name, run)),
             Decision::Rejected => {
                 Err(Declined::Rejected.because(format!("rejected by the hospital: {}", a.reason)))
             }
         };
     }
     let violation = policy.violation(spec, update_bytes);
-    let decision = match (&violation, policy.auto_approves(spec)) {
-        (Some(_), _) => Decision::Rejected,
-        (None, true) => Decision::Approved,
-        (None, false) => Decision::Pending,
+    let ahead = queue
+        .ahead_for(&spec.name, spec_sha256)
+        .map(|(subject, a)| (subject, a.clone()));
+    let (decision, reason) = match (&violation, ahead) {
+        (Some(v), _) => (Decision::Rejected, format!("policy: {v}")),
+        (None, Some((subject, a))) => match a.decision {
+            Decision::Approved => (a.decision, format!("approved ahead of time: {subject}")),
+            _ => (a.decision, a.reason),
+        },
+        (None, None) if policy.auto_approves(spec) => (Decision::Approved, String::new()),
+        (None, None) => (Decision::Pending, String::new()),
     };
     let summary = format!(
         "{} on `{}` with {}",
@@ -254,36 +479,37 @@ pub fn admit(
         dataset: spec.task.dataset.clone(),
         summary,
         decision,
-        reason: violation
-            .as_ref()
-            .map(|v| format!("policy: {v}"))
-            .unwrap_or_default(),
+        reason,
+        spec_sha256: spec_sha256.to_string(),
     };
     queue.runs.insert(run.to_string(), entry.clone());
     queue.save(data_dir)?;
-    match decision {
-        Decision::Approved => Ok(Some(entry)),
-        Decision::Pending => Err(Declined::PendingApproval.because(format!(
-            "run `{}` awaits the hospital's approval (medfl-site runs approve {run})",
-            spec.name
-        ))),
-        Decision::Rejected => Err(Declined::Rejected.because(format!(
-            "rejected by the site's policy: {}",
-            violation.unwrap_or_default()
-        ))),
+    match (decision, violation) {
+        (Decision::Approved, _) => Ok(Some(entry)),
+        (Decision::Pending, _) => Err(awaiting(&spec.name, run)),
+        (Decision::Rejected, Some(v)) => {
+            Err(Declined::Rejected.because(format!("rejected by the site's policy: {v}")))
+        }
+        (Decision::Rejected, None) => {
+            Err(Declined::Rejected.because(format!("rejected by the hospital: {}", entry.reason)))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::spec_sha256 as sha;
     use super::*;
 
-    fn spec(extra: &str) -> RunSpec {
-        RunSpec::from_toml(&format!(
-            "name = \"r\"\nrounds = 1\n[model]\nkind = \"mlp\"\n[task]\ndataset = \"bc\"\n\
+    fn spec_toml(name: &str, extra: &str) -> String {
+        format!(
+            "name = \"{name}\"\nrounds = 1\n[model]\nkind = \"mlp\"\n[task]\ndataset = \"bc\"\n\
              features = [\"a\"]\nlabel = \"y\"\nlabels = [\"0\", \"1\"]\n{extra}"
-        ))
-        .unwrap()
+        )
+    }
+
+    fn spec(extra: &str) -> RunSpec {
+        RunSpec::from_toml(&spec_toml("r", extra)).unwrap()
     }
 
     #[test]
@@ -314,44 +540,223 @@ mod tests {
         assert!(p.violation(&spec(""), 101).unwrap().contains("101 bytes"));
     }
 
+    fn declined(result: Result<Option<Approval>, SiteError>) -> (Declined, String) {
+        match result {
+            Err(SiteError::Declined { kind, reason }) => (kind, reason),
+            other => panic!("expected a decline, got {other:?}"),
+        }
+    }
+
+    fn manual() -> Policy {
+        Policy {
+            require_approval: true,
+            ..Policy::default()
+        }
+    }
+
     #[test]
     fn runs_wait_for_approval_and_decisions_stick() {
         let dir = tempfile::tempdir().unwrap();
-        let manual = Policy {
-            require_approval: true,
-            ..Policy::default()
-        };
+        let manual = manual();
         let s = spec("");
-        let err = admit(&manual, dir.path(), "run-1", &s, 8).unwrap_err();
-        assert!(
-            matches!(&err, SiteError::Declined { kind: Declined::PendingApproval, reason }
-                if reason.contains("awaits")),
-            "{err}"
-        );
-        let err = admit(&manual, dir.path(), "run-1", &s, 8).unwrap_err();
-        assert!(
-            matches!(&err, SiteError::Declined { kind: Declined::PendingApproval, reason }
-                if reason.contains("awaits")),
-            "{err}"
-        );
-        Approvals::decide(dir.path(), "run-1", Decision::Approved, "").unwrap();
-        assert!(admit(&manual, dir.path(), "run-1", &s, 8)
+        let h = sha("spec");
+        for _ in 0..2 {
+            let (kind, reason) = declined(admit(&manual, dir.path(), "run-1", &s, &h, 8));
+            assert_eq!(kind, Declined::PendingApproval);
+            assert!(reason.contains("awaits"), "{reason}");
+        }
+        let queue = Approvals::load(dir.path()).unwrap();
+        assert_eq!(queue.runs["run-1"].spec_sha256, h);
+        assert_eq!(queue.standing("run-1", &h), Some(Decision::Pending));
+        let decided = Approvals::decide(dir.path(), "run-1", Decision::Approved, "").unwrap();
+        assert!(matches!(decided, Decided::Run { id, .. } if id == "run-1"));
+        assert!(admit(&manual, dir.path(), "run-1", &s, &h, 8)
             .unwrap()
             .is_none());
-        let _ = admit(&manual, dir.path(), "run-2", &s, 8);
+        let _ = admit(&manual, dir.path(), "run-2", &s, &h, 8);
         Approvals::decide(dir.path(), "run-2", Decision::Rejected, "not this study").unwrap();
-        let err = admit(&manual, dir.path(), "run-2", &s, 8).unwrap_err();
-        assert!(
-            matches!(&err, SiteError::Declined { kind: Declined::Rejected, reason }
-                if reason.contains("not this study")),
-            "{err}"
-        );
-        assert!(Approvals::decide(dir.path(), "run-9", Decision::Approved, "").is_err());
+        let (kind, reason) = declined(admit(&manual, dir.path(), "run-2", &s, &h, 8));
+        assert_eq!(kind, Declined::Rejected);
+        assert!(reason.contains("not this study"), "{reason}");
         let auto = Policy {
             require_approval: true,
             auto_approve_datasets: vec!["bc".into()],
             ..Policy::default()
         };
-        assert!(admit(&auto, dir.path(), "run-3", &s, 8).unwrap().is_some());
+        assert!(admit(&auto, dir.path(), "run-3", &s, &h, 8)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn what_the_hospital_names_is_a_run_a_spec_hash_or_a_name() {
+        let mut queue = Approvals::default();
+        let h = sha("x");
+        assert_eq!(queue.subject(&h), Subject::Spec(h.clone()));
+        assert_eq!(
+            queue.subject(&h.to_uppercase()),
+            Subject::Name(h.to_uppercase())
+        );
+        assert_eq!(queue.subject(&h[1..]), Subject::Name(h[1..].to_string()));
+        assert_eq!(queue.subject("sepsis"), Subject::Name("sepsis".into()));
+        queue.runs.insert(
+            "sepsis".into(),
+            Approval {
+                name: "other".into(),
+                dataset: "bc".into(),
+                summary: String::new(),
+                decision: Decision::Pending,
+                reason: String::new(),
+                spec_sha256: h,
+            },
+        );
+        assert_eq!(queue.subject("sepsis"), Subject::Run("sepsis".into()));
+    }
+
+    #[test]
+    fn a_run_approved_ahead_by_name_is_admitted_and_bound_to_its_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let decided = Approvals::decide(dir.path(), "r", Decision::Approved, "").unwrap();
+        assert_eq!(
+            decided,
+            Decided::Ahead {
+                subject: Subject::Name("r".into()),
+                applied: vec![]
+            }
+        );
+        let first = spec_toml("r", "");
+        let approved = admit(&manual(), dir.path(), "run-1", &spec(""), &sha(&first), 8)
+            .unwrap()
+            .expect("approved on arrival");
+        assert_eq!(approved.decision, Decision::Approved);
+        assert_eq!(approved.spec_sha256, sha(&first));
+        assert!(
+            approved.reason.contains("any run named `r`"),
+            "{approved:?}"
+        );
+        // The same run later asks with another spec: refused, naming both hashes.
+        let changed = spec_toml("r", "[training]\nlocal_epochs = 50\n");
+        let (kind, reason) = declined(admit(
+            &manual(),
+            dir.path(),
+            "run-1",
+            &spec("[training]\nlocal_epochs = 50\n"),
+            &sha(&changed),
+            8,
+        ));
+        assert_eq!(kind, Declined::Rejected);
+        assert!(
+            reason.contains("run-1")
+                && reason.contains(&sha(&first))
+                && reason.contains(&sha(&changed)),
+            "{reason}"
+        );
+        let queue = Approvals::load(dir.path()).unwrap();
+        assert_eq!(
+            queue.spec_change("run-1", &sha(&changed)),
+            Some(SpecChanged {
+                run: "run-1".into(),
+                name: "r".into(),
+                bound: sha(&first),
+                new: sha(&changed),
+            })
+        );
+        assert_eq!(
+            queue.standing("run-1", &sha(&changed)),
+            Some(Decision::Rejected)
+        );
+        // The approval itself stands for the spec it was bound to.
+        assert_eq!(
+            queue.standing("run-1", &sha(&first)),
+            Some(Decision::Approved)
+        );
+        assert!(
+            admit(&manual(), dir.path(), "run-1", &spec(""), &sha(&first), 8)
+                .unwrap()
+                .is_none()
+        );
+        // Another run of that name is approved too (by name), bound to its own spec.
+        assert!(
+            admit(&manual(), dir.path(), "run-2", &spec(""), &sha(&changed), 8)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_spec_hash_approves_that_spec_only_and_beats_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = sha(&spec_toml("r", ""));
+        let other = sha(&spec_toml("r", "seed = 7\n"));
+        Approvals::decide(dir.path(), "r", Decision::Rejected, "not this study").unwrap();
+        let decided = Approvals::decide(dir.path(), &good, Decision::Approved, "").unwrap();
+        assert!(matches!(decided, Decided::Ahead { subject: Subject::Spec(h), .. } if h == good));
+        assert!(admit(&manual(), dir.path(), "run-1", &spec(""), &good, 8)
+            .unwrap()
+            .is_some());
+        let (kind, reason) = declined(admit(&manual(), dir.path(), "run-2", &spec(""), &other, 8));
+        assert_eq!(kind, Declined::Rejected);
+        assert!(reason.contains("not this study"), "{reason}");
+        // A rejection ahead by hash.
+        Approvals::decide(dir.path(), &other, Decision::Rejected, "too many epochs").unwrap();
+        let (kind, reason) = declined(admit(&manual(), dir.path(), "run-3", &spec(""), &other, 8));
+        assert_eq!(kind, Declined::Rejected);
+        assert!(reason.contains("too many epochs"), "{reason}");
+        // The policy still applies to runs approved ahead of time.
+        let strict = Policy {
+            strategies: vec!["median".into()],
+            ..manual()
+        };
+        let (kind, reason) = declined(admit(&strict, dir.path(), "run-4", &spec(""), &good, 8));
+        assert_eq!(kind, Declined::Rejected);
+        assert!(reason.contains("policy"), "{reason}");
+    }
+
+    #[test]
+    fn deciding_ahead_decides_the_runs_already_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = sha("spec");
+        let _ = admit(&manual(), dir.path(), "run-1", &spec(""), &h, 8);
+        let _ = admit(&manual(), dir.path(), "run-2", &spec(""), &sha("other"), 8);
+        let decided = Approvals::decide(dir.path(), &h, Decision::Approved, "").unwrap();
+        assert_eq!(
+            decided,
+            Decided::Ahead {
+                subject: Subject::Spec(h.clone()),
+                applied: vec!["run-1".into()]
+            }
+        );
+        let queue = Approvals::load(dir.path()).unwrap();
+        assert_eq!(queue.standing("run-1", &h), Some(Decision::Approved));
+        assert_eq!(
+            queue.standing("run-2", &sha("other")),
+            Some(Decision::Pending)
+        );
+        assert_eq!(queue.standing("run-9", &h), None);
+        Approvals::decide(dir.path(), "r", Decision::Rejected, "no").unwrap();
+        let queue = Approvals::load(dir.path()).unwrap();
+        // A decided run keeps its decision; the waiting one gets the rejection.
+        assert_eq!(queue.runs["run-1"].decision, Decision::Approved);
+        assert_eq!(queue.runs["run-2"].decision, Decision::Rejected);
+        assert_eq!(queue.runs["run-2"].reason, "no");
+    }
+
+    #[test]
+    fn queues_written_before_spec_binding_still_load_and_bind_at_the_next_task() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("approvals.json"),
+            r#"{"runs":{"run-1":{"name":"r","dataset":"bc","summary":"s","decision":"approved"}}}"#,
+        )
+        .unwrap();
+        let h = sha("spec");
+        assert!(admit(&manual(), dir.path(), "run-1", &spec(""), &h, 8)
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            Approvals::load(dir.path()).unwrap().runs["run-1"].spec_sha256,
+            h
+        );
+        assert!(admit(&manual(), dir.path(), "run-1", &spec(""), &sha("x"), 8).is_err());
     }
 }

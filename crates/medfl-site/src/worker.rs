@@ -2,8 +2,7 @@
 //! evaluate off the async threads, and send the result.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use medfl_audit::{AuditLog, Event};
 use medfl_core::safetensors::{decode, encode};
@@ -21,7 +20,8 @@ use crate::cache::ModelCache;
 use crate::client::Client;
 use crate::config::{DatasetConfig, SiteConfig};
 use crate::identity::SiteState;
-use crate::policy::Declined;
+use crate::policy::{Approvals, Decision, Declined};
+use crate::tasks::{CancelReason, CancelToken, TaskKey, Tasks};
 use crate::SiteError;
 
 /// What the researcher is told while the kill switch is thrown.
@@ -31,6 +31,8 @@ const PAUSED: &str = "paused by the hospital (medfl-site resume to continue)";
 /// statistics), and its model.
 struct Prepared {
     spec: RunSpec,
+    /// SHA-256 of the spec as received: data prepared for one spec never serves another.
+    spec_sha256: String,
     model: Arc<dyn LocalModel>,
     train: Data,
     validation: Data,
@@ -68,9 +70,6 @@ impl Dataset {
     }
 }
 
-/// Cancellation flags of the runs being worked on, shared with the heartbeat task.
-pub type CancelFlags = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
-
 /// The site's worker: its data, state and model cache.
 pub struct Worker {
     config: SiteConfig,
@@ -83,8 +82,12 @@ pub struct Worker {
     state: SiteState,
     cache: ModelCache,
     prepared: HashMap<String, Arc<Prepared>>,
-    /// Set by the heartbeat when a run is stopped, and by shutdown.
-    pub cancels: CancelFlags,
+    /// Tasks under way with their cancellation tokens, and the runs worked on: shared with the
+    /// heartbeat (runs stopped at the coordinator), the kill switch and shutdown.
+    tasks: Tasks,
+    /// The latest task of each run declined while the run awaited the hospital's approval: the
+    /// coordinator does not hand it out again, so it is done here once the hospital approves.
+    held: BTreeMap<String, v1::Task>,
     /// What this site did and sent, hash-chained in `data_dir/audit.jsonl`.
     audit: AuditLog,
     /// Upload chunk size, from the coordinator.
@@ -164,7 +167,8 @@ impl Worker {
             state,
             cache,
             prepared: HashMap::new(),
-            cancels: Arc::default(),
+            tasks: Tasks::default(),
+            held: BTreeMap::new(),
             audit,
             chunk_size: 1 << 20,
             signer,
@@ -183,6 +187,16 @@ impl Worker {
     /// The site's configuration.
     pub fn config(&self) -> &SiteConfig {
         &self.config
+    }
+
+    /// The tasks under way and the runs worked on, shared with the daemon's watchers.
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// Runs with a task held while they await the hospital's approval.
+    pub fn held_runs(&self) -> Vec<String> {
+        self.held.keys().cloned().collect()
     }
 
     /// The site's secret token.
@@ -328,10 +342,12 @@ impl Worker {
         Ok(())
     }
 
-    fn prepare(&mut self, task: &v1::Task, spec: RunSpec) -> Result<Arc<Prepared>, SiteError> {
-        if let Some(p) = self.prepared.get(&task.run_id) {
-            return Ok(p.clone());
-        }
+    fn prepare(
+        &mut self,
+        task: &v1::Task,
+        spec: RunSpec,
+        spec_sha256: String,
+    ) -> Result<Arc<Prepared>, SiteError> {
         let dataset = self.datasets.get(&spec.task.dataset).ok_or_else(|| {
             SiteError::Task(format!(
                 "site `{}` has no dataset named `{}`",
@@ -377,6 +393,7 @@ impl Worker {
             train,
             validation,
             spec,
+            spec_sha256,
         });
         info!(
             run = %task.run_id,
@@ -389,85 +406,168 @@ impl Worker {
         Ok(prepared)
     }
 
-    fn cancel_flag(&self, run_id: &str) -> Arc<AtomicBool> {
-        let mut cancels = match self.cancels.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        cancels.entry(run_id.to_string()).or_default().clone()
-    }
-
-    /// Does one task. Task-level problems are reported to the coordinator and logged;
-    /// connection problems are returned so the caller reconnects.
-    pub async fn handle(&mut self, client: &mut Client, task: v1::Task) -> Result<(), SiteError> {
-        let (run, round, attempt) = (task.run_id.clone(), task.round, task.attempt);
-        match self.execute(client, &task).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_disconnect() => Err(e),
-            Err(SiteError::Cancelled) if !crate::policy::is_paused(&self.config.data_dir) => {
-                info!(run = %run, round, site = %self.config.name, "task cancelled");
-                Ok(())
-            }
-            Err(e) => {
-                // Paused mid-task: the kill switch, not a fault, stopped it.
-                let e = match e {
-                    SiteError::Cancelled => Declined::Paused.because(PAUSED.into()),
-                    e => e,
-                };
-                // A refused result (late, duplicate, over the norm bound), a task this site
-                // cannot do, or a run the hospital keeps out: either way, tell the coordinator
-                // not to wait for it this round.
-                let (what, declined) = match &e {
-                    SiteError::Rpc(_) => ("result refused", v1::Declined::Unspecified),
-                    SiteError::Declined { kind, .. } => (
-                        "task declined",
-                        match kind {
-                            Declined::PendingApproval => v1::Declined::PendingApproval,
-                            Declined::Rejected => v1::Declined::Rejected,
-                            Declined::Paused => v1::Declined::Paused,
-                        },
-                    ),
-                    _ => ("task failed", v1::Declined::Unspecified),
-                };
-                warn!(run = %run, round, site = %self.config.name, error = %e, "{what}");
-                self.audit(
-                    Event::new(
-                        "task_failed",
-                        json!({ "what": what, "reason": e.to_string() }),
-                    )
-                    .run(run.clone())
-                    .round(round),
-                );
-                let reply = client
-                    .site
-                    .report_task_failure(client.authed(v1::ReportTaskFailureRequest {
-                        run_id: run,
-                        round,
-                        attempt,
-                        // A decline's kind is shown beside its reason already.
-                        reason: if declined == v1::Declined::Unspecified {
-                            format!("{what}: {e}")
-                        } else {
-                            e.to_string()
-                        },
-                        declined: declined.into(),
-                    }))
-                    .await;
-                match reply {
-                    Err(status) if SiteError::Rpc(status.clone()).is_disconnect() => {
-                        Err(SiteError::Rpc(status))
-                    }
-                    // The run may have ended meanwhile: nothing more to say.
-                    _ => Ok(()),
-                }
+    /// Forgets what was kept for runs the coordinator said ended: their prepared data and
+    /// held tasks.
+    fn forget_ended_runs(&mut self) {
+        for run in self.tasks.take_ended() {
+            self.prepared.remove(&run);
+            if self.held.remove(&run).is_some() {
+                info!(run = %run, site = %self.config.name, "run ended at the coordinator; its held task is dropped");
             }
         }
+    }
+
+    /// Does one task. A task this site will not answer (declined, cancelled, failed, its
+    /// result refused) is always reported to the coordinator, so no round waits for it;
+    /// connection problems are returned so the caller reconnects.
+    pub async fn handle(&mut self, client: &mut Client, task: v1::Task) -> Result<(), SiteError> {
+        self.forget_ended_runs();
+        // A newer task of a run supersedes the one held for it.
+        self.held.remove(&task.run_id);
+        self.tasks.work_on(&task.run_id);
+        let e = match self.execute(client, &task).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_disconnect() => return Err(e),
+            // The kill switch, not a fault, stopped it mid-task.
+            Err(SiteError::Cancelled(CancelReason::Paused)) => {
+                Declined::Paused.because(PAUSED.into())
+            }
+            Err(e) => e,
+        };
+        let (run, round, attempt) = (task.run_id.clone(), task.round, task.attempt);
+        // A refused result (late, duplicate, over the norm bound), a task this site cannot do,
+        // a run the hospital keeps out, or work cancelled (the run ended, the site stops):
+        // either way, tell the coordinator not to wait for it this round.
+        let (what, declined) = match &e {
+            SiteError::Rpc(_) => ("result refused", v1::Declined::Unspecified),
+            SiteError::Declined { kind, .. } => (
+                "task declined",
+                match kind {
+                    Declined::PendingApproval => v1::Declined::PendingApproval,
+                    Declined::Rejected => v1::Declined::Rejected,
+                    Declined::Paused => v1::Declined::Paused,
+                },
+            ),
+            SiteError::Cancelled(_) => ("task cancelled", v1::Declined::Unspecified),
+            _ => ("task failed", v1::Declined::Unspecified),
+        };
+        if declined == v1::Declined::PendingApproval {
+            // The coordinator keeps this site's place in the round and does not hand the task
+            // out again: it is done from here once the hospital approves.
+            self.held.insert(run.clone(), task);
+        }
+        if matches!(e, SiteError::Cancelled(_)) {
+            info!(run = %run, round, site = %self.config.name, reason = %e, "{what}");
+        } else {
+            warn!(run = %run, round, site = %self.config.name, error = %e, "{what}");
+        }
+        self.audit(
+            Event::new(
+                "task_failed",
+                json!({ "what": what, "reason": e.to_string() }),
+            )
+            .run(run.clone())
+            .round(round),
+        );
+        let reply = client
+            .site
+            .report_task_failure(client.authed(v1::ReportTaskFailureRequest {
+                run_id: run,
+                round,
+                attempt,
+                // A decline's kind is shown beside its reason already; a cancellation says so.
+                reason: if declined == v1::Declined::Unspecified
+                    && !matches!(e, SiteError::Cancelled(_))
+                {
+                    format!("{what}: {e}")
+                } else {
+                    e.to_string()
+                },
+                declined: declined.into(),
+            }))
+            .await;
+        match reply {
+            Err(status) if SiteError::Rpc(status.clone()).is_disconnect() => {
+                Err(SiteError::Rpc(status))
+            }
+            // The run may have ended meanwhile: nothing more to say.
+            _ => Ok(()),
+        }
+    }
+
+    /// Does the tasks held while their runs awaited approval, once the hospital decided: an
+    /// approved run's task is trained (or evaluated) and sent now, without waiting for the
+    /// coordinator to hand it out again; a rejected one is declined to the coordinator. Held
+    /// tasks past their deadline, or of runs that ended, are dropped.
+    pub async fn run_held(&mut self, client: &mut Client) -> Result<(), SiteError> {
+        self.forget_ended_runs();
+        let now = crate::audit::now_ms();
+        let site = self.config.name.clone();
+        self.held.retain(|run, task| {
+            let live = task.deadline_unix_ms > now;
+            if !live {
+                debug!(run = %run, round = task.round, site = %site, "held task past its deadline; dropped");
+            }
+            live
+        });
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let queue = match Approvals::load(&self.config.data_dir) {
+            Ok(queue) => queue,
+            Err(e) => {
+                warn!(site = %site, error = %e, "approval queue unreadable; held tasks wait");
+                return Ok(());
+            }
+        };
+        let decided: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(run, task)| {
+                let sha = crate::policy::spec_sha256(&task.spec_toml);
+                matches!(
+                    queue.standing(run, &sha),
+                    Some(Decision::Approved | Decision::Rejected)
+                )
+            })
+            .map(|(run, _)| run.clone())
+            .collect();
+        for run in decided {
+            let Some(task) = self.held.remove(&run) else {
+                continue;
+            };
+            info!(run = %run, round = task.round, site = %site, "the hospital decided; doing the task held for it");
+            self.handle(client, task).await?;
+        }
+        Ok(())
     }
 
     async fn execute(&mut self, client: &mut Client, task: &v1::Task) -> Result<(), SiteError> {
         self.verify_task(task)?;
         self.check_not_paused()?;
-        let prepared = match self.prepared.get(&task.run_id) {
+        // The hospital's decision on a run holds for the spec it first came with only.
+        let spec_sha256 = crate::policy::spec_sha256(&task.spec_toml);
+        let queue = Approvals::load(&self.config.data_dir)?;
+        if let Some(changed) = queue.spec_change(&task.run_id, &spec_sha256) {
+            self.audit(
+                Event::new(
+                    "run_spec_changed",
+                    json!({
+                        "name": changed.name,
+                        "bound_spec_sha256": changed.bound,
+                        "spec_sha256": changed.new,
+                    }),
+                )
+                .run(task.run_id.clone())
+                .round(task.round),
+            );
+            return Err(changed.into_error());
+        }
+        let cached = self
+            .prepared
+            .get(&task.run_id)
+            .filter(|p| p.spec_sha256 == spec_sha256);
+        let prepared = match cached {
             Some(p) => p.clone(),
             None => {
                 let spec = RunSpec::from_toml(&task.spec_toml)?;
@@ -478,7 +578,7 @@ impl Worker {
                     );
                 }
                 self.ensure_base(client, &spec).await?;
-                self.prepare(task, spec)?
+                self.prepare(task, spec, spec_sha256.clone())?
             }
         };
         // The hospital decides, at every task: its policy, then its approval queue.
@@ -488,13 +588,15 @@ impl Worker {
             &self.config.data_dir,
             &task.run_id,
             &prepared.spec,
+            &spec_sha256,
             update_bytes,
         );
         // Audited: every refusal, and the first admission of a run (approved by policy or by the
         // hospital) since this daemon started.
         let first = admitted.is_ok() && self.admitted.insert(task.run_id.clone());
         let event = match &admitted {
-            Ok(Some(a)) => Some(("run_approved", a.summary.clone())),
+            Ok(Some(a)) if a.reason.is_empty() => Some(("run_approved", a.summary.clone())),
+            Ok(Some(a)) => Some(("run_approved", format!("{} ({})", a.summary, a.reason))),
             Ok(None) if first => Some(("run_admitted", "approved by the hospital".into())),
             Err(e) => Some(("run_not_admitted", e.to_string())),
             Ok(None) => None,
@@ -503,14 +605,27 @@ impl Worker {
             self.audit(
                 Event::new(
                     what,
-                    json!({ "name": prepared.spec.name, "detail": detail }),
+                    json!({
+                        "name": prepared.spec.name,
+                        "detail": detail,
+                        "spec_sha256": spec_sha256,
+                    }),
                 )
                 .run(task.run_id.clone()),
             );
         }
         admitted?;
 
-        let cancel = self.cancel_flag(&task.run_id);
+        let kind = v1::TaskKind::try_from(task.kind);
+        // A training task can be cancelled (kill switch, run stopped, shutdown) from here on;
+        // an evaluation is short and answers anyway.
+        let guard = matches!(kind, Ok(v1::TaskKind::Train)).then(|| {
+            self.tasks.begin(TaskKey {
+                run: task.run_id.clone(),
+                round: task.round,
+                attempt: task.attempt,
+            })
+        });
         let (bytes, downloaded) = self
             .cache
             .fetch(client, &task.global_sha256, task.global_size)
@@ -532,9 +647,13 @@ impl Worker {
         let global = tokio::task::spawn_blocking(move || decode(&bytes))
             .await
             .map_err(|e| SiteError::Task(format!("decoding task: {e}")))??;
-        match v1::TaskKind::try_from(task.kind) {
-            Ok(v1::TaskKind::Train) => self.train(client, task, prepared, global, cancel).await,
-            Ok(v1::TaskKind::Evaluate) => self.evaluate(client, task, prepared, global).await,
+        match (kind, &guard) {
+            (Ok(v1::TaskKind::Train), Some(guard)) => {
+                let token = guard.token().clone();
+                token.check()?;
+                self.train(client, task, prepared, global, token).await
+            }
+            (Ok(v1::TaskKind::Evaluate), _) => self.evaluate(client, task, prepared, global).await,
             _ => Err(SiteError::Task(format!("unknown task kind {}", task.kind))),
         }
     }
@@ -545,7 +664,7 @@ impl Worker {
         task: &v1::Task,
         prepared: Arc<Prepared>,
         global: medfl_core::ModelParams,
-        cancel: Arc<AtomicBool>,
+        token: Arc<CancelToken>,
     ) -> Result<(), SiteError> {
         // The same for every attempt at a round: a retried or resumed round trains identically.
         let seed = prepared.spec.seed ^ fnv1a(&self.config.name) ^ (u64::from(task.round) << 20);
@@ -553,8 +672,9 @@ impl Worker {
         let (run, round, site) = (task.run_id.clone(), task.round, self.config.name.clone());
         info!(run = %run, round, site = %site, examples = prepared.train.len(), "training");
         let started = std::time::Instant::now();
+        let cancel = token.clone();
         let (report, distance) = tokio::task::spawn_blocking(move || {
-            let report = prepared.model.train(&global, &prepared.train, &opts, &cancel, &mut |p| {
+            let report = prepared.model.train(&global, &prepared.train, &opts, cancel.flag(), &mut |p| {
                 debug!(run = %run, round, site = %site, step = p.step, of = p.total_steps, loss = p.loss, "training progress");
             })?;
             let distance = l2_distance(&report.params, &global);
@@ -563,7 +683,10 @@ impl Worker {
         .await
         .map_err(|e| SiteError::Task(format!("training task: {e}")))?
         .map_err(|e| match e {
-            TrainError::Cancelled => SiteError::Cancelled,
+            // A flag without a reason was set by a guard dropped as the site stops.
+            TrainError::Cancelled => {
+                SiteError::Cancelled(token.reason().unwrap_or(CancelReason::ShuttingDown))
+            }
             e => SiteError::Train(e),
         })?;
         let bytes = encode(&report.params);
@@ -607,8 +730,10 @@ impl Worker {
             "l2_distance_from_global": distance,
             "signature": hex::encode(&header.signature),
         });
-        // The kill switch may have been thrown while training: then nothing leaves.
+        // The kill switch may have been thrown, the run stopped or the site told to stop while
+        // training: then nothing leaves.
         self.check_not_paused()?;
+        token.check()?;
         let result = push_update(client, header, bytes, self.chunk_size).await;
         sent["accepted"] = json!(result.is_ok());
         if let Err(e) = &result {

@@ -1,12 +1,14 @@
 //! The hospital's commands (`medfl-site runs approve|reject` or `approve|reject`, `pause`, `resume`,
 //! `dataset add|remove`), run as the real binary: each takes effect and is recorded, with the
-//! account that took it, in the site's audit log, whose chain still verifies.
+//! account that took it, in the site's audit log, whose chain still verifies. Runs are decided
+//! by id once they reached the site, or ahead of time by name or by spec SHA-256.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use medfl_core::spec::RunSpec;
-use medfl_site::policy::{Approvals, Decision, Policy};
+use medfl_site::policy::{spec_sha256, Approvals, Decision, Policy};
+use medfl_site::SiteError;
 
 fn site(dir: &Path) -> PathBuf {
     let config = dir.join("site.toml");
@@ -35,20 +37,29 @@ fn medfl_site(config: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A run as it reaches a site that requires approval: queued as pending.
-fn queue_run(data: &Path, run: &str) {
-    let spec = RunSpec::from_toml(
-        "name = \"sepsis\"\nrounds = 1\n[model]\nkind = \"mlp\"\n[task]\ndataset = \"bc\"\n\
-         features = [\"a\"]\nlabel = \"y\"\nlabels = [\"0\", \"1\"]\n",
+/// The spec of a run named `name`, as the coordinator sends it.
+fn spec_toml(name: &str, seed: u64) -> String {
+    format!(
+        "name = \"{name}\"\nrounds = 1\nseed = {seed}\n[model]\nkind = \"mlp\"\n[task]\n\
+         dataset = \"bc\"\nfeatures = [\"a\"]\nlabel = \"y\"\nlabels = [\"0\", \"1\"]\n"
     )
-    .expect("spec");
+}
+
+/// A run with spec `toml` reaching a site that requires approval: what the site decides.
+fn arrive(data: &Path, run: &str, toml: &str) -> Result<(), SiteError> {
+    let spec = RunSpec::from_toml(toml).expect("spec");
     let policy = Policy {
         require_approval: true,
         ..Policy::default()
     };
-    match medfl_site::policy::admit(&policy, data, run, &spec, 8) {
+    medfl_site::policy::admit(&policy, data, run, &spec, &spec_sha256(toml), 8).map(|_| ())
+}
+
+/// A run as it reaches a site that requires approval: queued as pending.
+fn queue_run(data: &Path, run: &str) {
+    match arrive(data, run, &spec_toml("sepsis", 1)) {
         Err(e) => assert!(e.to_string().contains("awaits"), "{e}"),
-        Ok(_) => panic!("{run} was admitted without approval"),
+        Ok(()) => panic!("{run} was admitted without approval"),
     }
 }
 
@@ -109,20 +120,74 @@ fn every_decision_taken_by_hand_is_audited() {
 }
 
 #[test]
-fn deciding_on_a_run_that_never_arrived_fails_and_records_nothing() {
+fn runs_are_decided_ahead_of_time_by_name_or_spec_hash() {
     let dir = tempfile::tempdir().unwrap();
     let config = site(dir.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_medfl-site"))
-        .args(["--config"])
-        .arg(&config)
-        .args(["runs", "approve", "run-z"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let data = dir.path().join("data");
+    let approved_spec = spec_toml("stroke", 2);
+    let approved_sha = spec_sha256(&approved_spec);
+    let rejected_sha = spec_sha256(&spec_toml("stroke", 3));
+
+    let out = medfl_site(&config, &["runs", "approve", "sepsis"]);
     assert!(
-        err.contains("run-z") && err.contains("runs pending"),
-        "{err}"
+        out.contains("ahead of time") && out.contains("named `sepsis`"),
+        "{out}"
     );
-    assert!(!dir.path().join("data/audit.jsonl").exists());
+    let out = medfl_site(&config, &["approve", &approved_sha]);
+    assert!(out.contains(&approved_sha), "{out}");
+    medfl_site(
+        &config,
+        &[
+            "runs",
+            "reject",
+            &rejected_sha,
+            "--reason",
+            "too many epochs",
+        ],
+    );
+
+    // The runs reach the site later: decided as the hospital said, bound to their spec.
+    arrive(&data, "run-a", &spec_toml("sepsis", 1)).expect("approved by name");
+    arrive(&data, "run-b", &approved_spec).expect("approved by spec hash");
+    let refused = arrive(&data, "run-c", &spec_toml("stroke", 3)).unwrap_err();
+    assert!(refused.to_string().contains("too many epochs"), "{refused}");
+    let waits = arrive(&data, "run-d", &spec_toml("stroke", 4)).unwrap_err();
+    assert!(waits.to_string().contains("awaits"), "{waits}");
+    let changed = arrive(&data, "run-b", &spec_toml("stroke", 5)).unwrap_err();
+    assert!(
+        changed.to_string().contains(&approved_sha),
+        "a changed spec is refused: {changed}"
+    );
+
+    let listed = medfl_site(&config, &["runs", "pending", "--all"]);
+    assert!(listed.contains(&approved_sha[..12]), "{listed}");
+    assert!(listed.contains("ahead of time"), "{listed}");
+    let queue = Approvals::load(&data).unwrap();
+    assert_eq!(queue.runs["run-a"].decision, Decision::Approved);
+    assert_eq!(queue.runs["run-b"].spec_sha256, approved_sha);
+    assert_eq!(queue.runs["run-c"].decision, Decision::Rejected);
+
+    // Approving the waiting run by its name decides it at once.
+    let out = medfl_site(&config, &["approve", "stroke"]);
+    assert!(out.contains("run-d"), "{out}");
+    arrive(&data, "run-d", &spec_toml("stroke", 4)).expect("approved while it waited");
+
+    let entries = medfl_audit::read(&data.join("audit.jsonl")).expect("the chain verifies");
+    let events: Vec<&str> = entries.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        events,
+        [
+            "run_approved_by_hospital",
+            "run_approved_by_hospital",
+            "run_rejected_by_hospital",
+            "run_approved_by_hospital",
+        ]
+    );
+    assert_eq!(entries[0].details["name"], "sepsis");
+    assert_eq!(entries[1].details["spec_sha256"], approved_sha.as_str());
+    assert_eq!(entries[2].details["reason"], "too many epochs");
+    assert_eq!(entries[3].details["applied_to"][0], "run-d");
+    assert!(entries
+        .iter()
+        .all(|e| e.details["ahead"] == true && e.details["by"] == "it-on-call"));
 }

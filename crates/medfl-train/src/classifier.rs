@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, D};
 use medfl_core::metrics;
-use medfl_core::selection::SplitMix64;
 use medfl_core::spec::{Adaptation, EncoderSpec, Pooling};
-use medfl_core::{ModelParams, ModelSchema, NamedTensor, TensorSpec};
+use medfl_core::{ModelParams, ModelSchema};
+use medfl_model::EncoderClassifier;
 
 use crate::base::{BaseModel, Weights};
-use crate::bert::{cls_pool, lora_target_path, mean_pool, BertModel, LoraAdapter};
+use crate::bert::{cls_pool, mean_pool, BertModel, LoraAdapter};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
@@ -27,17 +27,14 @@ use crate::TrainError;
 /// Texts encoded at once when no gradient is needed.
 const EVAL_BATCH: usize = 64;
 
-/// Name of the head's weight.
-pub const HEAD_WEIGHT: &str = "classifier.weight";
-/// Name of the head's bias.
-pub const HEAD_BIAS: &str = "classifier.bias";
+pub use medfl_model::classifier::{HEAD_BIAS, HEAD_WEIGHT};
 
-/// A classifier of `n_classes` on a base encoder, adapted as an [`EncoderSpec`] says.
+/// A classifier of `n_classes` on a base encoder, adapted as an [`EncoderSpec`] says: the
+/// tensors of [`EncoderClassifier`], trained on candle.
 #[derive(Debug, Clone)]
 pub struct TextClassifier {
     base: Arc<BaseModel>,
-    spec: EncoderSpec,
-    n_classes: usize,
+    model: EncoderClassifier,
 }
 
 /// The encoder with this round's trainable tensors in place, and the head.
@@ -54,26 +51,14 @@ impl TextClassifier {
         spec: EncoderSpec,
         n_classes: usize,
     ) -> Result<Self, TrainError> {
-        let layers = base.config.num_hidden_layers as u32;
-        if let Adaptation::Full { last_layers } = spec.adaptation {
-            if last_layers > layers {
-                return Err(TrainError::Task(format!(
-                    "model.adaptation.last_layers is {last_layers}, but `{}` has {layers} layers",
-                    base.name
-                )));
-            }
-        }
-        if spec.max_seq_len as usize > base.config.max_position_embeddings {
-            return Err(TrainError::Task(format!(
-                "model.max_seq_len is {}, but `{}` has {} positions",
-                spec.max_seq_len, base.name, base.config.max_position_embeddings
-            )));
-        }
-        Ok(Self {
-            base,
-            spec,
-            n_classes,
-        })
+        let model = EncoderClassifier::new(base.model().clone(), spec, n_classes)?;
+        Ok(Self::on(base, model))
+    }
+
+    /// The classifier `model` describes, trained on `base` (the same model with its weights
+    /// and tokenizer).
+    pub(crate) fn on(base: Arc<BaseModel>, model: EncoderClassifier) -> Self {
+        Self { base, model }
     }
 
     /// The base model.
@@ -83,50 +68,7 @@ impl TextClassifier {
 
     /// `alpha / rank` for LoRA, else 0.
     pub fn lora_scale(&self) -> f64 {
-        match &self.spec.adaptation {
-            Adaptation::Lora { rank, alpha, .. } => alpha / f64::from(*rank),
-            _ => 0.0,
-        }
-    }
-
-    /// The projections LoRA adapts, as `encoder.layer.{i}.{path}`, in layer order.
-    fn lora_projections(&self) -> Vec<String> {
-        let Adaptation::Lora { target_modules, .. } = &self.spec.adaptation else {
-            return Vec::new();
-        };
-        let paths: Vec<&str> = crate::bert::PROJECTIONS
-            .into_iter()
-            .filter(|p| {
-                target_modules
-                    .iter()
-                    .any(|t| lora_target_path(t) == Some(*p))
-            })
-            .collect();
-        (0..self.base.config.num_hidden_layers)
-            .flat_map(|i| paths.iter().map(move |p| format!("encoder.layer.{i}.{p}")))
-            .collect()
-    }
-
-    /// The base tensors `full` trains: the last `last_layers` layers, or everything.
-    fn full_tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let Adaptation::Full { last_layers } = self.spec.adaptation else {
-            return Vec::new();
-        };
-        let c = &self.base.config;
-        let first = if last_layers == 0 {
-            0
-        } else {
-            c.num_hidden_layers - last_layers as usize
-        };
-        let mut out = if last_layers == 0 {
-            c.embedding_tensors()
-        } else {
-            Vec::new()
-        };
-        for i in first..c.num_hidden_layers {
-            out.extend(c.layer_tensors(i));
-        }
-        out
+        self.model.lora_scale()
     }
 
     /// Builds the encoder with `tensors` (named as the schema) in place of or beside the base's.
@@ -142,7 +84,7 @@ impl TextClassifier {
                 .cloned()
                 .ok_or_else(|| TrainError::Weights(format!("missing tensor `{name}`")))
         };
-        let mut encoder = match self.spec.adaptation {
+        let mut encoder = match self.model.spec().adaptation {
             Adaptation::Full { .. } => {
                 let mut all = weights.tensors.clone();
                 for (name, t) in tensors {
@@ -154,9 +96,9 @@ impl TextClassifier {
             }
             _ => weights.encoder.clone(),
         };
-        if let Adaptation::Lora { dropout, .. } = self.spec.adaptation {
+        if let Adaptation::Lora { dropout, .. } = self.model.spec().adaptation {
             let scale = self.lora_scale();
-            let wanted = self.lora_projections();
+            let wanted = self.model.lora_projections();
             for (index, (name, projection)) in encoder
                 .projections_mut()
                 .into_iter()
@@ -184,13 +126,13 @@ impl TextClassifier {
     /// Pooled `[batch, hidden]` encodings of `texts`.
     fn encode(&self, encoder: &BertModel, texts: &[&str]) -> Result<Tensor, TrainError> {
         let tokenizer = self.base.tokenizer()?;
-        let batch = tokenizer.encode_batch(texts, self.spec.max_seq_len as usize)?;
+        let batch = tokenizer.encode_batch(texts, self.model.spec().max_seq_len as usize)?;
         let device = encoder.device();
         let mask = batch.attention_mask_tensor(device)?;
         let ids = batch.input_ids_tensor(device)?;
         let types = batch.token_type_ids_tensor(device)?;
         let hidden = encoder.forward_with_token_types(&ids, Some(&types), &mask)?;
-        Ok(match self.spec.pooling {
+        Ok(match self.model.spec().pooling {
             Pooling::Mean => mean_pool(&hidden, &mask)?,
             Pooling::Cls => cls_pool(&hidden)?,
         })
@@ -218,7 +160,7 @@ impl TextClassifier {
         }
         if parts.is_empty() {
             return Ok(Tensor::zeros(
-                (0, self.n_classes),
+                (0, self.model.n_classes()),
                 candle_core::DType::F32,
                 &Device::Cpu,
             )?);
@@ -285,93 +227,14 @@ fn named_tensors(params: &ModelParams) -> Result<HashMap<&str, Tensor>, TrainErr
         .collect()
 }
 
-fn uniform(rng: &mut SplitMix64, n: usize, bound: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
-        .collect()
-}
-
 impl LocalModel for TextClassifier {
     fn schema(&self) -> ModelSchema {
-        let c = &self.base.config;
-        let mut specs = Vec::new();
-        match &self.spec.adaptation {
-            Adaptation::Lora { rank, .. } => {
-                let rank = *rank as usize;
-                for name in self.lora_projections() {
-                    let path = name.splitn(4, '.').nth(3).unwrap_or_default();
-                    let [out, inp] = c.projection_shape(path).unwrap_or([0, 0]);
-                    specs.push(TensorSpec {
-                        name: format!("{name}.lora_A.weight"),
-                        shape: vec![rank, inp],
-                    });
-                    specs.push(TensorSpec {
-                        name: format!("{name}.lora_B.weight"),
-                        shape: vec![out, rank],
-                    });
-                }
-            }
-            Adaptation::Head => {}
-            Adaptation::Full { .. } => {
-                specs.extend(
-                    self.full_tensors()
-                        .into_iter()
-                        .map(|(name, shape)| TensorSpec { name, shape }),
-                );
-            }
-        }
-        specs.push(TensorSpec {
-            name: HEAD_WEIGHT.into(),
-            shape: vec![self.n_classes, c.hidden_size],
-        });
-        specs.push(TensorSpec {
-            name: HEAD_BIAS.into(),
-            shape: vec![self.n_classes],
-        });
-        // Names are unique by construction.
-        ModelSchema::new(specs).unwrap_or_default()
+        self.model.schema()
     }
 
-    /// LoRA `A` Kaiming-uniform (PEFT's `a = sqrt(5)`: U(±1/sqrt(in))), `B` zero, so training
-    /// starts from the base exactly; the head as `nn.Linear`; `full` from the base's weights.
+    /// [`EncoderClassifier::init`].
     fn init(&self, seed: u64) -> Result<ModelParams, TrainError> {
-        let mut rng = SplitMix64::new(seed);
-        let weights = match self.spec.adaptation {
-            Adaptation::Full { .. } => Some(self.base.weights()?),
-            _ => None,
-        };
-        let hidden = self.base.config.hidden_size as f64;
-        let tensors = self
-            .schema()
-            .tensors
-            .into_iter()
-            .map(|spec| {
-                let n = spec.numel();
-                let data = if spec.name.ends_with(".lora_A.weight") {
-                    uniform(&mut rng, n, 1.0 / (spec.shape[1] as f64).sqrt())
-                } else if spec.name.ends_with(".lora_B.weight") {
-                    vec![0.0; n]
-                } else if spec.name == HEAD_WEIGHT || spec.name == HEAD_BIAS {
-                    uniform(&mut rng, n, 1.0 / hidden.sqrt())
-                } else {
-                    let base = weights
-                        .as_ref()
-                        .and_then(|w| w.get(&spec.name))
-                        .ok_or_else(|| {
-                            TrainError::Weights(format!("base has no tensor `{}`", spec.name))
-                        })?;
-                    base.to_dtype(candle_core::DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                };
-                Ok(NamedTensor {
-                    name: spec.name,
-                    shape: spec.shape,
-                    data,
-                })
-            })
-            .collect::<Result<Vec<_>, TrainError>>()?;
-        Ok(ModelParams::new(tensors)?)
+        Ok(self.model.init(seed)?)
     }
 
     fn train(
@@ -395,7 +258,7 @@ impl LocalModel for TextClassifier {
         let a = self.assemble(&weights, &tensors, Some(opts.seed))?;
         let labels = Tensor::from_slice(&data.labels, data.len(), &Device::Cpu)?;
         // With the encoder frozen, every text is encoded once rather than once per epoch.
-        let frozen = match self.spec.adaptation {
+        let frozen = match self.model.spec().adaptation {
             Adaptation::Head => Some(self.encode_all(&a.encoder, data)?),
             _ => None,
         };
@@ -437,14 +300,14 @@ impl LocalModel for TextClassifier {
         );
         out.insert(
             "macro_f1".to_string(),
-            metrics::macro_f1(&predicted, &data.labels, self.n_classes),
+            metrics::macro_f1(&predicted, &data.labels, self.model.n_classes()),
         );
         if !data.is_empty() {
             let y = Tensor::from_slice(&data.labels, data.len(), &Device::Cpu)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
             out.insert("loss".to_string(), f64::from(loss));
         }
-        if self.n_classes == 2 {
+        if self.model.n_classes() == 2 {
             let probs = candle_nn::ops::softmax_last_dim(&logits)?;
             let scores = probs.narrow(1, 1, 1)?.flatten_all()?.to_vec1::<f32>()?;
             if let Some(auc) = metrics::roc_auc(&scores, &data.labels) {

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use medfl_model::ModelError;
+
 /// What can go wrong while loading data or training.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -49,4 +51,29 @@ pub enum TrainError {
     /// An error from the core crate.
     #[error(transparent)]
     Core(#[from] medfl_core::CoreError),
+}
+
+/// Each model error as the training variant of the same meaning, with the same message.
+impl From<ModelError> for TrainError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Io { path, source } => TrainError::Io { path, source },
+            ModelError::Config {
+                path,
+                line,
+                message,
+            } => TrainError::Data {
+                path,
+                line,
+                message,
+            },
+            e @ (ModelError::BaseMissing { .. }
+            | ModelError::BaseMismatch { .. }
+            | ModelError::FetchedMismatch { .. }
+            | ModelError::BaseChanged { .. }) => TrainError::BaseModel(e.to_string()),
+            ModelError::Spec(message) => TrainError::Task(message),
+            ModelError::Weights(message) => TrainError::Weights(message),
+            ModelError::Core(e) => TrainError::Core(e),
+        }
+    }
 }

@@ -1,7 +1,10 @@
 //! Local training for medfl sites, on candle: data loading, models and the training loop.
+//! What a model's weights are called, their shapes and their initial values come from
+//! [`medfl_model`], which needs no candle.
 //!
 //! # Layout
-//! - [`base`]: pre-trained base models on disk, found by name and pinned by weights hash.
+//! - [`base`]: pre-trained base models ([`medfl_model::BaseModels`]) with their weights as
+//!   candle tensors and their tokenizers.
 //! - [`bert`]: a BERT text encoder; every dense layer in it is a [`bert::Projection`] that can
 //!   carry a LoRA adapter.
 //! - [`classifier`]: a text classifier on a base encoder (LoRA, head or full fine-tuning).

@@ -1,13 +1,13 @@
 //! A multi-layer perceptron with ReLU between layers; with no hidden layer it is multinomial
-//! logistic regression. Weights are `layers.{i}.weight` (`[out, in]`) and `layers.{i}.bias`.
+//! logistic regression. Weights are `layers.{i}.weight` (`[out, in]`) and `layers.{i}.bias`;
+//! their schema and initial values are [`medfl_model::Mlp`]'s.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor, D};
 use medfl_core::metrics;
-use medfl_core::selection::SplitMix64;
-use medfl_core::{ModelParams, ModelSchema, NamedTensor, TensorSpec};
+use medfl_core::{ModelParams, ModelSchema};
 
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
@@ -20,26 +20,30 @@ const EVAL_BATCH: usize = 4096;
 /// The architecture: layer widths from input to classes.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    dims: Vec<usize>,
+    arch: medfl_model::Mlp,
+}
+
+impl From<medfl_model::Mlp> for Mlp {
+    fn from(arch: medfl_model::Mlp) -> Self {
+        Self { arch }
+    }
 }
 
 impl Mlp {
     /// `inputs` features, the given hidden widths, `classes` outputs.
     pub fn new(inputs: usize, hidden: &[usize], classes: usize) -> Self {
-        let mut dims = vec![inputs];
-        dims.extend_from_slice(hidden);
-        dims.push(classes);
-        Self { dims }
+        medfl_model::Mlp::new(inputs, hidden, classes).into()
     }
 
-    fn layers(&self) -> usize {
-        self.dims.len() - 1
+    /// Widths from the input to the classes.
+    fn dims(&self) -> &[usize] {
+        self.arch.dims()
     }
 
     /// Indices of each layer's (weight, bias) in the name-sorted parameter list.
     fn layer_slots(&self) -> Vec<(usize, usize)> {
         let schema = self.schema();
-        (0..self.layers())
+        (0..self.arch.layers())
             .map(|i| {
                 let w = schema.index_of(&format!("layers.{i}.weight")).unwrap_or(0);
                 let b = schema.index_of(&format!("layers.{i}.bias")).unwrap_or(0);
@@ -52,7 +56,7 @@ impl Mlp {
         if params.schema() != self.schema() {
             return Err(TrainError::Weights(format!(
                 "weights do not fit an MLP of widths {:?}",
-                self.dims
+                self.dims()
             )));
         }
         Ok(())
@@ -83,47 +87,12 @@ fn batch_tensors(data: &Examples, device: &Device) -> Result<(Tensor, Tensor), T
 
 impl LocalModel for Mlp {
     fn schema(&self) -> ModelSchema {
-        let specs = (0..self.layers())
-            .flat_map(|i| {
-                [
-                    TensorSpec {
-                        name: format!("layers.{i}.weight"),
-                        shape: vec![self.dims[i + 1], self.dims[i]],
-                    },
-                    TensorSpec {
-                        name: format!("layers.{i}.bias"),
-                        shape: vec![self.dims[i + 1]],
-                    },
-                ]
-            })
-            .collect();
-        // Names are unique by construction.
-        ModelSchema::new(specs).unwrap_or_default()
+        self.arch.schema()
     }
 
-    /// PyTorch's `nn.Linear` initialisation: U(-1/sqrt(in), 1/sqrt(in)) for weights and biases.
+    /// [`medfl_model::Mlp::init`]: PyTorch's `nn.Linear` initialisation.
     fn init(&self, seed: u64) -> Result<ModelParams, TrainError> {
-        let mut rng = SplitMix64::new(seed);
-        let tensors = self
-            .schema()
-            .tensors
-            .into_iter()
-            .map(|spec| {
-                let layer: usize = spec.name[7..spec.name.rfind('.').unwrap_or(7)]
-                    .parse()
-                    .unwrap_or(0);
-                let bound = 1.0 / (self.dims[layer] as f64).sqrt();
-                let data = (0..spec.numel())
-                    .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
-                    .collect();
-                NamedTensor {
-                    name: spec.name,
-                    shape: spec.shape,
-                    data,
-                }
-            })
-            .collect();
-        Ok(ModelParams::new(tensors)?)
+        Ok(self.arch.init(seed)?)
     }
 
     fn train(
@@ -139,10 +108,11 @@ impl LocalModel for Mlp {
         if data.is_empty() {
             return Err(TrainError::Task("no training examples".into()));
         }
-        if data.n_features != self.dims[0] {
+        if data.n_features != self.dims()[0] {
             return Err(TrainError::Task(format!(
                 "{} features per example, the model takes {}",
-                data.n_features, self.dims[0]
+                data.n_features,
+                self.dims()[0]
             )));
         }
         let device = Device::Cpu;
@@ -194,7 +164,7 @@ impl LocalModel for Mlp {
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
             loss_sum += f64::from(loss) * chunk.len() as f64;
             predicted.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
-            if self.dims[self.layers()] == 2 {
+            if self.dims().last() == Some(&2) {
                 let probs = candle_nn::ops::softmax_last_dim(&logits)?;
                 positive_scores.extend(probs.narrow(1, 1, 1)?.flatten_all()?.to_vec1::<f32>()?);
             }
@@ -218,6 +188,7 @@ impl LocalModel for Mlp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medfl_core::selection::SplitMix64;
     use medfl_core::spec::Optimizer;
 
     /// Two Gaussian blobs: class 1 centred at +1, class 0 at -1, in 3 dimensions.

@@ -6,9 +6,11 @@ use std::sync::atomic::AtomicBool;
 
 use medfl_core::spec::{ModelSpec, Optimizer, RunSpec};
 use medfl_core::{ModelParams, ModelSchema};
+use medfl_model::RunModel;
 
 use crate::base::BaseModels;
 use crate::classifier::TextClassifier;
+use crate::mlp::Mlp;
 use crate::text_data::TextExamples;
 use crate::{Examples, TrainError};
 
@@ -155,30 +157,24 @@ pub fn build_model(
     n_classes: usize,
 ) -> Result<Box<dyn LocalModel>, TrainError> {
     match spec {
-        ModelSpec::Mlp { hidden } => Ok(Box::new(crate::mlp::Mlp::new(
-            n_features, hidden, n_classes,
-        ))),
+        ModelSpec::Mlp { hidden } => Ok(Box::new(Mlp::new(n_features, hidden, n_classes))),
         ModelSpec::Bert(_) => Err(TrainError::Task(
             "a text model needs its base model: use model_for_run".into(),
         )),
     }
 }
 
-/// The model of a whole run spec; a pre-trained encoder comes from `bases`, checked against
-/// the hash the spec pins.
+/// The model of a whole run spec ([`RunModel::for_run`]); a pre-trained encoder comes from
+/// `bases`, checked against the hash the spec pins.
 pub fn model_for_run(
     spec: &RunSpec,
     bases: &BaseModels,
 ) -> Result<Box<dyn LocalModel>, TrainError> {
-    match &spec.model {
-        ModelSpec::Bert(encoder) => {
-            let base = bases.resolve(&encoder.base, &encoder.base_sha256)?;
-            Ok(Box::new(TextClassifier::new(
-                base,
-                encoder.clone(),
-                spec.task.labels.len(),
-            )?))
-        }
-        other => build_model(other, spec.task.features.len(), spec.task.labels.len()),
-    }
+    Ok(match RunModel::for_run(spec, bases.registry())? {
+        RunModel::Mlp(arch) => Box::new(Mlp::from(arch)),
+        RunModel::Text(model) => Box::new(TextClassifier::on(
+            bases.loading(model.base().clone()),
+            model,
+        )),
+    })
 }

@@ -124,5 +124,5 @@ pub fn write_tiny_bert(dir: &Path, seed: f32) -> Result<String, TrainError> {
     candle_core::safetensors::save(&tensors, &weights)?;
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, tiny_tokenizer_json().to_string()).map_err(io(&path))?;
-    crate::base::sha256_file(&weights)
+    Ok(crate::base::sha256_file(&weights)?)
 }

@@ -5,7 +5,9 @@
 //! cargo build --release -p medfl-e2e --bin bench-encoder
 //! ./target/release/bench-encoder --model ../shared/models/all-MiniLM-L6-v2 \
 //!     --data ../shared/data/icd10cm_chapters.jsonl
+//! ./target/release/bench-encoder --smoke     # batch 4, 16 tokens, 2 iterations: seconds (CI)
 //! ```
+//! Without the model, `--smoke` prints a notice and skips, unless `MEDFL_REQUIRE_ASSETS=1`.
 //! `benches/pytorch_throughput.py` measures the same steps with PyTorch for comparison.
 
 use std::collections::BTreeMap;
@@ -18,6 +20,7 @@ use medfl_core::spec::{Adaptation, EncoderSpec, Optimizer, Pooling};
 use medfl_train::{BaseModels, Data, LocalModel, TextClassifier, TextTable, TrainOptions};
 
 struct Args {
+    smoke: bool,
     model: PathBuf,
     data: PathBuf,
     batch: usize,
@@ -27,15 +30,18 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
     let mut a = Args {
+        smoke,
         model: "../shared/models/all-MiniLM-L6-v2".into(),
         data: "../shared/data/icd10cm_chapters.jsonl".into(),
-        batch: 32,
-        seq: 64,
-        iters: 20,
+        batch: if smoke { 4 } else { 32 },
+        seq: if smoke { 16 } else { 64 },
+        iters: if smoke { 2 } else { 20 },
         classes: 21,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = args.into_iter().filter(|a| a != "--smoke");
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -57,6 +63,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let a = args()?;
+    if a.smoke && !a.model.join("model.safetensors").is_file() {
+        let required = std::env::var("MEDFL_REQUIRE_ASSETS").is_ok_and(|v| v == "1");
+        anyhow::ensure!(
+            !required,
+            "MEDFL_REQUIRE_ASSETS=1 but there is no model at {}",
+            a.model.display()
+        );
+        println!(
+            "skipping the encoder benchmark: no model at {}",
+            a.model.display()
+        );
+        return Ok(());
+    }
     let bases = BaseModels::new(BTreeMap::from([("base".into(), a.model.clone())]), None);
     let sha = bases.weights_sha256(&a.model)?;
     let base = bases.resolve("base", &sha)?;

@@ -381,10 +381,9 @@ mod tests {
     /// The same check against the shared reference file itself, when it is present.
     #[test]
     fn matches_shared_reference_file_when_present() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/vectors/strategies_reference.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            eprintln!("skipping: {} is absent", path.display());
+        let Some(text) = crate::fedavg::shared_strategies_reference(
+            "robust::matches_shared_reference_file_when_present",
+        ) else {
             return;
         };
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -407,10 +407,9 @@ mod tests {
 
     #[test]
     fn fedadam_matches_shared_reference_file_when_present() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/vectors/strategies_reference.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            eprintln!("skipping: {} is absent", path.display());
+        let Some(text) = crate::fedavg::shared_strategies_reference(
+            "server_opt::fedadam_matches_shared_reference_file_when_present",
+        ) else {
             return;
         };
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
