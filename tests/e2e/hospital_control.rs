@@ -39,6 +39,28 @@ fn slow_spec(name: &str, rounds: u32) -> String {
         .replace("local_epochs = 2", "local_epochs = 12")
 }
 
+/// Two sites holding `csvs`: `open`, and `careful`, whose hospital approves every new run.
+async fn open_and_careful_sites(
+    coordinator: &Coordinator,
+    dir: &Path,
+    csvs: &[std::path::PathBuf],
+) -> Vec<Site> {
+    let mut sites = Vec::new();
+    for (name, (csv, policy)) in ["open", "careful"]
+        .iter()
+        .zip(csvs.iter().zip(["", "[policy]\nrequire_approval = true\n"]))
+    {
+        let tables = format!(
+            "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
+            csv.display()
+        );
+        let mut site = Site::start(site_config_with(name, coordinator, &dir.join(name), &tables));
+        site.registered(1).await;
+        sites.push(site);
+    }
+    sites
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_site_paused_mid_training_and_resumed_trains_the_next_round() {
     let fed = Federation::start(2).await;
@@ -88,24 +110,7 @@ async fn a_site_awaiting_approval_holds_its_place_and_trains_once_approved() {
     let dir = tempfile::tempdir().expect("tempdir");
     let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
     let (csvs, _test) = split_breast_cancer(dir.path(), 2);
-    let mut sites = Vec::new();
-    for (name, (csv, policy)) in ["open", "careful"]
-        .iter()
-        .zip(csvs.iter().zip(["", "[policy]\nrequire_approval = true\n"]))
-    {
-        let tables = format!(
-            "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
-            csv.display()
-        );
-        let mut site = Site::start(site_config_with(
-            name,
-            &coordinator,
-            &dir.path().join(name),
-            &tables,
-        ));
-        site.registered(1).await;
-        sites.push(site);
-    }
+    let sites = open_and_careful_sites(&coordinator, dir.path(), &csvs).await;
     let careful = dir.path().join("careful");
     let mut client = coordinator.runs().await;
     // Both sites are needed: the run must wait for the hospital rather than fail.
@@ -132,6 +137,38 @@ async fn a_site_awaiting_approval_holds_its_place_and_trains_once_approved() {
             "{site} in round 1: {first:?}"
         );
     }
+    for site in sites {
+        site.stop().await;
+    }
+    coordinator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hospital_approves_a_run_by_name_before_it_arrives() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let (csvs, _test) = split_breast_cancer(dir.path(), 2);
+    let careful = dir.path().join("careful");
+    // `medfl-site approve ahead-of-time` before the run exists.
+    Approvals::decide(&careful, "ahead-of-time", Decision::Approved, "")
+        .expect("an approval ahead of time");
+    let sites = open_and_careful_sites(&coordinator, dir.path(), &csvs).await;
+    let mut client = coordinator.runs().await;
+    let run = create_run(&mut client, &breast_cancer_spec("ahead-of-time", 2, 2, 120)).await;
+    let detail = wait_for_completion(&mut client, &run).await;
+    for round in &detail.rounds {
+        assert_eq!(round.sites_reported, 2, "{round:?}");
+        assert_eq!(round.attempts, 1, "{round:?}");
+    }
+    // The approval is now bound to the run and the spec it came with.
+    let queue = Approvals::load(&careful).expect("queue");
+    let entry = &queue.runs[&run];
+    assert_eq!(entry.decision, Decision::Approved);
+    assert_eq!(
+        entry.spec_sha256,
+        medfl_site::policy::spec_sha256(&breast_cancer_spec("ahead-of-time", 2, 2, 120))
+    );
     for site in sites {
         site.stop().await;
     }

@@ -175,3 +175,32 @@ async fn keep_models_final_non_default_collects_all_but_the_final_model() {
     site.stop().await;
     coordinator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_server_optimizer_runs_on_defaults_and_keeps_its_models() {
+    let fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    for (strategy, settings) in [
+        ("fedavgm", ""),
+        ("fedadam", ""),
+        ("fedyogi", ""),
+        ("fedadagrad", ""),
+        ("fedprox", "mu = 0.1"),
+    ] {
+        let spec = format!(
+            "{}\n[strategy]\nname = \"{strategy}\"\n{settings}\n",
+            breast_cancer_spec("server-opt", 3, 2, 60)
+        );
+        let run = create_run(&mut client, &spec).await;
+        let detail = wait_for_completion(&mut client, &run).await;
+        assert_eq!(detail.rounds.len(), 3, "{strategy}");
+        assert_every_round_pullable(&mut client, &detail).await;
+        // Only the models stay once the run ended: no update, no optimizer state.
+        let refs = fed.coordinator.store().refs_of_run(&run).expect("refs");
+        assert!(
+            refs.iter().all(|r| r.role.is_model()),
+            "{strategy}: {refs:?}"
+        );
+    }
+    fed.stop().await;
+}

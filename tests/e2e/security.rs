@@ -169,7 +169,13 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
                 .expect_err("a revoked site on a new connection")
         ),
     };
-    assert!(refused.contains("CertificateRevoked"), "{refused}");
+    // In TLS 1.3 the client finishes its side of the handshake before the server checks its
+    // certificate: the client sees the server's alert, or, when the server closes first, only
+    // the closed connection. Either way the call is refused.
+    assert!(
+        refused.contains("CertificateRevoked") || refused.contains("connection closed"),
+        "{refused}"
+    );
 
     for s in running {
         s.stop().await;

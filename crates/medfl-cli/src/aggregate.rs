@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use medfl_coordinator::aggregate::{self, BlobReader, UpdateSource};
+use medfl_coordinator::aggregate::{self, BlobReader};
 use medfl_coordinator::blobs::BlobStore;
-use medfl_core::fedavg::FedAvg;
+use medfl_core::aggregator::{AdmitError, Aggregator, Disposition, RoundStart};
 use medfl_core::safetensors::{parse_header, MAX_HEADER_BYTES};
 use medfl_core::spec::StrategySpec;
 use medfl_core::ModelSchema;
@@ -109,66 +109,57 @@ pub fn run(args: AggregateArgs) -> anyhow::Result<()> {
         inputs.len()
     );
     let schema = schema_of(&inputs[0].0)?;
+    let mut aggregator = Aggregator::new(&strategy, schema.clone())?;
     // Every input must carry exactly the first one's tensors.
-    let open = |path: &Path, weight: f64| {
-        UpdateSource::open(path, &schema, weight, None)
+    let open = |path: &Path| {
+        BlobReader::open(path, &schema)
             .with_context(|| format!("{} differs from {}", path.display(), inputs[0].0.display()))
+    };
+    let mut held = Vec::new();
+    for (path, weight) in &inputs {
+        let mut update = open(path)?;
+        let admitted = aggregator
+            .admit(*weight, &mut update, None)
+            .map_err(AdmitError::into_inner)
+            .with_context(|| format!("aggregating {}", path.display()))?;
+        if admitted.disposition == Disposition::Held {
+            held.push(update);
+        }
+    }
+    if aggregator.needs_global() && args.global.is_none() {
+        anyhow::bail!(
+            "strategy `{}` needs the round's starting global model: pass --global FILE",
+            strategy.name()
+        );
+    }
+    let reader = |p: &Path| {
+        BlobReader::open(p, &schema)
+            .with_context(|| format!("{} differs from the updates", p.display()))
+    };
+    let mut global = args.global.as_deref().map(reader).transpose()?;
+    let mut m = args.state_m.as_deref().map(reader).transpose()?;
+    let mut v = args.state_v.as_deref().map(reader).transpose()?;
+    let start = RoundStart {
+        step: args.step,
+        global: global.as_mut(),
+        first_moment: m.as_mut(),
+        second_moment: v.as_mut(),
     };
     let scratch = tempfile::tempdir()?;
     let blobs = BlobStore::open(scratch.path())?;
-    let (sha, m, v) = if strategy.needs_all_updates() {
-        let mut updates = inputs
-            .iter()
-            .map(|(p, w)| open(p, *w))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        (
-            aggregate::robust(&strategy, &mut updates, &schema, &blobs)?,
-            None,
-            None,
-        )
-    } else {
-        let mut acc = FedAvg::new(schema.clone());
-        for (p, w) in &inputs {
-            aggregate::fold(&mut acc, &mut open(p, *w)?, &schema)?;
-        }
-        if let Some(opt) = strategy.server_optimizer() {
-            let global = args
-                .global
-                .as_deref()
-                .context("server optimizers need the round's starting model: pass --global FILE")?;
-            let reader = |p: &Path| {
-                BlobReader::open(p, &schema)
-                    .with_context(|| format!("{} differs from the updates", p.display()))
-            };
-            let step = aggregate::server_step(
-                &opt,
-                args.step,
-                &acc,
-                &mut reader(global)?,
-                args.state_m.as_deref().map(reader).transpose()?,
-                args.state_v.as_deref().map(reader).transpose()?,
-                &schema,
-                &blobs,
-            )?;
-            (step.global, step.m, step.v)
-        } else {
-            let mut incoming = blobs.incoming()?;
-            acc.write_average(|b| incoming.write(b))?;
-            (incoming.finish(None)?, None, None)
-        }
-    };
+    let out = aggregate::finish(aggregator, start, &mut held, &blobs, &schema)?;
     let place = |sha: &str, to: &Path| -> anyhow::Result<()> {
         std::fs::copy(blobs.path(sha)?, to).with_context(|| format!("writing {}", to.display()))?;
         println!("{} sha256 {sha}", to.display());
         Ok(())
     };
-    place(&sha, &args.out)?;
+    place(&out.global, &args.out)?;
     let beside = |suffix: &str| args.out.with_extension(format!("{suffix}.safetensors"));
-    if let Some(m) = m {
-        place(&m, &beside("m"))?;
+    if let Some(m) = &out.m {
+        place(m, &beside("m"))?;
     }
-    if let Some(v) = v {
-        place(&v, &beside("v"))?;
+    if let Some(v) = &out.v {
+        place(v, &beside("v"))?;
     }
     Ok(())
 }

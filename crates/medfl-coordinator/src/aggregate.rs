@@ -1,27 +1,20 @@
-//! Aggregation from disk. Updates stay in their blobs and are read back a block of coordinates
-//! at a time, so memory is bounded by a block per update (robust strategies) or the running sums
-//! (FedAvg and the server optimizers), whatever the number of sites.
+//! The coordinator's side of aggregation: models stored as blobs, read and written a block of
+//! coordinates at a time for [`medfl_core::aggregator::Aggregator`], so memory is bounded by a
+//! block per update (robust strategies) or the running sums (FedAvg and the server optimizers),
+//! whatever the number of sites.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use medfl_core::fedavg::FedAvg;
+use medfl_core::aggregator::{Aggregator, BlockSource, ModelSink, Output, RoundStart};
 use medfl_core::safetensors::{header, parse_header, MAX_HEADER_BYTES};
-use medfl_core::spec::StrategySpec;
-use medfl_core::strategy::robust::{
-    bulyan_block, bulyan_select, krum_select, median_block, trimmed_mean_block,
-    weighted_mean_block, PairwiseDistances,
-};
-use medfl_core::strategy::server_opt::ServerOptimizer;
 use medfl_core::validate::match_layout;
 use medfl_core::{CoreError, ModelSchema};
 
 use crate::blobs::{BlobStore, Incoming};
 use crate::CoordinatorError;
-
-/// Coordinates read at once from each file.
-pub const BLOCK: usize = 1 << 16;
 
 /// Random access to the F32 values of a stored safetensors blob, by schema tensor.
 pub struct BlobReader {
@@ -84,112 +77,54 @@ impl BlobReader {
     }
 }
 
-/// Calls `f(tensor, offset, len)` for every block of every tensor, in schema order.
-pub fn for_each_block(
-    schema: &ModelSchema,
-    mut f: impl FnMut(usize, usize, usize) -> Result<(), CoordinatorError>,
-) -> Result<(), CoordinatorError> {
-    for (t, spec) in schema.tensors.iter().enumerate() {
-        let n = spec.numel();
-        let mut offset = 0;
-        while offset < n {
-            let len = BLOCK.min(n - offset);
-            f(t, offset, len)?;
-            offset += len;
-        }
-    }
-    Ok(())
-}
+impl BlockSource for BlobReader {
+    type Error = CoordinatorError;
 
-/// An accepted update as aggregation sees it: its values, optionally clipped towards the global
-/// model (`global + scale * (update - global)`), and its example count.
-pub struct UpdateSource {
-    reader: BlobReader,
-    /// The global model and the clipping factor, when the update was clipped.
-    clip: Option<(BlobReader, f32)>,
-    scratch: Vec<f32>,
-    /// Example count.
-    pub weight: f64,
-}
-
-impl UpdateSource {
-    /// An update stored at `path`; with `clip`, the global model it is clipped towards and the
-    /// factor.
-    pub fn open(
-        path: &Path,
-        schema: &ModelSchema,
-        weight: f64,
-        clip: Option<(&Path, f32)>,
-    ) -> Result<Self, CoordinatorError> {
-        let clip = match clip {
-            Some((global, scale)) if scale < 1.0 => {
-                Some((BlobReader::open(global, schema)?, scale))
-            }
-            _ => None,
-        };
-        Ok(Self {
-            reader: BlobReader::open(path, schema)?,
-            clip,
-            scratch: Vec::new(),
-            weight,
-        })
-    }
-
-    /// Reads a block of the (possibly clipped) update.
     fn read(
         &mut self,
         tensor: usize,
         offset: usize,
         out: &mut [f32],
     ) -> Result<(), CoordinatorError> {
-        self.reader.read(tensor, offset, out)?;
-        if let Some((global, scale)) = self.clip.as_mut() {
-            self.scratch.resize(out.len(), 0.0);
-            global.read(tensor, offset, &mut self.scratch)?;
-            for (u, g) in out.iter_mut().zip(self.scratch.iter()) {
-                *u = g + *scale * (*u - g);
-            }
-        }
-        Ok(())
+        BlobReader::read(self, tensor, offset, out)
     }
 }
 
-/// The L2 norm of `update - global`.
-pub fn distance(
-    update: &mut BlobReader,
-    global: &mut BlobReader,
-    schema: &ModelSchema,
-) -> Result<f64, CoordinatorError> {
-    let (mut u, mut g) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
-    let mut sum = 0f64;
-    for_each_block(schema, |t, offset, len| {
-        update.read(t, offset, &mut u[..len])?;
-        global.read(t, offset, &mut g[..len])?;
-        sum += u[..len]
-            .iter()
-            .zip(&g[..len])
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum::<f64>();
-        Ok(())
-    })?;
-    Ok(sum.sqrt())
+/// A stored model opened (and its header checked) at its first read, so a model the aggregator
+/// never reads (an update held for the close, the global model without a norm bound) costs no
+/// I/O.
+pub struct BlobSource {
+    path: PathBuf,
+    schema: Arc<ModelSchema>,
+    reader: Option<BlobReader>,
 }
 
-/// Adds an update to the running sums.
-pub fn fold(
-    acc: &mut FedAvg,
-    update: &mut UpdateSource,
-    schema: &ModelSchema,
-) -> Result<(), CoordinatorError> {
-    let mut block = vec![0f32; BLOCK];
-    let weight = update.weight;
-    for_each_block(schema, |t, offset, len| {
-        update.read(t, offset, &mut block[..len])?;
-        acc.add_values(t, offset, &block[..len], weight)?;
-        Ok(())
-    })?;
-    acc.count(weight);
-    Ok(())
+impl BlobSource {
+    /// The model stored at `path`, whose tensors must be `schema`'s.
+    pub fn new(path: PathBuf, schema: Arc<ModelSchema>) -> Self {
+        Self {
+            path,
+            schema,
+            reader: None,
+        }
+    }
+}
+
+impl BlockSource for BlobSource {
+    type Error = CoordinatorError;
+
+    fn read(
+        &mut self,
+        tensor: usize,
+        offset: usize,
+        out: &mut [f32],
+    ) -> Result<(), CoordinatorError> {
+        let reader = match &mut self.reader {
+            Some(reader) => reader,
+            none => none.insert(BlobReader::open(&self.path, &self.schema)?),
+        };
+        reader.read(tensor, offset, out)
+    }
 }
 
 /// A safetensors blob being written tensor by tensor in schema order.
@@ -224,133 +159,90 @@ impl ModelWriter {
     }
 }
 
-/// Runs a robust strategy over every update of a round and writes the new global model.
-pub fn robust(
-    strategy: &StrategySpec,
-    updates: &mut [UpdateSource],
-    schema: &ModelSchema,
-    blobs: &BlobStore,
-) -> Result<String, CoordinatorError> {
-    let n = updates.len();
-    if n == 0 {
-        return Err(CoreError::Empty.into());
-    }
-    let mut rows = vec![vec![0f32; BLOCK]; n];
-    let read_rows = |updates: &mut [UpdateSource],
-                     rows: &mut Vec<Vec<f32>>,
-                     t: usize,
-                     offset: usize,
-                     len: usize|
-     -> Result<(), CoordinatorError> {
-        for (u, row) in updates.iter_mut().zip(rows.iter_mut()) {
-            u.read(t, offset, &mut row[..len])?;
-        }
-        Ok(())
-    };
-    // Krum-style strategies first choose updates by their pairwise distances.
-    let selected: Vec<usize> = match strategy {
-        StrategySpec::Krum { f }
-        | StrategySpec::MultiKrum { f, .. }
-        | StrategySpec::Bulyan { f } => {
-            let mut d = PairwiseDistances::new(n);
-            for_each_block(schema, |t, offset, len| {
-                read_rows(updates, &mut rows, t, offset, len)?;
-                let views: Vec<&[f32]> = rows.iter().map(|r| &r[..len]).collect();
-                d.add_block(&views);
-                Ok(())
-            })?;
-            let f = *f as usize;
-            match strategy {
-                StrategySpec::Krum { .. } => krum_select(&d, f, 0)?,
-                StrategySpec::MultiKrum { keep, .. } => krum_select(&d, f, *keep as usize)?,
-                _ => bulyan_select(&d, f)?,
-            }
-        }
-        _ => (0..n).collect(),
-    };
-    let weights: Vec<f64> = selected.iter().map(|&i| updates[i].weight).collect();
-    let mut writer = ModelWriter::new(blobs, schema)?;
-    let mut out = vec![0f32; BLOCK];
-    for_each_block(schema, |t, offset, len| {
-        read_rows(updates, &mut rows, t, offset, len)?;
-        let views: Vec<&[f32]> = selected.iter().map(|&i| &rows[i][..len]).collect();
-        let out = &mut out[..len];
-        match strategy {
-            StrategySpec::Median => median_block(&views, out),
-            StrategySpec::TrimmedMean { beta } => trimmed_mean_block(&views, *beta, out)?,
-            StrategySpec::Krum { .. } => out.copy_from_slice(views[0]),
-            StrategySpec::MultiKrum { .. } => weighted_mean_block(&views, &weights, out),
-            StrategySpec::Bulyan { f } => bulyan_block(&views, *f as usize, out)?,
-            other => {
-                return Err(CoordinatorError::Internal(format!(
-                    "{other:?} is not a robust strategy"
-                )))
-            }
-        }
-        writer.write(out)
-    })?;
-    writer.finish()
-}
-
-/// The server optimizer's state files after a step: new global model, first and second moments.
-pub struct ServerStep {
+/// The blobs a round's aggregation wrote, each pinned until its owner is recorded.
+pub struct Aggregated {
     /// The new global model.
     pub global: String,
-    /// First-moment (or momentum) state, if the optimizer keeps one.
+    /// First-moment (or momentum) state, if the strategy's optimizer keeps one.
     pub m: Option<String>,
-    /// Second-moment state, if the optimizer keeps one.
+    /// Second-moment state, if the strategy's optimizer keeps one.
     pub v: Option<String>,
 }
 
-/// One server-optimizer step (step number `t`, from 1) from the round's FedAvg sums.
-#[allow(clippy::too_many_arguments)]
-pub fn server_step(
-    opt: &ServerOptimizer,
-    t: u64,
-    acc: &FedAvg,
-    global: &mut BlobReader,
-    mut m_prev: Option<BlobReader>,
-    mut v_prev: Option<BlobReader>,
-    schema: &ModelSchema,
-    blobs: &BlobStore,
-) -> Result<ServerStep, CoordinatorError> {
-    let mut x_out = ModelWriter::new(blobs, schema)?;
-    let mut m_out = opt
-        .uses_first_moment()
-        .then(|| ModelWriter::new(blobs, schema))
-        .transpose()?;
-    let mut v_out = opt
-        .uses_second_moment()
-        .then(|| ModelWriter::new(blobs, schema))
-        .transpose()?;
-    let (mut x, mut avg) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
-    let (mut m, mut v) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
-    for_each_block(schema, |tensor, offset, len| {
-        global.read(tensor, offset, &mut x[..len])?;
-        acc.average_into(tensor, offset, &mut avg[..len])?;
-        let m = &mut m[..if m_out.is_some() { len } else { 0 }];
-        let v = &mut v[..if v_out.is_some() { len } else { 0 }];
-        match m_prev.as_mut() {
-            Some(r) if !m.is_empty() => r.read(tensor, offset, m)?,
-            _ => m.fill(0.0),
+/// A [`ModelSink`] writing each output the aggregator starts to a new blob.
+pub struct BlobOutputs<'a> {
+    blobs: &'a BlobStore,
+    schema: &'a ModelSchema,
+    global: Option<ModelWriter>,
+    m: Option<ModelWriter>,
+    v: Option<ModelWriter>,
+}
+
+impl<'a> BlobOutputs<'a> {
+    /// No outputs yet; they go to `blobs`, as models of `schema`.
+    pub fn new(blobs: &'a BlobStore, schema: &'a ModelSchema) -> Self {
+        Self {
+            blobs,
+            schema,
+            global: None,
+            m: None,
+            v: None,
         }
-        match v_prev.as_mut() {
-            Some(r) if !v.is_empty() => r.read(tensor, offset, v)?,
-            _ => v.fill(0.0),
+    }
+
+    fn slot(&mut self, output: Output) -> &mut Option<ModelWriter> {
+        match output {
+            Output::Global => &mut self.global,
+            Output::FirstMoment => &mut self.m,
+            Output::SecondMoment => &mut self.v,
         }
-        opt.step_block(t, &mut x[..len], &avg[..len], m, v);
-        x_out.write(&x[..len])?;
-        if let Some(w) = m_out.as_mut() {
-            w.write(m)?;
-        }
-        if let Some(w) = v_out.as_mut() {
-            w.write(v)?;
-        }
+    }
+
+    /// Stores the written outputs (global model first); returns their ids.
+    pub fn finish(self) -> Result<Aggregated, CoordinatorError> {
+        let global = self.global.ok_or_else(|| {
+            CoordinatorError::Internal("aggregation wrote no global model".into())
+        })?;
+        Ok(Aggregated {
+            global: global.finish()?,
+            m: self.m.map(ModelWriter::finish).transpose()?,
+            v: self.v.map(ModelWriter::finish).transpose()?,
+        })
+    }
+}
+
+impl ModelSink for BlobOutputs<'_> {
+    type Error = CoordinatorError;
+
+    fn start(&mut self, output: Output) -> Result<(), CoordinatorError> {
+        let writer = ModelWriter::new(self.blobs, self.schema)?;
+        *self.slot(output) = Some(writer);
         Ok(())
-    })?;
-    Ok(ServerStep {
-        global: x_out.finish()?,
-        m: m_out.map(ModelWriter::finish).transpose()?,
-        v: v_out.map(ModelWriter::finish).transpose()?,
-    })
+    }
+
+    fn write(&mut self, output: Output, values: &[f32]) -> Result<(), CoordinatorError> {
+        self.slot(output)
+            .as_mut()
+            .ok_or_else(|| {
+                CoordinatorError::Internal(format!("{output:?} written before it started"))
+            })?
+            .write(values)
+    }
+}
+
+/// Finishes `aggregator`'s round into new blobs: the global model and, for server optimizers,
+/// their new state. `held` are the updates it asked to hold, in admission order.
+pub fn finish<S>(
+    aggregator: Aggregator,
+    start: RoundStart<'_, S>,
+    held: &mut [S],
+    blobs: &BlobStore,
+    schema: &ModelSchema,
+) -> Result<Aggregated, CoordinatorError>
+where
+    S: BlockSource<Error = CoordinatorError>,
+{
+    let mut outputs = BlobOutputs::new(blobs, schema);
+    aggregator.finish(start, held, &mut outputs)?;
+    outputs.finish()
 }

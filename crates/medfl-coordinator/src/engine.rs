@@ -8,16 +8,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use medfl_core::fedavg::FedAvg;
+use medfl_core::aggregator::{AdmitError, Admitted, Aggregator, Disposition, RoundStart};
 use medfl_core::metrics::weighted_mean;
 use medfl_core::round::{Decision, Phase, RoundLimits, RoundState};
 use medfl_core::run::{RunStatus, SiteOutcome};
 use medfl_core::selection::select_sites_sparing;
-use medfl_core::spec::{DefenseSpec, NormAction, RunSpec};
+use medfl_core::spec::RunSpec;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::aggregate::{self, BlobReader, UpdateSource};
+use crate::aggregate::{self, BlobSource};
 use crate::state::{now_ms, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic};
 use crate::store::{BlobRef, BlobRole, RoundRecord, RunRecord, SiteResult};
 use crate::CoordinatorError;
@@ -54,6 +54,7 @@ pub fn spawn(
         initial_sha256: run.initial_sha256.clone(),
         opt_state: OptState::default(),
         declining: Vec::new(),
+        stop_reply: None,
     };
     tasks.spawn(engine.run());
     Ok(())
@@ -78,6 +79,8 @@ struct Engine {
     /// Sites whose hospital kept the run out at their last task (awaiting approval, rejected,
     /// paused): still asked every round, but they take no sampled slot.
     declining: Vec<String>,
+    /// The researcher who stopped the run, answered once the end is recorded.
+    stop_reply: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// How a phase ended.
@@ -97,76 +100,39 @@ enum Flow {
 /// The open attempt of a round.
 struct Attempt {
     state: RoundState,
-    acc: Option<FedAvg>,
+    /// The round's aggregator; out while an update is being folded.
+    acc: Option<Aggregator>,
     global_sha256: String,
     global_size: u64,
     losses: Vec<(u64, f64)>,
     evaluations: Vec<(u64, BTreeMap<String, f64>)>,
     /// Set when folding failed part-way: the sums are unusable and the attempt must be redone.
     poisoned: Option<String>,
-    /// Accepted updates, for strategies that aggregate them all at the close.
+    /// Accepted updates, in order; those the aggregator holds are handed back at the close.
     held: Vec<HeldUpdate>,
 }
 
-/// An accepted update kept on disk until the round closes.
+/// An accepted update, kept on disk until the round closes.
 struct HeldUpdate {
     sha256: String,
-    examples: u64,
     /// Clipping factor towards the global model (1 when within the norm bound).
     scale: f32,
+    /// Whether the aggregator holds it for the close (robust strategies) rather than folded it.
+    held: bool,
 }
 
-/// What checking (and folding) an update came to.
-enum Checked {
-    Accepted {
-        scale: f32,
-    },
-    /// Refused by the run's defense (norm bound): the sums are untouched.
-    Refused(CoordinatorError),
-    /// Failed part-way through folding: the sums are unusable.
-    Broken(CoordinatorError),
-}
-
-/// Applies the run's norm bound to the update at `path` and, when `acc` is given, folds it in.
+/// Offers the update at `path` to the round's aggregator, which applies the run's norm bound
+/// (measured against the global model at `global_path`) and folds the update in or holds it.
 fn check_and_fold(
-    path: &std::path::Path,
-    global_path: &std::path::Path,
-    schema: &medfl_core::ModelSchema,
-    defense: &DefenseSpec,
+    acc: &mut Aggregator,
+    path: std::path::PathBuf,
+    global_path: std::path::PathBuf,
+    schema: &Arc<medfl_core::ModelSchema>,
     weight: f64,
-    acc: Option<&mut FedAvg>,
-) -> Checked {
-    let prepare = || -> Result<f32, CoordinatorError> {
-        let mut scale = 1.0f32;
-        if let Some(bound) = defense.max_update_norm {
-            let mut global = BlobReader::open(global_path, schema)?;
-            let norm =
-                aggregate::distance(&mut BlobReader::open(path, schema)?, &mut global, schema)?;
-            if norm > bound {
-                match defense.norm_action {
-                    NormAction::Reject => {
-                        return Err(CoordinatorError::Invalid(format!(
-                            "update is {norm:.6} from the global model, over the run's bound of {bound}"
-                        )))
-                    }
-                    NormAction::Clip => scale = (bound / norm) as f32,
-                }
-            }
-        }
-        Ok(scale)
-    };
-    let scale = match prepare() {
-        Ok(scale) => scale,
-        Err(e) => return Checked::Refused(e),
-    };
-    if let Some(acc) = acc {
-        let folded = UpdateSource::open(path, schema, weight, Some((global_path, scale)))
-            .and_then(|mut update| aggregate::fold(acc, &mut update, schema));
-        if let Err(e) = folded {
-            return Checked::Broken(e);
-        }
-    }
-    Checked::Accepted { scale }
+) -> Result<Admitted, AdmitError<CoordinatorError>> {
+    let mut update = BlobSource::new(path, schema.clone());
+    let mut global = BlobSource::new(global_path, schema.clone());
+    acc.admit(weight, &mut update, Some(&mut global))
 }
 
 impl Engine {
@@ -190,13 +156,8 @@ impl Engine {
             } else {
                 info!(run = %id, status = status.as_str(), "run ended");
             }
-            if let Err(e) = self
-                .shared
-                .store()
-                .and_then(|s| s.set_run_status(&id, status, &error))
-            {
-                warn!(run = %id, error = %e, "could not record the run's end");
-            }
+            // Collected before its end is stored: whoever sees the run ended sees it collected,
+            // and a crash in between resumes the run, which ends (and collects) again.
             let shared = self.shared.clone();
             let run = id.clone();
             let collected = tokio::task::spawn_blocking(move || {
@@ -208,6 +169,16 @@ impl Engine {
                 Ok(Err(e)) => warn!(run = %id, error = %e, "could not collect the ended run's blobs"),
                 Err(e) => warn!(run = %id, error = %e, "collection task failed"),
             }
+            if let Err(e) = self
+                .shared
+                .store()
+                .and_then(|s| s.set_run_status(&id, status, &error))
+            {
+                warn!(run = %id, error = %e, "could not record the run's end");
+            }
+        }
+        if let Some(reply) = self.stop_reply.take() {
+            let _ = reply.send(());
         }
         self.snap_tx.send_replace(None);
         if let Ok(mut runs) = self.shared.runs() {
@@ -262,7 +233,10 @@ impl Engine {
                 info!(run = %self.run_id, round, attempt, sites = ?selected, "round started");
                 let mut open = Attempt {
                     state: RoundState::start(round, attempt, selected, now_ms(), limits),
-                    acc: Some(FedAvg::new((*self.handle.schema).clone())),
+                    acc: Some(
+                        Aggregator::new(&spec.strategy, (*self.handle.schema).clone())?
+                            .with_defense(&spec.defense),
+                    ),
                     global_size: self.shared.blobs.size(&global)?,
                     global_sha256: global.clone(),
                     losses: Vec::new(),
@@ -331,18 +305,12 @@ impl Engine {
         Ok(Some((RunStatus::Completed, String::new())))
     }
 
+    /// Ends the run as stopped; the researcher is answered once its end is recorded.
     fn stopped(
-        &self,
+        &mut self,
         reply: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Option<(RunStatus, String)>, CoordinatorError> {
-        self.shared.store()?.set_run_status(
-            &self.run_id,
-            RunStatus::Stopped,
-            "stopped by a researcher",
-        )?;
-        if let Some(reply) = reply {
-            let _ = reply.send(());
-        }
+        self.stop_reply = reply;
         Ok(Some((RunStatus::Stopped, "stopped by a researcher".into())))
     }
 
@@ -623,39 +591,22 @@ impl Engine {
         let path = self.shared.blobs.path(sha256)?;
         let global_path = self.shared.blobs.path(&open.global_sha256)?;
         let schema = self.handle.schema.clone();
-        let defense = self.handle.spec.defense.clone();
-        // Robust strategies aggregate every update at the round's close; the others fold now.
-        let acc = if self.handle.spec.strategy.needs_all_updates() {
-            None
-        } else {
-            Some(
-                open.acc
-                    .take()
-                    .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))?,
-            )
-        };
+        let mut acc = open
+            .acc
+            .take()
+            .ok_or_else(|| CoordinatorError::Internal("aggregator missing".into()))?;
         // Norm checks and folding read the update from disk: CPU and I/O, off the async threads.
         let (acc, outcome) = tokio::task::spawn_blocking(move || {
-            let mut acc = acc;
-            let outcome = check_and_fold(
-                &path,
-                &global_path,
-                &schema,
-                &defense,
-                examples as f64,
-                acc.as_mut(),
-            );
+            let outcome = check_and_fold(&mut acc, path, global_path, &schema, examples as f64);
             (acc, outcome)
         })
         .await
         .map_err(|e| CoordinatorError::Internal(format!("fold task: {e}")))?;
-        if let Some(acc) = acc {
-            open.acc = Some(acc);
-        }
-        let scale = match outcome {
-            Checked::Accepted { scale } => scale,
-            Checked::Refused(e) => return Err(e),
-            Checked::Broken(e) => {
+        open.acc = Some(acc);
+        let Admitted { scale, disposition } = match outcome {
+            Ok(admitted) => admitted,
+            Err(AdmitError::Refused(e)) => return Err(e),
+            Err(AdmitError::Broken(e)) => {
                 // The update was validated on arrival, so a failure here is the disk's; the
                 // partial sums cannot be trusted, so the attempt is redone.
                 let why = format!("folding update {sha256} from `{site}`: {e}");
@@ -668,8 +619,8 @@ impl Engine {
         }
         open.held.push(HeldUpdate {
             sha256: sha256.to_string(),
-            examples,
             scale,
+            held: disposition == Disposition::Held,
         });
         open.state.record_update(site, examples);
         open.losses.push((examples, train_loss));
@@ -730,59 +681,42 @@ impl Engine {
         attempts: u32,
         started_ms: u64,
     ) -> Result<String, CoordinatorError> {
-        let acc = open.acc.take();
+        let acc = open
+            .acc
+            .take()
+            .ok_or_else(|| CoordinatorError::Internal("aggregator missing".into()))?;
         let shared = self.shared.clone();
-        let strategy = self.handle.spec.strategy.clone();
         let schema = self.handle.schema.clone();
         let global_path = shared.blobs.path(&open.global_sha256)?;
-        let held: Vec<(std::path::PathBuf, f64, f32)> = open
+        // The updates the aggregator holds, in the order it took them.
+        let held: Vec<std::path::PathBuf> = open
             .held
             .iter()
-            .map(|h| Ok((shared.blobs.path(&h.sha256)?, h.examples as f64, h.scale)))
+            .filter(|h| h.held)
+            .map(|h| shared.blobs.path(&h.sha256))
             .collect::<Result<_, CoordinatorError>>()?;
-        let state = self.opt_state.clone();
+        let state_path =
+            |sha: &Option<String>| sha.as_ref().map(|s| shared.blobs.path(s)).transpose();
+        let (m_path, v_path) = (
+            state_path(&self.opt_state.m)?,
+            state_path(&self.opt_state.v)?,
+        );
         let step = u64::from(open.state.round);
         // Aggregation reads updates and sums block by block and streams the result to disk.
         let (sha, opt_state) =
             tokio::task::spawn_blocking(move || -> Result<(String, OptState), CoordinatorError> {
-                let blobs = &shared.blobs;
-                let acc = || {
-                    acc.as_ref()
-                        .ok_or_else(|| CoordinatorError::Internal("accumulator missing".into()))
+                let source = |path: std::path::PathBuf| BlobSource::new(path, schema.clone());
+                let mut global = source(global_path);
+                let (mut m, mut v) = (m_path.map(source), v_path.map(source));
+                let mut held: Vec<BlobSource> = held.into_iter().map(source).collect();
+                let start = RoundStart {
+                    step,
+                    global: Some(&mut global),
+                    first_moment: m.as_mut(),
+                    second_moment: v.as_mut(),
                 };
-                if strategy.needs_all_updates() {
-                    let mut updates = held
-                        .iter()
-                        .map(|(path, weight, scale)| {
-                            UpdateSource::open(path, &schema, *weight, Some((&global_path, *scale)))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let sha = aggregate::robust(&strategy, &mut updates, &schema, blobs)?;
-                    return Ok((sha, OptState::default()));
-                }
-                if let Some(opt) = strategy.server_optimizer() {
-                    let mut global = BlobReader::open(&global_path, &schema)?;
-                    let open_state = |sha: &Option<String>| {
-                        sha.as_ref()
-                            .map(|s| BlobReader::open(&blobs.path(s)?, &schema))
-                            .transpose()
-                    };
-                    let out = aggregate::server_step(
-                        &opt,
-                        step,
-                        acc()?,
-                        &mut global,
-                        open_state(&state.m)?,
-                        open_state(&state.v)?,
-                        &schema,
-                        blobs,
-                    )?;
-                    return Ok((out.global, OptState { m: out.m, v: out.v }));
-                }
-                // Plain averaging: the average streams from the sums to disk.
-                let mut incoming = blobs.incoming()?;
-                acc()?.write_average(|bytes| incoming.write(bytes))?;
-                Ok((incoming.finish(None)?, OptState::default()))
+                let out = aggregate::finish(acc, start, &mut held, &shared.blobs, &schema)?;
+                Ok((out.global, OptState { m: out.m, v: out.v }))
             })
             .await
             .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;

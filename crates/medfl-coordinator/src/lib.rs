@@ -7,12 +7,13 @@
 //! - [`site_service`] / [`run_service`]: the two gRPC services (thin handlers).
 //! - [`engine`]: one task per run, driving the core round state machine.
 //! - [`auth`]: identities from client certificates, and what each role may call.
-//! - [`aggregate`]: strategies applied to updates read back from disk a block at a time.
+//! - [`aggregate`]: the blob store as block sources and sinks of the core `Aggregator`.
 //! - [`campaign`]: cross-site evaluation of a run's final model.
 //! - [`published`]: base models the operator publishes for sites to fetch.
 //! - [`signing`]: the coordinator's signing key; site update signatures.
 //! - [`state`]: what handlers and engines share.
-//! - [`store`]: SQLite state; [`blobs`]: content-addressed model files; [`stream`]: chunked reads.
+//! - [`store`]: SQLite state and who owns each blob; [`blobs`]: content-addressed model files;
+//!   [`retention`]: releasing blobs as runs go and end; [`stream`]: chunked reads.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 
 pub mod aggregate;

@@ -28,6 +28,8 @@ use crate::CoordinatorError;
 const MAX_NAME: usize = 64;
 /// Most datasets one site may advertise.
 const MAX_DATASETS: usize = 256;
+/// Chunks of one upload queued for its writer thread before the socket is read further.
+const UPLOAD_QUEUE: usize = 4;
 /// Largest example count a site may claim for one update.
 const MAX_EXAMPLES: u64 = 1_000_000_000;
 
@@ -233,55 +235,86 @@ impl SiteApi {
         crate::signing::verify_update(site, &key, header)
     }
 
-    /// Streams the update to a temporary blob, validating as it goes; returns its id.
+    /// Streams the update to a temporary blob, validating as it goes; returns its id. Writing,
+    /// hashing, decoding and the final fsync run on a blocking thread fed through a small
+    /// bounded channel, so the async threads only move bytes off the socket.
     async fn receive(
         &self,
         header: &v1::UpdateHeader,
         handle: &crate::state::RunHandle,
         stream: &mut Streaming<v1::UpdateChunk>,
     ) -> Result<String, CoordinatorError> {
-        let mut incoming = self.shared.blobs.incoming()?;
-        let mut decoder = StreamDecoder::new(Some(header.size));
-        let mut validator = UpdateValidator::new(&handle.schema);
-        loop {
+        let incoming = self.shared.blobs.incoming()?;
+        let schema = handle.schema.clone();
+        let (size, expected) = (header.size, header.sha256.clone());
+        let (chunks, mut arriving) = tokio::sync::mpsc::channel::<Vec<u8>>(UPLOAD_QUEUE);
+        // Set when the upload broke off, so that what arrived is not stored.
+        let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abandon = abandoned.clone();
+        let writer = tokio::task::spawn_blocking(move || -> Result<String, CoordinatorError> {
+            let mut incoming = incoming;
+            let mut decoder = StreamDecoder::new(Some(size));
+            let mut validator = UpdateValidator::new(&schema);
+            while let Some(data) = arriving.blocking_recv() {
+                incoming.write(&data)?;
+                decoder.push(&data, &mut validator)?;
+            }
+            if abandon.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(CoordinatorError::Invalid("upload abandoned".into()));
+            }
+            if incoming.len() != size {
+                return Err(CoordinatorError::Core(medfl_core::CoreError::Truncated {
+                    got: incoming.len(),
+                    expected: size,
+                }));
+            }
+            decoder.finish()?;
+            incoming.finish(Some(&expected))
+        });
+        let mut received = 0u64;
+        let broke = loop {
             let msg = match stream.message().await {
                 Ok(Some(msg)) => msg,
-                Ok(None) => break,
+                Ok(None) => break None,
                 Err(status) => {
-                    return Err(CoordinatorError::Invalid(format!(
-                        "upload broke off after {} of {} bytes: {}",
-                        incoming.len(),
-                        header.size,
+                    break Some(CoordinatorError::Invalid(format!(
+                        "upload broke off after {received} of {size} bytes: {}",
                         status.message()
                     )))
                 }
             };
             let Some(v1::update_chunk::Part::Data(data)) = msg.part else {
-                return Err(CoordinatorError::Invalid(
+                break Some(CoordinatorError::Invalid(
                     "a second header inside an upload".into(),
                 ));
             };
-            if incoming.len() + data.len() as u64 > header.size {
-                return Err(CoordinatorError::Invalid(format!(
-                    "more than the announced {} bytes",
-                    header.size
+            if received + data.len() as u64 > size {
+                break Some(CoordinatorError::Invalid(format!(
+                    "more than the announced {size} bytes"
                 )));
             }
-            incoming.write(&data)?;
-            decoder.push(&data, &mut validator)?;
+            received += data.len() as u64;
             handle
                 .traffic
                 .up
                 .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            // A closed channel means the writer stopped on an error: it is returned below.
+            if chunks.send(data).await.is_err() {
+                break None;
+            }
+        };
+        // Closing the channel lets the writer finish, or, after a break, drop the temporary.
+        if broke.is_some() {
+            abandoned.store(true, std::sync::atomic::Ordering::Release);
         }
-        if incoming.len() != header.size {
-            return Err(CoordinatorError::Core(medfl_core::CoreError::Truncated {
-                got: incoming.len(),
-                expected: header.size,
-            }));
+        drop(chunks);
+        let written = writer
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("upload writer: {e}")))?;
+        match broke {
+            Some(e) => Err(e),
+            None => written,
         }
-        decoder.finish()?;
-        incoming.finish(Some(&header.sha256))
     }
 
     async fn send_to_engine(

@@ -36,6 +36,18 @@ pub enum CoreError {
     /// The accumulator has no update to average.
     #[error("no update to aggregate")]
     Empty,
+    /// An update is farther from the global model than the run's norm bound allows.
+    #[error("update is {norm:.6} from the global model, over the run's bound of {bound}")]
+    NormBound {
+        /// L2 norm of `update - global`.
+        norm: f64,
+        /// The run's bound (`defense.max_update_norm`).
+        bound: f64,
+    },
+    /// An aggregator was given inconsistent inputs (a missing global model, the wrong number of
+    /// held updates) or was used after folding broke off.
+    #[error("aggregation: {0}")]
+    Aggregation(String),
 }
 
 impl CoreError {

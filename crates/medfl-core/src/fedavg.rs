@@ -1,5 +1,6 @@
 //! Federated averaging as a running, example-weighted sum that updates are folded into one chunk
-//! at a time, so the coordinator never holds more than one model's worth of sums.
+//! at a time, so the coordinator never holds more than one model's worth of sums. The
+//! [`crate::aggregator::Aggregator`] folds FedAvg-family strategies into one.
 
 use crate::safetensors::{Layout, TensorSink};
 use crate::validate::match_layout;
@@ -119,30 +120,6 @@ impl FedAvg {
         self.total_weight
     }
 
-    /// Writes the weighted average as a safetensors file through `emit`, a bounded piece at a
-    /// time, without building the averaged model in memory.
-    pub fn write_average<E: From<CoreError>>(
-        &self,
-        emit: impl FnMut(&[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
-        if self.updates == 0 {
-            return Err(CoreError::Empty.into());
-        }
-        let mut piece = Vec::new();
-        crate::safetensors::encode_chunks(
-            &self.schema,
-            |i, sink| {
-                for part in self.sums[i].chunks(1 << 16) {
-                    piece.clear();
-                    piece.extend(part.iter().map(|s| (s / self.total_weight) as f32));
-                    sink(&piece)?;
-                }
-                Ok(())
-            },
-            emit,
-        )
-    }
-
     /// The weighted average of the committed updates.
     pub fn finish(&self) -> Result<ModelParams, CoreError> {
         if self.updates == 0 {
@@ -217,7 +194,7 @@ pub(crate) fn shared_strategies_reference(test: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::safetensors::{encode, StreamDecoder};
 
@@ -234,7 +211,7 @@ mod tests {
         ([10.0, -8.0, 30.0, -40.0], [5.0, 9.0]),
     ];
     const EXAMPLES: [f64; 5] = [10.0, 20.0, 30.0, 40.0, 50.0];
-    const FLOWER_FEDAVG: ([f64; 4], [f64; 2]) = (
+    pub(crate) const FLOWER_FEDAVG: ([f64; 4], [f64; 2]) = (
         [
             4.006666666666667,
             -1.3133333333333332,
@@ -337,21 +314,6 @@ mod tests {
         let want = &v["fedavg_weighted"];
         assert_close(&avg.tensors[0].data, &flat(&want[0]));
         assert_close(&avg.tensors[1].data, &flat(&want[1]));
-    }
-
-    #[test]
-    fn streamed_average_equals_the_whole_one() {
-        let mut acc = FedAvg::new(client(0).schema());
-        for (i, examples) in EXAMPLES.iter().enumerate() {
-            acc.add(&client(i), *examples).unwrap();
-        }
-        let mut bytes = Vec::new();
-        acc.write_average(|b: &[u8]| -> Result<(), CoreError> {
-            bytes.extend_from_slice(b);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(bytes, encode(&acc.finish().unwrap()));
     }
 
     #[test]

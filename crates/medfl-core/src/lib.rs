@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`tensors`]: a model as named `f32` tensors, and its schema (names and shapes).
 //! - [`safetensors`]: encoding and a streaming, chunk-at-a-time decoder of the safetensors format.
-//! - [`fedavg`]: the streaming weighted-average accumulator.
+//! - [`aggregator`]: the one [`aggregator::Aggregator`] behind every strategy: norm bound, folding
+//!   or holding each update, and the round's result written block by block.
+//! - [`fedavg`]: the running weighted sums that FedAvg-family strategies fold updates into.
+//! - [`strategy`]: the block-wise rules the aggregator applies: robust rules, server optimizers.
 //! - [`validate`]: checks an incoming update against the global model's schema.
 //! - [`run`]: the lifecycle of a run.
 //! - [`round`]: the round state machine (who was selected, who reported, when the round closes).
@@ -12,6 +15,7 @@
 //! - [`spec`]: the run spec researchers write, and its validation.
 //! - [`metrics`]: accuracy, AUC and example-weighted means.
 
+pub mod aggregator;
 pub mod error;
 pub mod fedavg;
 pub mod metrics;

@@ -225,17 +225,6 @@ mod tests {
     }
 
     #[test]
-    fn init_is_seeded_and_fits_schema() {
-        let m = Mlp::new(3, &[4], 2);
-        let a = m.init(7).unwrap();
-        assert_eq!(a, m.init(7).unwrap());
-        assert_ne!(a, m.init(8).unwrap());
-        assert_eq!(a.schema(), m.schema());
-        assert_eq!(a.get("layers.0.weight").unwrap().shape, vec![4, 3]);
-        assert_eq!(a.get("layers.1.bias").unwrap().shape, vec![2]);
-    }
-
-    #[test]
     fn training_learns_separable_data() {
         for optimizer in [Optimizer::Sgd, Optimizer::Adamw] {
             let m = Mlp::new(3, &[8], 2);

@@ -1,4 +1,5 @@
 //! Aggregation beyond FedAvg: robust rules over coordinate blocks, and server-side optimisers.
+//! These are the kernels; [`crate::aggregator::Aggregator`] picks and drives them for a run spec.
 //!
 //! Everything here works on *blocks*: `rows[i]` holds update `i`'s values for one contiguous range
 //! of coordinates, the same range for every row, so the coordinator can stream updates from disk a

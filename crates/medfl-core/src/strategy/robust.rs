@@ -290,7 +290,7 @@ pub fn weighted_mean_block(rows: &[&[f32]], weights: &[f64], out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::selection::SplitMix64;
 
@@ -305,16 +305,16 @@ mod tests {
     /// aggregate_krum(results, num_malicious=1, to_keep=0)
     /// aggregate_krum(results, num_malicious=1, to_keep=3)
     /// ```
-    const CLIENTS: [[f32; 6]; 5] = [
+    pub(crate) const CLIENTS: [[f32; 6]; 5] = [
         [1.0, 2.0, 3.0, 4.0, 0.5, -0.5],
         [1.1, 1.9, 3.2, 3.9, 0.4, -0.6],
         [0.9, 2.1, 2.8, 4.1, 0.6, -0.4],
         [1.05, 2.05, 3.1, 4.2, 0.55, -0.45],
         [10.0, -8.0, 30.0, -40.0, 5.0, 9.0],
     ];
-    const EXAMPLES: [f64; 5] = [10.0, 20.0, 30.0, 40.0, 50.0];
-    const FLOWER_MEDIAN: [f64; 6] = [1.05, 2.0, 3.1, 4.0, 0.55, -0.45];
-    const FLOWER_TRIMMED_MEAN_0_2: [f64; 6] = [
+    pub(crate) const EXAMPLES: [f64; 5] = [10.0, 20.0, 30.0, 40.0, 50.0];
+    pub(crate) const FLOWER_MEDIAN: [f64; 6] = [1.05, 2.0, 3.1, 4.0, 0.55, -0.45];
+    pub(crate) const FLOWER_TRIMMED_MEAN_0_2: [f64; 6] = [
         1.05,
         1.9833333333333332,
         3.1,
@@ -322,8 +322,9 @@ mod tests {
         0.5499999999999999,
         -0.45,
     ];
-    const FLOWER_KRUM_F1: [f64; 6] = [1.0, 2.0, 3.0, 4.0, 0.5, -0.5];
-    const FLOWER_MULTIKRUM_F1_KEEP3: [f64; 6] = [0.9875, 2.0625, 2.975, 4.1375, 0.5625, -0.4375];
+    pub(crate) const FLOWER_KRUM_F1: [f64; 6] = [1.0, 2.0, 3.0, 4.0, 0.5, -0.5];
+    pub(crate) const FLOWER_MULTIKRUM_F1_KEEP3: [f64; 6] =
+        [0.9875, 2.0625, 2.975, 4.1375, 0.5625, -0.4375];
 
     fn assert_close(got: &[f32], want: &[f64]) {
         assert_eq!(got.len(), want.len());

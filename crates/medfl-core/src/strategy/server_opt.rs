@@ -263,7 +263,7 @@ impl ServerOptimizer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Two FedAdam steps with Flower 1.42's defaults, `strategies_reference.json`
@@ -285,16 +285,16 @@ mod tests {
     ///                 / (1 - np.power(beta_1, server_round + 1.0)))
     ///     x = [a + eta_norm * b / (np.sqrt(c) + tau) for a, b, c in zip(x, m, v)]
     /// ```
-    const X0: [f32; 6] = [1.0, 2.0, 3.0, 4.0, 0.0, 0.0];
+    pub(crate) const X0: [f32; 6] = [1.0, 2.0, 3.0, 4.0, 0.0, 0.0];
     /// FedAvg of clients 0..3 of the reference inputs, weighted 10, 20, 30.
-    const CLIENTS_012: [[f32; 6]; 3] = [
+    pub(crate) const CLIENTS_012: [[f32; 6]; 3] = [
         [1.0, 2.0, 3.0, 4.0, 0.5, -0.5],
         [1.1, 1.9, 3.2, 3.9, 0.4, -0.6],
         [0.9, 2.1, 2.8, 4.1, 0.6, -0.4],
     ];
-    const WEIGHTS_012: [f64; 3] = [10.0, 20.0, 30.0];
+    pub(crate) const WEIGHTS_012: [f64; 3] = [10.0, 20.0, 30.0];
     /// `(params, m, v)` after each round.
-    const FLOWER_ADAM: [[[f64; 6]; 3]; 2] = [
+    pub(crate) const FLOWER_ADAM: [[[f64; 6]; 3]; 2] = [
         [
             [
                 0.9257540657072137,
@@ -387,7 +387,7 @@ mod tests {
             .collect()
     }
 
-    fn check_adam(got: &[[Vec<f32>; 3]], want: &[[[f64; 6]; 3]]) {
+    pub(crate) fn check_adam(got: &[[Vec<f32>; 3]], want: &[[[f64; 6]; 3]]) {
         for ([x, m, v], [wx, wm, wv]) in got.iter().zip(want) {
             // Parameters: 1e-6 relative to the magnitude (at least 1), as elsewhere.
             assert_close("params", x, wx, 1e-6, 1.0);
@@ -481,7 +481,7 @@ mod tests {
     }
 
     /// Every number in a nested JSON array, depth first.
-    fn flat(x: &serde_json::Value) -> Vec<f64> {
+    pub(crate) fn flat(x: &serde_json::Value) -> Vec<f64> {
         match x {
             serde_json::Value::Array(items) => items.iter().flat_map(flat).collect(),
             other => vec![other.as_f64().unwrap()],
