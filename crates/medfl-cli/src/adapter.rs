@@ -1,5 +1,6 @@
-//! What a researcher does with a text run's result: the adapter file with its run spec, the base
-//! with the adapter merged in (`model pull --merged`), and `medfl predict` on their own texts.
+//! What a researcher does on this machine with a text run's adapter file: the base with the
+//! adapter merged in (`model merge`, `model pull --merged`), and `medfl predict` on their own
+//! texts. Needs the `local` feature.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,25 +9,11 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medfl_core::spec::{Adaptation, RunSpec};
 use medfl_core::ModelParams;
-use medfl_train::export::{adapter_bytes, merge_into_base, read_adapter};
+use medfl_train::export::{merge_into_base, read_adapter};
 use medfl_train::{BaseModels, TextClassifier, TextTable};
 
 /// Texts scored per progress step.
 const PREDICT_BATCH: usize = 256;
-
-/// Rewrites the pulled global model at `path` as an adapter file carrying `spec_toml` in its
-/// metadata, so `medfl predict` and `--merged` need nothing else. Returns its SHA-256.
-pub fn write_adapter(path: &Path, spec_toml: &str) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let params = medfl_core::safetensors::decode(&bytes)
-        .with_context(|| format!("{} is not a safetensors model", path.display()))?;
-    let out = adapter_bytes(&params, spec_toml)?;
-    std::fs::write(path, &out).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(hex::encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        &out,
-    )))
-}
 
 /// Reads an adapter and the run spec inside it.
 fn open_adapter(path: &Path) -> anyhow::Result<(ModelParams, RunSpec)> {
@@ -115,6 +102,20 @@ pub fn write_merged(adapter: &Path, base: &Path, out: &Path) -> anyhow::Result<(
         out.display()
     );
     Ok(())
+}
+
+/// Options of `medfl model merge`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MergeArgs {
+    /// The adapter, as `medfl model pull` wrote it (it carries the run spec).
+    #[arg(long, value_name = "FILE")]
+    pub adapter: PathBuf,
+    /// The base model directory the run trained on (checked against the run's pinned hash).
+    #[arg(long, value_name = "DIR")]
+    pub base: PathBuf,
+    /// The directory to write.
+    #[arg(short, long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 /// Options of `medfl predict`.

@@ -1,11 +1,14 @@
 //! `medfl`: the researcher's command line for a medfl coordinator.
 
+#[cfg(feature = "local")]
 mod adapter;
 mod aggregate;
 mod audit;
 mod client;
 mod commands;
+#[cfg(feature = "local")]
 mod demo;
+#[cfg(feature = "local")]
 mod demo_text;
 #[cfg(test)]
 mod mock;
@@ -20,6 +23,17 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use medfl_core::run::RunStatus;
 use medfl_proto::convert::run_status;
+
+#[cfg(feature = "local")]
+use adapter::{MergeArgs, PredictArgs};
+#[cfg(feature = "local")]
+use demo::DemoArgs;
+#[cfg(not(feature = "local"))]
+type DemoArgs = NotBuilt;
+#[cfg(not(feature = "local"))]
+type MergeArgs = NotBuilt;
+#[cfg(not(feature = "local"))]
+type PredictArgs = NotBuilt;
 
 /// Train models across hospitals without moving their data.
 #[derive(Debug, Parser)]
@@ -47,9 +61,11 @@ enum Command {
     #[command(subcommand)]
     Model(ModelCommand),
     /// Run a small federation on this machine and train a model end to end.
-    Demo(demo::DemoArgs),
+    #[cfg_attr(not(feature = "local"), command(hide = true))]
+    Demo(DemoArgs),
     /// Classify texts with a base model and an adapter pulled from a text run.
-    Predict(adapter::PredictArgs),
+    #[cfg_attr(not(feature = "local"), command(hide = true))]
+    Predict(PredictArgs),
     /// Aggregate update files offline with any strategy (reproduce or audit a round).
     Aggregate(aggregate::AggregateArgs),
     /// Check and read audit logs.
@@ -109,24 +125,36 @@ enum ModelCommand {
         /// Text runs: also merge the adapter into the base model, written as a Hugging Face
         /// directory at OUT that PyTorch/transformers loads unchanged.
         #[arg(long, requires = "base")]
+        #[cfg_attr(not(feature = "local"), arg(hide = true))]
         merged: bool,
         /// The base model directory the run trained on (checked against the run's pinned hash).
         #[arg(long, value_name = "DIR")]
+        #[cfg_attr(not(feature = "local"), arg(hide = true))]
         base: Option<PathBuf>,
     },
     /// Merge an adapter pulled earlier into its base model, without the coordinator: writes a
     /// Hugging Face directory at OUT that PyTorch/transformers loads unchanged.
-    Merge {
-        /// The adapter, as `medfl model pull` wrote it (it carries the run spec).
-        #[arg(long, value_name = "FILE")]
-        adapter: PathBuf,
-        /// The base model directory the run trained on (checked against the run's pinned hash).
-        #[arg(long, value_name = "DIR")]
-        base: PathBuf,
-        /// The directory to write.
-        #[arg(short, long, value_name = "DIR")]
-        out: PathBuf,
-    },
+    #[cfg_attr(not(feature = "local"), command(hide = true))]
+    Merge(MergeArgs),
+}
+
+/// The arguments of a subcommand this binary was built without, taken as they come so that
+/// it can say why it is missing.
+#[cfg(not(feature = "local"))]
+#[derive(Debug, Clone, clap::Args)]
+#[command(disable_help_flag = true)]
+struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<std::ffi::OsString>,
+}
+
+/// The error of a subcommand that needs training code in a binary built without it.
+fn without_local(command: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`medfl {command}` runs models on this machine, and this medfl was built without \
+         local training (`--no-default-features`); install it with the default features \
+         (`cargo install --path crates/medfl-cli`) to have it"
+    )
 }
 
 #[tokio::main]
@@ -163,7 +191,20 @@ fn error_chain(e: &anyhow::Error) -> String {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let target = client::Target::resolve(cli.coordinator, cli.config.as_deref())?;
     match cli.command {
+        #[cfg(feature = "local")]
         Command::Demo(args) => demo::run(args).await?,
+        #[cfg(feature = "local")]
+        Command::Model(ModelCommand::Merge(args)) => {
+            adapter::write_merged(&args.adapter, &args.base, &args.out)?
+        }
+        #[cfg(feature = "local")]
+        Command::Predict(args) => adapter::predict(&args)?,
+        #[cfg(not(feature = "local"))]
+        Command::Demo(_) => return Err(without_local("demo")),
+        #[cfg(not(feature = "local"))]
+        Command::Model(ModelCommand::Merge(_)) => return Err(without_local("model merge")),
+        #[cfg(not(feature = "local"))]
+        Command::Predict(_) => return Err(without_local("predict")),
         Command::Aggregate(args) => aggregate::run(args)?,
         Command::Audit(command) => audit::run(command)?,
         Command::Provision(command) => provision::run(command)?,
@@ -197,13 +238,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             merged,
             base,
         }) => {
+            // Refused before dialling: this build could not merge what it pulled.
+            if merged && !cfg!(feature = "local") {
+                return Err(without_local("model pull --merged"));
+            }
             let mut client = target.connect().await?;
             pull::pull_command(&mut client, &run, round.unwrap_or(0), &out, merged, base).await?
         }
-        Command::Model(ModelCommand::Merge { adapter, base, out }) => {
-            adapter::write_merged(&adapter, &base, &out)?
-        }
-        Command::Predict(args) => adapter::predict(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -252,13 +293,47 @@ mod tests {
             cli.command,
             Command::Model(ModelCommand::Pull { round: None, .. })
         ));
+        assert!(
+            Cli::try_parse_from(["medfl", "model", "pull", "r1", "--round", "0", "-o", "m"])
+                .is_err()
+        );
+        Ok(())
+    }
+
+    #[cfg(feature = "local")]
+    #[test]
+    fn demo_takes_its_options() -> anyhow::Result<()> {
         let cli = Cli::try_parse_from(["medfl", "demo"])?;
         assert!(matches!(cli.command, Command::Demo(ref d) if d.rounds.is_none()));
         let cli = Cli::try_parse_from(["medfl", "demo", "--task", "icd10", "--model", "m"])?;
         assert!(matches!(cli.command, Command::Demo(ref d) if d.task == demo::DemoTask::Icd10));
+        Ok(())
+    }
+
+    #[cfg(not(feature = "local"))]
+    #[tokio::test]
+    async fn training_commands_say_the_build_lacks_them() -> anyhow::Result<()> {
+        for words in [
+            "medfl demo --task icd10 --out d",
+            "medfl demo --help",
+            "medfl predict --model m --adapter a --input i",
+            "medfl model merge --adapter a --base b -o o",
+            "medfl model pull r1 -o o --merged --base b",
+        ] {
+            let cli = Cli::try_parse_from(words.split(' '))?;
+            let err = dispatch(cli)
+                .await
+                .map_or_else(|e| e.to_string(), |_| String::new());
+            assert!(err.contains("built without local"), "{words}: {err}");
+        }
+        let shown: Vec<String> = Cli::command()
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set())
+            .map(|c| c.get_name().to_string())
+            .collect();
         assert!(
-            Cli::try_parse_from(["medfl", "model", "pull", "r1", "--round", "0", "-o", "m"])
-                .is_err()
+            !shown.iter().any(|c| c == "demo" || c == "predict"),
+            "{shown:?}"
         );
         Ok(())
     }

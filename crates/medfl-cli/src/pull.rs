@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use medfl_model::adapter::adapter_bytes;
 use medfl_proto::v1::{GetRunRequest, PullModelRequest};
 use ring::digest;
 use tokio::io::AsyncWriteExt;
@@ -57,16 +58,30 @@ pub async fn pull_command(
         println!("written to {}", file.display());
         return Ok(());
     }
-    let sha = crate::adapter::write_adapter(&file, &detail.spec_toml)?;
+    let sha = write_adapter(&file, &detail.spec_toml)?;
     println!(
         "{sha}  {} (the adapter and head, with the run spec in its metadata)",
         file.display()
     );
+    #[cfg(feature = "local")]
     if let (true, Some(base)) = (merged, base) {
         crate::adapter::write_merged(&file, &base, out)?;
         std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
     }
+    #[cfg(not(feature = "local"))]
+    let _ = base;
     Ok(())
+}
+
+/// Rewrites the pulled global model at `path` as an adapter file carrying `spec_toml` in its
+/// metadata, so `medfl predict` and `model merge` need nothing else. Returns its SHA-256.
+pub fn write_adapter(path: &Path, spec_toml: &str) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let params = medfl_core::safetensors::decode(&bytes)
+        .with_context(|| format!("{} is not a safetensors model", path.display()))?;
+    let out = adapter_bytes(&params, spec_toml)?;
+    std::fs::write(path, &out).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(hex::encode(digest::digest(&digest::SHA256, &out)))
 }
 
 /// Pulls the global model of run `run_id` after `round` (the latest when 0) into `out`: the bytes

@@ -100,7 +100,11 @@ async fn follow(
                 let line = table::round_line(r, detail.full_model_bytes);
                 multi.suspend(|| println!("{line}"));
                 // Sites that did not contribute, and why (refused, awaiting approval, ...).
-                for s in r.sites.iter().filter(|s| s.outcome() != medfl_proto::v1::SiteOutcome::Accepted) {
+                for s in r
+                    .sites
+                    .iter()
+                    .filter(|s| s.outcome() != medfl_proto::v1::SiteOutcome::Accepted)
+                {
                     let note = format!(
                         "      {}: {}: {}",
                         s.site,

@@ -4,6 +4,7 @@
 //! updates it receives. `medfl-train` builds its trainable models on the same definitions.
 //!
 //! # Layout
+//! - [`adapter`]: adapter files, a run's trained tensors with the run spec in their metadata.
 //! - [`base`]: base models on disk, found by name and pinned by the SHA-256 of their weights.
 //! - [`bert`]: a BERT `config.json` and the names and shapes of its checkpoint's tensors.
 //! - [`checkpoint`]: a base checkpoint's tensors, checked against its config and read as f32.
@@ -13,6 +14,7 @@
 //! - [`mlp`]: a multi-layer perceptron / logistic regression on tabular features.
 //! - [`model`]: [`RunModel`], the model of a run spec, with its schema and initial weights.
 
+pub mod adapter;
 pub mod base;
 pub mod bert;
 pub mod checkpoint;

@@ -13,53 +13,14 @@ use safetensors::SafeTensors;
 use crate::classifier::{HEAD_BIAS, HEAD_WEIGHT};
 use crate::TrainError;
 
-/// Metadata key holding the run spec (TOML) in an adapter file.
-pub const SPEC_METADATA_KEY: &str = "medfl.run_spec";
+/// Adapter files need no candle: they live in [`medfl_model::adapter`].
+pub use medfl_model::adapter::{adapter_bytes, read_adapter, SPEC_METADATA_KEY};
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// The adapter (or any model) as safetensors, with `spec_toml` in the metadata.
-pub fn adapter_bytes(params: &ModelParams, spec_toml: &str) -> Result<Vec<u8>, TrainError> {
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = params
-        .tensors
-        .iter()
-        .map(|t| {
-            let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (t.name.clone(), t.shape.clone(), bytes)
-        })
-        .collect();
-    let views = raw
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| TrainError::Weights(format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (SPEC_METADATA_KEY.to_string(), spec_toml.to_string()),
-    ]);
-    safetensors::serialize(views, Some(metadata))
-        .map_err(|e| TrainError::Weights(format!("writing the adapter: {e}")))
-}
-
-/// Reads an adapter file: its tensors and the run spec in its metadata, if any.
-pub fn read_adapter(path: &Path) -> Result<(ModelParams, Option<String>), TrainError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    let bad = |e: String| TrainError::Weights(format!("{}: {e}", path.display()));
-    let params = medfl_core::safetensors::decode(&bytes).map_err(|e| bad(e.to_string()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let spec = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(SPEC_METADATA_KEY).cloned());
-    Ok((params, spec))
 }
 
 /// What [`merge_into_base`] did.

@@ -1,0 +1,80 @@
+//! Adapter files: a run's trained tensors as safetensors, with the run spec in the metadata.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use medfl_core::ModelParams;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::ModelError;
+
+/// Metadata key holding the run spec (TOML) in an adapter file.
+pub const SPEC_METADATA_KEY: &str = "medfl.run_spec";
+
+/// The adapter (or any model) as safetensors, with `spec_toml` in the metadata.
+pub fn adapter_bytes(params: &ModelParams, spec_toml: &str) -> Result<Vec<u8>, ModelError> {
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = params
+        .tensors
+        .iter()
+        .map(|t| {
+            let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (t.name.clone(), t.shape.clone(), bytes)
+        })
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::Weights(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (SPEC_METADATA_KEY.to_string(), spec_toml.to_string()),
+    ]);
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| ModelError::Weights(format!("writing the adapter: {e}")))
+}
+
+/// Reads an adapter file: its tensors and the run spec in its metadata, if any.
+pub fn read_adapter(path: &Path) -> Result<(ModelParams, Option<String>), ModelError> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |e: String| ModelError::Weights(format!("{}: {e}", path.display()));
+    let params = medfl_core::safetensors::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let spec = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(SPEC_METADATA_KEY).cloned());
+    Ok((params, spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medfl_core::NamedTensor;
+
+    #[test]
+    fn an_adapter_carries_its_spec() -> Result<(), Box<dyn std::error::Error>> {
+        let params = ModelParams::new(vec![NamedTensor {
+            name: "head.weight".into(),
+            shape: vec![2, 2],
+            data: vec![1.0, -2.0, 0.5, 3.25],
+        }])?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("adapter.safetensors");
+        std::fs::write(&path, adapter_bytes(&params, "name = \"x\"")?)?;
+        let (back, spec) = read_adapter(&path)?;
+        assert_eq!(back, params);
+        assert_eq!(spec.as_deref(), Some("name = \"x\""));
+        // A plain model file reads too, without a spec.
+        std::fs::write(&path, medfl_core::safetensors::encode(&params))?;
+        assert_eq!(read_adapter(&path)?, (params, None));
+        Ok(())
+    }
+}
