@@ -151,7 +151,7 @@ async fn a_hospital_approves_a_run_by_name_before_it_arrives() {
     let (csvs, _test) = split_breast_cancer(dir.path(), 2);
     let careful = dir.path().join("careful");
     // `medfl-site approve ahead-of-time` before the run exists.
-    Approvals::decide(&careful, "ahead-of-time", Decision::Approved, "")
+    Approvals::decide_name(&careful, "ahead-of-time", Decision::Approved, "")
         .expect("an approval ahead of time");
     let sites = open_and_careful_sites(&coordinator, dir.path(), &csvs).await;
     let mut client = coordinator.runs().await;

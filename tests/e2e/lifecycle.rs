@@ -99,8 +99,10 @@ async fn a_site_that_echoes_the_global_model_does_not_make_it_vanish() {
     let echo = echoing.await.expect("echo site");
     assert_eq!(status(&detail), v1::RunStatus::Completed as i32, "{detail:?}");
     assert_every_round_pullable(&mut client, &detail).await;
-    // The initial model, which round 1's echo equalled, is still served.
-    pull(&mut client, &run, 0).await.expect("the final model");
+    // The initial model, which round 1's echo equalled, is still on disk.
+    let initial = fed.coordinator.store().run(&run).expect("run").initial_sha256;
+    assert!(fed.coordinator.blob_path(&initial).is_file());
+    assert!(fed.coordinator.unowned_blobs().is_empty());
     drop(echo);
 
     fed.coordinator.restart();
@@ -144,6 +146,7 @@ async fn a_stopped_run_is_collected_without_touching_a_twin_that_finishes() {
             .iter()
             .all(|r| r.role != medfl_coordinator::store::BlobRole::Update));
     }
+    assert_eq!(fed.coordinator.unowned_blobs(), Vec::<String>::new());
     fed.stop().await;
 }
 
@@ -172,6 +175,7 @@ async fn keep_models_final_non_default_collects_all_but_the_final_model() {
     assert_eq!(gone.code(), tonic::Code::NotFound);
     assert!(gone.message().contains("keep_models"), "{}", gone.message());
     assert!(!coordinator.blob_path(&detail.rounds[0].global_sha256).exists());
+    assert_eq!(coordinator.unowned_blobs(), Vec::<String>::new());
     site.stop().await;
     coordinator.stop().await;
 }

@@ -371,6 +371,25 @@ impl Coordinator {
         self.data_dir.join("blobs").join(&sha[..2]).join(sha)
     }
 
+    /// Blob files on disk that no reference in the state database holds (a leak).
+    pub fn unowned_blobs(&self) -> Vec<String> {
+        let store = self.store();
+        let root = self.data_dir.join("blobs");
+        let mut unowned = Vec::new();
+        for shard in std::fs::read_dir(&root).expect("blob dir").flatten() {
+            if shard.file_name() == "tmp" || !shard.path().is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(shard.path()).expect("blob shard").flatten() {
+                let id = file.file_name().to_string_lossy().into_owned();
+                if !store.is_owned(&id).expect("refs") {
+                    unowned.push(id);
+                }
+            }
+        }
+        unowned
+    }
+
     /// The model stored as blob `sha`.
     pub fn blob(&self, sha: &str) -> ModelParams {
         let bytes = std::fs::read(self.blob_path(sha)).expect("blob");

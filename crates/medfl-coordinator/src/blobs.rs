@@ -58,6 +58,15 @@ impl BlobStore {
         self.pins.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Takes over the pin [`Incoming::finish`] took on `id`: it is let go when the guard drops,
+    /// however its holder's work ends (refused, failed, cancelled).
+    pub fn pinned(&self, id: &str) -> Pinned {
+        Pinned {
+            store: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
     /// Lets go of a pin taken by [`Incoming::finish`], once the blob's owner is recorded.
     pub fn unpin(&self, id: &str) {
         let mut pins = self.pins();
@@ -160,6 +169,26 @@ impl BlobStore {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// A stored blob kept from collection until dropped (see [`BlobStore::pinned`]).
+#[derive(Debug)]
+pub struct Pinned {
+    store: BlobStore,
+    id: String,
+}
+
+impl Pinned {
+    /// The blob's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.store.unpin(&self.id);
     }
 }
 

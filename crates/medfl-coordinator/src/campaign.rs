@@ -1,10 +1,13 @@
 //! Cross-site evaluation: every online site holding a run's dataset scores the run's final
 //! global model on its own validation split, so researchers see where the model underperforms.
 //! No site receives anything but the global model.
+//!
+//! The decisions are the run machine's ([`RunMachine`]): an ended run's machine collects the
+//! answers here, in memory, until every asked site answered or its deadline passed.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use medfl_core::run_machine::{Effect, Event, Rejection, RunMachine, RunPlan};
 use medfl_core::spec::RunSpec;
 use medfl_proto::v1;
 use tracing::info;
@@ -13,22 +16,26 @@ use crate::state::{now_ms, Shared};
 use crate::store::Evaluation;
 use crate::CoordinatorError;
 
-/// A cross-site evaluation collecting answers.
+/// An ended run whose final model is being scored across sites.
 #[derive(Debug, Clone)]
 pub struct Campaign {
-    /// Sent as the task's attempt and echoed in a site's failure report: a refusal of an earlier
-    /// evaluation of the same run must not strike the site from this one.
-    pub number: u32,
+    /// The run's machine, in its ended phase.
+    machine: RunMachine,
     /// The run spec sent with each task.
-    pub spec_toml: Arc<str>,
-    /// The model to score.
-    pub global_sha256: String,
-    /// Its size.
-    pub global_size: u64,
-    /// Sites that have not answered yet.
-    pub pending: BTreeSet<String>,
-    /// When unanswered sites are given up on.
-    pub deadline_ms: u64,
+    spec_toml: Arc<str>,
+    /// Size of the model scored.
+    global_size: u64,
+}
+
+/// Online sites holding the dataset of the run `spec` describes.
+fn eligible(shared: &Shared, spec: &RunSpec) -> Result<Vec<String>, CoordinatorError> {
+    let now = now_ms();
+    Ok(shared
+        .sites()?
+        .iter()
+        .filter(|(_, s)| shared.is_online(s, now) && s.holds(spec))
+        .map(|(name, _)| name.clone())
+        .collect())
 }
 
 /// Starts a cross-site evaluation of `global_sha256` for run `run_id`; returns how many sites
@@ -40,39 +47,93 @@ pub fn start(
     global_sha256: &str,
 ) -> Result<usize, CoordinatorError> {
     let spec = RunSpec::from_toml(spec_toml)?;
-    let now = now_ms();
-    let pending: BTreeSet<String> = shared
-        .sites()?
-        .iter()
-        .filter(|(_, s)| shared.is_online(s, now) && s.holds(&spec))
-        .map(|(name, _)| name.clone())
-        .collect();
-    let asked = pending.len();
-    if asked > 0 {
-        let number = shared
-            .campaign_numbers
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let campaign = Campaign {
-            number,
-            spec_toml: Arc::from(spec_toml),
-            global_sha256: global_sha256.to_string(),
-            global_size: shared.blobs.size(global_sha256)?,
-            pending,
-            deadline_ms: now + spec.round_deadline_secs * 1000,
-        };
-        shared.campaigns()?.insert(run_id.to_string(), campaign);
-        info!(run = %run_id, sites = asked, model = %global_sha256, "cross-site evaluation started");
-        shared.audit(
-            medfl_audit::Event::new(
-                "evaluation_requested",
-                serde_json::json!({ "global_sha256": global_sha256, "sites": asked }),
-            )
-            .run(run_id),
-        );
-        shared.notify_tasks();
-        shared.notify_run(run_id);
+    let sites = eligible(shared, &spec)?;
+    let asked = sites.len();
+    if asked == 0 {
+        return Ok(0);
     }
+    let number = shared
+        .campaign_numbers
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut machine = shared
+        .campaigns()?
+        .get(run_id)
+        .map(|c| c.machine.clone())
+        .filter(|m| m.global_sha256() == global_sha256)
+        .unwrap_or_else(|| RunMachine::ended(RunPlan::of(&spec), global_sha256));
+    let effects = machine.handle(Event::CrossSiteRequested { number, sites }, now_ms());
+    adopt(shared, run_id, spec_toml, &machine, effects)?;
     Ok(asked)
+}
+
+/// Keeps `machine` (an ended run's, just asked to score its final model) collecting answers,
+/// and carries out what asking took.
+pub fn adopt(
+    shared: &Shared,
+    run_id: &str,
+    spec_toml: &str,
+    machine: &RunMachine,
+    effects: Vec<Effect>,
+) -> Result<(), CoordinatorError> {
+    if !machine.cross_site_open(now_ms()) {
+        return Ok(());
+    }
+    let campaign = Campaign {
+        machine: machine.clone(),
+        spec_toml: Arc::from(spec_toml),
+        global_size: shared.blobs.size(machine.global_sha256())?,
+    };
+    shared.campaigns()?.insert(run_id.to_string(), campaign);
+    perform(shared, run_id, effects)?;
+    shared.notify_tasks();
+    shared.notify_run(run_id);
+    Ok(())
+}
+
+/// Carries out a cross-site evaluation's effects; returns the answer to the site, if any.
+fn perform(
+    shared: &Shared,
+    run_id: &str,
+    effects: Vec<Effect>,
+) -> Result<Option<Result<(), Rejection>>, CoordinatorError> {
+    let mut answer = None;
+    for effect in effects {
+        match effect {
+            Effect::CrossSiteOpened {
+                sites,
+                global_sha256,
+                ..
+            } => {
+                info!(run = %run_id, sites, model = %global_sha256, "cross-site evaluation started");
+                shared.audit(
+                    medfl_audit::Event::new(
+                        "evaluation_requested",
+                        serde_json::json!({ "global_sha256": global_sha256, "sites": sites }),
+                    )
+                    .run(run_id),
+                );
+            }
+            Effect::RecordCrossSite {
+                site,
+                global_sha256,
+                examples,
+                metrics,
+            } => shared.store()?.add_evaluation(
+                run_id,
+                &Evaluation {
+                    global_sha256,
+                    site,
+                    examples,
+                    metrics,
+                    at_ms: now_ms(),
+                },
+            )?,
+            Effect::CrossSiteComplete => info!(run = %run_id, "cross-site evaluation complete"),
+            Effect::Reply(r) => answer = Some(r),
+            _ => {}
+        }
+    }
+    Ok(answer)
 }
 
 /// The evaluation task for `site`, if a campaign waits for it; drops expired campaigns.
@@ -80,22 +141,23 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
     let now = now_ms();
     let mut campaigns = shared.campaigns()?;
     campaigns.retain(|run_id, c| {
-        let open = now < c.deadline_ms && !c.pending.is_empty();
+        let open = c.machine.cross_site_open(now);
         if !open {
             shared.notify_run(run_id);
         }
         open
     });
     Ok(campaigns.iter().find_map(|(run_id, c)| {
-        c.pending.contains(site).then(|| v1::Task {
+        let task = c.machine.cross_site_task(site, now)?;
+        Some(v1::Task {
             run_id: run_id.clone(),
             round: 0,
-            attempt: c.number,
+            attempt: task.number,
             kind: v1::TaskKind::Evaluate as i32,
             spec_toml: c.spec_toml.to_string(),
-            global_sha256: c.global_sha256.clone(),
+            global_sha256: task.global_sha256,
             global_size: c.global_size,
-            deadline_unix_ms: c.deadline_ms,
+            deadline_unix_ms: task.deadline_ms,
             signature: Vec::new(),
         })
     }))
@@ -114,36 +176,24 @@ pub fn report(
             req.run_id
         ))
     })?;
-    if !campaign.pending.contains(site) {
-        return Err(CoordinatorError::PermissionDenied(format!(
-            "site `{site}` was not asked, or already answered, in the evaluation of run `{}`",
-            req.run_id
-        )));
-    }
-    if req.global_sha256 != campaign.global_sha256 {
-        return Err(CoordinatorError::Invalid(format!(
-            "evaluation of model {}, the run's final model is {}",
-            req.global_sha256, campaign.global_sha256
-        )));
-    }
-    shared.store()?.add_evaluation(
-        &req.run_id,
-        &Evaluation {
-            global_sha256: req.global_sha256,
+    let effects = campaign.machine.handle(
+        Event::CrossSiteReported {
             site: site.to_string(),
+            global_sha256: req.global_sha256,
             examples: req.num_examples,
             metrics: req.metrics,
-            at_ms: now_ms(),
         },
-    )?;
-    campaign.pending.remove(site);
-    if campaign.pending.is_empty() {
+        now_ms(),
+    );
+    // Stored while the evaluation's lock is held: a reader never sees it closed without the
+    // answer that closed it.
+    let answer = perform(shared, &req.run_id, effects)?;
+    if !campaign.machine.cross_site_open(now_ms()) {
         campaigns.remove(&req.run_id);
-        info!(run = %req.run_id, "cross-site evaluation complete");
     }
     drop(campaigns);
     shared.notify_run(&req.run_id);
-    Ok(())
+    answer.unwrap_or(Ok(())).map_err(crate::engine::rejected)
 }
 
 /// A site that cannot evaluate (its data does not fit the run) is no longer waited for.
@@ -158,14 +208,25 @@ pub fn fail(
     let Some(campaign) = campaigns.get_mut(run_id) else {
         return Ok(());
     };
-    if campaign.number != number {
-        // A late refusal of an earlier evaluation: the site may well answer this one.
-        return Ok(());
-    }
-    if campaign.pending.remove(site) {
+    let now = now_ms();
+    // A late refusal of an earlier evaluation leaves the site in this one (the machine checks).
+    if campaign
+        .machine
+        .cross_site_task(site, now)
+        .is_some_and(|t| t.number == number)
+    {
         tracing::warn!(run = %run_id, site = %site, reason = %reason, "site cannot evaluate the final model");
     }
-    if campaign.pending.is_empty() {
+    let effects = campaign.machine.handle(
+        Event::CrossSiteDeclined {
+            site: site.to_string(),
+            number,
+            reason: reason.to_string(),
+        },
+        now,
+    );
+    perform(shared, run_id, effects)?;
+    if campaign.machine.cross_site_deadline().is_none() {
         campaigns.remove(run_id);
     }
     drop(campaigns);
@@ -175,7 +236,10 @@ pub fn fail(
 
 /// When the run's open cross-site evaluation gives up on the sites that have not answered.
 pub fn deadline(shared: &Shared, run_id: &str) -> Result<Option<u64>, CoordinatorError> {
-    Ok(shared.campaigns()?.get(run_id).map(|c| c.deadline_ms))
+    Ok(shared
+        .campaigns()?
+        .get(run_id)
+        .and_then(|c| c.machine.cross_site_deadline()))
 }
 
 /// Whether a cross-site evaluation of the run is collecting answers.
@@ -184,5 +248,5 @@ pub fn active(shared: &Shared, run_id: &str) -> Result<bool, CoordinatorError> {
     Ok(shared
         .campaigns()?
         .get(run_id)
-        .is_some_and(|c| now < c.deadline_ms && !c.pending.is_empty()))
+        .is_some_and(|c| c.machine.cross_site_open(now)))
 }

@@ -5,10 +5,11 @@
 //! - [`config`]: layered configuration.
 //! - [`server`]: [`serve`] on a bound listener with a shutdown future.
 //! - [`site_service`] / [`run_service`]: the two gRPC services (thin handlers).
-//! - [`engine`]: one task per run, driving the core round state machine.
+//! - [`engine`]: one task per run, the shell of the core `RunMachine`: it feeds events in and
+//!   carries out the effects (store, audit, aggregation, blob references).
 //! - [`auth`]: identities from client certificates, and what each role may call.
 //! - [`aggregate`]: the blob store as block sources and sinks of the core `Aggregator`.
-//! - [`campaign`]: cross-site evaluation of a run's final model.
+//! - [`campaign`]: cross-site evaluation of an ended run (a phase of its `RunMachine`).
 //! - [`published`]: base models the operator publishes for sites to fetch.
 //! - [`signing`]: the coordinator's signing key; site update signatures.
 //! - [`state`]: what handlers and engines share.

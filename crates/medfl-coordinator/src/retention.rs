@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use tracing::info;
 
+use medfl_core::run::RunStatus;
+
 use crate::state::Shared;
 use crate::store::{BlobRef, BlobRole};
 use crate::CoordinatorError;
@@ -99,9 +101,15 @@ pub fn release_updates(
     release(shared, &refs)
 }
 
-/// Collects an ended run by the retention settings: optimizer state always, updates unless
-/// retained, models beyond `keep_models`. Logs and audits what it freed.
-pub fn collect_ended_run(shared: &Shared, run_id: &str) -> Result<(), CoordinatorError> {
+/// Ends a run: stores its status and, in the same transaction, lets go of what the retention
+/// settings do not keep (optimizer state always, updates unless retained, models beyond
+/// `keep_models`); then deletes the files nothing else holds. Logs and audits what it freed.
+pub fn end_run(
+    shared: &Shared,
+    run_id: &str,
+    status: RunStatus,
+    error: &str,
+) -> Result<(), CoordinatorError> {
     let keep = shared.config.keep_models()?;
     let (refs, last) = {
         let store = shared.store()?;
@@ -117,7 +125,13 @@ pub fn collect_ended_run(shared: &Shared, run_id: &str) -> Result<(), Coordinato
         })
         .collect();
     let references = release_now.len();
-    let (blobs, bytes) = release(shared, &release_now)?;
+    let candidates = shared
+        .store()?
+        .end_run(run_id, status, error, &release_now)?;
+    let (gone, bytes) = shared
+        .blobs
+        .collect(candidates, |sha| shared.store()?.is_owned(sha))?;
+    let blobs = gone.len();
     info!(run = %run_id, keep_models = %keep, references, blobs, bytes, "ended run collected");
     shared.audit(
         medfl_audit::Event::new(

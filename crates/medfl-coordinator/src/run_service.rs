@@ -312,6 +312,8 @@ impl RunService for RunApi {
         // Subscribe before the first read, and mark each change seen before reading again: a
         // change between a read and the wait (a short run ending, the last site answering the
         // final evaluation) then wakes the wait instead of being lost.
+        // Only runs that exist get a change counter (one per run, kept for its watchers).
+        self.shared.store()?.run(&id)?;
         let mut changed = self.shared.watch_run(&id)?;
         changed.borrow_and_update();
         // Fail now on an unknown run rather than inside the stream.

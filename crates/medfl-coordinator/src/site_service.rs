@@ -20,7 +20,7 @@ use tracing::{info, instrument};
 use crate::blobs::sha256_hex;
 use crate::engine::record_refusal;
 use crate::state::{now_ms, EngineMsg, Shared, SiteLive};
-use crate::store::{BlobRef, SiteRecord};
+use crate::store::SiteRecord;
 use crate::stream::{blob_stream, file_stream};
 use crate::CoordinatorError;
 
@@ -126,23 +126,36 @@ impl SiteApi {
             .receive(&header, &handle, &mut stream)
             .await
             .map_err(refuse)?;
-        // Owned by this site's update in this attempt until the attempt ends.
-        let owner = BlobRef::update(&sha, &header.run_id, round, attempt, site);
-        let owned = self.shared.store().and_then(|s| s.add_ref(&owner));
-        self.shared.blobs.unpin(&sha);
-        owned?;
+        // Pinned until the engine answers: it records the update's owner if it accepts it.
+        let pinned = self.shared.blobs.pinned(&sha);
         // The engine records its own refusals.
-        self.send_to_engine(&header.run_id, |reply| EngineMsg::Update {
-            site: site.to_string(),
-            round,
-            attempt,
-            base_sha256: header.base_sha256.clone(),
-            sha256: sha,
-            examples: header.num_examples,
-            train_loss: header.train_loss,
-            reply,
+        let answer = self
+            .send_to_engine(&header.run_id, |reply| EngineMsg::Update {
+                site: site.to_string(),
+                round,
+                attempt,
+                base_sha256: header.base_sha256.clone(),
+                sha256: sha.clone(),
+                examples: header.num_examples,
+                train_loss: header.train_loss,
+                reply,
+            })
+            .await;
+        drop(pinned);
+        // Nothing may own it now: refused (late, duplicate, over the bound), the run ended, or
+        // accepted into an attempt that closed, and was released, while the pin held it. A
+        // file still owned (by this update, or the same bytes by another owner) stays.
+        let shared = self.shared.clone();
+        let collected = tokio::task::spawn_blocking(move || {
+            shared
+                .blobs
+                .collect([sha], |id| shared.store()?.is_owned(id))
         })
-        .await?;
+        .await;
+        if let Ok(Err(e)) = collected {
+            tracing::warn!(site = %site, error = %e, "could not delete an update nothing owns");
+        }
+        answer?;
         Ok(v1::PushUpdateResponse {
             accepted: true,
             message: format!("update for round {round} accepted"),

@@ -422,6 +422,36 @@ impl Store {
         Ok(shas)
     }
 
+    /// Records a run's end and drops the references it lets go of, in one transaction, so a
+    /// crash leaves either the running run with its blobs or the ended one without them (files
+    /// no reference holds are deleted afterwards, or at the next start). Returns the blobs the
+    /// references named.
+    pub fn end_run(
+        &mut self,
+        id: &str,
+        status: RunStatus,
+        error: &str,
+        release: &[BlobRef],
+    ) -> Result<Vec<String>, CoordinatorError> {
+        let tx = self.conn.transaction()?;
+        for r in release {
+            tx.execute(
+                "DELETE FROM blob_refs WHERE sha256 = ?1 AND run_id = ?2 AND role = ?3
+                     AND round = ?4 AND site = ?5 AND attempt = ?6",
+                params![r.sha256, r.run_id, r.role.as_str(), r.round, r.site, r.attempt],
+            )?;
+        }
+        tx.execute(
+            "UPDATE runs SET status = ?2, error = ?3 WHERE id = ?1",
+            params![id, status.as_str(), error],
+        )?;
+        tx.commit()?;
+        let mut shas: Vec<String> = release.iter().map(|r| r.sha256.clone()).collect();
+        shas.sort();
+        shas.dedup();
+        Ok(shas)
+    }
+
     /// Every reference held by run `run_id`.
     pub fn refs_of_run(&self, run_id: &str) -> Result<Vec<BlobRef>, CoordinatorError> {
         let mut stmt = self.conn.prepare(

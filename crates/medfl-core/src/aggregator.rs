@@ -358,6 +358,9 @@ impl Aggregator {
             Rule::Average { sums, .. } => {
                 let len = buffer_len(&self.schema, self.block);
                 let (mut values, mut scratch) = (vec![0f32; len], Vec::new());
+                // Until the first block is added the sums are untouched: an update that cannot
+                // be read from its start is refused, not a reason to redo the attempt.
+                let mut touched = false;
                 let folded = blocks(&self.schema, self.block).try_for_each(|b| {
                     let values = &mut values[..b.len];
                     update.read(b.tensor, b.offset, values)?;
@@ -367,12 +370,17 @@ impl Aggregator {
                         global.read(b.tensor, b.offset, &mut scratch)?;
                         clip(values, &scratch, scale);
                     }
+                    touched = true;
                     sums.add_values(b.tensor, b.offset, values, weight)?;
                     Ok(())
                 });
-                if let Err(e) = folded {
-                    self.broken = true;
-                    return Err(AdmitError::Broken(e));
+                match folded {
+                    Err(e) if !touched => return Err(AdmitError::Refused(e)),
+                    Err(e) => {
+                        self.broken = true;
+                        return Err(AdmitError::Broken(e));
+                    }
+                    Ok(()) => {}
                 }
                 sums.count(weight);
                 Disposition::Folded
@@ -1259,6 +1267,20 @@ mod tests {
             }
             assert_eq!(*journal.borrow(), want, "{strategy:?}");
         }
+    }
+
+    #[test]
+    fn an_update_unreadable_from_its_start_is_refused_and_the_sums_stay_good() {
+        let journal = Rc::new(RefCell::new(Vec::new()));
+        let mut agg = aggregator(&StrategySpec::Fedavg, 3);
+        let mut bad = logged(&journal, 0, 2.0);
+        bad.fail_at = Some(0);
+        assert!(matches!(
+            agg.admit(1.0, &mut bad, None),
+            Err(AdmitError::Refused(CoreError::Format(_)))
+        ));
+        agg.admit(1.0, &mut logged(&journal, 1, 1.0), None)
+            .expect("the aggregator is not spoilt");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! - [`strategy`]: the block-wise rules the aggregator applies: robust rules, server optimizers.
 //! - [`validate`]: checks an incoming update against the global model's schema.
 //! - [`run`]: the lifecycle of a run.
-//! - [`round`]: the round state machine (who was selected, who reported, when the round closes).
+//! - [`round`]: one attempt of a round (who was selected, who reported, when it closes).
+//! - [`run_machine`]: the run state machine: rounds, retries, stop, resume and the cross-site
+//!   evaluation, driven by events with the time passed in, answered with effects.
 //! - [`selection`]: deterministic sampling of sites for a round.
 //! - [`signing`]: the bytes sites sign for updates and the coordinator signs for tasks.
 //! - [`spec`]: the run spec researchers write, and its validation.
@@ -20,6 +22,7 @@ pub mod error;
 pub mod fedavg;
 pub mod metrics;
 pub mod round;
+pub mod run_machine;
 pub mod run;
 pub mod safetensors;
 pub mod selection;

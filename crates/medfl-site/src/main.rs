@@ -84,22 +84,32 @@ enum RunsCommand {
     Reject(RejectArgs),
 }
 
+/// Which runs a decision is about.
+#[derive(ClapArgs)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// The id of a run that reached this site, or 64 lowercase hex digits: the SHA-256 of a
+    /// run spec's file as the researcher submits it (`sha256sum spec.toml`), ahead of time.
+    #[arg(value_name = "RUN_ID|SPEC_SHA256")]
+    run: Option<String>,
+    /// Ahead of time, every run of this name (spelled out, so a mistyped run id never
+    /// becomes a standing decision).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+}
+
 /// What the hospital approves.
 #[derive(ClapArgs)]
 struct ApproveArgs {
-    /// The id of a run that reached this site; else 64 lowercase hex digits, the SHA-256 of a
-    /// run spec's file as the researcher submits it (`sha256sum spec.toml`); else a run name.
-    #[arg(value_name = "RUN_ID|SPEC_SHA256|NAME")]
-    run: String,
+    #[command(flatten)]
+    target: Target,
 }
 
 /// What the hospital refuses, and why.
 #[derive(ClapArgs)]
 struct RejectArgs {
-    /// The id of a run that reached this site; else 64 lowercase hex digits, the SHA-256 of a
-    /// run spec's file as the researcher submits it (`sha256sum spec.toml`); else a run name.
-    #[arg(value_name = "RUN_ID|SPEC_SHA256|NAME")]
-    run: String,
+    #[command(flatten)]
+    target: Target,
     /// Why, as the researcher will read it.
     #[arg(long)]
     reason: String,
@@ -188,25 +198,35 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        RunsCommand::Approve(ApproveArgs { run }) => {
-            decide(config, &run, Decision::Approved, "")?;
+        RunsCommand::Approve(ApproveArgs { target }) => {
+            decide(config, &target, Decision::Approved, "")?;
         }
-        RunsCommand::Reject(RejectArgs { run, reason }) => {
-            decide(config, &run, Decision::Rejected, &reason)?;
+        RunsCommand::Reject(RejectArgs { target, reason }) => {
+            decide(config, &target, Decision::Rejected, &reason)?;
         }
     }
     Ok(())
 }
 
-/// Records the hospital's decision on what `arg` names, audits it and says what it means.
-fn decide(config: &SiteConfig, arg: &str, decision: Decision, reason: &str) -> anyhow::Result<()> {
+/// Records the hospital's decision on what `target` names, audits it and says what it means.
+fn decide(
+    config: &SiteConfig,
+    target: &Target,
+    decision: Decision,
+    reason: &str,
+) -> anyhow::Result<()> {
     let approved = decision == Decision::Approved;
     let event = if approved {
         "run_approved_by_hospital"
     } else {
         "run_rejected_by_hospital"
     };
-    match Approvals::decide(&config.data_dir, arg, decision, reason)? {
+    let decided = match (&target.run, &target.name) {
+        (_, Some(name)) => Approvals::decide_name(&config.data_dir, name, decision, reason)?,
+        (Some(arg), None) => Approvals::decide(&config.data_dir, arg, decision, reason)?,
+        (None, None) => anyhow::bail!("name a run id, a spec SHA-256 or --name NAME"),
+    };
+    match decided {
         Decided::Run { id, approval: a } => {
             let mut details = json!({
                 "name": a.name,
@@ -239,7 +259,7 @@ fn decide(config: &SiteConfig, arg: &str, decision: Decision, reason: &str) -> a
             record(config, event, None, details)?;
             let verb = if approved { "approved" } else { "rejected" };
             println!(
-                "no run `{arg}` has reached `{}`: {verb} ahead of time {subject}",
+                "{verb} ahead of time at `{}`: {subject}",
                 config.name
             );
             if !applied.is_empty() {

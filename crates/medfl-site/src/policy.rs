@@ -236,6 +236,27 @@ pub fn stamp(data_dir: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Holds the approval queue for one read-modify-write: the daemon and the hospital's commands
+/// are separate processes, and neither may lose the other's write. Released on drop.
+struct QueueLock(#[allow(dead_code)] std::fs::File);
+
+impl QueueLock {
+    fn take(data_dir: &Path) -> Result<Self, SiteError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| SiteError::io(format!("creating {}", data_dir.display()), e))?;
+        let path = data_dir.join("approvals.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| SiteError::io(format!("opening {}", path.display()), e))?;
+        file.lock()
+            .map_err(|e| SiteError::io(format!("locking {}", path.display()), e))?;
+        Ok(Self(file))
+    }
+}
+
 impl Approvals {
     fn path(data_dir: &Path) -> PathBuf {
         data_dir.join("approvals.json")
@@ -265,14 +286,19 @@ impl Approvals {
     }
 
     /// What `arg` names: a run in the queue by id; else 64 lowercase hex digits name a run
-    /// spec by its SHA-256; anything else names runs by name.
-    pub fn subject(&self, arg: &str) -> Subject {
+    /// spec by its SHA-256. Anything else is refused, so a mistyped run id never becomes a
+    /// standing decision on every run of that name (that takes [`Approvals::decide_name`]).
+    pub fn subject(&self, arg: &str) -> Result<Subject, SiteError> {
         if self.runs.contains_key(arg) {
-            Subject::Run(arg.to_string())
+            Ok(Subject::Run(arg.to_string()))
         } else if is_spec_sha256(arg) {
-            Subject::Spec(arg.to_string())
+            Ok(Subject::Spec(arg.to_string()))
         } else {
-            Subject::Name(arg.to_string())
+            Err(SiteError::Config(format!(
+                "`{arg}` is neither a run that reached this site (see `medfl-site runs \
+                 pending --all`) nor a spec SHA-256 (64 lowercase hex digits); to decide ahead \
+                 of time on every run of a name, use --name {arg}"
+            )))
         }
     }
 
@@ -317,8 +343,31 @@ impl Approvals {
         decision: Decision,
         reason: &str,
     ) -> Result<Decided, SiteError> {
-        let mut queue = Self::load(data_dir)?;
-        let subject = queue.subject(arg);
+        let _lock = QueueLock::take(data_dir)?;
+        let queue = Self::load(data_dir)?;
+        let subject = queue.subject(arg)?;
+        Self::decide_on(queue, data_dir, subject, decision, reason)
+    }
+
+    /// Records the hospital's decision, ahead of time, on every run named `name`.
+    pub fn decide_name(
+        data_dir: &Path,
+        name: &str,
+        decision: Decision,
+        reason: &str,
+    ) -> Result<Decided, SiteError> {
+        let _lock = QueueLock::take(data_dir)?;
+        let queue = Self::load(data_dir)?;
+        Self::decide_on(queue, data_dir, Subject::Name(name.to_string()), decision, reason)
+    }
+
+    fn decide_on(
+        mut queue: Self,
+        data_dir: &Path,
+        subject: Subject,
+        decision: Decision,
+        reason: &str,
+    ) -> Result<Decided, SiteError> {
         let decided = match subject {
             Subject::Run(id) => {
                 let entry = queue.runs.get_mut(&id).ok_or_else(|| {
@@ -430,6 +479,7 @@ pub fn admit(
     spec_sha256: &str,
     update_bytes: u64,
 ) -> Result<Option<Approval>, SiteError> {
+    let _lock = QueueLock::take(data_dir)?;
     let mut queue = Approvals::load(data_dir)?;
     if let Some(changed) = queue.spec_change(run, spec_sha256) {
         return Err(changed.into_error());
@@ -589,16 +639,15 @@ mod tests {
     }
 
     #[test]
-    fn what_the_hospital_names_is_a_run_a_spec_hash_or_a_name() {
+    fn what_the_hospital_names_is_a_run_or_a_spec_hash_and_nothing_else() {
         let mut queue = Approvals::default();
         let h = sha("x");
-        assert_eq!(queue.subject(&h), Subject::Spec(h.clone()));
-        assert_eq!(
-            queue.subject(&h.to_uppercase()),
-            Subject::Name(h.to_uppercase())
-        );
-        assert_eq!(queue.subject(&h[1..]), Subject::Name(h[1..].to_string()));
-        assert_eq!(queue.subject("sepsis"), Subject::Name("sepsis".into()));
+        assert_eq!(queue.subject(&h).unwrap(), Subject::Spec(h.clone()));
+        // A mistyped run id is refused rather than taken for a run name.
+        for arg in [h.to_uppercase(), h[1..].to_string(), "sepsis".to_string()] {
+            let err = queue.subject(&arg).unwrap_err().to_string();
+            assert!(err.contains("--name"), "{err}");
+        }
         queue.runs.insert(
             "sepsis".into(),
             Approval {
@@ -610,13 +659,16 @@ mod tests {
                 spec_sha256: h,
             },
         );
-        assert_eq!(queue.subject("sepsis"), Subject::Run("sepsis".into()));
+        assert_eq!(queue.subject("sepsis").unwrap(), Subject::Run("sepsis".into()));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Approvals::decide(dir.path(), "run-9", Decision::Approved, "").is_err());
+        assert!(Approvals::load(dir.path()).unwrap().by_name.is_empty());
     }
 
     #[test]
     fn a_run_approved_ahead_by_name_is_admitted_and_bound_to_its_spec() {
         let dir = tempfile::tempdir().unwrap();
-        let decided = Approvals::decide(dir.path(), "r", Decision::Approved, "").unwrap();
+        let decided = Approvals::decide_name(dir.path(), "r", Decision::Approved, "").unwrap();
         assert_eq!(
             decided,
             Decided::Ahead {
@@ -688,7 +740,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = sha(&spec_toml("r", ""));
         let other = sha(&spec_toml("r", "seed = 7\n"));
-        Approvals::decide(dir.path(), "r", Decision::Rejected, "not this study").unwrap();
+        Approvals::decide_name(dir.path(), "r", Decision::Rejected, "not this study").unwrap();
         let decided = Approvals::decide(dir.path(), &good, Decision::Approved, "").unwrap();
         assert!(matches!(decided, Decided::Ahead { subject: Subject::Spec(h), .. } if h == good));
         assert!(admit(&manual(), dir.path(), "run-1", &spec(""), &good, 8)
@@ -733,7 +785,7 @@ mod tests {
             Some(Decision::Pending)
         );
         assert_eq!(queue.standing("run-9", &h), None);
-        Approvals::decide(dir.path(), "r", Decision::Rejected, "no").unwrap();
+        Approvals::decide_name(dir.path(), "r", Decision::Rejected, "no").unwrap();
         let queue = Approvals::load(dir.path()).unwrap();
         // A decided run keeps its decision; the waiting one gets the rejection.
         assert_eq!(queue.runs["run-1"].decision, Decision::Approved);

@@ -128,7 +128,20 @@ fn runs_are_decided_ahead_of_time_by_name_or_spec_hash() {
     let approved_sha = spec_sha256(&approved_spec);
     let rejected_sha = spec_sha256(&spec_toml("stroke", 3));
 
-    let out = medfl_site(&config, &["runs", "approve", "sepsis"]);
+    // A bare word is a run id: one that never arrived is refused, not taken for a name.
+    let typo = Command::new(env!("CARGO_BIN_EXE_medfl-site"))
+        .arg("--config")
+        .arg(&config)
+        .args(["approve", "sepsis"])
+        .output()
+        .expect("running medfl-site");
+    assert!(!typo.status.success());
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("--name sepsis"),
+        "{}",
+        String::from_utf8_lossy(&typo.stderr)
+    );
+    let out = medfl_site(&config, &["runs", "approve", "--name", "sepsis"]);
     assert!(
         out.contains("ahead of time") && out.contains("named `sepsis`"),
         "{out}"
@@ -168,7 +181,7 @@ fn runs_are_decided_ahead_of_time_by_name_or_spec_hash() {
     assert_eq!(queue.runs["run-c"].decision, Decision::Rejected);
 
     // Approving the waiting run by its name decides it at once.
-    let out = medfl_site(&config, &["approve", "stroke"]);
+    let out = medfl_site(&config, &["approve", "--name", "stroke"]);
     assert!(out.contains("run-d"), "{out}");
     arrive(&data, "run-d", &spec_toml("stroke", 4)).expect("approved while it waited");
 

@@ -516,7 +516,7 @@ async fn a_running_site_trains_the_held_task_as_soon_as_the_hospital_approves() 
     );
 
     // `medfl-site approve sepsis`: nothing is handed out again, yet the site trains the task.
-    Approvals::decide(&data_dir, "sepsis", Decision::Approved, "").expect("approve");
+    Approvals::decide_name(&data_dir, "sepsis", Decision::Approved, "").expect("approve");
     script.sent(2).await;
     assert_eq!(script.updates(), [("run-1".to_string(), 2, 1)]);
     assert_eq!(script.reports().len(), 1);
