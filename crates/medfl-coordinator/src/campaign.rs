@@ -12,7 +12,7 @@ use medfl_core::spec::RunSpec;
 use medfl_proto::v1;
 use tracing::info;
 
-use crate::state::{now_ms, Shared};
+use crate::state::{mono_ms, now_ms, wall_of, Shared};
 use crate::store::Evaluation;
 use crate::CoordinatorError;
 
@@ -61,7 +61,7 @@ pub fn start(
         .map(|c| c.machine.clone())
         .filter(|m| m.global_sha256() == global_sha256)
         .unwrap_or_else(|| RunMachine::ended(RunPlan::of(&spec), global_sha256));
-    let effects = machine.handle(Event::CrossSiteRequested { number, sites }, now_ms());
+    let effects = machine.handle(Event::CrossSiteRequested { number, sites }, mono_ms());
     adopt(shared, run_id, spec_toml, &machine, effects)?;
     Ok(asked)
 }
@@ -75,7 +75,7 @@ pub fn adopt(
     machine: &RunMachine,
     effects: Vec<Effect>,
 ) -> Result<(), CoordinatorError> {
-    if !machine.cross_site_open(now_ms()) {
+    if !machine.cross_site_open(mono_ms()) {
         return Ok(());
     }
     let campaign = Campaign {
@@ -138,7 +138,7 @@ fn perform(
 
 /// The evaluation task for `site`, if a campaign waits for it; drops expired campaigns.
 pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, CoordinatorError> {
-    let now = now_ms();
+    let now = mono_ms();
     let mut campaigns = shared.campaigns()?;
     campaigns.retain(|run_id, c| {
         let open = c.machine.cross_site_open(now);
@@ -157,7 +157,7 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
             spec_toml: c.spec_toml.to_string(),
             global_sha256: task.global_sha256,
             global_size: c.global_size,
-            deadline_unix_ms: task.deadline_ms,
+            deadline_unix_ms: wall_of(task.deadline_ms),
             signature: Vec::new(),
         })
     }))
@@ -183,12 +183,12 @@ pub fn report(
             examples: req.num_examples,
             metrics: req.metrics,
         },
-        now_ms(),
+        mono_ms(),
     );
     // Stored while the evaluation's lock is held: a reader never sees it closed without the
     // answer that closed it.
     let answer = perform(shared, &req.run_id, effects)?;
-    if !campaign.machine.cross_site_open(now_ms()) {
+    if !campaign.machine.cross_site_open(mono_ms()) {
         campaigns.remove(&req.run_id);
     }
     drop(campaigns);
@@ -208,7 +208,7 @@ pub fn fail(
     let Some(campaign) = campaigns.get_mut(run_id) else {
         return Ok(());
     };
-    let now = now_ms();
+    let now = mono_ms();
     // A late refusal of an earlier evaluation leaves the site in this one (the machine checks).
     if campaign
         .machine
@@ -234,7 +234,8 @@ pub fn fail(
     Ok(())
 }
 
-/// When the run's open cross-site evaluation gives up on the sites that have not answered.
+/// When the run's open cross-site evaluation gives up on the sites that have not answered, on
+/// the monotonic clock ([`crate::state::mono_ms`]).
 pub fn deadline(shared: &Shared, run_id: &str) -> Result<Option<u64>, CoordinatorError> {
     Ok(shared
         .campaigns()?
@@ -244,7 +245,7 @@ pub fn deadline(shared: &Shared, run_id: &str) -> Result<Option<u64>, Coordinato
 
 /// Whether a cross-site evaluation of the run is collecting answers.
 pub fn active(shared: &Shared, run_id: &str) -> Result<bool, CoordinatorError> {
-    let now = now_ms();
+    let now = mono_ms();
     Ok(shared
         .campaigns()?
         .get(run_id)

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::aggregate::{self, BlobSource};
-use crate::state::{now_ms, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic};
+use crate::state::{mono_ms, now_ms, wall_of, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic};
 use crate::store::{BlobRef, BlobRole, RoundRecord, RunRecord, SiteResult};
 use crate::CoordinatorError;
 
@@ -119,7 +119,7 @@ impl Engine {
         let id = self.run_id.clone();
         if let Err(e) = self.drive().await {
             // Whatever could not be carried out fails the run.
-            let effects = self.machine.handle(Event::Broken(e.to_string()), now_ms());
+            let effects = self.machine.handle(Event::Broken(e.to_string()), mono_ms());
             if let Err(e) = self.perform(effects).await {
                 warn!(run = %id, error = %e, "could not end the run");
             }
@@ -174,7 +174,7 @@ impl Engine {
         while !self.machine.is_ended() {
             changed.borrow_and_update();
             let deadline = self.machine.next_deadline();
-            let wait = Duration::from_millis(deadline.map_or(0, |at| at.saturating_sub(now_ms())));
+            let wait = Duration::from_millis(deadline.map_or(0, |at| at.saturating_sub(mono_ms())));
             tokio::select! {
                 _ = changed.changed() => self.sites_online().await?,
                 msg = self.rx.recv() => match msg {
@@ -183,7 +183,7 @@ impl Engine {
                 },
                 _ = tokio::time::sleep(wait), if deadline.is_some() => {
                     self.sites_online().await?;
-                    let effects = self.machine.handle_timeout(now_ms());
+                    let effects = self.machine.handle_timeout(mono_ms());
                     self.perform(effects).await?;
                 }
                 _ = crate::state::stopping(&mut shutdown) => return Ok(()),
@@ -193,7 +193,7 @@ impl Engine {
     }
 
     async fn feed(&mut self, event: Event) -> Result<(), CoordinatorError> {
-        let effects = self.machine.handle(event, now_ms());
+        let effects = self.machine.handle(event, mono_ms());
         self.perform(effects).await
     }
 
@@ -299,7 +299,8 @@ impl Engine {
     }
 
     async fn perform_one(&mut self, effect: Effect) -> Result<Vec<Effect>, CoordinatorError> {
-        let now = now_ms();
+        // The machine's clock; what is stored carries wall time.
+        let now = mono_ms();
         match effect {
             Effect::Publish(phase) => self.publish(phase)?,
             Effect::Reply(r) => self.answer = Some(r.map_err(rejected)),
@@ -367,7 +368,7 @@ impl Engine {
                         update_sha256: sha256,
                         ..SiteResult::new(round, attempt, &site, SiteOutcome::Accepted)
                     },
-                    now,
+                    now_ms(),
                 )?;
             }
             Effect::UpdateRefused {
@@ -392,7 +393,7 @@ impl Engine {
                         reason,
                         ..SiteResult::new(round, attempt, &site, outcome)
                     },
-                    now,
+                    now_ms(),
                 )?;
             }
             Effect::Commit(req) => {
@@ -479,7 +480,7 @@ impl Engine {
                     reported: p.reported,
                     global_sha256: p.global_sha256,
                     global_size,
-                    deadline_ms: p.deadline_ms,
+                    deadline_ms: wall_of(p.deadline_ms),
                 })
             }
             None => None,
@@ -624,6 +625,12 @@ impl Engine {
             })
             .await
             .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;
+        // Stored pinned; let go once their owners are recorded, or on any failure before.
+        let pins: Vec<crate::blobs::Pinned> = std::iter::once(&sha)
+            .chain(opt_state.m.iter())
+            .chain(opt_state.v.iter())
+            .map(|id| self.shared.blobs.pinned(id))
+            .collect();
         let (down, up) = self.handle.traffic.take();
         let examples: u64 = req.sites.values().sum();
         let record = RoundRecord {
@@ -634,7 +641,7 @@ impl Engine {
             examples,
             train_loss: req.train_loss,
             eval_metrics: BTreeMap::new(),
-            started_ms: req.started_ms,
+            started_ms: wall_of(req.started_ms),
             finished_ms: now_ms(),
             bytes_down: down,
             bytes_up: up,
@@ -666,9 +673,7 @@ impl Engine {
         self.shared
             .store()?
             .commit_round(&self.run_id, &record, &made)?;
-        for r in &made {
-            self.shared.blobs.unpin(&r.sha256);
-        }
+        drop(pins);
         // The previous round's optimizer state is superseded.
         let superseded: Vec<BlobRef> = self
             .shared

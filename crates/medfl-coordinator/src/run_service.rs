@@ -87,9 +87,10 @@ impl RunApi {
             created_ms,
             error: String::new(),
         };
-        let inserted = self.shared.store().and_then(|mut s| s.insert_run(&record));
-        self.shared.blobs.unpin(&record.initial_sha256);
-        inserted?;
+        // Pinned since it was stored; let go once the run owns it (or the insert failed).
+        let pinned = self.shared.blobs.pinned(&record.initial_sha256);
+        self.shared.store()?.insert_run(&record)?;
+        drop(pinned);
         engine::spawn(&self.shared, &record, &mut *self.engines.lock().await)?;
         info!(run = %id, name = %spec.name, rounds = spec.rounds, "run created");
         self.shared.audit(
@@ -343,7 +344,7 @@ impl RunService for RunApi {
                     .ok()
                     .flatten()
                     .map(|at| {
-                        let left = at.saturating_sub(now_ms()) + 1;
+                        let left = at.saturating_sub(crate::state::mono_ms()) + 1;
                         tokio::time::Instant::now() + std::time::Duration::from_millis(left)
                     });
                 tokio::select! {

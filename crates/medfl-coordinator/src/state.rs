@@ -23,6 +23,20 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds on the coordinator's monotonic clock (from its first reading): run machines
+/// measure deadlines with it, so a wall-clock step (NTP, an operator) cannot close or stretch a
+/// round. Converted to wall time only for the wire and the store ([`wall_of`]).
+pub fn mono_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+/// The wall time (ms since the Unix epoch) of monotonic instant `at` (from [`mono_ms`]).
+pub fn wall_of(at: u64) -> u64 {
+    let (mono, wall) = (mono_ms(), now_ms());
+    wall.saturating_add(at).saturating_sub(mono)
+}
+
 /// A registered site as the coordinator keeps it in memory.
 #[derive(Debug, Clone)]
 pub struct SiteLive {
