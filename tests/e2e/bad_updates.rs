@@ -136,10 +136,11 @@ async fn bad_updates_are_refused_and_good_ones_averaged_retaining_updates() {
     let start = global.tensors[0].data[0] as f64;
     assert!((expected[0][0] - (start + 0.3125)).abs() < 1e-6);
 
-    // Every refusal is on record with its reason.
+    // Every refusal of a selected site in the open attempt is on record with its reason; the
+    // late one, for a train phase that had ended, is refused without a record.
     let results = coordinator.store().site_results(&run, 1).expect("results");
     let refused = results.iter().filter(|r| r.outcome == medfl_core::run::SiteOutcome::Refused).count();
-    assert_eq!(refused, 9, "{results:#?}");
+    assert_eq!(refused, 8, "{results:#?}");
     assert!(results
         .iter()
         .any(|r| r.site == "bad" && r.reason.contains("non-finite")));

@@ -2,8 +2,10 @@
 
 mod bad_updates;
 mod big_model;
+mod evaluation_resume;
 mod examples;
 mod fedavg;
+mod hostile;
 mod hospital_control;
 mod lifecycle;
 mod resilience;

@@ -46,7 +46,7 @@ impl RawSite {
                 datasets: vec![v1::DatasetSchema {
                     name: "breast_cancer".into(),
                     columns,
-                    rows: 100,
+                    rows: 10_000,
                 }],
                 version: "test".into(),
                 signing_public_key: signer.public_key().as_ref().to_vec(),

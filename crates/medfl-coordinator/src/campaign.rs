@@ -3,14 +3,15 @@
 //! No site receives anything but the global model.
 //!
 //! The decisions are the run machine's ([`RunMachine`]): an ended run's machine collects the
-//! answers here, in memory, until every asked site answered or its deadline passed.
+//! answers here until every asked site answered or its deadline passed. The sites still owing an
+//! answer are stored, so a restarted coordinator asks them again ([`resume`]).
 
 use std::sync::Arc;
 
 use medfl_core::run_machine::{Effect, Event, Rejection, RunMachine, RunPlan};
 use medfl_core::spec::RunSpec;
 use medfl_proto::v1;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::state::{mono_ms, now_ms, wall_of, Shared};
 use crate::store::Evaluation;
@@ -83,11 +84,88 @@ pub fn adopt(
         spec_toml: Arc::from(spec_toml),
         global_size: shared.blobs.size(machine.global_sha256())?,
     };
+    if let Some((number, owed, deadline_ms)) = machine.cross_site_owed() {
+        shared.store()?.open_cross_site(
+            run_id,
+            number,
+            machine.global_sha256(),
+            &owed,
+            now_ms(),
+            wall_of(deadline_ms),
+        )?;
+    }
     shared.campaigns()?.insert(run_id.to_string(), campaign);
     perform(shared, run_id, effects)?;
     shared.notify_tasks();
     shared.notify_run(run_id);
     Ok(())
+}
+
+/// Reloads the cross-site evaluations an earlier process left open, for the sites that still
+/// owe an answer and the time they had left; those whose deadline passed are closed. Runs still
+/// running are left to their engine, which asks for a new evaluation when they complete.
+pub fn resume(shared: &Shared) -> Result<(), CoordinatorError> {
+    let open = shared.store()?.open_cross_sites()?;
+    for c in open {
+        let run = shared.store()?.run(&c.run_id)?;
+        if run.status == medfl_core::run::RunStatus::Running {
+            continue;
+        }
+        shared.campaign_numbers.fetch_max(
+            c.number.saturating_add(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let (now, wall) = (mono_ms(), now_ms());
+        let deadline_ms = now.saturating_add(c.deadline_ms.saturating_sub(wall));
+        let mut machine = match RunSpec::from_toml(&run.spec) {
+            Ok(spec) => RunMachine::ended(RunPlan::of(&spec), &c.global_sha256),
+            Err(e) => {
+                warn!(run = %c.run_id, error = %e, "cannot resume the cross-site evaluation");
+                shared.store()?.set_cross_site_owed(&c.run_id, &[])?;
+                continue;
+            }
+        };
+        let effects = machine.handle(
+            Event::CrossSiteResumed {
+                number: c.number,
+                sites: c.owed.clone(),
+                deadline_ms,
+            },
+            now,
+        );
+        if !machine.cross_site_open(now) {
+            shared.store()?.set_cross_site_owed(&c.run_id, &[])?;
+            continue;
+        }
+        let global_size = match shared.blobs.size(&c.global_sha256) {
+            Ok(size) => size,
+            Err(e) => {
+                warn!(run = %c.run_id, error = %e, "cannot resume the cross-site evaluation");
+                shared.store()?.set_cross_site_owed(&c.run_id, &[])?;
+                continue;
+            }
+        };
+        info!(run = %c.run_id, sites = c.owed.len(), "cross-site evaluation resumed");
+        shared.campaigns()?.insert(
+            c.run_id.clone(),
+            Campaign {
+                machine,
+                spec_toml: Arc::from(run.spec.as_str()),
+                global_size,
+            },
+        );
+        perform(shared, &c.run_id, effects)?;
+    }
+    Ok(())
+}
+
+/// Stores who still owes the run's open cross-site evaluation (nobody once it closed).
+fn save(shared: &Shared, run_id: &str, machine: &RunMachine) -> Result<(), CoordinatorError> {
+    let owed = match machine.cross_site_owed() {
+        Some((_, owed, deadline_ms)) if mono_ms() < deadline_ms => owed,
+        _ => Vec::new(),
+    };
+    shared.store()?.set_cross_site_owed(run_id, &owed)
 }
 
 /// Carries out a cross-site evaluation's effects; returns the answer to the site, if any.
@@ -143,6 +221,9 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
     campaigns.retain(|run_id, c| {
         let open = c.machine.cross_site_open(now);
         if !open {
+            if let Err(e) = shared.store().and_then(|s| s.set_cross_site_owed(run_id, &[])) {
+                warn!(run = %run_id, error = %e, "could not record the cross-site evaluation closed");
+            }
             shared.notify_run(run_id);
         }
         open
@@ -188,6 +269,7 @@ pub fn report(
     // Stored while the evaluation's lock is held: a reader never sees it closed without the
     // answer that closed it.
     let answer = perform(shared, &req.run_id, effects)?;
+    save(shared, &req.run_id, &campaign.machine)?;
     if !campaign.machine.cross_site_open(mono_ms()) {
         campaigns.remove(&req.run_id);
     }
@@ -226,6 +308,7 @@ pub fn fail(
         now,
     );
     perform(shared, run_id, effects)?;
+    save(shared, run_id, &campaign.machine)?;
     if campaign.machine.cross_site_deadline().is_none() {
         campaigns.remove(run_id);
     }

@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::aggregate::{self, BlobSource};
-use crate::state::{mono_ms, now_ms, wall_of, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic};
+use crate::state::{
+    mono_ms, now_ms, wall_of, EngineMsg, RoundSnapshot, RunHandle, Shared, Traffic,
+};
 use crate::store::{BlobRef, BlobRole, RoundRecord, RunRecord, SiteResult};
 use crate::CoordinatorError;
 
@@ -162,6 +164,17 @@ impl Engine {
             .last()
             .map(|r| r.global_sha256.clone())
             .unwrap_or_else(|| self.machine.global_sha256().to_string());
+        // The last committed round's evaluation, if the earlier process did not finish it.
+        let evaluation = match committed {
+            0 => None,
+            n => self
+                .shared
+                .store()?
+                .unfinished_evaluation(&self.run_id, n)?,
+        };
+        if let Some(e) = &evaluation {
+            info!(run = %self.run_id, round = committed, sites = e.trained.len().saturating_sub(e.answered.len()), "resuming the round's evaluation");
+        }
         let mut changed = self.shared.tasks_changed.subscribe();
         let mut shutdown = self.shared.shutdown.clone();
         self.sites_online().await?;
@@ -169,6 +182,7 @@ impl Engine {
             committed,
             global_sha256,
             last_attempt,
+            evaluation,
         })
         .await?;
         while !self.machine.is_ended() {
@@ -399,12 +413,13 @@ impl Engine {
             Effect::Commit(req) => {
                 let round = req.round;
                 let global_sha256 = self.commit(req).await?;
+                // The machine's clock, read after the aggregation.
                 return Ok(self.machine.handle(
                     Event::Committed {
                         round,
                         global_sha256,
                     },
-                    now_ms(),
+                    mono_ms(),
                 ));
             }
             Effect::RecordEvaluation {

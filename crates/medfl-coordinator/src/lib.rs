@@ -8,6 +8,7 @@
 //! - [`engine`]: one task per run, the shell of the core `RunMachine`: it feeds events in and
 //!   carries out the effects (store, audit, aggregation, blob references).
 //! - [`auth`]: identities from client certificates, and what each role may call.
+//! - [`edge`]: bounds on every field from the network, checked before anything is kept.
 //! - [`aggregate`]: the blob store as block sources and sinks of the core `Aggregator`.
 //! - [`campaign`]: cross-site evaluation of an ended run (a phase of its `RunMachine`).
 //! - [`published`]: base models the operator publishes for sites to fetch.
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod blobs;
 pub mod campaign;
 pub mod config;
+pub mod edge;
 pub mod engine;
 pub mod error;
 pub mod published;

@@ -296,6 +296,7 @@ impl RunService for RunApi {
         req: Request<v1::GetRunRequest>,
     ) -> Result<Response<v1::RunDetail>, Status> {
         let req = req.into_inner();
+        crate::edge::run_id("GetRunRequest.run_id", &req.run_id)?;
         Ok(Response::new(Self::detail(
             &self.shared,
             &req.run_id,
@@ -310,6 +311,7 @@ impl RunService for RunApi {
         req: Request<v1::GetRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let id = req.into_inner().run_id;
+        crate::edge::run_id("GetRunRequest.run_id", &id)?;
         // Subscribe before the first read, and mark each change seen before reading again: a
         // change between a read and the wait (a short run ending, the last site answering the
         // final evaluation) then wakes the wait instead of being lost.
@@ -369,6 +371,7 @@ impl RunService for RunApi {
         req: Request<v1::StopRunRequest>,
     ) -> Result<Response<v1::StopRunResponse>, Status> {
         let id = req.into_inner().run_id;
+        crate::edge::run_id("StopRunRequest.run_id", &id)?;
         let run = self.shared.store()?.run(&id)?;
         if run.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
@@ -420,6 +423,7 @@ impl RunService for RunApi {
         req: Request<v1::EvaluateRunRequest>,
     ) -> Result<Response<v1::EvaluateRunResponse>, Status> {
         let run_id = req.into_inner().run_id;
+        crate::edge::run_id("EvaluateRunRequest.run_id", &run_id)?;
         let run = self.shared.store()?.run(&run_id)?;
         let global = self.model_sha(&run_id, 0)?;
         let sites_asked = crate::campaign::start(&self.shared, &run_id, &run.spec, &global)?;
@@ -441,6 +445,7 @@ impl RunService for RunApi {
         req: Request<v1::PullModelRequest>,
     ) -> Result<Response<Self::PullModelStream>, Status> {
         let req = req.into_inner();
+        crate::edge::run_id("PullModelRequest.run_id", &req.run_id)?;
         let sha = self.model_sha(&req.run_id, req.round)?;
         Ok(Response::new(Box::pin(blob_stream(
             &self.shared,

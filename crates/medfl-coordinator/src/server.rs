@@ -27,7 +27,8 @@ use crate::store::Store;
 use crate::{engine, CoordinatorError};
 
 /// Serves the coordinator on `listener` until `shutdown` completes. Runs left `running` by an
-/// earlier process resume from their last committed round.
+/// earlier process resume from their last committed round (re-opening its evaluation if it had
+/// not finished), and open cross-site evaluations go on collecting answers.
 pub async fn serve(
     listener: TcpListener,
     config: CoordinatorConfig,
@@ -61,6 +62,8 @@ pub async fn serve(
         .await
         .map_err(|e| CoordinatorError::Internal(format!("sweeping blobs: {e}")))??;
 
+    // Cross-site evaluations of ended runs go on collecting answers.
+    crate::campaign::resume(&shared)?;
     let engines = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
     for run in &running {
         engine::spawn(&shared, run, &mut *engines.lock().await)?;

@@ -26,8 +26,6 @@ use crate::CoordinatorError;
 
 /// Longest site name accepted.
 const MAX_NAME: usize = 64;
-/// Most datasets one site may advertise.
-const MAX_DATASETS: usize = 256;
 /// Chunks of one upload queued for its writer thread before the socket is read further.
 const UPLOAD_QUEUE: usize = 4;
 /// Largest example count a site may claim for one update.
@@ -102,7 +100,12 @@ impl SiteApi {
                 )))
             }
         };
+        // Nothing from the header is kept or logged until its fields are within bounds, and a
+        // refusal is recorded only for a running run's open attempt that selected this site.
+        crate::edge::update_header(&header)?;
         let (round, attempt) = (header.round, header.attempt);
+        let handle = self.shared.run_handle(&header.run_id)?;
+        let snap = Self::check_open(site, &header, &handle)?;
         let refuse = |e: CoordinatorError| {
             record_refusal(
                 &self.shared,
@@ -114,8 +117,8 @@ impl SiteApi {
             );
             e
         };
-        let handle = self.shared.run_handle(&header.run_id).map_err(refuse)?;
-        self.precheck(site, &header, &handle).map_err(refuse)?;
+        self.precheck(site, &header, &handle, &snap)
+            .map_err(refuse)?;
         let _permit = self
             .shared
             .uploads
@@ -162,20 +165,20 @@ impl SiteApi {
         })
     }
 
-    /// Cheap checks before any bytes are read: is this update wanted at all?
-    fn precheck(
-        &self,
+    /// Whether the header names the open train attempt of the run and this site was selected
+    /// for it: anything else is refused without a trace, whatever round or attempt it names.
+    /// Returns the open round as checked; the engine checks again when the update arrives.
+    fn check_open(
         site: &str,
         header: &v1::UpdateHeader,
         handle: &crate::state::RunHandle,
-    ) -> Result<(), CoordinatorError> {
-        let snap = handle.snapshot.borrow().clone().ok_or_else(|| {
-            CoordinatorError::Refused(Refusal::NotOpen {
-                round: header.round,
-                attempt: header.attempt,
-                open_round: 0,
-                open_attempt: 0,
-            })
+    ) -> Result<crate::state::RoundSnapshot, CoordinatorError> {
+        let snap = handle.snapshot.borrow().clone();
+        let snap = snap.ok_or(Refusal::NotOpen {
+            round: header.round,
+            attempt: header.attempt,
+            open_round: 0,
+            open_attempt: 0,
         })?;
         if snap.round != header.round || snap.attempt != header.attempt {
             return Err(Refusal::NotOpen {
@@ -193,12 +196,47 @@ impl SiteApi {
             }
             .into());
         }
+        if !snap.selected.contains(site) {
+            return Err(Refusal::NotSelected {
+                site: site.into(),
+                round: header.round,
+            }
+            .into());
+        }
+        Ok(snap)
+    }
+
+    /// Cheap checks, for the open attempt `snap` that selected `site`, before any bytes are
+    /// read: is this update wanted at all?
+    fn precheck(
+        &self,
+        site: &str,
+        header: &v1::UpdateHeader,
+        handle: &crate::state::RunHandle,
+        snap: &crate::state::RoundSnapshot,
+    ) -> Result<(), CoordinatorError> {
         let max_examples = handle.spec.defense.max_examples.min(MAX_EXAMPLES);
         if header.num_examples == 0 || header.num_examples > max_examples {
             return Err(CoordinatorError::Invalid(format!(
                 "num_examples must be 1..={max_examples}, got {}",
                 header.num_examples
             )));
+        }
+        // A site trains on part of what it registered: it cannot have more examples than rows.
+        let dataset = &handle.spec.task.dataset;
+        let rows = self
+            .shared
+            .sites()?
+            .get(site)
+            .and_then(|s| s.rows.get(dataset).copied());
+        if let Some(rows) = rows.filter(|r| *r > 0) {
+            if header.num_examples > rows {
+                return Err(CoordinatorError::Invalid(format!(
+                    "num_examples {} exceeds the {rows} rows site `{site}` registered for \
+                     dataset `{dataset}`",
+                    header.num_examples
+                )));
+            }
         }
         if !header.train_loss.is_finite() {
             return Err(CoordinatorError::Invalid("train_loss is not finite".into()));
@@ -217,12 +255,7 @@ impl SiteApi {
             ));
         }
         // Refuse unwanted uploads before reading their bytes; the engine checks again.
-        let refusal = if !snap.selected.contains(site) {
-            Some(Refusal::NotSelected {
-                site: site.into(),
-                round: header.round,
-            })
-        } else if !snap.pending.contains(site) && !snap.awaiting.contains(site) {
+        let refusal = if !snap.pending.contains(site) && !snap.awaiting.contains(site) {
             Some(Refusal::Duplicate {
                 site: site.into(),
                 round: header.round,
@@ -379,11 +412,8 @@ impl SiteService for SiteApi {
                 CoordinatorError::Invalid("token must be at least 16 characters".into()).into(),
             );
         }
-        if req.datasets.len() > MAX_DATASETS {
-            return Err(
-                CoordinatorError::Invalid(format!("more than {MAX_DATASETS} datasets")).into(),
-            );
-        }
+        crate::edge::datasets(&req.datasets)?;
+        crate::edge::version(&req.version)?;
         if req.signing_public_key.len() != crate::signing::PUBLIC_KEY_LEN {
             return Err(CoordinatorError::Invalid(format!(
                 "RegisterRequest.signing_public_key: {} bytes, an Ed25519 public key has {}",
@@ -398,6 +428,11 @@ impl SiteService for SiteApi {
             .datasets
             .iter()
             .map(|d| json!({ "name": d.name, "columns": d.columns.len() }))
+            .collect();
+        let rows: std::collections::BTreeMap<String, u64> = req
+            .datasets
+            .iter()
+            .map(|d| (d.name.clone(), d.rows))
             .collect();
         let datasets: Vec<_> = req.datasets.into_iter().map(Into::into).collect();
         {
@@ -422,6 +457,7 @@ impl SiteService for SiteApi {
                     datasets: datasets.clone(),
                     last_seen_ms: now,
                     signing_key: req.signing_public_key.clone(),
+                    rows: rows.clone(),
                 },
             );
         }
@@ -530,6 +566,7 @@ impl SiteService for SiteApi {
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
         self.identify(&req)?;
         let req = req.into_inner();
+        crate::edge::sha256("DownloadBlobRequest.sha256", &req.sha256)?;
         if let Some((path, size)) = self.shared.published.file(&req.sha256) {
             let stream = file_stream(
                 &self.shared,
@@ -573,6 +610,8 @@ impl SiteService for SiteApi {
     ) -> Result<Response<v1::GetBaseModelResponse>, Status> {
         let site = self.identify(&req)?;
         let req = req.into_inner();
+        crate::edge::name("GetBaseModelRequest.name", &req.name)?;
+        crate::edge::sha256("GetBaseModelRequest.weights_sha256", &req.weights_sha256)?;
         let model = self
             .shared
             .published
@@ -611,9 +650,9 @@ impl SiteService for SiteApi {
     ) -> Result<Response<v1::ReportEvaluationResponse>, Status> {
         let site = self.identify(&req)?;
         let req = req.into_inner();
-        if req.metrics.values().any(|v| !v.is_finite()) {
-            return Err(CoordinatorError::Invalid("metrics must be finite".into()).into());
-        }
+        crate::edge::run_id("ReportEvaluationRequest.run_id", &req.run_id)?;
+        crate::edge::sha256("ReportEvaluationRequest.global_sha256", &req.global_sha256)?;
+        crate::edge::metrics("ReportEvaluationRequest.metrics", &req.metrics)?;
         if req.round == 0 {
             crate::campaign::report(&self.shared, &site, req)?;
             return Ok(Response::new(v1::ReportEvaluationResponse {}));
@@ -636,7 +675,8 @@ impl SiteService for SiteApi {
     ) -> Result<Response<v1::ReportTaskFailureResponse>, Status> {
         let site = self.identify(&req)?;
         let req = req.into_inner();
-        let reason: String = req.reason.chars().take(2000).collect();
+        crate::edge::run_id("ReportTaskFailureRequest.run_id", &req.run_id)?;
+        let reason = crate::edge::reason(&req.reason);
         if req.round == 0 {
             crate::campaign::fail(&self.shared, &site, &req.run_id, req.attempt, &reason)?;
             return Ok(Response::new(v1::ReportTaskFailureResponse {}));

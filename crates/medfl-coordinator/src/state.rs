@@ -48,6 +48,9 @@ pub struct SiteLive {
     pub last_seen_ms: u64,
     /// Its pinned Ed25519 public key.
     pub signing_key: Vec<u8>,
+    /// Rows of each dataset, as it registered them this session (empty until it registers):
+    /// no update may claim more examples than its dataset has rows.
+    pub rows: BTreeMap<String, u64>,
 }
 
 impl SiteLive {
@@ -234,6 +237,7 @@ impl Shared {
                         // Nobody is online until they call again.
                         last_seen_ms: 0,
                         signing_key: s.signing_key,
+                        rows: BTreeMap::new(),
                     },
                 )
             })

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use medfl_core::run::{RunStatus, SiteOutcome};
+use medfl_core::run_machine::UnfinishedEvaluation;
 use medfl_core::spec::DatasetInfo;
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -44,6 +45,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     bytes_up INTEGER NOT NULL,
     global_sha256 TEXT NOT NULL,
     opt_state TEXT NOT NULL DEFAULT '',
+    evaluated INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS site_results (
@@ -58,7 +60,8 @@ CREATE TABLE IF NOT EXISTS site_results (
     update_sha256 TEXT NOT NULL DEFAULT '',
     eval_examples INTEGER NOT NULL DEFAULT 0,
     eval_metrics TEXT NOT NULL DEFAULT '{}',
-    at_ms INTEGER NOT NULL
+    at_ms INTEGER NOT NULL,
+    eval_done INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS site_results_by_round ON site_results (run_id, round);
 CREATE TABLE IF NOT EXISTS blob_refs (
@@ -79,10 +82,18 @@ CREATE TABLE IF NOT EXISTS evaluations (
     metrics TEXT NOT NULL,
     at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cross_site (
+    run_id TEXT PRIMARY KEY,
+    number INTEGER NOT NULL,
+    global_sha256 TEXT NOT NULL,
+    sites TEXT NOT NULL,
+    opened_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL
+);
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// What a blob is to the run that holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -318,6 +329,21 @@ pub struct Evaluation {
     pub at_ms: u64,
 }
 
+/// A cross-site evaluation collecting answers, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenCrossSite {
+    /// The run whose final model is scored.
+    pub run_id: String,
+    /// The evaluation's number.
+    pub number: u32,
+    /// The model scored.
+    pub global_sha256: String,
+    /// Sites asked that have not answered (answers stored since it opened are left out).
+    pub owed: Vec<String>,
+    /// When it gives up, wall time.
+    pub deadline_ms: u64,
+}
+
 /// The state database.
 pub struct Store {
     conn: Connection,
@@ -387,6 +413,26 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 2 {
+            // Version 2 keeps evaluations open across restarts: whether each committed round's
+            // evaluation finished (rounds before it did), which sites answered it, and the open
+            // cross-site evaluations (their table is created above).
+            let has = |table: &str, column: &str| -> Result<bool, CoordinatorError> {
+                Ok(conn
+                    .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+                    .exists(params![table, column])?)
+            };
+            let mut steps = String::from("BEGIN;\n");
+            if !has("rounds", "evaluated")? {
+                steps += "ALTER TABLE rounds ADD COLUMN evaluated INTEGER NOT NULL DEFAULT 1;\n";
+            }
+            if !has("site_results", "eval_done")? {
+                steps +=
+                    "ALTER TABLE site_results ADD COLUMN eval_done INTEGER NOT NULL DEFAULT 0;\n";
+            }
+            steps += "PRAGMA user_version = 2;\nCOMMIT;";
+            conn.execute_batch(&steps)?;
+        }
         Ok(Self { conn })
     }
 
@@ -399,7 +445,14 @@ impl Store {
         conn.execute(
             "INSERT OR IGNORE INTO blob_refs (sha256, run_id, role, round, site, attempt)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![r.sha256, r.run_id, r.role.as_str(), r.round, r.site, r.attempt],
+            params![
+                r.sha256,
+                r.run_id,
+                r.role.as_str(),
+                r.round,
+                r.site,
+                r.attempt
+            ],
         )?;
         Ok(())
     }
@@ -412,7 +465,14 @@ impl Store {
             tx.execute(
                 "DELETE FROM blob_refs WHERE sha256 = ?1 AND run_id = ?2 AND role = ?3
                      AND round = ?4 AND site = ?5 AND attempt = ?6",
-                params![r.sha256, r.run_id, r.role.as_str(), r.round, r.site, r.attempt],
+                params![
+                    r.sha256,
+                    r.run_id,
+                    r.role.as_str(),
+                    r.round,
+                    r.site,
+                    r.attempt
+                ],
             )?;
         }
         tx.commit()?;
@@ -438,7 +498,14 @@ impl Store {
             tx.execute(
                 "DELETE FROM blob_refs WHERE sha256 = ?1 AND run_id = ?2 AND role = ?3
                      AND round = ?4 AND site = ?5 AND attempt = ?6",
-                params![r.sha256, r.run_id, r.role.as_str(), r.round, r.site, r.attempt],
+                params![
+                    r.sha256,
+                    r.run_id,
+                    r.role.as_str(),
+                    r.round,
+                    r.site,
+                    r.attempt
+                ],
             )?;
         }
         tx.execute(
@@ -464,7 +531,10 @@ impl Store {
                 sha256: r.get(0)?,
                 run_id: r.get(1)?,
                 role: BlobRole::parse(&role).ok_or_else(|| {
-                    bad_row(2, format!("blob_refs of run `{run_id}`: unknown role `{role}`"))
+                    bad_row(
+                        2,
+                        format!("blob_refs of run `{run_id}`: unknown role `{role}`"),
+                    )
                 })?,
                 round: r.get(3)?,
                 site: r.get(4)?,
@@ -584,9 +654,8 @@ impl Store {
         let status: String = r.get(3)?;
         let id: String = r.get(0)?;
         Ok(RunRecord {
-            status: RunStatus::parse(&status).ok_or_else(|| {
-                bad_row(3, format!("runs row `{id}`: unknown status `{status}`"))
-            })?,
+            status: RunStatus::parse(&status)
+                .ok_or_else(|| bad_row(3, format!("runs row `{id}`: unknown status `{status}`")))?,
             id,
             name: r.get(1)?,
             spec: r.get(2)?,
@@ -632,8 +701,8 @@ impl Store {
         tx.execute(
             "INSERT INTO rounds (run_id, round, attempts, sites_selected, sites_reported, examples,
                 train_loss, eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
-                opt_state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                opt_state, evaluated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0)",
             params![
                 run_id,
                 round.round,
@@ -667,7 +736,7 @@ impl Store {
         extra_bytes_down: u64,
     ) -> Result<(), CoordinatorError> {
         self.conn.execute(
-            "UPDATE rounds SET eval_metrics = ?3, bytes_down = bytes_down + ?4
+            "UPDATE rounds SET eval_metrics = ?3, bytes_down = bytes_down + ?4, evaluated = 1
              WHERE run_id = ?1 AND round = ?2",
             params![
                 run_id,
@@ -756,11 +825,153 @@ impl Store {
         metrics: &BTreeMap<String, f64>,
     ) -> Result<(), CoordinatorError> {
         self.conn.execute(
-            "UPDATE site_results SET eval_examples = ?4, eval_metrics = ?5
+            "UPDATE site_results SET eval_examples = ?4, eval_metrics = ?5, eval_done = 1
              WHERE run_id = ?1 AND round = ?2 AND site = ?3 AND outcome = 'accepted'",
             params![run_id, round, site, examples as i64, metrics_json(metrics)],
         )?;
         Ok(())
+    }
+
+    /// The evaluate phase of committed round `round`, when it has not finished: the sites that
+    /// trained in the committed attempt, and the answers already recorded.
+    pub fn unfinished_evaluation(
+        &self,
+        run_id: &str,
+        round: u32,
+    ) -> Result<Option<UnfinishedEvaluation>, CoordinatorError> {
+        let finished: Option<bool> = self
+            .conn
+            .query_row(
+                "SELECT evaluated FROM rounds WHERE run_id = ?1 AND round = ?2",
+                params![run_id, round],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if finished != Some(false) {
+            return Ok(None);
+        }
+        let attempt = self.last_attempt(run_id, round)?;
+        let mut e = UnfinishedEvaluation {
+            attempt,
+            ..Default::default()
+        };
+        for r in self.site_results(run_id, round)? {
+            if r.attempt != attempt || r.outcome != SiteOutcome::Accepted {
+                continue;
+            }
+            e.trained.push(r.site.clone());
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT site, eval_examples, eval_metrics FROM site_results
+             WHERE run_id = ?1 AND round = ?2 AND attempt = ?3 AND outcome = 'accepted'
+                 AND eval_done = 1",
+        )?;
+        let rows = stmt.query_map(params![run_id, round, attempt], |r| {
+            let site: String = r.get(0)?;
+            let metrics = metrics_from(r, 2, || {
+                format!("site_results of run `{run_id}` round {round} site `{site}`")
+            })?;
+            Ok((site, (r.get::<_, i64>(1)? as u64, metrics)))
+        })?;
+        e.answered = rows.collect::<Result<_, _>>()?;
+        Ok(Some(e))
+    }
+
+    /// Records the cross-site evaluation `number` of run `run_id` as open, replacing any
+    /// earlier one of the run: `owed` still to answer until `deadline_ms` (wall time).
+    pub fn open_cross_site(
+        &self,
+        run_id: &str,
+        number: u32,
+        global_sha256: &str,
+        owed: &[String],
+        opened_ms: u64,
+        deadline_ms: u64,
+    ) -> Result<(), CoordinatorError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO cross_site
+                 (run_id, number, global_sha256, sites, opened_ms, deadline_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                run_id,
+                number,
+                global_sha256,
+                serde_json::to_string(owed).unwrap_or_else(|_| "[]".into()),
+                opened_ms as i64,
+                deadline_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The sites still owing the open cross-site evaluation of run `run_id`; none closes it.
+    pub fn set_cross_site_owed(
+        &self,
+        run_id: &str,
+        owed: &[String],
+    ) -> Result<(), CoordinatorError> {
+        if owed.is_empty() {
+            self.conn
+                .execute("DELETE FROM cross_site WHERE run_id = ?1", [run_id])?;
+        } else {
+            self.conn.execute(
+                "UPDATE cross_site SET sites = ?2 WHERE run_id = ?1",
+                params![
+                    run_id,
+                    serde_json::to_string(owed).unwrap_or_else(|_| "[]".into())
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Open cross-site evaluations; the sites whose answer is stored are not owed.
+    pub fn open_cross_sites(&self) -> Result<Vec<OpenCrossSite>, CoordinatorError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT run_id, number, global_sha256, sites, opened_ms, deadline_ms FROM cross_site
+             ORDER BY run_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let run_id: String = r.get(0)?;
+            let sites: String = r.get(3)?;
+            let owed: Vec<String> = serde_json::from_str(&sites).map_err(|e| {
+                bad_row(
+                    3,
+                    format!("cross_site of run `{run_id}`: sites do not parse: {e}"),
+                )
+            })?;
+            Ok((
+                OpenCrossSite {
+                    run_id,
+                    number: r.get(1)?,
+                    global_sha256: r.get(2)?,
+                    owed,
+                    deadline_ms: r.get::<_, i64>(5)? as u64,
+                },
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let open: Vec<(OpenCrossSite, i64)> = rows.collect::<Result<_, _>>()?;
+        let mut answered = self.conn.prepare(
+            "SELECT EXISTS(SELECT 1 FROM evaluations WHERE run_id = ?1 AND global_sha256 = ?2
+                 AND site = ?3 AND at_ms >= ?4)",
+        )?;
+        let mut out = Vec::with_capacity(open.len());
+        for (mut c, opened_ms) in open {
+            let mut owed = Vec::new();
+            for site in c.owed {
+                let done: bool = answered
+                    .query_row(params![c.run_id, c.global_sha256, site, opened_ms], |r| {
+                        r.get(0)
+                    })?;
+                if !done {
+                    owed.push(site);
+                }
+            }
+            c.owed = owed;
+            out.push(c);
+        }
+        Ok(out)
     }
 
     /// Every site result of a round, all attempts, in the order they happened.
@@ -886,12 +1097,8 @@ mod tests {
             .unwrap();
             let metrics = BTreeMap::from([("accuracy".to_string(), 0.9)]);
             s.set_round_evaluation("r1", 1, &metrics, 10).unwrap();
-            s.add_site_result(
-                "r1",
-                &SiteResult::new(2, 3, "a", SiteOutcome::Accepted),
-                1,
-            )
-            .unwrap();
+            s.add_site_result("r1", &SiteResult::new(2, 3, "a", SiteOutcome::Accepted), 1)
+                .unwrap();
             s.set_site_evaluation("r1", 2, "a", 7, &metrics).unwrap();
         }
         let s = Store::open(&path).unwrap();
@@ -959,5 +1166,101 @@ mod tests {
             .unwrap();
         let err = s.run("r9").unwrap_err().to_string();
         assert!(err.contains("r9") && err.contains("exploded"), "{err}");
+    }
+
+    #[test]
+    fn open_evaluations_survive_reopening_without_the_answers_already_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.insert_run(&run("r1", "init")).unwrap();
+            for site in ["a", "b"] {
+                s.add_site_result("r1", &SiteResult::new(1, 2, site, SiteOutcome::Accepted), 1)
+                    .unwrap();
+            }
+            s.add_site_result("r1", &SiteResult::new(1, 1, "c", SiteOutcome::Accepted), 1)
+                .unwrap();
+            s.commit_round(
+                "r1",
+                &RoundRecord {
+                    round: 1,
+                    global_sha256: "g1".into(),
+                    ..Default::default()
+                },
+                &[],
+            )
+            .unwrap();
+            let metrics = BTreeMap::from([("accuracy".to_string(), 0.7)]);
+            s.set_site_evaluation("r1", 1, "a", 4, &metrics).unwrap();
+            s.open_cross_site("r1", 3, "g1", &["a".into(), "b".into()], 100, 900)
+                .unwrap();
+            s.add_evaluation(
+                "r1",
+                &Evaluation {
+                    global_sha256: "g1".into(),
+                    site: "a".into(),
+                    at_ms: 150,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let e = s.unfinished_evaluation("r1", 1).unwrap().unwrap();
+        assert_eq!(
+            (e.attempt, e.trained.clone()),
+            (2, vec!["a".into(), "b".into()])
+        );
+        assert_eq!(e.answered["a"].0, 4);
+        assert_eq!(e.answered.len(), 1);
+        let open = s.open_cross_sites().unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!((open[0].number, open[0].deadline_ms), (3, 900));
+        assert_eq!(open[0].owed, ["b"]);
+        s.set_round_evaluation("r1", 1, &BTreeMap::new(), 0)
+            .unwrap();
+        assert!(s.unfinished_evaluation("r1", 1).unwrap().is_none());
+        s.set_cross_site_owed("r1", &[]).unwrap();
+        assert!(s.open_cross_sites().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_evaluation_columns_with_its_rounds_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            // The version 1 tables this test needs, as that version wrote them.
+            conn.execute_batch(
+                "CREATE TABLE rounds (run_id TEXT NOT NULL, round INTEGER NOT NULL,
+                     attempts INTEGER NOT NULL, sites_selected INTEGER NOT NULL,
+                     sites_reported INTEGER NOT NULL, examples INTEGER NOT NULL,
+                     train_loss REAL NOT NULL, eval_metrics TEXT NOT NULL DEFAULT '{}',
+                     started_ms INTEGER NOT NULL, finished_ms INTEGER NOT NULL,
+                     bytes_down INTEGER NOT NULL, bytes_up INTEGER NOT NULL,
+                     global_sha256 TEXT NOT NULL, opt_state TEXT NOT NULL DEFAULT '',
+                     PRIMARY KEY (run_id, round));
+                 CREATE TABLE site_results (run_id TEXT NOT NULL, round INTEGER NOT NULL,
+                     attempt INTEGER NOT NULL, site TEXT NOT NULL, outcome TEXT NOT NULL,
+                     reason TEXT NOT NULL DEFAULT '', examples INTEGER NOT NULL DEFAULT 0,
+                     train_loss REAL NOT NULL DEFAULT 0,
+                     update_sha256 TEXT NOT NULL DEFAULT '',
+                     eval_examples INTEGER NOT NULL DEFAULT 0,
+                     eval_metrics TEXT NOT NULL DEFAULT '{}', at_ms INTEGER NOT NULL);
+                 INSERT INTO rounds VALUES ('r1', 1, 1, 1, 1, 1, 0.5, '{}', 0, 0, 0, 0, 'g1', '');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert!(s.unfinished_evaluation("r1", 1).unwrap().is_none());
+        let version: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        drop(s);
+        Store::open(&path).unwrap();
     }
 }

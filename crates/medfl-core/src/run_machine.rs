@@ -19,7 +19,13 @@
 //! };
 //! let mut run = RunMachine::new(plan, "g0");
 //! run.handle(Event::SitesOnline(vec!["a".into()]), 0);
-//! let effects = run.handle(Event::Resumed { committed: 0, global_sha256: "g0".into(), last_attempt: 0 }, 0);
+//! let resumed = Event::Resumed {
+//!     committed: 0,
+//!     global_sha256: "g0".into(),
+//!     last_attempt: 0,
+//!     evaluation: None,
+//! };
+//! let effects = run.handle(resumed, 0);
 //! assert!(effects.iter().any(|e| matches!(e, Effect::Publish(Some(_)))));
 //! ```
 
@@ -71,6 +77,9 @@ pub enum Event {
         global_sha256: String,
         /// The last attempt stored for the next round (0 if none).
         last_attempt: u32,
+        /// The last committed round's evaluation, when it had not finished: it is re-opened
+        /// before the next round begins.
+        evaluation: Option<UnfinishedEvaluation>,
     },
     /// The online sites that hold the run's dataset, all of them.
     SitesOnline(Vec<String>),
@@ -153,6 +162,16 @@ pub enum Event {
         /// Metrics.
         metrics: BTreeMap<String, f64>,
     },
+    /// A cross-site evaluation opened by an earlier process, still owed by `sites` until
+    /// `deadline_ms` (on this machine's clock); closed at once if that has passed.
+    CrossSiteResumed {
+        /// Its number.
+        number: u32,
+        /// Sites that have not answered.
+        sites: Vec<String>,
+        /// When it gives up.
+        deadline_ms: u64,
+    },
     /// A site cannot score the final model in evaluation `number`.
     CrossSiteDeclined {
         /// Sender.
@@ -162,6 +181,17 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+}
+
+/// The evaluate phase of a committed round as an earlier process left it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UnfinishedEvaluation {
+    /// The attempt the round was committed from.
+    pub attempt: u32,
+    /// Sites whose update the round folded: those asked to evaluate.
+    pub trained: Vec<String>,
+    /// Answers already recorded, by site: examples and metrics.
+    pub answered: BTreeMap<String, (u64, BTreeMap<String, f64>)>,
 }
 
 /// The aggregator's verdict on one update.
@@ -449,6 +479,8 @@ pub struct RunMachine {
     declining: Vec<String>,
     cross_site: Option<CrossSite>,
     published: bool,
+    /// The last stored attempt of the round after a re-opened evaluation.
+    next_last_attempt: u32,
 }
 
 impl RunMachine {
@@ -466,6 +498,7 @@ impl RunMachine {
             declining: Vec::new(),
             cross_site: None,
             published: false,
+            next_last_attempt: 0,
         }
     }
 
@@ -511,6 +544,7 @@ impl RunMachine {
                 committed,
                 global_sha256,
                 last_attempt,
+                evaluation,
             } => {
                 if matches!(self.stage, Stage::Idle) {
                     self.global_sha256 = global_sha256;
@@ -520,7 +554,13 @@ impl RunMachine {
                         round: self.round,
                         attempt: None,
                     });
-                    self.begin_round(now, last_attempt, &mut out);
+                    match evaluation.filter(|_| committed > 0) {
+                        Some(e) => {
+                            self.next_last_attempt = last_attempt;
+                            self.reopen_evaluation(committed, e, now, &mut out);
+                        }
+                        None => self.begin_round(now, last_attempt, &mut out),
+                    }
                 }
             }
             Event::SitesOnline(sites) => self.candidates = sites,
@@ -705,6 +745,19 @@ impl RunMachine {
                 }
                 out.push(Effect::Reply(result));
             }
+            Event::CrossSiteResumed {
+                number,
+                sites,
+                deadline_ms,
+            } => {
+                if !sites.is_empty() && now < deadline_ms {
+                    self.cross_site = Some(CrossSite {
+                        number,
+                        pending: sites.into_iter().collect(),
+                        deadline_ms,
+                    });
+                }
+            }
             Event::CrossSiteDeclined { site, number, .. } => {
                 // A late refusal of an earlier evaluation: the site may well answer this one.
                 if let Some(c) = self.cross_site.as_mut().filter(|c| c.number == number) {
@@ -732,6 +785,14 @@ impl RunMachine {
         self.cross_site
             .as_ref()
             .is_some_and(|c| now < c.deadline_ms && !c.pending.is_empty())
+    }
+
+    /// The open cross-site evaluation: its number, the sites that have not answered, and when
+    /// it gives up.
+    pub fn cross_site_owed(&self) -> Option<(u32, Vec<String>, u64)> {
+        self.cross_site
+            .as_ref()
+            .map(|c| (c.number, c.pending.iter().cloned().collect(), c.deadline_ms))
     }
 
     /// When the open cross-site evaluation gives up on the sites that have not answered.
@@ -861,6 +922,41 @@ impl RunMachine {
         }
     }
 
+    /// Re-opens the evaluate phase of committed round `round` for the sites that trained in it
+    /// and have not answered, with a fresh deadline.
+    fn reopen_evaluation(
+        &mut self,
+        round: u32,
+        e: UnfinishedEvaluation,
+        now: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        self.round = round;
+        let mut state = RoundState::start(round, e.attempt, [], now, self.plan.limits);
+        state.updates = e.trained.into_iter().map(|s| (s, 0)).collect();
+        state.begin_evaluation(now);
+        let mut evaluations = Vec::new();
+        for (site, (examples, metrics)) in e.answered {
+            if state.selected.contains(&site) {
+                state.record_evaluation(&site);
+                evaluations.push((examples, metrics));
+            }
+        }
+        self.attempt = e.attempt;
+        self.attempts = 0;
+        self.round_started_ms = now;
+        self.stage = Stage::Open(Box::new(Open {
+            state,
+            global_sha256: self.global_sha256.clone(),
+            losses: Vec::new(),
+            evaluations,
+            folded: Vec::new(),
+            folding: None,
+            poisoned: None,
+        }));
+        self.publish(out);
+    }
+
     /// Starts round `self.round` (or finishes the run when every round is committed).
     fn begin_round(&mut self, now: u64, last_attempt: u32, out: &mut Vec<Effect>) {
         if self.round > self.plan.rounds {
@@ -931,7 +1027,8 @@ impl RunMachine {
                             metrics: weighted_mean(&o.evaluations),
                         });
                         self.round += 1;
-                        self.begin_round(now, 0, out);
+                        let last_attempt = std::mem::take(&mut self.next_last_attempt);
+                        self.begin_round(now, last_attempt, out);
                     }
                     (Phase::Train, Decision::Close { missing }) => {
                         self.record_missing(&missing, out);
@@ -1132,6 +1229,17 @@ mod tests {
             last_attempt: u32,
             now: u64,
         ) -> Self {
+            Self::resume_evaluating(plan, online, committed, last_attempt, now, None)
+        }
+
+        fn resume_evaluating(
+            plan: RunPlan,
+            online: &[&str],
+            committed: Vec<String>,
+            last_attempt: u32,
+            now: u64,
+            evaluation: Option<UnfinishedEvaluation>,
+        ) -> Self {
             let mut shell = Self {
                 run: RunMachine::new(plan, "g0"),
                 now,
@@ -1158,6 +1266,7 @@ mod tests {
                 committed: shell.committed.len() as u32,
                 global_sha256: global,
                 last_attempt,
+                evaluation,
             });
             shell
         }
@@ -1639,5 +1748,133 @@ mod tests {
         assert_eq!(run.cross_site_deadline(), Some(100 + DEADLINE));
         assert!(!run.cross_site_open(100 + DEADLINE));
         assert!(run.cross_site_task("b", 100 + DEADLINE).is_none());
+    }
+
+    fn unfinished(trained: &[&str], answered: &[&str]) -> UnfinishedEvaluation {
+        UnfinishedEvaluation {
+            attempt: 2,
+            trained: sites(trained),
+            answered: answered
+                .iter()
+                .map(|s| {
+                    let metrics = BTreeMap::from([("accuracy".to_string(), 0.5)]);
+                    (s.to_string(), (5, metrics))
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_unfinished_round_evaluation_is_reopened_for_the_sites_that_owe_it() {
+        let committed = vec!["g1".to_string()];
+        let evaluation = unfinished(&["a", "b"], &["a"]);
+        let mut s = Shell::resume_evaluating(
+            plan(2, 2, 0),
+            &["a", "b", "c"],
+            committed,
+            0,
+            7_000,
+            Some(evaluation),
+        );
+        let o = s.open().clone();
+        assert_eq!((o.round, o.attempt, o.phase), (1, 2, Phase::Evaluate));
+        assert_eq!(o.global_sha256, "g1");
+        // Only the site that trained and has not answered is asked, with a fresh deadline.
+        assert_eq!(o.pending, BTreeSet::from(["b".to_string()]));
+        assert_eq!(o.reported, 1);
+        assert_eq!(o.deadline_ms, 7_000 + DEADLINE);
+        // `a` answered before the restart: asked no more.
+        s.replies.clear();
+        s.evaluate("a");
+        assert!(matches!(
+            s.replies[0],
+            Err(Rejection::Round(Refusal::Duplicate { .. }))
+        ));
+        s.evaluate("b");
+        assert_eq!(s.evaluated, [1]);
+        // Then the next round, from the committed model.
+        let o = s.open().clone();
+        assert_eq!((o.round, o.attempt, o.phase), (2, 1, Phase::Train));
+        assert_eq!(o.global_sha256, "g1");
+    }
+
+    #[test]
+    fn a_reopened_round_evaluation_closes_at_its_deadline_with_the_answers_it_has() {
+        let committed = vec!["g1".to_string()];
+        let mut s = Shell::resume_evaluating(
+            plan(1, 1, 0),
+            &["a"],
+            committed.clone(),
+            0,
+            100,
+            Some(unfinished(&["a", "b"], &["a"])),
+        );
+        let mut metrics = None;
+        let effects = s.run.handle_timeout(100 + DEADLINE);
+        for e in &effects {
+            if let Effect::RoundEvaluated { round, metrics: m } = e {
+                assert_eq!(*round, 1);
+                metrics = Some(m.clone());
+            }
+        }
+        assert_eq!(metrics.unwrap().get("accuracy"), Some(&0.5));
+        s.perform(effects);
+        // The last round was evaluated: the run completes.
+        assert_eq!(s.ended.as_ref().unwrap().0, RunStatus::Completed);
+
+        // Every answer in already: it closes at once and the next round opens after the
+        // attempts stored for it.
+        let s = Shell::resume_evaluating(
+            plan(2, 1, 0),
+            &["a"],
+            committed,
+            3,
+            100,
+            Some(unfinished(&["a"], &["a"])),
+        );
+        assert_eq!(s.evaluated, [1]);
+        let o = s.open();
+        assert_eq!((o.round, o.attempt, o.phase), (2, 4, Phase::Train));
+    }
+
+    #[test]
+    fn a_resumed_cross_site_evaluation_asks_only_the_sites_that_owe_it_until_its_deadline() {
+        let mut run = RunMachine::ended(plan(1, 1, 0), "final");
+        run.handle(
+            Event::CrossSiteResumed {
+                number: 4,
+                sites: sites(&["b"]),
+                deadline_ms: 500,
+            },
+            100,
+        );
+        assert!(run.cross_site_open(100));
+        assert!(run.cross_site_task("a", 100).is_none());
+        let task = run.cross_site_task("b", 100).unwrap();
+        assert_eq!((task.number, task.deadline_ms), (4, 500));
+        assert_eq!(run.cross_site_owed(), Some((4, sites(&["b"]), 500)));
+        let e = run.handle(
+            Event::CrossSiteReported {
+                site: "b".into(),
+                global_sha256: "final".into(),
+                examples: 1,
+                metrics: BTreeMap::new(),
+            },
+            200,
+        );
+        assert!(e.contains(&Effect::CrossSiteComplete));
+        assert!(!run.cross_site_open(200));
+
+        // Its deadline passed while the coordinator was down: it stays closed.
+        let mut run = RunMachine::ended(plan(1, 1, 0), "final");
+        run.handle(
+            Event::CrossSiteResumed {
+                number: 5,
+                sites: sites(&["a"]),
+                deadline_ms: 500,
+            },
+            500,
+        );
+        assert!(!run.cross_site_open(500) && run.cross_site_owed().is_none());
     }
 }

@@ -28,6 +28,11 @@ use crate::CoreError;
 
 /// Most rounds a run may ask for (keeps a run's history within one gRPC message).
 pub const MAX_ROUNDS: u32 = 10_000;
+/// Most local epochs a round may ask of a site: beyond this a spec is a mistake or an attack
+/// on the sites' machines (each site may set a lower limit in its policy).
+pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
+/// Most local steps a round may ask of a site.
+pub const MAX_LOCAL_STEPS: u32 = 1_000_000;
 
 /// Everything a run needs to know, as the researcher wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -567,7 +572,7 @@ impl Default for DefenseSpec {
         Self {
             max_update_norm: None,
             norm_action: NormAction::Reject,
-            max_examples: 10_000_000,
+            max_examples: 1_000_000,
         }
     }
 }
@@ -722,6 +727,18 @@ impl RunSpec {
             return Err(CoreError::spec(
                 "training.local_epochs",
                 "set local_epochs or local_steps above 0",
+            ));
+        }
+        if tr.local_epochs > MAX_LOCAL_EPOCHS {
+            return Err(CoreError::spec(
+                "training.local_epochs",
+                format!("must be at most {MAX_LOCAL_EPOCHS}, got {}", tr.local_epochs),
+            ));
+        }
+        if tr.local_steps > MAX_LOCAL_STEPS {
+            return Err(CoreError::spec(
+                "training.local_steps",
+                format!("must be at most {MAX_LOCAL_STEPS}, got {}", tr.local_steps),
             ));
         }
         if tr.batch_size == 0 || tr.batch_size > 1 << 16 {
@@ -890,6 +907,20 @@ labels = ["B", "M"]
         assert!(err.to_string().contains("line 3"), "{err}");
         let err = RunSpec::from_toml(&format!("{SPEC}\nbogus = 1\n")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn absurd_training_lengths_are_refused() {
+        for (table, field) in [
+            ("local_epochs = 4294967295", "training.local_epochs"),
+            ("local_steps = 4294967295", "training.local_steps"),
+        ] {
+            let err = RunSpec::from_toml(&format!("{SPEC}\n[training]\n{table}\n")).unwrap_err();
+            assert!(
+                matches!(&err, CoreError::Spec { field: f, .. } if f == field),
+                "{table}: {err}"
+            );
+        }
     }
 
     #[test]
