@@ -50,6 +50,20 @@ async fn a_single_site_runs_three_rounds_and_keeps_every_model_across_a_restart(
     assert_eq!(detail.rounds.len(), 3);
     assert!(detail.rounds.iter().all(|r| r.sites_reported == 1));
     assert_every_round_pullable(&mut client, &detail).await;
+    // What the coordinator and the site keep is their owner's alone.
+    let mode = |p: std::path::PathBuf| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&p).expect("exists").permissions())
+            & 0o777
+    };
+    let data = &fed.coordinator.data_dir;
+    assert_eq!(mode(data.clone()), 0o700);
+    assert_eq!(mode(data.join("blobs")), 0o700);
+    for file in ["state.db", "state.db-wal", "state.db-shm"] {
+        assert_eq!(mode(data.join(file)), 0o600, "{file}");
+    }
+    let site = fed.dir.path().join("hospital-0");
+    assert_eq!(mode(site.clone()), 0o700);
+    assert_eq!(mode(site.join("models")), 0o700);
 
     fed.coordinator.restart();
     let mut client = fed.coordinator.runs().await;

@@ -45,7 +45,8 @@ impl BlobStore {
             std::fs::remove_dir_all(&tmp)
                 .map_err(|e| CoordinatorError::io(format!("clearing {}", tmp.display()), e))?;
         }
-        std::fs::create_dir_all(&tmp)
+        medfl_daemon::create_private_dir(&tmp)
+            .and_then(|()| medfl_daemon::create_private_dir(root))
             .map_err(|e| CoordinatorError::io(format!("creating {}", tmp.display()), e))?;
         Ok(Self {
             root: root.to_path_buf(),

@@ -35,9 +35,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CoordinatorError> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
+    medfl_daemon::create_private_dir(&data_dir)
         .map_err(|e| CoordinatorError::io(format!("creating {}", data_dir.display()), e))?;
-    let store = Store::open(&data_dir.join("state.db"))?;
+    let state_db = data_dir.join("state.db");
+    let store = Store::open(&state_db)?;
+    // The database and its journal files are the owner's alone (SQLite gives new -wal and -shm
+    // files the database's mode, so this also covers those made later).
+    for file in ["state.db", "state.db-wal", "state.db-shm"] {
+        let path = data_dir.join(file);
+        if path.exists() {
+            medfl_daemon::restrict_file(&path)
+                .map_err(|e| CoordinatorError::io(format!("restricting {}", path.display()), e))?;
+        }
+    }
     let blobs = BlobStore::open(&data_dir.join("blobs"))?;
     let audit = medfl_audit::AuditLog::open(&data_dir.join("audit.jsonl"))
         .map_err(|e| CoordinatorError::Config(format!("audit log: {e}")))?;

@@ -102,6 +102,30 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Creates directory `dir` (and its parents) readable by its owner alone (0700 on Unix, also
+/// when it already existed): data, blob and cache directories hold patients' derived data.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(
+        dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
+    Ok(())
+}
+
+/// Makes the existing file `path` readable by its owner alone (0600 on Unix).
+pub fn restrict_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::set_permissions(
+        path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// Makes each relative path in `paths` relative to `base` (a config file's directory).
 pub fn resolve_relative<'a>(
     base: &Path,

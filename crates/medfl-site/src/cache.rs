@@ -20,7 +20,8 @@ impl ModelCache {
     /// Opens (creating) the cache.
     pub fn open(data_dir: &Path, keep: usize) -> Result<Self, SiteError> {
         let dir = data_dir.join("models");
-        std::fs::create_dir_all(&dir)
+        // Global models are derived from every hospital's data: the owner's alone.
+        medfl_daemon::create_private_dir(&dir)
             .map_err(|e| SiteError::io(format!("creating {}", dir.display()), e))?;
         Ok(Self { dir, keep })
     }

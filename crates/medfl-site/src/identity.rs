@@ -47,7 +47,7 @@ impl SiteState {
 
     /// Loads the state, creating a fresh identity on first start.
     pub fn load_or_create(data_dir: &Path, site: &str) -> Result<Self, SiteError> {
-        std::fs::create_dir_all(data_dir)
+        medfl_daemon::create_private_dir(data_dir)
             .map_err(|e| SiteError::io(format!("creating {}", data_dir.display()), e))?;
         let path = Self::path(data_dir);
         if path.exists() {
