@@ -139,7 +139,10 @@ async fn bad_updates_are_refused_and_good_ones_averaged_retaining_updates() {
     // Every refusal of a selected site in the open attempt is on record with its reason; the
     // late one, for a train phase that had ended, is refused without a record.
     let results = coordinator.store().site_results(&run, 1).expect("results");
-    let refused = results.iter().filter(|r| r.outcome == medfl_core::run::SiteOutcome::Refused).count();
+    let refused = results
+        .iter()
+        .filter(|r| r.outcome == medfl_core::run::SiteOutcome::Refused)
+        .count();
     assert_eq!(refused, 8, "{results:#?}");
     assert!(results
         .iter()
@@ -203,7 +206,13 @@ async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
         .await
         .expect("near update");
     let results = coordinator.store().site_results(&run, 1).expect("results");
-    assert_eq!(results.iter().filter(|r| r.outcome == medfl_core::run::SiteOutcome::Refused).count(), 2);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| r.outcome == medfl_core::run::SiteOutcome::Refused)
+            .count(),
+        2
+    );
     client
         .stop_run(v1::StopRunRequest {
             run_id: run.clone(),
@@ -291,7 +300,9 @@ async fn unsigned_forged_and_replayed_updates_are_refused() {
     assert!(denied(site.push_raw(replay, bytes.clone(), len).await));
     let results = coordinator.store().site_results(&run, 1).expect("results");
     assert!(
-        results.iter().any(|r| r.outcome == medfl_core::run::SiteOutcome::Accepted),
+        results
+            .iter()
+            .any(|r| r.outcome == medfl_core::run::SiteOutcome::Accepted),
         "{results:#?}"
     );
     coordinator.stop().await;

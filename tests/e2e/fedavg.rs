@@ -6,7 +6,10 @@ use medfl_proto::v1;
 /// The test's own weighted average of the accepted updates of `round`, in f64.
 pub fn expected_average(fed: &Coordinator, run: &str, round: u32) -> Vec<Vec<f64>> {
     let results = fed.store().site_results(run, round).expect("site results");
-    let accepted: Vec<_> = results.iter().filter(|r| r.outcome == medfl_core::run::SiteOutcome::Accepted).collect();
+    let accepted: Vec<_> = results
+        .iter()
+        .filter(|r| r.outcome == medfl_core::run::SiteOutcome::Accepted)
+        .collect();
     assert!(!accepted.is_empty(), "round {round} has accepted updates");
     let total: f64 = accepted.iter().map(|r| r.examples as f64).sum();
     let mut sum: Vec<Vec<f64>> = Vec::new();

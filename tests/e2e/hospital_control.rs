@@ -54,7 +54,12 @@ async fn open_and_careful_sites(
             "{policy}\n[datasets.breast_cancer]\npath = \"{}\"\n",
             csv.display()
         );
-        let mut site = Site::start(site_config_with(name, coordinator, &dir.join(name), &tables));
+        let mut site = Site::start(site_config_with(
+            name,
+            coordinator,
+            &dir.join(name),
+            &tables,
+        ));
         site.registered(1).await;
         sites.push(site);
     }
@@ -114,7 +119,11 @@ async fn a_site_awaiting_approval_holds_its_place_and_trains_once_approved() {
     let careful = dir.path().join("careful");
     let mut client = coordinator.runs().await;
     // Both sites are needed: the run must wait for the hospital rather than fail.
-    let run = create_run(&mut client, &breast_cancer_spec("needs-approval", 2, 2, 120)).await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("needs-approval", 2, 2, 120),
+    )
+    .await;
     until_site_state(&careful, "the run in the approval queue", |d| {
         Approvals::load(d).is_ok_and(|q| q.runs.contains_key(&run))
     })

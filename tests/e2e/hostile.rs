@@ -25,7 +25,11 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
     let fed = Federation::start(2).await;
     let mut client = fed.coordinator.runs().await;
     let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
-    let run = create_run(&mut client, &breast_cancer_spec("beside-an-attack", 3, 2, 60)).await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("beside-an-attack", 3, 2, 60),
+    )
+    .await;
     let task = hostile.next_task().await;
     assert_eq!(task.kind, v1::TaskKind::Train as i32);
     let global = hostile.download(&task.global_sha256).await;
@@ -87,7 +91,11 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
     let greedy = hostile.push(&task, &global, 500_000).await;
     let greedy = greedy.expect_err("more examples than rows");
     assert_eq!(greedy.code(), Code::InvalidArgument);
-    assert!(greedy.message().contains("10000 rows"), "{}", greedy.message());
+    assert!(
+        greedy.message().contains("10000 rows"),
+        "{}",
+        greedy.message()
+    );
     let grown = footprint(&fed.coordinator).saturating_sub(before);
     assert!(grown < 256 << 10, "state and audit grew by {grown} bytes");
     // Nothing was recorded for a round that is not open, and no counter wrapped.
@@ -125,6 +133,10 @@ async fn a_spec_asking_for_absurd_training_is_refused_naming_the_field() {
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("training.local_epochs"), "{}", err.message());
+    assert!(
+        err.message().contains("training.local_epochs"),
+        "{}",
+        err.message()
+    );
     fed.stop().await;
 }

@@ -30,7 +30,10 @@ async fn pull(
 }
 
 /// Pulls every committed round's model and checks it hashes to what the round committed.
-async fn assert_every_round_pullable(client: &mut RunServiceClient<Channel>, detail: &v1::RunDetail) {
+async fn assert_every_round_pullable(
+    client: &mut RunServiceClient<Channel>,
+    detail: &v1::RunDetail,
+) {
     let run = &detail.summary.as_ref().expect("summary").run_id;
     for r in &detail.rounds {
         let bytes = pull(client, run, r.round)
@@ -52,8 +55,9 @@ async fn a_single_site_runs_three_rounds_and_keeps_every_model_across_a_restart(
     assert_every_round_pullable(&mut client, &detail).await;
     // What the coordinator and the site keep is their owner's alone.
     let mode = |p: std::path::PathBuf| {
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&p).expect("exists").permissions())
-            & 0o777
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&p).expect("exists").permissions(),
+        ) & 0o777
     };
     let data = &fed.coordinator.data_dir;
     assert_eq!(mode(data.clone()), 0o700);
@@ -100,7 +104,9 @@ async fn a_site_that_echoes_the_global_model_does_not_make_it_vanish() {
             let task = echo.next_task().await;
             assert_eq!(task.kind, v1::TaskKind::Train as i32);
             let global = echo.download(&task.global_sha256).await;
-            echo.push(&task, &global, 50).await.expect("the echo is accepted");
+            echo.push(&task, &global, 50)
+                .await
+                .expect("the echo is accepted");
             let eval = echo.next_task().await;
             echo.evaluate(&eval, 0.5).await.expect("evaluation");
         }
@@ -111,10 +117,19 @@ async fn a_site_that_echoes_the_global_model_does_not_make_it_vanish() {
     });
     let detail = wait_for_end(&mut client, &run).await;
     let echo = echoing.await.expect("echo site");
-    assert_eq!(status(&detail), v1::RunStatus::Completed as i32, "{detail:?}");
+    assert_eq!(
+        status(&detail),
+        v1::RunStatus::Completed as i32,
+        "{detail:?}"
+    );
     assert_every_round_pullable(&mut client, &detail).await;
     // The initial model, which round 1's echo equalled, is still on disk.
-    let initial = fed.coordinator.store().run(&run).expect("run").initial_sha256;
+    let initial = fed
+        .coordinator
+        .store()
+        .run(&run)
+        .expect("run")
+        .initial_sha256;
     assert!(fed.coordinator.blob_path(&initial).is_file());
     assert!(fed.coordinator.unowned_blobs().is_empty());
     drop(echo);
@@ -146,10 +161,12 @@ async fn a_stopped_run_is_collected_without_touching_a_twin_that_finishes() {
     assert_every_round_pullable(&mut client, &detail).await;
     // keep_models = "all": the stopped run keeps its models too, and only those.
     assert_every_round_pullable(&mut client, &stopped).await;
-    let audit = std::fs::read_to_string(fed.coordinator.data_dir.join("audit.jsonl"))
-        .expect("audit log");
+    let audit =
+        std::fs::read_to_string(fed.coordinator.data_dir.join("audit.jsonl")).expect("audit log");
     assert!(
-        audit.lines().any(|l| l.contains("run_collected") && l.contains(&doomed)),
+        audit
+            .lines()
+            .any(|l| l.contains("run_collected") && l.contains(&doomed)),
         "the collection is audited"
     );
     // No update outlives its round; every file on disk has an owner.
@@ -183,12 +200,18 @@ async fn keep_models_final_non_default_collects_all_but_the_final_model() {
     let run = create_run(&mut client, &breast_cancer_spec("final-only", 3, 1, 60)).await;
     let detail = wait_for_completion(&mut client, &run).await;
     let last = detail.rounds.last().expect("rounds");
-    let bytes = pull(&mut client, &run, last.round).await.expect("final model");
+    let bytes = pull(&mut client, &run, last.round)
+        .await
+        .expect("final model");
     assert!(!bytes.is_empty());
-    let gone = pull(&mut client, &run, 1).await.expect_err("round 1 was collected");
+    let gone = pull(&mut client, &run, 1)
+        .await
+        .expect_err("round 1 was collected");
     assert_eq!(gone.code(), tonic::Code::NotFound);
     assert!(gone.message().contains("keep_models"), "{}", gone.message());
-    assert!(!coordinator.blob_path(&detail.rounds[0].global_sha256).exists());
+    assert!(!coordinator
+        .blob_path(&detail.rounds[0].global_sha256)
+        .exists());
     assert_eq!(coordinator.unowned_blobs(), Vec::<String>::new());
     site.stop().await;
     coordinator.stop().await;

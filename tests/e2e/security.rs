@@ -96,7 +96,11 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
         &dir.path().join("other-kits"),
     )
     .expect("provisioning");
-    let mallory = other.kits.iter().find(|k| k.name == "mallory").expect("mallory's kit");
+    let mallory = other
+        .kits
+        .iter()
+        .find(|k| k.name == "mallory")
+        .expect("mallory's kit");
     let foreign = ClientTlsConfig::new()
         .ca_certificate(ca)
         .identity(Identity::from_pem(pem(&mallory.cert), pem(&mallory.key)))
@@ -111,7 +115,8 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
     assert!(refused, "a certificate of another CA was accepted");
 
     // A site acting as another site.
-    let mut site_a = SiteServiceClient::new(as_participant(&url, &pki.kit(Role::Site, "site-a")).await);
+    let mut site_a =
+        SiteServiceClient::new(as_participant(&url, &pki.kit(Role::Site, "site-a")).await);
     let err = site_a
         .register(register("site-b"))
         .await
@@ -174,7 +179,10 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
     // only a closed connection (closed, reset, broken pipe). The call is refused either way,
     // and an alert, when it arrives, says why.
     let alert = refused.contains("AlertReceived") || refused.contains("InvalidCertificate");
-    assert!(!alert || refused.contains("CertificateRevoked"), "{refused}");
+    assert!(
+        !alert || refused.contains("CertificateRevoked"),
+        "{refused}"
+    );
 
     for s in running {
         s.stop().await;
@@ -192,12 +200,7 @@ async fn a_site_refuses_a_global_model_tampered_with_on_the_way() {
         "[datasets.breast_cancer]\npath = \"{}\"\n",
         csvs[0].display()
     );
-    let config = site_config_with(
-        "wary",
-        &coordinator,
-        &dir.path().join("wary"),
-        &tables,
-    );
+    let config = site_config_with("wary", &coordinator, &dir.path().join("wary"), &tables);
     // Registered, then away while the run is created and its model altered on disk.
     let mut site = Site::start(config.clone());
     site.registered(1).await;

@@ -87,22 +87,37 @@ async fn policies_refuse_runs_and_approval_gates_them() {
                 .find(|s| s.site == name)
                 .unwrap_or_else(|| panic!("{name} in round {}", round.round))
         };
-        assert_eq!(by_site("open").outcome(), medfl_proto::v1::SiteOutcome::Accepted);
+        assert_eq!(
+            by_site("open").outcome(),
+            medfl_proto::v1::SiteOutcome::Accepted
+        );
         let careful = by_site("careful");
-        assert_eq!(careful.outcome(), medfl_proto::v1::SiteOutcome::Pending, "{careful:?}");
+        assert_eq!(
+            careful.outcome(),
+            medfl_proto::v1::SiteOutcome::Pending,
+            "{careful:?}"
+        );
         assert!(
             careful.reason.contains("awaits the hospital's approval"),
             "{careful:?}"
         );
         let text_only = by_site("text-only");
-        assert_eq!(text_only.outcome(), medfl_proto::v1::SiteOutcome::Rejected, "{text_only:?}");
+        assert_eq!(
+            text_only.outcome(),
+            medfl_proto::v1::SiteOutcome::Rejected,
+            "{text_only:?}"
+        );
         assert!(
             text_only.reason.contains("policy")
                 && text_only.reason.contains("tabular_classification"),
             "{text_only:?}"
         );
         let paused = by_site("paused");
-        assert_eq!(paused.outcome(), medfl_proto::v1::SiteOutcome::Paused, "{paused:?}");
+        assert_eq!(
+            paused.outcome(),
+            medfl_proto::v1::SiteOutcome::Paused,
+            "{paused:?}"
+        );
         assert!(paused.reason.contains("paused by the hospital"));
     }
     let careful_dir = dir.path().join("careful");
@@ -125,7 +140,7 @@ async fn policies_refuse_runs_and_approval_gates_them() {
         &medfl_site::policy::spec_sha256(&spec_toml),
         8,
     )
-        .expect("an approved run is admitted");
+    .expect("an approved run is admitted");
     medfl_site::policy::set_paused(&paused_dir, None).expect("resume");
     assert!(!medfl_site::policy::is_paused(&paused_dir));
 
@@ -190,7 +205,10 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     assert_eq!(offered(sites), ["breast_cancer"]);
     let run = create_run(&mut client, &breast_cancer_spec("late-data", 1, 1, 60)).await;
     let detail = wait_for_completion(&mut client, &run).await;
-    assert_eq!(detail.rounds[0].sites[0].outcome(), medfl_proto::v1::SiteOutcome::Accepted);
+    assert_eq!(
+        detail.rounds[0].sites[0].outcome(),
+        medfl_proto::v1::SiteOutcome::Accepted
+    );
 
     // `medfl-site dataset remove`: withdrawn from the coordinator too.
     medfl_site::registry::remove(&site_dir, "breast_cancer").expect("removing");
@@ -231,10 +249,7 @@ async fn a_site_awaiting_approval_takes_no_sampled_slot() {
         sites.push(start_site(&coordinator, dir.path(), name, &tables).await);
     }
     let mut client = coordinator.runs().await;
-    let spec = format!(
-        "fraction = 0.5\n{}",
-        breast_cancer_spec("sampled", 5, 1, 8)
-    );
+    let spec = format!("fraction = 0.5\n{}", breast_cancer_spec("sampled", 5, 1, 8));
     let run = create_run(&mut client, &spec).await;
     let detail = wait_for_completion(&mut client, &run).await;
 
@@ -255,7 +270,12 @@ async fn a_site_awaiting_approval_takes_no_sampled_slot() {
         // Until the careful site first declines, the coordinator cannot know it will.
         if declined_before {
             assert_eq!(accepted, 2, "round {}: {:?}", round.round, round.sites);
-            assert_eq!(outcome("careful"), Some(v1::SiteOutcome::Pending), "round {}", round.round);
+            assert_eq!(
+                outcome("careful"),
+                Some(v1::SiteOutcome::Pending),
+                "round {}",
+                round.round
+            );
             checked += 1;
         }
         declined_before |= outcome("careful") == Some(v1::SiteOutcome::Pending);

@@ -84,7 +84,11 @@ async fn sites_verify_fetch_or_refuse_the_pinned_base_and_only_the_adapter_trave
         .iter()
         .find(|s| s.site == "impostor")
         .expect("the impostor's result");
-    assert_eq!(impostor.outcome(), medfl_proto::v1::SiteOutcome::Failed, "{impostor:?}");
+    assert_eq!(
+        impostor.outcome(),
+        medfl_proto::v1::SiteOutcome::Failed,
+        "{impostor:?}"
+    );
     assert!(
         impostor.reason.contains(&other_sha) && impostor.reason.contains("refusing"),
         "{}",

@@ -358,7 +358,10 @@ impl Coordinator {
 
     /// A client of researcher [`RESEARCHER`].
     pub async fn runs(&self) -> RunServiceClient<Channel> {
-        RunServiceClient::new(self.channel_as(medfl_pki::Role::Researcher, RESEARCHER).await)
+        RunServiceClient::new(
+            self.channel_as(medfl_pki::Role::Researcher, RESEARCHER)
+                .await,
+        )
     }
 
     /// A read connection to its state database.
@@ -380,7 +383,10 @@ impl Coordinator {
             if shard.file_name() == "tmp" || !shard.path().is_dir() {
                 continue;
             }
-            for file in std::fs::read_dir(shard.path()).expect("blob shard").flatten() {
+            for file in std::fs::read_dir(shard.path())
+                .expect("blob shard")
+                .flatten()
+            {
                 let id = file.file_name().to_string_lossy().into_owned();
                 if !store.is_owned(&id).expect("refs") {
                     unowned.push(id);

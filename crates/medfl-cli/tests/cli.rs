@@ -29,7 +29,11 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let spec = dir.join("run.toml");
     std::fs::write(&spec, breast_cancer_spec("cli-run", 2, 2, 60)).expect("spec");
 
-    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(
+        &fed.coordinator,
+        &["run", "create", spec.to_str().expect("utf-8")],
+    )
+    .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = text(&out.stdout).trim().to_string();
     assert!(run.starts_with("cli-run-"), "{run}");
@@ -98,7 +102,11 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let site_log = dir.join("hospital-0").join("audit.jsonl");
     let coordinator_log = fed.coordinator.data_dir.join("audit.jsonl");
     for log in [&site_log, &coordinator_log] {
-        let out = medfl(&fed.coordinator, &["audit", "verify", log.to_str().expect("utf-8")]).await;
+        let out = medfl(
+            &fed.coordinator,
+            &["audit", "verify", log.to_str().expect("utf-8")],
+        )
+        .await;
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert!(text(&out.stdout).contains("hash chain intact"));
     }
@@ -158,7 +166,11 @@ async fn a_researcher_drives_a_run_from_the_cli() {
 
     // Bad input: named field, unknown run, ended run.
     std::fs::write(&spec, breast_cancer_spec("bad", 0, 2, 60)).expect("spec");
-    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(
+        &fed.coordinator,
+        &["run", "create", spec.to_str().expect("utf-8")],
+    )
+    .await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("rounds"),
@@ -166,7 +178,11 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         text(&out.stderr)
     );
     std::fs::write(&spec, breast_cancer_spec("too-many", 1, 5, 60)).expect("spec");
-    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(
+        &fed.coordinator,
+        &["run", "create", spec.to_str().expect("utf-8")],
+    )
+    .await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("min_sites"),
@@ -176,7 +192,11 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let huge =
         breast_cancer_spec("huge", 1, 2, 60).replace("hidden = []", "hidden = [1048576, 1048576]");
     std::fs::write(&spec, huge).expect("spec");
-    let out = medfl(&fed.coordinator, &["run", "create", spec.to_str().expect("utf-8")]).await;
+    let out = medfl(
+        &fed.coordinator,
+        &["run", "create", spec.to_str().expect("utf-8")],
+    )
+    .await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("parameters exceed"),

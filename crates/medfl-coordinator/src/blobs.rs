@@ -56,7 +56,9 @@ impl BlobStore {
 
     fn pins(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         // The map stays consistent even if a holder panicked: each update is one statement.
-        self.pins.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Takes over the pin [`Incoming::finish`] took on `id`: it is let go when the guard drops,

@@ -153,11 +153,17 @@ mod tests {
     #[test]
     fn ids_names_and_maps_are_bounded() {
         assert!(run_id("f", "breast-cancer-3f2a").is_ok());
-        for bad in ["", "a\nforged line", "\u{1b}[31mred", &"x".repeat(MAX_ID + 1)] {
+        for bad in [
+            "",
+            "a\nforged line",
+            "\u{1b}[31mred",
+            &"x".repeat(MAX_ID + 1),
+        ] {
             let err = run_id("UpdateHeader.run_id", bad).unwrap_err().to_string();
             assert!(err.contains("UpdateHeader.run_id"), "{err}");
         }
-        let many: BTreeMap<String, f64> = (0..=MAX_METRICS).map(|i| (format!("m{i}"), 1.0)).collect();
+        let many: BTreeMap<String, f64> =
+            (0..=MAX_METRICS).map(|i| (format!("m{i}"), 1.0)).collect();
         assert!(metrics("m", &many).is_err());
         let nan = BTreeMap::from([("accuracy".to_string(), f64::NAN)]);
         assert!(metrics("m", &nan).is_err());
@@ -166,7 +172,10 @@ mod tests {
             columns: (0..=MAX_COLUMNS).map(|i| format!("c{i}")).collect(),
             rows: 1,
         };
-        assert!(datasets(&[wide]).unwrap_err().to_string().contains("columns"));
+        assert!(datasets(&[wide])
+            .unwrap_err()
+            .to_string()
+            .contains("columns"));
         assert_eq!(reason("a\nb\u{1b}c"), "a b c");
         assert_eq!(reason(&"r".repeat(5000)).len(), MAX_REASON);
     }

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use medfl_proto::v1;
 use medfl_model::base::{sha256_file, BASE_FILES};
+use medfl_proto::v1;
 use tracing::info;
 
 use crate::CoordinatorError;

@@ -28,7 +28,9 @@ pub fn now_ms() -> u64 {
 /// round. Converted to wall time only for the wire and the store ([`wall_of`]).
 pub fn mono_ms() -> u64 {
     static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    BASE.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// The wall time (ms since the Unix epoch) of monotonic instant `at` (from [`mono_ms`]).

@@ -461,6 +461,13 @@ impl Store {
     /// caller offers to [`crate::blobs::BlobStore::collect`].
     pub fn release(&mut self, refs: &[BlobRef]) -> Result<Vec<String>, CoordinatorError> {
         let tx = self.conn.transaction()?;
+        let shas = Self::delete_refs(&tx, refs)?;
+        tx.commit()?;
+        Ok(shas)
+    }
+
+    /// Deletes `refs` inside `tx`; returns the distinct blobs they named.
+    fn delete_refs(tx: &Connection, refs: &[BlobRef]) -> Result<Vec<String>, CoordinatorError> {
         for r in refs {
             tx.execute(
                 "DELETE FROM blob_refs WHERE sha256 = ?1 AND run_id = ?2 AND role = ?3
@@ -475,7 +482,6 @@ impl Store {
                 ],
             )?;
         }
-        tx.commit()?;
         let mut shas: Vec<String> = refs.iter().map(|r| r.sha256.clone()).collect();
         shas.sort();
         shas.dedup();
@@ -494,28 +500,12 @@ impl Store {
         release: &[BlobRef],
     ) -> Result<Vec<String>, CoordinatorError> {
         let tx = self.conn.transaction()?;
-        for r in release {
-            tx.execute(
-                "DELETE FROM blob_refs WHERE sha256 = ?1 AND run_id = ?2 AND role = ?3
-                     AND round = ?4 AND site = ?5 AND attempt = ?6",
-                params![
-                    r.sha256,
-                    r.run_id,
-                    r.role.as_str(),
-                    r.round,
-                    r.site,
-                    r.attempt
-                ],
-            )?;
-        }
+        let shas = Self::delete_refs(&tx, release)?;
         tx.execute(
             "UPDATE runs SET status = ?2, error = ?3 WHERE id = ?1",
             params![id, status.as_str(), error],
         )?;
         tx.commit()?;
-        let mut shas: Vec<String> = release.iter().map(|r| r.sha256.clone()).collect();
-        shas.sort();
-        shas.dedup();
         Ok(shas)
     }
 

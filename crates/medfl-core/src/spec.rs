@@ -732,7 +732,10 @@ impl RunSpec {
         if tr.local_epochs > MAX_LOCAL_EPOCHS {
             return Err(CoreError::spec(
                 "training.local_epochs",
-                format!("must be at most {MAX_LOCAL_EPOCHS}, got {}", tr.local_epochs),
+                format!(
+                    "must be at most {MAX_LOCAL_EPOCHS}, got {}",
+                    tr.local_epochs
+                ),
             ));
         }
         if tr.local_steps > MAX_LOCAL_STEPS {

@@ -258,10 +258,7 @@ fn decide(
             }
             record(config, event, None, details)?;
             let verb = if approved { "approved" } else { "rejected" };
-            println!(
-                "{verb} ahead of time at `{}`: {subject}",
-                config.name
-            );
+            println!("{verb} ahead of time at `{}`: {subject}", config.name);
             if !applied.is_empty() {
                 println!("also {verb}, as it waited: {}", applied.join(", "));
             }

@@ -358,7 +358,13 @@ impl Approvals {
     ) -> Result<Decided, SiteError> {
         let _lock = QueueLock::take(data_dir)?;
         let queue = Self::load(data_dir)?;
-        Self::decide_on(queue, data_dir, Subject::Name(name.to_string()), decision, reason)
+        Self::decide_on(
+            queue,
+            data_dir,
+            Subject::Name(name.to_string()),
+            decision,
+            reason,
+        )
     }
 
     fn decide_on(
@@ -659,7 +665,10 @@ mod tests {
                 spec_sha256: h,
             },
         );
-        assert_eq!(queue.subject("sepsis").unwrap(), Subject::Run("sepsis".into()));
+        assert_eq!(
+            queue.subject("sepsis").unwrap(),
+            Subject::Run("sepsis".into())
+        );
         let dir = tempfile::tempdir().unwrap();
         assert!(Approvals::decide(dir.path(), "run-9", Decision::Approved, "").is_err());
         assert!(Approvals::load(dir.path()).unwrap().by_name.is_empty());

@@ -64,7 +64,7 @@ fn queue_run(data: &Path, run: &str) {
 }
 
 #[test]
-fn every_decision_taken_by_hand_is_audited() {
+fn every_decision_taken_by_hand_is_audited_insecure_dev_offline() {
     let dir = tempfile::tempdir().unwrap();
     let config = site(dir.path());
     let data = dir.path().join("data");
@@ -120,7 +120,7 @@ fn every_decision_taken_by_hand_is_audited() {
 }
 
 #[test]
-fn runs_are_decided_ahead_of_time_by_name_or_spec_hash() {
+fn runs_are_decided_ahead_of_time_by_name_or_spec_hash_insecure_dev_offline() {
     let dir = tempfile::tempdir().unwrap();
     let config = site(dir.path());
     let data = dir.path().join("data");

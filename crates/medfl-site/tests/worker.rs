@@ -347,7 +347,8 @@ fn later() -> u64 {
 }
 
 #[tokio::test]
-async fn a_task_cancelled_by_the_kill_switch_is_reported_and_the_next_one_trains() {
+async fn a_task_cancelled_by_the_kill_switch_is_reported_and_the_next_one_trains_insecure_dev_scripted_coordinator(
+) {
     let mut site = Harness::start("").await;
     let spec = spec_toml(1);
     site.handle(site.task("run-1", 1, 0, &spec, later())).await;
@@ -379,7 +380,7 @@ async fn a_task_cancelled_by_the_kill_switch_is_reported_and_the_next_one_trains
 }
 
 #[tokio::test]
-async fn a_task_of_a_run_that_ended_is_reported_cancelled() {
+async fn a_task_of_a_run_that_ended_is_reported_cancelled_insecure_dev_scripted_coordinator() {
     let mut site = Harness::start("").await;
     let spec = spec_toml(1);
     site.after_download(|tasks| {
@@ -404,7 +405,8 @@ async fn a_task_of_a_run_that_ended_is_reported_cancelled() {
 }
 
 #[tokio::test]
-async fn a_task_held_for_approval_trains_once_the_hospital_approves() {
+async fn a_task_held_for_approval_trains_once_the_hospital_approves_insecure_dev_scripted_coordinator(
+) {
     let mut site = Harness::start("[policy]\nrequire_approval = true\n").await;
     let spec = spec_toml(1);
     site.handle(site.task("run-1", 3, 1, &spec, later())).await;
@@ -440,7 +442,7 @@ async fn a_task_held_for_approval_trains_once_the_hospital_approves() {
 }
 
 #[tokio::test]
-async fn a_task_whose_spec_changed_is_refused_and_audited() {
+async fn a_task_whose_spec_changed_is_refused_and_audited_insecure_dev_scripted_coordinator() {
     let mut site = Harness::start("").await;
     let first = spec_toml(1);
     site.handle(site.task("run-1", 1, 0, &first, later())).await;
@@ -478,7 +480,7 @@ fn run_daemon(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_site_stopping_mid_task_tells_the_coordinator() {
+async fn a_site_stopping_mid_task_tells_the_coordinator_insecure_dev_scripted_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (script, addr) = scripted().await;
     let (stop, daemon) = run_daemon(site_config(dir.path(), addr, ""));
@@ -502,7 +504,8 @@ async fn a_site_stopping_mid_task_tells_the_coordinator() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_site_trains_the_held_task_as_soon_as_the_hospital_approves() {
+async fn a_running_site_trains_the_held_task_as_soon_as_the_hospital_approves_insecure_dev_scripted_coordinator(
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (script, addr) = scripted().await;
     let config = site_config(dir.path(), addr, "[policy]\nrequire_approval = true\n");
