@@ -85,14 +85,16 @@ pub fn adopt(
         global_size: shared.blobs.size(machine.global_sha256())?,
     };
     if let Some((number, owed, deadline_ms)) = machine.cross_site_owed() {
-        shared.store()?.open_cross_site(
-            run_id,
-            number,
-            machine.global_sha256(),
-            &owed,
-            now_ms(),
-            wall_of(deadline_ms),
-        )?;
+        shared.db(|s| {
+            s.open_cross_site(
+                run_id,
+                number,
+                machine.global_sha256(),
+                &owed,
+                now_ms(),
+                wall_of(deadline_ms),
+            )
+        })?;
     }
     shared.campaigns()?.insert(run_id.to_string(), campaign);
     perform(shared, run_id, effects)?;
@@ -105,9 +107,9 @@ pub fn adopt(
 /// owe an answer and the time they had left; those whose deadline passed are closed. Runs still
 /// running are left to their engine, which asks for a new evaluation when they complete.
 pub fn resume(shared: &Shared) -> Result<(), CoordinatorError> {
-    let open = shared.store()?.open_cross_sites()?;
+    let open = shared.db(|s| s.open_cross_sites())?;
     for c in open {
-        let run = shared.store()?.run(&c.run_id)?;
+        let run = shared.db(|s| s.run(&c.run_id))?;
         if run.status == medfl_core::run::RunStatus::Running {
             continue;
         }
@@ -121,7 +123,7 @@ pub fn resume(shared: &Shared) -> Result<(), CoordinatorError> {
             Ok(spec) => RunMachine::ended(RunPlan::of(&spec), &c.global_sha256),
             Err(e) => {
                 warn!(run = %c.run_id, error = %e, "cannot resume the cross-site evaluation");
-                shared.store()?.set_cross_site_owed(&c.run_id, &[])?;
+                shared.db(|s| s.set_cross_site_owed(&c.run_id, &[]))?;
                 continue;
             }
         };
@@ -134,14 +136,14 @@ pub fn resume(shared: &Shared) -> Result<(), CoordinatorError> {
             now,
         );
         if !machine.cross_site_open(now) {
-            shared.store()?.set_cross_site_owed(&c.run_id, &[])?;
+            shared.db(|s| s.set_cross_site_owed(&c.run_id, &[]))?;
             continue;
         }
         let global_size = match shared.blobs.size(&c.global_sha256) {
             Ok(size) => size,
             Err(e) => {
                 warn!(run = %c.run_id, error = %e, "cannot resume the cross-site evaluation");
-                shared.store()?.set_cross_site_owed(&c.run_id, &[])?;
+                shared.db(|s| s.set_cross_site_owed(&c.run_id, &[]))?;
                 continue;
             }
         };
@@ -165,7 +167,7 @@ fn save(shared: &Shared, run_id: &str, machine: &RunMachine) -> Result<(), Coord
         Some((_, owed, deadline_ms)) if mono_ms() < deadline_ms => owed,
         _ => Vec::new(),
     };
-    shared.store()?.set_cross_site_owed(run_id, &owed)
+    shared.db(|s| s.set_cross_site_owed(run_id, &owed))
 }
 
 /// Carries out a cross-site evaluation's effects; returns the answer to the site, if any.
@@ -196,16 +198,18 @@ fn perform(
                 global_sha256,
                 examples,
                 metrics,
-            } => shared.store()?.add_evaluation(
-                run_id,
-                &Evaluation {
-                    global_sha256,
-                    site,
-                    examples,
-                    metrics,
-                    at_ms: now_ms(),
-                },
-            )?,
+            } => shared.db(|s| {
+                s.add_evaluation(
+                    run_id,
+                    &Evaluation {
+                        global_sha256,
+                        site,
+                        examples,
+                        metrics,
+                        at_ms: now_ms(),
+                    },
+                )
+            })?,
             Effect::CrossSiteComplete => info!(run = %run_id, "cross-site evaluation complete"),
             Effect::Reply(r) => answer = Some(r),
             _ => {}
@@ -221,7 +225,7 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
     campaigns.retain(|run_id, c| {
         let open = c.machine.cross_site_open(now);
         if !open {
-            if let Err(e) = shared.store().and_then(|s| s.set_cross_site_owed(run_id, &[])) {
+            if let Err(e) = shared.db(|s| s.set_cross_site_owed(run_id, &[])) {
                 warn!(run = %run_id, error = %e, "could not record the cross-site evaluation closed");
             }
             shared.notify_run(run_id);

@@ -17,6 +17,11 @@ poll_timeout_secs = 20
 heartbeat_interval_secs = 5
 site_offline_after_secs = 30
 max_concurrent_uploads = 8
+upload_slot_timeout_secs = 30
+upload_idle_timeout_secs = 30
+min_upload_bytes_per_sec = 65536
+max_connections = 4096
+max_handshakes = 128
 retain_updates = false
 keep_models = "all"
 log_format = "text"
@@ -33,6 +38,11 @@ const KEYS: &[&str] = &[
     "heartbeat_interval_secs",
     "site_offline_after_secs",
     "max_concurrent_uploads",
+    "upload_slot_timeout_secs",
+    "upload_idle_timeout_secs",
+    "min_upload_bytes_per_sec",
+    "max_connections",
+    "max_handshakes",
     "retain_updates",
     "keep_models",
     "log_format",
@@ -61,8 +71,19 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_secs: u32,
     /// A site not heard from for this long is offline and not selected.
     pub site_offline_after_secs: u64,
-    /// Updates received at once; more wait.
+    /// Updates received at once, across all sites (each site sends one at a time); more wait.
     pub max_concurrent_uploads: u32,
+    /// How long an upload waits for one of those slots before it is refused (UNAVAILABLE).
+    pub upload_slot_timeout_secs: u64,
+    /// The longest wait for an upload's next message: a stalled upload gives its slot back.
+    pub upload_idle_timeout_secs: u64,
+    /// The slowest transfer an upload may keep: it has `size / rate` seconds (at least the idle
+    /// timeout) and never past its round's deadline.
+    pub min_upload_bytes_per_sec: u64,
+    /// Open connections at once; at the cap, new ones wait in the listen backlog.
+    pub max_connections: u32,
+    /// TLS handshakes at once (a connection takes a slot once its first bytes arrive).
+    pub max_handshakes: u32,
     /// Keep each site's update blob after aggregation (for audit and reproduction).
     pub retain_updates: bool,
     /// Global models kept of an ended run: `all`, `final` or `last:N`.
@@ -157,6 +178,21 @@ impl CoordinatorConfig {
         }
         if self.max_concurrent_uploads == 0 || self.max_concurrent_uploads > 1024 {
             return bad("max_concurrent_uploads", "must be 1..=1024");
+        }
+        if !(1..=3600).contains(&self.upload_slot_timeout_secs) {
+            return bad("upload_slot_timeout_secs", "must be 1..=3600");
+        }
+        if !(1..=3600).contains(&self.upload_idle_timeout_secs) {
+            return bad("upload_idle_timeout_secs", "must be 1..=3600");
+        }
+        if self.min_upload_bytes_per_sec < 1024 {
+            return bad("min_upload_bytes_per_sec", "must be at least 1024");
+        }
+        if !(16..=1_000_000).contains(&self.max_connections) {
+            return bad("max_connections", "must be 16..=1000000");
+        }
+        if self.max_handshakes == 0 || self.max_handshakes > self.max_connections {
+            return bad("max_handshakes", "must be 1..=max_connections");
         }
         self.keep_models()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {

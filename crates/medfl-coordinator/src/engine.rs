@@ -139,7 +139,7 @@ impl Engine {
 
     /// Feeds the machine until the run ends; returns early when the coordinator shuts down.
     async fn drive(&mut self) -> Result<(), CoordinatorError> {
-        let done = self.shared.store()?.rounds(&self.run_id)?;
+        let done = self.shared.db(|s| s.rounds(&self.run_id))?;
         // A resumed run continues with the optimizer state committed with its last round.
         self.opt_state = match done.last() {
             Some(r) if !r.opt_state.is_empty() => {
@@ -158,8 +158,7 @@ impl Engine {
         }
         let last_attempt = self
             .shared
-            .store()?
-            .last_attempt(&self.run_id, committed + 1)?;
+            .db(|s| s.last_attempt(&self.run_id, committed + 1))?;
         let global_sha256 = done
             .last()
             .map(|r| r.global_sha256.clone())
@@ -169,8 +168,7 @@ impl Engine {
             0 => None,
             n => self
                 .shared
-                .store()?
-                .unfinished_evaluation(&self.run_id, n)?,
+                .db(|s| s.unfinished_evaluation(&self.run_id, n))?,
         };
         if let Some(e) = &evaluation {
             info!(run = %self.run_id, round = committed, sites = e.trained.len().saturating_sub(e.answered.len()), "resuming the round's evaluation");
@@ -372,18 +370,16 @@ impl Engine {
                 // Owned by this site's update in this attempt until the attempt ends; the
                 // uploader keeps the file pinned until this is recorded.
                 let owner = BlobRef::update(&sha256, &self.run_id, round, attempt, &site);
-                let store = self.shared.store()?;
-                store.add_ref(&owner)?;
-                store.add_site_result(
-                    &self.run_id,
-                    &SiteResult {
-                        examples,
-                        train_loss,
-                        update_sha256: sha256,
-                        ..SiteResult::new(round, attempt, &site, SiteOutcome::Accepted)
-                    },
-                    now_ms(),
-                )?;
+                let result = SiteResult {
+                    examples,
+                    train_loss,
+                    update_sha256: sha256,
+                    ..SiteResult::new(round, attempt, &site, SiteOutcome::Accepted)
+                };
+                self.shared.db(|s| {
+                    s.add_ref(&owner)?;
+                    s.add_site_result(&self.run_id, &result, now_ms())
+                })?;
             }
             Effect::UpdateRefused {
                 round,
@@ -401,14 +397,16 @@ impl Engine {
                 if outcome != SiteOutcome::Missing {
                     warn!(run = %self.run_id, round, attempt, site = %site, outcome = %outcome, reason = %reason, "site cannot train");
                 }
-                self.shared.store()?.add_site_result(
-                    &self.run_id,
-                    &SiteResult {
-                        reason,
-                        ..SiteResult::new(round, attempt, &site, outcome)
-                    },
-                    now_ms(),
-                )?;
+                self.shared.db(|s| {
+                    s.add_site_result(
+                        &self.run_id,
+                        &SiteResult {
+                            reason,
+                            ..SiteResult::new(round, attempt, &site, outcome)
+                        },
+                        now_ms(),
+                    )
+                })?;
             }
             Effect::Commit(req) => {
                 let round = req.round;
@@ -427,18 +425,13 @@ impl Engine {
                 site,
                 examples,
                 metrics,
-            } => self.shared.store()?.set_site_evaluation(
-                &self.run_id,
-                round,
-                &site,
-                examples,
-                &metrics,
-            )?,
+            } => self
+                .shared
+                .db(|s| s.set_site_evaluation(&self.run_id, round, &site, examples, &metrics))?,
             Effect::RoundEvaluated { round, metrics } => {
                 let (down, _) = self.handle.traffic.take();
                 self.shared
-                    .store()?
-                    .set_round_evaluation(&self.run_id, round, &metrics, down)?;
+                    .db(|s| s.set_round_evaluation(&self.run_id, round, &metrics, down))?;
                 info!(run = %self.run_id, round, metrics = ?metrics, "round evaluated");
                 self.shared.notify_run(&self.run_id);
             }
@@ -686,14 +679,12 @@ impl Engine {
         )
         .collect();
         self.shared
-            .store()?
-            .commit_round(&self.run_id, &record, &made)?;
+            .db(|s| s.commit_round(&self.run_id, &record, &made))?;
         drop(pins);
         // The previous round's optimizer state is superseded.
         let superseded: Vec<BlobRef> = self
             .shared
-            .store()?
-            .refs_of_run(&self.run_id)?
+            .db(|s| s.refs_of_run(&self.run_id))?
             .into_iter()
             .filter(|r| {
                 matches!(r.role, BlobRole::OptimizerM | BlobRole::OptimizerV) && r.round < round
@@ -752,10 +743,7 @@ pub fn record_refusal(
         reason: reason.into(),
         ..SiteResult::new(round, attempt, site, SiteOutcome::Refused)
     };
-    if let Err(e) = shared
-        .store()
-        .and_then(|s| s.add_site_result(run_id, &result, now_ms()))
-    {
+    if let Err(e) = shared.db(|s| s.add_site_result(run_id, &result, now_ms())) {
         warn!(run = %run_id, error = %e, "could not record a refusal");
     }
     shared.notify_run(run_id);

@@ -45,6 +45,9 @@ pub enum CoordinatorError {
     /// A run's model could not be built (its spec, its base model).
     #[error(transparent)]
     Model(#[from] medfl_model::ModelError),
+    /// A limit or quota of the caller's is reached (one upload per site, runs per researcher).
+    #[error("{0}")]
+    Exhausted(String),
     /// The coordinator is shutting down or a run ended.
     #[error("{0}")]
     Unavailable(String),
@@ -74,6 +77,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::PermissionDenied(_) => Code::PermissionDenied,
             CoordinatorError::NotFound(_) => Code::NotFound,
+            CoordinatorError::Exhausted(_) => Code::ResourceExhausted,
             CoordinatorError::Refused(r) => match r {
                 Refusal::Duplicate { .. } => Code::AlreadyExists,
                 Refusal::Late { .. } => Code::DeadlineExceeded,

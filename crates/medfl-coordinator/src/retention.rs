@@ -70,10 +70,10 @@ pub fn release(shared: &Shared, refs: &[BlobRef]) -> Result<(usize, u64), Coordi
     if refs.is_empty() {
         return Ok((0, 0));
     }
-    let candidates = shared.store()?.release(refs)?;
+    let candidates = shared.db(|s| s.release(refs))?;
     let (gone, bytes) = shared
         .blobs
-        .collect(candidates, |sha| shared.store()?.is_owned(sha))?;
+        .collect(candidates, |sha| shared.db(|s| s.is_owned(sha)))?;
     Ok((gone.len(), bytes))
 }
 
@@ -89,8 +89,7 @@ pub fn release_updates(
         return Ok((0, 0));
     }
     let refs: Vec<BlobRef> = shared
-        .store()?
-        .refs_of_run(run_id)?
+        .db(|s| s.refs_of_run(run_id))?
         .into_iter()
         .filter(|r| {
             r.role == BlobRole::Update
@@ -111,11 +110,10 @@ pub fn end_run(
     error: &str,
 ) -> Result<(), CoordinatorError> {
     let keep = shared.config.keep_models()?;
-    let (refs, last) = {
-        let store = shared.store()?;
-        let last = store.rounds(run_id)?.last().map_or(0, |r| r.round);
-        (store.refs_of_run(run_id)?, last)
-    };
+    let (refs, last) = shared.db(|s| {
+        let last = s.rounds(run_id)?.last().map_or(0, |r| r.round);
+        Ok((s.refs_of_run(run_id)?, last))
+    })?;
     let release_now: Vec<BlobRef> = refs
         .into_iter()
         .filter(|r| match r.role {
@@ -125,12 +123,10 @@ pub fn end_run(
         })
         .collect();
     let references = release_now.len();
-    let candidates = shared
-        .store()?
-        .end_run(run_id, status, error, &release_now)?;
+    let candidates = shared.db(|s| s.end_run(run_id, status, error, &release_now))?;
     let (gone, bytes) = shared
         .blobs
-        .collect(candidates, |sha| shared.store()?.is_owned(sha))?;
+        .collect(candidates, |sha| shared.db(|s| s.is_owned(sha)))?;
     let blobs = gone.len();
     info!(run = %run_id, keep_models = %keep, references, blobs, bytes, "ended run collected");
     shared.audit(
@@ -153,7 +149,7 @@ pub fn sweep_orphans(shared: &Shared) -> Result<(), CoordinatorError> {
     let ids = shared.blobs.ids()?;
     let (gone, bytes) = shared
         .blobs
-        .collect(ids, |sha| shared.store()?.is_owned(sha))?;
+        .collect(ids, |sha| shared.db(|s| s.is_owned(sha)))?;
     if !gone.is_empty() {
         info!(blobs = gone.len(), bytes, "deleted blobs no run owns");
         shared.audit(medfl_audit::Event::new(

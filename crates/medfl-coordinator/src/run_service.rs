@@ -89,7 +89,7 @@ impl RunApi {
         };
         // Pinned since it was stored; let go once the run owns it (or the insert failed).
         let pinned = self.shared.blobs.pinned(&record.initial_sha256);
-        self.shared.store()?.insert_run(&record)?;
+        self.shared.db(|s| s.insert_run(&record))?;
         drop(pinned);
         engine::spawn(&self.shared, &record, &mut *self.engines.lock().await)?;
         info!(run = %id, name = %spec.name, rounds = spec.rounds, "run created");
@@ -122,19 +122,23 @@ impl RunApi {
         // and stores each answer before the evaluation closes. So the run first, then whether
         // the evaluation is open, then its answers. (Locks are not nested: answering holds the
         // evaluation's lock while storing.)
-        let run = shared.store()?.run(id)?;
+        let run = shared.db(|s| s.run(id))?;
         let evaluating = crate::campaign::active(shared, id)?;
-        let store = shared.store()?;
-        let rounds = store.rounds(id)?;
-        let recent = rounds.len().saturating_sub(SITE_ROUNDS) as u32;
+        // The rounds, and the sites of the recent ones (and of the round asked for).
+        let (rounds, results) = shared.db(|s| {
+            let rounds = s.rounds(id)?;
+            let recent = rounds.len().saturating_sub(SITE_ROUNDS) as u32;
+            let results = rounds
+                .iter()
+                .map(|r| match r.round > recent || r.round == sites_of_round {
+                    true => s.site_results(id, r.round),
+                    false => Ok(Vec::new()),
+                })
+                .collect::<Result<Vec<_>, CoordinatorError>>()?;
+            Ok((rounds, results))
+        })?;
         let mut out = Vec::with_capacity(rounds.len());
-        for r in &rounds {
-            let wanted = r.round > recent || r.round == sites_of_round;
-            let sites = if wanted {
-                store.site_results(id, r.round)?
-            } else {
-                Vec::new()
-            };
+        for (r, sites) in rounds.iter().zip(results) {
             let sites = sites
                 .into_iter()
                 .map(|s| v1::SiteRoundResult {
@@ -162,7 +166,6 @@ impl RunApi {
                 sites,
             });
         }
-        drop(store);
         let snapshot = shared
             .runs()?
             .get(id)
@@ -174,8 +177,7 @@ impl RunApi {
             ..Default::default()
         };
         detail.final_evaluation = shared
-            .store()?
-            .evaluations(id)?
+            .db(|s| s.evaluations(id))?
             .into_iter()
             .map(|e| v1::SiteEvaluation {
                 site: e.site,
@@ -198,9 +200,9 @@ impl RunApi {
 
     /// The kept global model of `round` of a run (0: its latest).
     fn model_sha(&self, run_id: &str, round: u32) -> Result<String, CoordinatorError> {
-        let store = self.shared.store()?;
-        let run = store.run(run_id)?;
-        let rounds = store.rounds(run_id)?;
+        let (run, rounds, refs) = self
+            .shared
+            .db(|s| Ok((s.run(run_id)?, s.rounds(run_id)?, s.refs_of_run(run_id)?)))?;
         let (round, sha) = match round {
             0 => rounds
                 .last()
@@ -214,8 +216,7 @@ impl RunApi {
                     CoordinatorError::NotFound(format!("run `{run_id}` has no committed round {n}"))
                 })?,
         };
-        let kept = store
-            .refs_of_run(run_id)?
+        let kept = refs
             .iter()
             .any(|r| r.role.is_model() && r.round == round && r.sha256 == sha);
         if !kept {
@@ -282,12 +283,12 @@ impl RunService for RunApi {
         &self,
         _req: Request<v1::ListRunsRequest>,
     ) -> Result<Response<v1::ListRunsResponse>, Status> {
-        let store = self.shared.store()?;
-        let runs = store
-            .runs()?
-            .iter()
-            .map(|r| Ok(summary(r, store.rounds(&r.id)?.len() as u32)))
-            .collect::<Result<_, CoordinatorError>>()?;
+        let runs = self.shared.db(|s| {
+            s.runs()?
+                .iter()
+                .map(|r| Ok(summary(r, s.rounds(&r.id)?.len() as u32)))
+                .collect::<Result<_, CoordinatorError>>()
+        })?;
         Ok(Response::new(v1::ListRunsResponse { runs }))
     }
 
@@ -316,7 +317,7 @@ impl RunService for RunApi {
         // change between a read and the wait (a short run ending, the last site answering the
         // final evaluation) then wakes the wait instead of being lost.
         // Only runs that exist get a change counter (one per run, kept for its watchers).
-        self.shared.store()?.run(&id)?;
+        self.shared.db(|s| s.run(&id))?;
         let mut changed = self.shared.watch_run(&id)?;
         changed.borrow_and_update();
         // Fail now on an unknown run rather than inside the stream.
@@ -372,7 +373,7 @@ impl RunService for RunApi {
     ) -> Result<Response<v1::StopRunResponse>, Status> {
         let id = req.into_inner().run_id;
         crate::edge::run_id("StopRunRequest.run_id", &id)?;
-        let run = self.shared.store()?.run(&id)?;
+        let run = self.shared.db(|s| s.run(&id))?;
         if run.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
                 "run `{id}` already ended ({})",
@@ -398,8 +399,7 @@ impl RunService for RunApi {
         let now = now_ms();
         let registered: std::collections::BTreeMap<String, u64> = self
             .shared
-            .store()?
-            .sites()?
+            .db(|s| s.sites())?
             .into_iter()
             .map(|s| (s.name, s.registered_ms))
             .collect();
@@ -424,7 +424,7 @@ impl RunService for RunApi {
     ) -> Result<Response<v1::EvaluateRunResponse>, Status> {
         let run_id = req.into_inner().run_id;
         crate::edge::run_id("EvaluateRunRequest.run_id", &run_id)?;
-        let run = self.shared.store()?.run(&run_id)?;
+        let run = self.shared.db(|s| s.run(&run_id))?;
         let global = self.model_sha(&run_id, 0)?;
         let sites_asked = crate::campaign::start(&self.shared, &run_id, &run.spec, &global)?;
         if sites_asked == 0 {

@@ -123,7 +123,11 @@ pub async fn serve(
     match tls {
         // Handshakes run here, not in tonic, so that revoked certificates are refused in them.
         Some(acceptor) => {
-            let incoming = medfl_pki::tls_incoming(listener, acceptor);
+            let limits = medfl_pki::ConnectionLimits {
+                max_connections: shared.config.max_connections as usize,
+                max_handshakes: shared.config.max_handshakes as usize,
+            };
+            let incoming = medfl_pki::tls_incoming(listener, acceptor, limits);
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

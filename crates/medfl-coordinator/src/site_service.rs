@@ -72,7 +72,7 @@ impl SiteApi {
         drop(sites);
         if was_offline {
             info!(site = %site, "site online");
-            self.shared.store()?.touch_site(&site, now)?;
+            self.shared.db(|s| s.touch_site(&site, now))?;
             // A run may be waiting for enough sites.
             self.shared.notify_tasks();
         }
@@ -119,14 +119,22 @@ impl SiteApi {
         };
         self.precheck(site, &header, &handle, &snap)
             .map_err(refuse)?;
-        let _permit = self
-            .shared
-            .uploads
-            .acquire()
-            .await
-            .map_err(|_| CoordinatorError::Unavailable("shutting down".into()))?;
+        let _uploading = self.shared.begin_upload(site)?;
+        let config = &self.shared.config;
+        let wait = Duration::from_secs(config.upload_slot_timeout_secs);
+        let _permit = match tokio::time::timeout(wait, self.shared.uploads.acquire()).await {
+            Ok(permit) => {
+                permit.map_err(|_| CoordinatorError::Unavailable("shutting down".into()))?
+            }
+            Err(_) => {
+                return Err(CoordinatorError::Unavailable(format!(
+                    "all {} upload slots stayed busy for {}s: try again",
+                    config.max_concurrent_uploads, config.upload_slot_timeout_secs
+                )))
+            }
+        };
         let sha = self
-            .receive(&header, &handle, &mut stream)
+            .receive(&header, &handle, snap.deadline_ms, &mut stream)
             .await
             .map_err(refuse)?;
         // Pinned until the engine answers: it records the update's owner if it accepts it.
@@ -152,7 +160,7 @@ impl SiteApi {
         let collected = tokio::task::spawn_blocking(move || {
             shared
                 .blobs
-                .collect([sha], |id| shared.store()?.is_owned(id))
+                .collect([sha], |id| shared.db(|s| s.is_owned(id)))
         })
         .await;
         if let Ok(Err(e)) = collected {
@@ -284,12 +292,23 @@ impl SiteApi {
     /// Streams the update to a temporary blob, validating as it goes; returns its id. Writing,
     /// hashing, decoding and the final fsync run on a blocking thread fed through a small
     /// bounded channel, so the async threads only move bytes off the socket.
+    ///
+    /// The receive is bounded in time: each message must come within the idle timeout, and the
+    /// whole upload within `size / min_upload_bytes_per_sec` (at least the idle timeout) and
+    /// before the round's deadline (`deadline_ms`, wall time), so a slow sender gives its slot
+    /// back.
     async fn receive(
         &self,
         header: &v1::UpdateHeader,
         handle: &crate::state::RunHandle,
+        deadline_ms: u64,
         stream: &mut Streaming<v1::UpdateChunk>,
     ) -> Result<String, CoordinatorError> {
+        let config = &self.shared.config;
+        let idle = Duration::from_secs(config.upload_idle_timeout_secs);
+        let transfer = Duration::from_secs(header.size / config.min_upload_bytes_per_sec).max(idle);
+        let to_deadline = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+        let until = tokio::time::Instant::now() + transfer.min(to_deadline);
         let incoming = self.shared.blobs.incoming()?;
         let schema = handle.schema.clone();
         let (size, expected) = (header.size, header.sha256.clone());
@@ -319,10 +338,28 @@ impl SiteApi {
         });
         let mut received = 0u64;
         let broke = loop {
-            let msg = match stream.message().await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => break None,
-                Err(status) => {
+            let next = tokio::time::timeout_at(
+                until.min(tokio::time::Instant::now() + idle),
+                stream.message(),
+            );
+            let msg = match next.await {
+                Err(_) => {
+                    let why = match tokio::time::Instant::now() >= until {
+                        true => format!(
+                            "too slow: {received} of {size} bytes arrived before the upload's \
+                             time ran out (the round's deadline, or {} bytes/s)",
+                            config.min_upload_bytes_per_sec
+                        ),
+                        false => format!(
+                            "stalled: no message for {}s after {received} of {size} bytes",
+                            config.upload_idle_timeout_secs
+                        ),
+                    };
+                    break Some(CoordinatorError::Invalid(format!("upload {why}")));
+                }
+                Ok(Ok(Some(msg))) => msg,
+                Ok(Ok(None)) => break None,
+                Ok(Err(status)) => {
                     break Some(CoordinatorError::Invalid(format!(
                         "upload broke off after {received} of {size} bytes: {}",
                         status.message()
@@ -462,8 +499,7 @@ impl SiteService for SiteApi {
             );
         }
         self.shared
-            .store()
-            .and_then(|s| {
+            .db(|s| {
                 s.upsert_site(&SiteRecord {
                     name: req.site.clone(),
                     token_sha256,
@@ -581,8 +617,7 @@ impl SiteService for SiteApi {
         if !crate::blobs::is_blob_id(&req.sha256)
             || !self
                 .shared
-                .store()
-                .and_then(|s| s.is_global_model(&req.sha256))
+                .db(|s| s.is_global_model(&req.sha256))
                 .map_err(Status::from)?
         {
             return Err(CoordinatorError::NotFound(format!("no model {}", req.sha256)).into());

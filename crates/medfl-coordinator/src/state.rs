@@ -182,6 +182,23 @@ pub struct RunHandle {
     pub traffic: Arc<Traffic>,
 }
 
+/// A site's upload under way ([`Shared::begin_upload`]); dropping it ends it.
+#[derive(Debug)]
+pub struct UploadGuard {
+    uploading: Arc<Mutex<BTreeSet<String>>>,
+    site: String,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        // The set stays consistent even if a holder panicked: each change is one statement.
+        self.uploading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.site);
+    }
+}
+
 /// Everything the coordinator's tasks share.
 pub struct Shared {
     /// Configuration.
@@ -200,6 +217,8 @@ pub struct Shared {
     run_changes: Mutex<BTreeMap<String, watch::Sender<u64>>>,
     /// Limits concurrent uploads.
     pub uploads: Semaphore,
+    /// Sites with an upload under way: each sends one at a time.
+    uploading: Arc<Mutex<BTreeSet<String>>>,
     /// Becomes true when the coordinator shuts down.
     pub shutdown: watch::Receiver<bool>,
     audit: medfl_audit::AuditLog,
@@ -256,6 +275,7 @@ impl Shared {
             tasks_changed: watch::Sender::new(0),
             run_changes: Mutex::new(BTreeMap::new()),
             uploads,
+            uploading: Arc::default(),
             shutdown,
             audit,
             bases,
@@ -264,9 +284,14 @@ impl Shared {
         })
     }
 
-    /// The state database (held briefly: every statement is small).
-    pub fn store(&self) -> Result<MutexGuard<'_, Store>, CoordinatorError> {
-        self.store.lock().map_err(poisoned)
+    /// Runs `f` on the state database. SQLite blocks (disk reads, WAL writes, fsync), so the
+    /// call runs as [`blocking`] work: waiting for the lock included, it never stalls an async
+    /// worker. Keep `f` short: every statement is small and nothing else waits inside it.
+    pub fn db<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, CoordinatorError>,
+    ) -> Result<T, CoordinatorError> {
+        blocking(|| f(&mut *self.store.lock().map_err(poisoned)?))
     }
 
     /// Registered sites.
@@ -294,14 +319,34 @@ impl Shared {
             .ok_or_else(|| CoordinatorError::NotFound(format!("run `{id}` is not running")))
     }
 
+    /// Marks `site` as uploading until the guard drops; refused while its previous upload is
+    /// under way, so one site cannot hold more than one of the shared upload slots.
+    pub fn begin_upload(&self, site: &str) -> Result<UploadGuard, CoordinatorError> {
+        if !self
+            .uploading
+            .lock()
+            .map_err(poisoned)?
+            .insert(site.to_string())
+        {
+            return Err(CoordinatorError::Exhausted(format!(
+                "site `{site}` already has an upload under way: one at a time"
+            )));
+        }
+        Ok(UploadGuard {
+            uploading: self.uploading.clone(),
+            site: site.to_string(),
+        })
+    }
+
     /// Whether a site counts as online at `now_ms`.
     pub fn is_online(&self, site: &SiteLive, now_ms: u64) -> bool {
         now_ms.saturating_sub(site.last_seen_ms) < self.config.site_offline_after_secs * 1000
     }
 
-    /// Appends to the audit log. A failure is logged loudly but does not stop the federation.
+    /// Appends to the audit log (an fsync: [`blocking`] work). A failure is logged loudly but
+    /// does not stop the federation.
     pub fn audit(&self, event: medfl_audit::Event) {
-        if let Err(e) = self.audit.append(event, now_ms()) {
+        if let Err(e) = blocking(|| self.audit.append(event, now_ms())) {
             tracing::error!(error = %e, "could not write the audit log");
         }
     }
@@ -331,6 +376,20 @@ impl Shared {
     /// Changes to run `run_id`, for a watcher.
     pub fn watch_run(&self, run_id: &str) -> Result<watch::Receiver<u64>, CoordinatorError> {
         Ok(self.run_changes_of(run_id)?.subscribe())
+    }
+}
+
+/// Runs `f`, which blocks on the disk (SQLite, fsync), without stalling the runtime: on a
+/// worker of the coordinator's multi-threaded runtime, the worker first hands its other tasks to
+/// another thread (`block_in_place`); on a blocking thread, or outside such a runtime (unit tests
+/// on a current-thread runtime), `f` simply runs. Unlike `spawn_blocking` it borrows, so a caller
+/// that holds a lock while it stores keeps its ordering.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

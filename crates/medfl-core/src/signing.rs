@@ -35,6 +35,13 @@ pub struct TaskClaim<'a> {
     pub kind: i32,
     /// SHA-256 of the global model to train or evaluate.
     pub global_sha256: &'a str,
+    /// Its size in bytes: the site never reads more.
+    pub global_size: u64,
+    /// SHA-256 (hex) of the run spec the task carries: a coordinator cannot change an admitted
+    /// or approved run's spec under the same signature.
+    pub spec_sha256: String,
+    /// When the task's phase closes (ms since the Unix epoch).
+    pub deadline_unix_ms: u64,
 }
 
 fn join(tag: &str, fields: &[&str]) -> Vec<u8> {
@@ -69,13 +76,16 @@ impl TaskClaim<'_> {
     /// The signed bytes.
     pub fn message(&self) -> Vec<u8> {
         join(
-            "medfl/task/v1",
+            "medfl/task/v2",
             &[
                 self.run_id,
                 &self.round.to_string(),
                 &self.attempt.to_string(),
                 &self.kind.to_string(),
                 self.global_sha256,
+                &self.global_size.to_string(),
+                &self.spec_sha256,
+                &self.deadline_unix_ms.to_string(),
             ],
         )
     }
@@ -136,15 +146,31 @@ mod tests {
             attempt: 1,
             kind: 1,
             global_sha256: "aa",
+            global_size: 100,
+            spec_sha256: "cc".into(),
+            deadline_unix_ms: 5,
         };
-        assert_ne!(
-            task.message(),
+        let tasks = [
             TaskClaim {
                 kind: 2,
                 ..task.clone()
-            }
-            .message()
-        );
+            },
+            TaskClaim {
+                global_size: 101,
+                ..task.clone()
+            },
+            TaskClaim {
+                spec_sha256: "cd".into(),
+                ..task.clone()
+            },
+            TaskClaim {
+                deadline_unix_ms: 6,
+                ..task.clone()
+            },
+        ];
+        for t in tasks {
+            assert_ne!(t.message(), task.message(), "{t:?}");
+        }
         assert_ne!(task.message(), m);
     }
 }

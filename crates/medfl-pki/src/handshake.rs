@@ -5,11 +5,14 @@
 //! connections here and hands tonic finished `tokio_rustls` streams; tonic still reads the peer's
 //! certificates from them (`Request::peer_certs`).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
 use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -19,6 +22,7 @@ use tokio_rustls::rustls::{
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
 use crate::{PeerIdentity, PkiError, WatchedRevocations};
@@ -87,17 +91,105 @@ impl ClientCertVerifier for RevocationCheckingVerifier {
     }
 }
 
+/// How many connections the coordinator holds and handshakes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections, handshaking or served. At the cap, accepting waits for one to close.
+    pub max_connections: usize,
+    /// TLS handshakes in progress (they cost CPU): a connection takes a permit once its first
+    /// bytes arrive, so idle connections hold no handshake slot.
+    pub max_handshakes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_handshakes: 128,
+        }
+    }
+}
+
+/// A connection that holds its slot under [`ConnectionLimits::max_connections`] until it closes.
+#[derive(Debug)]
+pub struct Admitted<S> {
+    inner: S,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The peer's certificates still reach every call (`Request::peer_certs`).
+impl<S: Connected> Connected for Admitted<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 /// Connections on `listener` that completed a mutual-TLS handshake under `acceptor`, for
-/// `tonic::transport::Server::serve_with_incoming`. Handshakes run concurrently, each within
-/// [`HANDSHAKE_TIMEOUT`]; a failed one is logged and never reaches the server. Accepting stops
-/// when the stream is dropped, which closes the listener.
+/// `tonic::transport::Server::serve_with_incoming`, within `limits`: a connection slot is taken
+/// before `accept`, and a handshake slot before the handshake, once the client has sent its first
+/// bytes. A connection has [`HANDSHAKE_TIMEOUT`] from accept to a finished handshake; a failed one
+/// is logged and never reaches the server. Accepting stops when the stream is dropped, which
+/// closes the listener.
 pub fn tls_incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    limits: ConnectionLimits,
+) -> ReceiverStream<std::io::Result<Admitted<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(64);
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
     tokio::spawn(async move {
         loop {
+            // Backpressure: at the cap, new connections wait in the kernel's backlog.
+            let slot = tokio::select! {
+                slot = connections.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+                () = tx.closed() => return,
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tx.closed() => return,
@@ -113,11 +205,25 @@ pub fn tls_incoming(
             };
             // Small gRPC frames should not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, handshakes) = (acceptor.clone(), tx.clone(), handshakes.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = async {
+                    // An idle connection waits here holding its connection slot only.
+                    tcp.readable().await?;
+                    let _permit = handshakes
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| std::io::Error::other("shutting down"))?;
+                    acceptor.accept(tcp).await
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx
+                            .send(Ok(Admitted {
+                                inner: tls,
+                                _slot: slot,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),

@@ -121,7 +121,7 @@ impl Coordinator {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = Server::builder()
             .add_service(InterceptedService::new(health, interceptor))
-            .serve_with_incoming_shutdown(tls_incoming(listener, tls), async {
+            .serve_with_incoming_shutdown(tls_incoming(listener, tls, Default::default()), async {
                 let _ = stopped.await;
             });
         Self {

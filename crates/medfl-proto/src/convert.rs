@@ -32,7 +32,16 @@ pub fn task_claim(task: &v1::Task) -> TaskClaim<'_> {
         attempt: task.attempt,
         kind: task.kind,
         global_sha256: &task.global_sha256,
+        global_size: task.global_size,
+        spec_sha256: spec_sha256(&task.spec_toml),
+        deadline_unix_ms: task.deadline_unix_ms,
     }
+}
+
+/// Lowercase hex SHA-256 of a run spec's text, as tasks sign it and sites bind approvals to it.
+pub fn spec_sha256(spec_toml: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, spec_toml.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl From<DatasetInfo> for v1::DatasetSchema {

@@ -223,10 +223,7 @@ pub fn is_spec_sha256(text: &str) -> bool {
 
 /// SHA-256 (lowercase hex) of a run spec's bytes exactly as received.
 pub fn spec_sha256(spec_toml: &str) -> String {
-    hex::encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        spec_toml.as_bytes(),
-    ))
+    medfl_proto::convert::spec_sha256(spec_toml)
 }
 
 /// When and how big the approval queue was last written (`None` while there is none), for a

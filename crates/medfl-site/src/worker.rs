@@ -24,6 +24,9 @@ use crate::policy::{Approvals, Decision, Declined};
 use crate::tasks::{CancelReason, CancelToken, TaskKey, Tasks};
 use crate::SiteError;
 
+/// Room for a global model's safetensors header beyond its F32 tensors (names, shapes, offsets,
+/// metadata), the allowance the coordinator gives an update too.
+const MAX_HEADER_BYTES: u64 = 1 << 20;
 /// What the researcher is told while the kill switch is thrown.
 const PAUSED: &str = "paused by the hospital (medfl-site resume to continue)";
 
@@ -94,8 +97,9 @@ pub struct Worker {
     pub chunk_size: usize,
     /// Signs every update this site sends.
     signer: ring::signature::Ed25519KeyPair,
-    /// Runs admitted since this daemon started (each is audited once).
-    admitted: std::collections::HashSet<String>,
+    /// Runs admitted since this daemon started (each is audited once), with the spec SHA-256
+    /// each was admitted with: a later task of the run with another spec is refused.
+    admitted: std::collections::HashMap<String, String>,
 }
 
 /// Records the policy in force in the audit log at every start, as a change when it differs
@@ -548,7 +552,23 @@ impl Worker {
         // The hospital's decision on a run holds for the spec it first came with only.
         let spec_sha256 = crate::policy::spec_sha256(&task.spec_toml);
         let queue = Approvals::load(&self.config.data_dir)?;
-        if let Some(changed) = queue.spec_change(&task.run_id, &spec_sha256) {
+        // Bound by the hospital's decision (queued runs) or by the admission this daemon made.
+        let changed = queue.spec_change(&task.run_id, &spec_sha256).or_else(|| {
+            self.admitted
+                .get(&task.run_id)
+                .filter(|bound| **bound != spec_sha256)
+                .map(|bound| crate::policy::SpecChanged {
+                    run: task.run_id.clone(),
+                    name: self
+                        .prepared
+                        .get(&task.run_id)
+                        .map(|p| p.spec.name.clone())
+                        .unwrap_or_default(),
+                    bound: bound.clone(),
+                    new: spec_sha256.clone(),
+                })
+        });
+        if let Some(changed) = changed {
             self.audit(
                 Event::new(
                     "run_spec_changed",
@@ -593,7 +613,11 @@ impl Worker {
         );
         // Audited: every refusal, and the first admission of a run (approved by policy or by the
         // hospital) since this daemon started.
-        let first = admitted.is_ok() && self.admitted.insert(task.run_id.clone());
+        let first = admitted.is_ok()
+            && self
+                .admitted
+                .insert(task.run_id.clone(), spec_sha256.clone())
+                .is_none();
         let event = match &admitted {
             Ok(Some(a)) if a.reason.is_empty() => Some(("run_approved", a.summary.clone())),
             Ok(Some(a)) => Some(("run_approved", format!("{} ({})", a.summary, a.reason))),
@@ -626,6 +650,16 @@ impl Worker {
                 attempt: task.attempt,
             })
         });
+        // The signed size may not exceed what the spec's model takes: F32 tensors and their
+        // header. Nothing larger is downloaded or held.
+        let allowed = update_bytes + MAX_HEADER_BYTES;
+        if task.global_size > allowed {
+            return Err(SiteError::Corrupt(format!(
+                "the global model {} of run {} round {} is {} bytes, more than the {allowed} \
+                 bytes its spec's model takes: refusing to download it",
+                task.global_sha256, task.run_id, task.round, task.global_size
+            )));
+        }
         let (bytes, downloaded) = self
             .cache
             .fetch(client, &task.global_sha256, task.global_size)
