@@ -250,7 +250,7 @@ impl SiteApi {
             return Err(CoordinatorError::Invalid("train_loss is not finite".into()));
         }
         // An F32 update of the same tensors is the global model's size give or take its header.
-        let limit = snap.global_size + (1 << 20);
+        let limit = snap.global_size + medfl_core::safetensors::HEADER_ALLOWANCE;
         if header.size == 0 || header.size > limit {
             return Err(CoordinatorError::Invalid(format!(
                 "update size {} is outside 1..={limit} bytes",

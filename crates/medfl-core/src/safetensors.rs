@@ -13,6 +13,10 @@ use crate::{CoreError, ModelParams, ModelSchema, TensorSpec};
 /// Largest header the decoder accepts (the header is JSON: names, shapes and offsets).
 pub const MAX_HEADER_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Room a model of F32 tensors may take beyond its tensor bytes (header: names, shapes, offsets,
+/// metadata): the size bound on an update at the coordinator and on a global model at a site.
+pub const HEADER_ALLOWANCE: u64 = 1 << 20;
+
 #[derive(Serialize, Deserialize)]
 struct HeaderEntry {
     dtype: String,

@@ -24,9 +24,6 @@ use crate::policy::{Approvals, Decision, Declined};
 use crate::tasks::{CancelReason, CancelToken, TaskKey, Tasks};
 use crate::SiteError;
 
-/// Room for a global model's safetensors header beyond its F32 tensors (names, shapes, offsets,
-/// metadata), the allowance the coordinator gives an update too.
-const MAX_HEADER_BYTES: u64 = 1 << 20;
 /// What the researcher is told while the kill switch is thrown.
 const PAUSED: &str = "paused by the hospital (medfl-site resume to continue)";
 
@@ -652,7 +649,7 @@ impl Worker {
         });
         // The signed size may not exceed what the spec's model takes: F32 tensors and their
         // header. Nothing larger is downloaded or held.
-        let allowed = update_bytes + MAX_HEADER_BYTES;
+        let allowed = update_bytes + medfl_core::safetensors::HEADER_ALLOWANCE;
         if task.global_size > allowed {
             return Err(SiteError::Corrupt(format!(
                 "the global model {} of run {} round {} is {} bytes, more than the {allowed} \
