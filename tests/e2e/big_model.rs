@@ -5,9 +5,16 @@ use medfl_e2e::*;
 use crate::fedavg::{assert_global_is, expected_average};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_quarter_gigabyte_model_round_trips_retaining_updates() {
-    // Updates are kept (a non-default) so the test can average them itself.
-    let fed = Federation::start_configured(2, true, |c| c.retain_updates = true).await;
+async fn a_quarter_gigabyte_model_round_trips_retaining_updates_at_sites_allowing_big_updates() {
+    // Updates are kept (a non-default) so the test can average them itself, and the sites'
+    // policies allow updates above their default 100 MB (a non-default too).
+    let fed = Federation::start_with_sites(
+        2,
+        true,
+        |c| c.retain_updates = true,
+        |s| s.policy.max_update_bytes = 400_000_000,
+    )
+    .await;
     let mut client = fed.coordinator.runs().await;
     // 30 -> 9000 -> 8000 -> 2: 72.3 million parameters, 289 MB of F32.
     let spec = breast_cancer_spec("big-model", 1, 2, 600)

@@ -116,7 +116,7 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
     declining.abort();
     assert_eq!(detail.rounds.len(), 3);
     client
-        .list_sites(v1::ListSitesRequest {})
+        .list_sites(v1::ListSitesRequest::default())
         .await
         .expect("sites are listed");
     fed.stop().await;

@@ -194,14 +194,22 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
             .map(|d| d.name.clone())
             .collect()
     };
-    let list = v1::ListSitesRequest {};
-    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    let list = v1::ListSitesRequest::default();
+    let sites = client
+        .list_sites(list.clone())
+        .await
+        .expect("sites")
+        .into_inner();
     assert!(offered(sites).is_empty());
 
     // `medfl-site dataset add` while the daemon runs.
     register_breast_cancer(&site_dir, &csvs[0]);
     site.registered(2).await;
-    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    let sites = client
+        .list_sites(list.clone())
+        .await
+        .expect("sites")
+        .into_inner();
     assert_eq!(offered(sites), ["breast_cancer"]);
     let run = create_run(&mut client, &breast_cancer_spec("late-data", 1, 1, 60)).await;
     let detail = wait_for_completion(&mut client, &run).await;
@@ -213,7 +221,11 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     // `medfl-site dataset remove`: withdrawn from the coordinator too.
     medfl_site::registry::remove(&site_dir, "breast_cancer").expect("removing");
     site.registered(3).await;
-    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    let sites = client
+        .list_sites(list.clone())
+        .await
+        .expect("sites")
+        .into_inner();
     assert!(offered(sites).is_empty());
 
     // Registered while the coordinator is down: told once the site is back in touch.
@@ -223,7 +235,11 @@ async fn datasets_registered_on_a_running_site_are_offered_without_a_restart() {
     coordinator.restart();
     site.registered(4).await;
     let mut client = coordinator.runs().await;
-    let sites = client.list_sites(list).await.expect("sites").into_inner();
+    let sites = client
+        .list_sites(list.clone())
+        .await
+        .expect("sites")
+        .into_inner();
     assert_eq!(offered(sites), ["breast_cancer"]);
     stop(vec![site], coordinator).await;
 }

@@ -575,6 +575,17 @@ impl Federation {
         skewed: bool,
         change: impl FnOnce(&mut CoordinatorConfig),
     ) -> Self {
+        Self::start_with_sites(n, skewed, change, |_| {}).await
+    }
+
+    /// As [`Self::start_configured`], with `change_site` made to every site's configuration as
+    /// well (a test that changes a site's default says so in its name).
+    pub async fn start_with_sites(
+        n: usize,
+        skewed: bool,
+        change: impl FnOnce(&mut CoordinatorConfig),
+        change_site: impl Fn(&mut SiteConfig),
+    ) -> Self {
         init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(&dir.path().join("coordinator"));
@@ -586,12 +597,9 @@ impl Federation {
             .enumerate()
             .map(|(i, csv)| {
                 let name = format!("hospital-{i}");
-                Site::start(site_config(
-                    &name,
-                    &coordinator,
-                    &dir.path().join(&name),
-                    csv,
-                ))
+                let mut config = site_config(&name, &coordinator, &dir.path().join(&name), csv);
+                change_site(&mut config);
+                Site::start(config)
             })
             .collect();
         for site in &mut sites {

@@ -93,15 +93,33 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
         "{}",
         table::rounds_table(&detail.rounds, detail.full_model_bytes)
     );
+    if detail.rounds_omitted > 0 {
+        println!(
+            "({} earlier rounds left out to fit the reply; ask for one with --round N)",
+            detail.rounds_omitted
+        );
+    }
     println!("\nsites in round {}:", chosen.round);
     if chosen.sites.is_empty() {
         println!("no site results");
     } else {
         print!("{}", table::site_results_table(&chosen.sites));
     }
+    if chosen.sites_omitted > 0 {
+        println!(
+            "({} more site results left out to fit the reply)",
+            chosen.sites_omitted
+        );
+    }
     if !detail.final_evaluation.is_empty() {
         println!("\nfinal model evaluated at each site:");
         print!("{}", table::evaluation_table(&detail.final_evaluation));
+    }
+    if detail.evaluations_omitted > 0 {
+        println!(
+            "({} more evaluations left out to fit the reply)",
+            detail.evaluations_omitted
+        );
     }
     Ok(())
 }
@@ -168,12 +186,24 @@ pub async fn stop(client: &mut RunClient, run_id: &str) -> anyhow::Result<()> {
 
 /// `sites`: a table of the sites the coordinator knows.
 pub async fn sites(client: &mut RunClient) -> anyhow::Result<()> {
-    let sites = client
-        .list_sites(unary(ListSitesRequest {}))
-        .await
-        .rpc("ListSites")?
-        .into_inner()
-        .sites;
+    // A page at a time: each fits the message limit, however many sites there are.
+    let mut sites = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_sites(unary(ListSitesRequest {
+                page_size: 0,
+                page_token,
+            }))
+            .await
+            .rpc("ListSites")?
+            .into_inner();
+        sites.extend(page.sites);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     if sites.is_empty() {
         println!("no site has registered yet");
         return Ok(());

@@ -63,6 +63,7 @@ fn detail(run_id: &str, status: RunStatus, done: u32, current: u32) -> RunDetail
             } else {
                 sha(&model())
             },
+            sites_omitted: 0,
         })
         .collect();
     RunDetail {
@@ -78,6 +79,7 @@ fn detail(run_id: &str, status: RunStatus, done: u32, current: u32) -> RunDetail
             } else {
                 String::new()
             },
+            ..RunSummary::default()
         }),
         rounds,
         current_round: current,

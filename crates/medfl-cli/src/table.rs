@@ -238,10 +238,11 @@ pub fn site_results_table(sites: &[SiteRoundResult]) -> String {
         table.push(vec![
             one_line(&s.site),
             outcome_name(s.outcome).to_string(),
-            if s.reason.is_empty() {
-                "-".into()
-            } else {
-                one_line(&s.reason)
+            match (s.reason.is_empty(), s.count) {
+                (true, _) => "-".into(),
+                (false, 0 | 1) => one_line(&s.reason),
+                // Repeated refusals are counted in one result, with the latest reason.
+                (false, n) => format!("{n}× {}", one_line(&s.reason)),
             },
             s.num_examples.to_string(),
             if s.num_examples == 0 {
@@ -484,6 +485,7 @@ mod tests {
             bytes_up: 512,
             global_sha256: "0123456789abcdef0123".into(),
             sites: vec![],
+            sites_omitted: 0,
         }
     }
 
@@ -579,6 +581,7 @@ mod tests {
             rounds_total: 5,
             created_unix_ms: 0,
             error: "too few\tsites".into(),
+            ..Default::default()
         }];
         let text = runs_table(&runs);
         assert_eq!(text.lines().count(), 2, "{text}");

@@ -22,11 +22,17 @@ upload_idle_timeout_secs = 30
 min_upload_bytes_per_sec = 65536
 max_connections = 4096
 max_handshakes = 128
+quota_concurrent_runs = 4
+quota_parameters_per_run = 268435456
+quota_blob_bytes = 68719476736
 retain_updates = false
 keep_models = "all"
 log_format = "text"
 insecure_dev = false
 "#;
+
+/// The largest model any run may have, whatever the quota (4 GiB of F32).
+pub const MAX_PARAMETERS: u64 = 1 << 30;
 
 /// The keys, as `MEDFL_<KEY>` environment variables may set them.
 const KEYS: &[&str] = &[
@@ -43,6 +49,9 @@ const KEYS: &[&str] = &[
     "min_upload_bytes_per_sec",
     "max_connections",
     "max_handshakes",
+    "quota_concurrent_runs",
+    "quota_parameters_per_run",
+    "quota_blob_bytes",
     "retain_updates",
     "keep_models",
     "log_format",
@@ -84,6 +93,14 @@ pub struct CoordinatorConfig {
     pub max_connections: u32,
     /// TLS handshakes at once (a connection takes a slot once its first bytes arrive).
     pub max_handshakes: u32,
+    /// Runs one researcher (one certificate name) may have running at once.
+    pub quota_concurrent_runs: u32,
+    /// Parameters one run's model may have (the default, 2^28, is 1 GiB of F32: what one
+    /// machine aggregates comfortably beside its sites' uploads).
+    pub quota_parameters_per_run: u64,
+    /// Bytes of models one researcher's runs may hold: a running run is charged its model's
+    /// size times (rounds + 3), an ended run what it still keeps.
+    pub quota_blob_bytes: u64,
     /// Keep each site's update blob after aggregation (for audit and reproduction).
     pub retain_updates: bool,
     /// Global models kept of an ended run: `all`, `final` or `last:N`.
@@ -141,6 +158,15 @@ impl CoordinatorConfig {
             .map_err(|e| CoordinatorError::Config(format!("`keep_models`: {e}")))
     }
 
+    /// The per-researcher quotas.
+    pub fn quotas(&self) -> crate::quota::Quotas {
+        crate::quota::Quotas {
+            concurrent_runs: self.quota_concurrent_runs,
+            parameters_per_run: self.quota_parameters_per_run,
+            blob_bytes: self.quota_blob_bytes,
+        }
+    }
+
     /// Whether clients are identified by certificates.
     pub fn tls(&self) -> bool {
         self.tls_ca.is_some() && self.tls_cert.is_some() && self.tls_key.is_some()
@@ -193,6 +219,18 @@ impl CoordinatorConfig {
         }
         if self.max_handshakes == 0 || self.max_handshakes > self.max_connections {
             return bad("max_handshakes", "must be 1..=max_connections");
+        }
+        if self.quota_concurrent_runs == 0 {
+            return bad("quota_concurrent_runs", "must be at least 1");
+        }
+        if !(1..=MAX_PARAMETERS).contains(&self.quota_parameters_per_run) {
+            return bad(
+                "quota_parameters_per_run",
+                "must be 1..=1073741824 (2^30, 4 GiB of F32)",
+            );
+        }
+        if self.quota_blob_bytes == 0 {
+            return bad("quota_blob_bytes", "must be at least 1");
         }
         self.keep_models()?;
         if !matches!(self.log_format.as_str(), "text" | "json") {

@@ -720,7 +720,9 @@ impl Engine {
     }
 }
 
-/// Logs, audits and records a refused update (the store keeps every refusal per site and round).
+/// Counts a refused update (per site, attempt and kind of reason, with the latest reason), and
+/// logs and audits the first of each kind and then every tenfold count, so a site that repeats
+/// a refused upload grows neither the database nor the logs by a row each.
 pub fn record_refusal(
     shared: &Shared,
     run_id: &str,
@@ -729,22 +731,33 @@ pub fn record_refusal(
     site: &str,
     reason: &str,
 ) {
-    warn!(run = %run_id, round, attempt, site = %site, reason = %reason, "update refused");
-    shared.audit(
-        medfl_audit::Event::new(
-            "update_refused",
-            serde_json::json!({ "attempt": attempt, "reason": reason }),
-        )
-        .run(run_id)
-        .round(round)
-        .site(site),
-    );
-    let result = SiteResult {
-        reason: reason.into(),
-        ..SiteResult::new(round, attempt, site, SiteOutcome::Refused)
+    let count = match shared.db(|s| s.add_refusal(run_id, round, attempt, site, reason, now_ms())) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(run = %run_id, error = %e, "could not record a refusal");
+            1
+        }
     };
-    if let Err(e) = shared.db(|s| s.add_site_result(run_id, &result, now_ms())) {
-        warn!(run = %run_id, error = %e, "could not record a refusal");
+    if is_milestone(count) {
+        warn!(run = %run_id, round, attempt, site = %site, reason = %reason, count, "update refused");
+        shared.audit(
+            medfl_audit::Event::new(
+                "update_refused",
+                serde_json::json!({ "attempt": attempt, "reason": reason, "count": count }),
+            )
+            .run(run_id)
+            .round(round)
+            .site(site),
+        );
     }
     shared.notify_run(run_id);
+}
+
+/// 1, 10, 100, ...: the counts at which a repeated refusal is logged again.
+fn is_milestone(count: u64) -> bool {
+    let mut n = count;
+    while n >= 10 && n % 10 == 0 {
+        n /= 10;
+    }
+    n == 1
 }

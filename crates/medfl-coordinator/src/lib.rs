@@ -16,6 +16,8 @@
 //! - [`state`]: what handlers and engines share.
 //! - [`store`]: SQLite state and who owns each blob; [`blobs`]: content-addressed model files;
 //!   [`retention`]: releasing blobs as runs go and end; [`stream`]: chunked reads.
+//! - [`fit`]: replies trimmed or paged to fit the message limit; [`quota`]: what one
+//!   researcher may hold.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 
 pub mod aggregate;
@@ -26,7 +28,9 @@ pub mod config;
 pub mod edge;
 pub mod engine;
 pub mod error;
+pub mod fit;
 pub mod published;
+pub mod quota;
 pub mod retention;
 pub mod run_service;
 pub mod server;

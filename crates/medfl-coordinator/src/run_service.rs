@@ -12,6 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
+use crate::auth::{Caller, Standing};
 use crate::engine;
 use crate::state::{now_ms, EngineMsg, Shared};
 use crate::store::RunRecord;
@@ -21,13 +22,11 @@ use crate::CoordinatorError;
 /// Rounds whose per-site results every run detail carries.
 pub const SITE_ROUNDS: usize = 50;
 
-/// Largest model a run may ask for (4 GiB of F32), so a spec cannot exhaust the coordinator.
-const MAX_PARAMETERS: usize = 1 << 30;
-
 /// The researcher-facing service.
 pub struct RunApi {
     shared: Arc<Shared>,
     engines: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
+    creating: tokio::sync::Mutex<()>,
 }
 
 impl RunApi {
@@ -36,10 +35,46 @@ impl RunApi {
         shared: Arc<Shared>,
         engines: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
     ) -> Self {
-        Self { shared, engines }
+        Self {
+            shared,
+            engines,
+            creating: tokio::sync::Mutex::new(()),
+        }
     }
 
-    async fn create(&self, spec_toml: String) -> Result<String, CoordinatorError> {
+    /// What runs created by `creator` hold against the quotas: the running ones, charged what
+    /// they may come to hold, and the models ended ones still keep.
+    fn holding(&self, creator: &str) -> Result<crate::quota::Holding, CoordinatorError> {
+        let (runs, kept) = self.shared.db(|s| {
+            let runs: Vec<RunRecord> = s
+                .runs()?
+                .into_iter()
+                .filter(|r| r.creator == creator)
+                .collect();
+            Ok((runs, s.ended_run_blobs(creator)?))
+        })?;
+        let mut held = crate::quota::Holding::default();
+        for run in runs.iter().filter(|r| !r.status.is_terminal()) {
+            held.running += 1;
+            let size = self.shared.blobs.size(&run.initial_sha256).map_err(|e| {
+                CoordinatorError::Internal(format!("run `{}`: initial model: {e}", run.id))
+            })?;
+            held.blob_bytes = held
+                .blob_bytes
+                .saturating_add(crate::quota::charge(size, run.rounds_total));
+        }
+        for sha in kept {
+            let size = self
+                .shared
+                .blobs
+                .size(&sha)
+                .map_err(|e| CoordinatorError::Internal(format!("a kept model: {e}")))?;
+            held.blob_bytes = held.blob_bytes.saturating_add(size);
+        }
+        Ok(held)
+    }
+
+    async fn create(&self, spec_toml: String, caller: &Caller) -> Result<String, CoordinatorError> {
         let spec = RunSpec::from_toml(&spec_toml)?;
         let sites: Vec<(String, Vec<DatasetInfo>)> = self
             .shared
@@ -58,12 +93,20 @@ impl RunApi {
                 format!("run spec: model: {e}")
             })
         })?;
-        let params = model.schema().numel();
-        if params > MAX_PARAMETERS {
-            return Err(CoordinatorError::Invalid(format!(
-                "run spec: model: {params} parameters exceed the limit of {MAX_PARAMETERS}"
-            )));
-        }
+        let params = model.schema().numel() as u64;
+        // One creation at a time, so two of one researcher's cannot both pass the quota.
+        let _one_at_a_time = self.creating.lock().await;
+        let held = self.holding(&caller.name)?;
+        // Charged as F32, the widest a global model is stored in.
+        let model_bytes = params.saturating_mul(4);
+        crate::quota::admit(
+            &self.shared.config.quotas(),
+            &caller.name,
+            held,
+            params,
+            model_bytes,
+            spec.rounds,
+        )?;
         let shared = self.shared.clone();
         let seed = spec.seed;
         // Initial weights can be large: build and store them off the async threads.
@@ -86,6 +129,8 @@ impl RunApi {
             initial_sha256: initial,
             created_ms,
             error: String::new(),
+            creator: caller.name.clone(),
+            creator_role: caller.role.clone(),
         };
         // Pinned since it was stored; let go once the run owns it (or the insert failed).
         let pinned = self.shared.blobs.pinned(&record.initial_sha256);
@@ -102,6 +147,8 @@ impl RunApi {
                     "dataset": spec.task.dataset,
                     "strategy": format!("{:?}", spec.strategy),
                     "initial_sha256": record.initial_sha256,
+                    "by": caller.name,
+                    "role": caller.role,
                 }),
             )
             .run(id.clone()),
@@ -149,6 +196,7 @@ impl RunApi {
                     train_loss: s.train_loss,
                     eval_metrics: s.eval_metrics,
                     eval_examples: s.eval_examples,
+                    count: s.count,
                 })
                 .collect();
             out.push(v1::RoundSummary {
@@ -164,6 +212,7 @@ impl RunApi {
                 bytes_up: r.bytes_up,
                 global_sha256: r.global_sha256.clone(),
                 sites,
+                sites_omitted: 0,
             });
         }
         let snapshot = shared
@@ -195,6 +244,7 @@ impl RunApi {
             detail.current_reported = s.reported as u32;
             detail.current_selected = s.selected.len() as u32;
         }
+        crate::fit::run_detail(&mut detail, crate::fit::REPLY_BUDGET);
         Ok(detail)
     }
 
@@ -239,6 +289,8 @@ fn summary(run: &RunRecord, rounds_done: u32) -> v1::RunSummary {
         rounds_total: run.rounds_total,
         created_unix_ms: run.created_ms,
         error: run.error.clone(),
+        creator: run.creator.clone(),
+        creator_role: run.creator_role.clone(),
     }
 }
 
@@ -275,7 +327,8 @@ impl RunService for RunApi {
         &self,
         req: Request<v1::CreateRunRequest>,
     ) -> Result<Response<v1::CreateRunResponse>, Status> {
-        let run_id = self.create(req.into_inner().spec_toml).await?;
+        let caller = Caller::of(&req);
+        let run_id = self.create(req.into_inner().spec_toml, &caller).await?;
         Ok(Response::new(v1::CreateRunResponse { run_id }))
     }
 
@@ -311,6 +364,7 @@ impl RunService for RunApi {
         &self,
         req: Request<v1::GetRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let standing = Standing::of(&req);
         let id = req.into_inner().run_id;
         crate::edge::run_id("GetRunRequest.run_id", &id)?;
         // Subscribe before the first read, and mark each change seen before reading again: a
@@ -350,13 +404,23 @@ impl RunService for RunApi {
                         let left = at.saturating_sub(crate::state::mono_ms()) + 1;
                         tokio::time::Instant::now() + std::time::Duration::from_millis(left)
                     });
-                tokio::select! {
-                    r = changed.changed() => if r.is_err() { return },
-                    _ = async { match wake {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    } } => {}
-                    _ = crate::state::stopping(&mut shutdown) => return,
+                loop {
+                    tokio::select! {
+                        r = changed.changed() => if r.is_err() { return } else { break },
+                        _ = async { match wake {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        } } => break,
+                        // A revoked watcher's stream ends within a second of the revocation.
+                        _ = tokio::time::sleep(Standing::RECHECK), if standing.is_some() => {
+                            if let Some(Err(e)) = standing.as_ref().map(Standing::check) {
+                                info!(run = %id, caller = standing.as_ref().map_or("", Standing::name), "run watch ended: {}", e.message());
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        }
+                        _ = crate::state::stopping(&mut shutdown) => return,
+                    }
                 }
                 changed.borrow_and_update();
                 detail = Self::detail(&shared, &id, 0);
@@ -371,9 +435,11 @@ impl RunService for RunApi {
         &self,
         req: Request<v1::StopRunRequest>,
     ) -> Result<Response<v1::StopRunResponse>, Status> {
+        let caller = Caller::of(&req);
         let id = req.into_inner().run_id;
         crate::edge::run_id("StopRunRequest.run_id", &id)?;
         let run = self.shared.db(|s| s.run(&id))?;
+        caller.may_act_on("stop", &id, &run.creator)?;
         if run.status.is_terminal() {
             return Err(Status::failed_precondition(format!(
                 "run `{id}` already ended ({})",
@@ -385,17 +451,20 @@ impl RunService for RunApi {
         if handle.tx.send(EngineMsg::Stop { reply }).await.is_ok() {
             let _ = done.await;
         }
-        info!(run = %id, "run stopped");
-        self.shared.audit(
-            medfl_audit::Event::new("run_stop_requested", serde_json::json!({})).run(id.clone()),
-        );
+        info!(run = %id, by = %caller.name, role = %caller.role, "run stopped");
+        self.shared
+            .audit(medfl_audit::Event::new("run_stop_requested", caller.audit()).run(id.clone()));
         Ok(Response::new(v1::StopRunResponse {}))
     }
 
     async fn list_sites(
         &self,
-        _req: Request<v1::ListSitesRequest>,
+        req: Request<v1::ListSitesRequest>,
     ) -> Result<Response<v1::ListSitesResponse>, Status> {
+        let req = req.into_inner();
+        if !req.page_token.is_empty() {
+            crate::edge::name("ListSitesRequest.page_token", &req.page_token)?;
+        }
         let now = now_ms();
         let registered: std::collections::BTreeMap<String, u64> = self
             .shared
@@ -403,28 +472,35 @@ impl RunService for RunApi {
             .into_iter()
             .map(|s| (s.name, s.registered_ms))
             .collect();
-        let sites = self
-            .shared
-            .sites()?
-            .iter()
-            .map(|(name, s)| v1::SiteInfo {
-                name: name.clone(),
-                online: self.shared.is_online(s, now),
-                last_seen_unix_ms: s.last_seen_ms,
-                datasets: s.datasets.iter().cloned().map(Into::into).collect(),
-                registered_unix_ms: registered.get(name).copied().unwrap_or(0),
-            })
-            .collect();
-        Ok(Response::new(v1::ListSitesResponse { sites }))
+        let sites = self.shared.sites()?;
+        let after = (
+            std::ops::Bound::Excluded(req.page_token.clone()),
+            std::ops::Bound::Unbounded,
+        );
+        let all = sites.range(after).map(|(name, s)| v1::SiteInfo {
+            name: name.clone(),
+            online: self.shared.is_online(s, now),
+            last_seen_unix_ms: s.last_seen_ms,
+            datasets: s.datasets.iter().cloned().map(Into::into).collect(),
+            registered_unix_ms: registered.get(name).copied().unwrap_or(0),
+        });
+        Ok(Response::new(crate::fit::sites_page(
+            all,
+            &req.page_token,
+            req.page_size,
+            crate::fit::REPLY_BUDGET,
+        )))
     }
 
     async fn evaluate_run(
         &self,
         req: Request<v1::EvaluateRunRequest>,
     ) -> Result<Response<v1::EvaluateRunResponse>, Status> {
+        let caller = Caller::of(&req);
         let run_id = req.into_inner().run_id;
         crate::edge::run_id("EvaluateRunRequest.run_id", &run_id)?;
         let run = self.shared.db(|s| s.run(&run_id))?;
+        caller.may_act_on("evaluate", &run_id, &run.creator)?;
         let global = self.model_sha(&run_id, 0)?;
         let sites_asked = crate::campaign::start(&self.shared, &run_id, &run.spec, &global)?;
         if sites_asked == 0 {
@@ -432,6 +508,12 @@ impl RunService for RunApi {
                 "no online site holds the dataset of run `{run_id}`"
             )));
         }
+        let mut details = caller.audit();
+        details["sites_asked"] = sites_asked.into();
+        details["global_sha256"] = global.clone().into();
+        self.shared.audit(
+            medfl_audit::Event::new("run_evaluation_requested", details).run(run_id.clone()),
+        );
         Ok(Response::new(v1::EvaluateRunResponse {
             sites_asked: sites_asked as u32,
             global_sha256: global,

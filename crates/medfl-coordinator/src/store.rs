@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS runs (
     rounds_total INTEGER NOT NULL,
     initial_sha256 TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
-    error TEXT NOT NULL DEFAULT ''
+    error TEXT NOT NULL DEFAULT '',
+    creator TEXT NOT NULL DEFAULT '',
+    creator_role TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -64,6 +66,18 @@ CREATE TABLE IF NOT EXISTS site_results (
     eval_done INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS site_results_by_round ON site_results (run_id, round);
+CREATE TABLE IF NOT EXISTS refusals (
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    PRIMARY KEY (run_id, round, attempt, site, kind)
+);
 CREATE TABLE IF NOT EXISTS blob_refs (
     sha256 TEXT NOT NULL,
     run_id TEXT NOT NULL,
@@ -93,7 +107,7 @@ CREATE TABLE IF NOT EXISTS cross_site (
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// What a blob is to the run that holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -238,6 +252,10 @@ pub struct RunRecord {
     pub created_ms: u64,
     /// Why it failed, if it did.
     pub error: String,
+    /// Who created it: its certificate's name (empty without TLS, or from before owners).
+    pub creator: String,
+    /// That certificate's role (`researcher`, `operator`).
+    pub creator_role: String,
 }
 
 /// A committed round.
@@ -294,6 +312,8 @@ pub struct SiteResult {
     pub eval_examples: u64,
     /// Its evaluation of the round's new global model.
     pub eval_metrics: BTreeMap<String, f64>,
+    /// Times it happened (refusals of one kind are counted in one result; else 1).
+    pub count: u64,
 }
 
 impl SiteResult {
@@ -310,8 +330,39 @@ impl SiteResult {
             update_sha256: String::new(),
             eval_examples: 0,
             eval_metrics: BTreeMap::new(),
+            count: 1,
         }
     }
+}
+
+/// What refusals of one site are counted under: the reason with its numbers and hashes taken
+/// out, so a site that repeats one mistake (each time with another count, size or hash) adds
+/// to one counter instead of a row each.
+pub fn refusal_kind(reason: &str) -> String {
+    let mut kind = String::new();
+    let mut chars = reason.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_hexdigit() {
+            let mut token = String::from(c);
+            while let Some(&d) = chars.peek().filter(|d| d.is_ascii_hexdigit()) {
+                token.push(d);
+                chars.next();
+            }
+            if token.bytes().all(|b| b.is_ascii_digit()) {
+                kind.push('#');
+            } else if token.len() >= 16 {
+                kind.push('@');
+            } else {
+                kind.push_str(&token);
+            }
+        } else {
+            kind.push(c);
+        }
+        if kind.len() >= 160 {
+            break;
+        }
+    }
+    kind
 }
 
 /// One site's evaluation of a run's final model.
@@ -431,6 +482,20 @@ impl Store {
                     "ALTER TABLE site_results ADD COLUMN eval_done INTEGER NOT NULL DEFAULT 0;\n";
             }
             steps += "PRAGMA user_version = 2;\nCOMMIT;";
+            conn.execute_batch(&steps)?;
+        }
+        if version < 3 {
+            // Version 3 gives runs an owner and counts refusals (their table is created
+            // above); refusals stored one row each before stay as they are.
+            let has: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('runs') WHERE name = 'creator'")?
+                .exists([])?;
+            let mut steps = String::from("BEGIN;\n");
+            if !has {
+                steps += "ALTER TABLE runs ADD COLUMN creator TEXT NOT NULL DEFAULT '';\n\
+                          ALTER TABLE runs ADD COLUMN creator_role TEXT NOT NULL DEFAULT '';\n";
+            }
+            steps += "PRAGMA user_version = 3;\nCOMMIT;";
             conn.execute_batch(&steps)?;
         }
         Ok(Self { conn })
@@ -605,8 +670,9 @@ impl Store {
     pub fn insert_run(&mut self, run: &RunRecord) -> Result<(), CoordinatorError> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT INTO runs (id, name, spec, status, rounds_total, initial_sha256, created_ms, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO runs (id, name, spec, status, rounds_total, initial_sha256, created_ms,
+                error, creator, creator_role)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 run.id,
                 run.name,
@@ -615,7 +681,9 @@ impl Store {
                 run.rounds_total,
                 run.initial_sha256,
                 run.created_ms as i64,
-                run.error
+                run.error,
+                run.creator,
+                run.creator_role
             ],
         )?;
         Self::insert_ref(
@@ -653,6 +721,8 @@ impl Store {
             initial_sha256: r.get(5)?,
             created_ms: r.get::<_, i64>(6)? as u64,
             error: r.get(7)?,
+            creator: r.get(8)?,
+            creator_role: r.get(9)?,
         })
     }
 
@@ -660,7 +730,8 @@ impl Store {
     pub fn run(&self, id: &str) -> Result<RunRecord, CoordinatorError> {
         self.conn
             .query_row(
-                "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error
+                "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error,
+                        creator, creator_role
                  FROM runs WHERE id = ?1",
                 [id],
                 Self::run_from_row,
@@ -672,7 +743,8 @@ impl Store {
     /// Every run, oldest first.
     pub fn runs(&self) -> Result<Vec<RunRecord>, CoordinatorError> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error
+            "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error,
+                    creator, creator_role
              FROM runs ORDER BY created_ms, id",
         )?;
         let rows = stmt.query_map([], Self::run_from_row)?;
@@ -770,7 +842,9 @@ impl Store {
     /// The highest attempt number recorded for a round (0 when none).
     pub fn last_attempt(&self, run_id: &str, round: u32) -> Result<u32, CoordinatorError> {
         Ok(self.conn.query_row(
-            "SELECT COALESCE(MAX(attempt), 0) FROM site_results WHERE run_id = ?1 AND round = ?2",
+            "SELECT COALESCE(MAX(attempt), 0) FROM (
+                 SELECT attempt FROM site_results WHERE run_id = ?1 AND round = ?2
+                 UNION ALL SELECT attempt FROM refusals WHERE run_id = ?1 AND round = ?2)",
             params![run_id, round],
             |r| r.get(0),
         )?)
@@ -803,6 +877,48 @@ impl Store {
             ],
         )?;
         Ok(())
+    }
+
+    /// The blobs that ended runs created by `creator` still keep (each once).
+    pub fn ended_run_blobs(&self, creator: &str) -> Result<Vec<String>, CoordinatorError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT DISTINCT b.sha256 FROM blob_refs b JOIN runs r ON r.id = b.run_id
+             WHERE r.creator = ?1 AND r.status != 'running'",
+        )?;
+        let rows = stmt.query_map([creator], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Counts a refused update of `site` in an attempt under its [`refusal_kind`], keeping the
+    /// latest reason; returns the count so far.
+    pub fn add_refusal(
+        &self,
+        run_id: &str,
+        round: u32,
+        attempt: u32,
+        site: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<u64, CoordinatorError> {
+        let count: i64 = self.conn.query_row(
+            "INSERT INTO refusals (run_id, round, attempt, site, kind, count, reason, first_ms,
+                last_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?7)
+             ON CONFLICT (run_id, round, attempt, site, kind)
+             DO UPDATE SET count = count + 1, reason = excluded.reason, last_ms = excluded.last_ms
+             RETURNING count",
+            params![
+                run_id,
+                round,
+                attempt,
+                site,
+                refusal_kind(reason),
+                reason,
+                now_ms as i64
+            ],
+            |r| r.get(0),
+        )?;
+        Ok(count as u64)
     }
 
     /// Attaches an evaluation to a site's accepted result of a round.
@@ -972,8 +1088,12 @@ impl Store {
     ) -> Result<Vec<SiteResult>, CoordinatorError> {
         let mut stmt = self.conn.prepare(
             "SELECT round, attempt, site, outcome, reason, examples, train_loss, update_sha256,
-                    eval_examples, eval_metrics
-             FROM site_results WHERE run_id = ?1 AND round = ?2 ORDER BY rowid",
+                    eval_examples, eval_metrics, 1, at_ms, rowid
+             FROM site_results WHERE run_id = ?1 AND round = ?2
+             UNION ALL
+             SELECT round, attempt, site, 'refused', reason, 0, 0.0, '', 0, '{}', count, first_ms, rowid
+             FROM refusals WHERE run_id = ?1 AND round = ?2
+             ORDER BY 12, 13",
         )?;
         let rows = stmt.query_map(params![run_id, round], |r| {
             let site: String = r.get(2)?;
@@ -995,6 +1115,7 @@ impl Store {
                 train_loss: r.get(6)?,
                 update_sha256: r.get(7)?,
                 eval_examples: r.get::<_, i64>(8)? as u64,
+                count: r.get::<_, i64>(10)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1072,6 +1193,8 @@ mod tests {
                 initial_sha256: "aa".into(),
                 created_ms: 5,
                 error: String::new(),
+                creator: "r".into(),
+                creator_role: "researcher".into(),
             })
             .unwrap();
             s.commit_round(
@@ -1115,6 +1238,8 @@ mod tests {
             initial_sha256: initial.into(),
             created_ms: 1,
             error: String::new(),
+            creator: String::new(),
+            creator_role: String::new(),
         }
     }
 
@@ -1249,7 +1374,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, SCHEMA_VERSION);
         drop(s);
         Store::open(&path).unwrap();
     }

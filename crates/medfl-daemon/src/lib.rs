@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`load_config`]: embedded defaults, then a TOML file, then `MEDFL_*` variables.
-//! - [`init_logging`]: `tracing` to stderr, filtered by `RUST_LOG`, as text or JSON lines.
+//! - [`init_logging`]: `tracing` to stderr, filtered by `RUST_LOG`, as text or JSON lines,
+//!   network strings escaped ([`escaped_fields`]).
 //! - [`stop_signal`]: completes on SIGINT or SIGTERM.
 //! - [`warn_plaintext`]: the once-a-minute warning of a daemon running without TLS.
 //! - [`write_private`]: replaces a file atomically, readable by its owner only.
@@ -57,18 +58,56 @@ pub fn env_overrides(
 }
 
 /// Sends `tracing` events to stderr, filtered by `RUST_LOG` (default `info`), as JSON lines when
-/// `format` is `json`.
+/// `format` is `json`. Text lines escape control characters in every field and message
+/// ([`escaped_fields`]), and carry colour codes only when stderr is a terminal; JSON escapes them
+/// by its own rules. So a string from the network can neither forge a log line nor drive an
+/// operator's terminal.
 pub fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if format == "json" {
         logs.json().init();
     } else {
-        logs.init();
+        logs.fmt_fields(escaped_fields()).init();
     }
+}
+
+/// The text log's field formatter: `name=value` pairs (the message bare), each value with its
+/// control characters escaped (a newline as `\n`, ESC as `\u{1b}`).
+pub fn escaped_fields(
+) -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        let text = escape_controls(&text);
+        if field.name() == "message" {
+            write!(w, "{text}")
+        } else {
+            write!(w, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ")
+}
+
+/// `s` with every control character written as its Rust escape.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Completes on SIGINT, or on SIGTERM where there is one (containers stop with SIGTERM).
@@ -159,6 +198,70 @@ pub fn warn_plaintext(who: &'static str, mut stop: tokio::sync::watch::Receiver<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// A run name from the network, as an attacker would write it: a forged line and a
+    /// terminal escape.
+    const HOSTILE: &str = "x\n2026-01-01T00:00:00Z  INFO run stopped by=admin\u{1b}[2J";
+
+    fn log_hostile() {
+        tracing::warn!(name = %HOSTILE, site = ?HOSTILE, "refused {}", HOSTILE);
+    }
+
+    #[test]
+    fn text_logs_escape_network_strings() {
+        let out = Captured::default();
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .fmt_fields(escaped_fields())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log_hostile);
+        let text = out.text();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("name=x\\n2026"), "{text}");
+        assert!(text.contains("refused x\\n"), "{text}");
+    }
+
+    #[test]
+    fn json_logs_escape_network_strings() {
+        let out = Captured::default();
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log_hostile);
+        let text = out.text();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+    }
+
+    #[test]
+    fn escaping_keeps_printable_text() {
+        assert_eq!(escape_controls("Zürich-1"), "Zürich-1");
+        assert_eq!(escape_controls("a\tb\r"), "a\\tb\\r");
+    }
 
     #[derive(serde::Deserialize, Debug)]
     #[serde(deny_unknown_fields)]

@@ -12,8 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::SiteError;
 
-/// What runs may train here. Empty lists and zero limits allow anything.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+/// What runs may train here. Empty lists allow anything. The limits have safe defaults, so a
+/// hospital that writes no policy still has them ([`Policy::default`]); a limit set to 0 is
+/// lifted.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Base models (SHA-256 of their weights) text runs may adapt.
@@ -26,12 +28,41 @@ pub struct Policy {
     pub max_local_epochs: u32,
     /// Most local steps a round may ask for.
     pub max_local_steps: u32,
+    /// Smallest batch a round may ask for: a batch of one lets whoever sees two consecutive
+    /// global models read a training row straight out of their difference.
+    pub min_batch_size: u32,
     /// Largest update this site sends, in bytes (4 per trainable parameter).
     pub max_update_bytes: u64,
     /// Every new run waits in the queue until approved (`medfl-site runs approve RUN`).
     pub require_approval: bool,
     /// Runs on these datasets are approved without waiting.
     pub auto_approve_datasets: Vec<String>,
+}
+
+/// The limits a site has when its policy does not set them.
+pub const DEFAULT_MAX_LOCAL_EPOCHS: u32 = 20;
+/// See [`DEFAULT_MAX_LOCAL_EPOCHS`].
+pub const DEFAULT_MAX_LOCAL_STEPS: u32 = 10_000;
+/// See [`DEFAULT_MAX_LOCAL_EPOCHS`].
+pub const DEFAULT_MIN_BATCH_SIZE: u32 = 8;
+/// See [`DEFAULT_MAX_LOCAL_EPOCHS`] (100 MB).
+pub const DEFAULT_MAX_UPDATE_BYTES: u64 = 100_000_000;
+
+impl Default for Policy {
+    /// No restriction on models, tasks or strategies; the safe limits on training.
+    fn default() -> Self {
+        Self {
+            base_models: Vec::new(),
+            task_kinds: Vec::new(),
+            strategies: Vec::new(),
+            max_local_epochs: DEFAULT_MAX_LOCAL_EPOCHS,
+            max_local_steps: DEFAULT_MAX_LOCAL_STEPS,
+            min_batch_size: DEFAULT_MIN_BATCH_SIZE,
+            max_update_bytes: DEFAULT_MAX_UPDATE_BYTES,
+            require_approval: false,
+            auto_approve_datasets: Vec::new(),
+        }
+    }
 }
 
 impl Policy {
@@ -63,19 +94,26 @@ impl Policy {
         if self.max_local_epochs > 0 && t.local_steps == 0 && t.local_epochs > self.max_local_epochs
         {
             return Some(format!(
-                "{} local epochs exceed this site's limit of {}",
+                "{} local epochs exceed this site's limit of {} (policy.max_local_epochs)",
                 t.local_epochs, self.max_local_epochs
             ));
         }
         if self.max_local_steps > 0 && t.local_steps > self.max_local_steps {
             return Some(format!(
-                "{} local steps exceed this site's limit of {}",
+                "{} local steps exceed this site's limit of {} (policy.max_local_steps)",
                 t.local_steps, self.max_local_steps
+            ));
+        }
+        if t.batch_size < self.min_batch_size {
+            return Some(format!(
+                "batch size {} is below this site's minimum of {} (policy.min_batch_size)",
+                t.batch_size, self.min_batch_size
             ));
         }
         if self.max_update_bytes > 0 && update_bytes > self.max_update_bytes {
             return Some(format!(
-                "updates of {update_bytes} bytes exceed this site's limit of {}",
+                "updates of {update_bytes} bytes exceed this site's limit of {} \
+                 (policy.max_update_bytes)",
                 self.max_update_bytes
             ));
         }
@@ -591,6 +629,33 @@ mod tests {
             .unwrap()
             .contains("3 local epochs"));
         assert!(p.violation(&spec(""), 101).unwrap().contains("101 bytes"));
+    }
+
+    #[test]
+    fn a_site_without_a_policy_has_safe_limits() {
+        let p: Policy = serde_json::from_str("{}").unwrap();
+        assert_eq!(p, Policy::default());
+        assert_eq!(p.violation(&spec(""), 1000), None);
+        for (extra, says) in [
+            ("[training]\nlocal_epochs = 21\n", "policy.max_local_epochs"),
+            (
+                "[training]\nlocal_steps = 10001\n",
+                "policy.max_local_steps",
+            ),
+            ("[training]\nbatch_size = 1\n", "policy.min_batch_size"),
+        ] {
+            let why = p.violation(&spec(extra), 1000).expect(extra);
+            assert!(why.contains(says), "{extra}: {why}");
+        }
+        assert!(p
+            .violation(&spec(""), 100_000_001)
+            .unwrap()
+            .contains("policy.max_update_bytes"));
+        // A hospital lifts a limit by setting it to 0.
+        let lifted: Policy =
+            serde_json::from_str(r#"{"max_local_epochs": 0, "min_batch_size": 0}"#).unwrap();
+        let greedy = spec("[training]\nlocal_epochs = 100\nbatch_size = 1\n");
+        assert_eq!(lifted.violation(&greedy, 8), None);
     }
 
     fn declined(result: Result<Option<Approval>, SiteError>) -> (Declined, String) {

@@ -282,13 +282,15 @@ async fn main() -> anyhow::Result<()> {
     let (csvs, _) = split_breast_cancer_with(&dir.path().join("data"), opts.sites, false);
     let mut sites = Vec::new();
     for (name, csv) in site_names.iter().zip(&csvs) {
-        let config = site_config_at(
+        let mut config = site_config_at(
             name,
             &url,
             &dir.path().join("sites").join(name),
             Some(kit(name)?),
             &format!("[datasets.breast_cancer]\npath = \"{}\"\n", csv.display()),
         );
+        // The bench's models run past a site's default 100 MB update limit.
+        config.policy.max_update_bytes = 0;
         let mut site = Site::start(config);
         site.registered(1).await;
         sites.push(site);
