@@ -348,10 +348,10 @@ pub fn refusal_kind(reason: &str) -> String {
                 token.push(d);
                 chars.next();
             }
-            if token.bytes().all(|b| b.is_ascii_digit()) {
-                kind.push('#');
-            } else if token.len() >= 16 {
+            if token.len() >= 16 {
                 kind.push('@');
+            } else if token.bytes().all(|b| b.is_ascii_digit()) {
+                kind.push('#');
             } else {
                 kind.push_str(&token);
             }
@@ -422,6 +422,9 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A burst of writes while a checkpoint could not finish leaves a long WAL behind:
+        // truncated back to 4 MiB (about SQLite's checkpoint point) once it is reset.
+        conn.pragma_update(None, "journal_size_limit", 4 << 20)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -900,22 +903,21 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<u64, CoordinatorError> {
-        let count: i64 = self.conn.query_row(
+        // Two statements rather than one with RETURNING: a write read back by RETURNING kept
+        // SQLite from ever checkpointing its WAL, which then grew by a page per refusal.
+        let kind = refusal_kind(reason);
+        self.conn.execute(
             "INSERT INTO refusals (run_id, round, attempt, site, kind, count, reason, first_ms,
                 last_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?7)
              ON CONFLICT (run_id, round, attempt, site, kind)
-             DO UPDATE SET count = count + 1, reason = excluded.reason, last_ms = excluded.last_ms
-             RETURNING count",
-            params![
-                run_id,
-                round,
-                attempt,
-                site,
-                refusal_kind(reason),
-                reason,
-                now_ms as i64
-            ],
+             DO UPDATE SET count = count + 1, reason = excluded.reason, last_ms = excluded.last_ms",
+            params![run_id, round, attempt, site, kind, reason, now_ms as i64],
+        )?;
+        let count: i64 = self.conn.query_row(
+            "SELECT count FROM refusals
+             WHERE run_id = ?1 AND round = ?2 AND attempt = ?3 AND site = ?4 AND kind = ?5",
+            params![run_id, round, attempt, site, kind],
             |r| r.get(0),
         )?;
         Ok(count as u64)
@@ -1177,6 +1179,36 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hundred_thousand_refusals_are_a_few_counted_rows_and_the_log_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = Store::open(&path).unwrap();
+        s.insert_run(&run("r1", "init")).unwrap();
+        let reasons = [
+            "bad signature",
+            "update of 4096 bytes exceeds the model's 400",
+            "global model 0123456789abcdef0123456789abcdef is not the open one",
+        ];
+        for i in 0..100_000u64 {
+            let reason = reasons[i as usize % 3].replace("4096", &i.to_string());
+            let reason = reason.replace("0123456789abcdef0123456789abcdef", &format!("{i:032x}"));
+            s.add_refusal("r1", 1, 1, "spammer", &reason, i).unwrap();
+        }
+        let results = s.site_results("r1", 1).unwrap();
+        assert_eq!(results.len(), 3, "{results:?}");
+        assert_eq!(results.iter().map(|r| r.count).sum::<u64>(), 100_000);
+        assert!(results.iter().all(|r| r.outcome == SiteOutcome::Refused));
+        assert_eq!(s.last_attempt("r1", 1).unwrap(), 1);
+        let on_disk: u64 = ["state.db", "state.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.path().join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        // The WAL is checkpointed and reused: at most its 1,000 pages plus the database.
+        assert!(on_disk < 6 << 20, "{on_disk} bytes on disk");
+    }
 
     #[test]
     fn runs_rounds_and_results_survive_reopening() {
