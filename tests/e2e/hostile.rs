@@ -474,3 +474,118 @@ async fn a_site_without_a_policy_refuses_a_batch_of_one() {
     assert!(refused.contains("policy.min_batch_size"), "{refused}");
     fed.stop().await;
 }
+
+/// An upload that sends its header and then whatever comes down the returned sender, as
+/// slowly as the test likes; its answer comes on `answers`, tagged `tag`.
+fn trickle(
+    hostile: &RawSite,
+    header: v1::UpdateHeader,
+    tag: usize,
+    answers: tokio::sync::mpsc::UnboundedSender<(
+        usize,
+        Result<v1::PushUpdateResponse, tonic::Status>,
+    )>,
+) -> tokio::sync::mpsc::Sender<Vec<u8>> {
+    let (body, arriving) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let first = v1::UpdateChunk {
+        part: Some(v1::update_chunk::Part::Header(header)),
+    };
+    let rest = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(arriving),
+        |data| v1::UpdateChunk {
+            part: Some(v1::update_chunk::Part::Data(data)),
+        },
+    );
+    let messages = tokio_stream::StreamExt::chain(tokio_stream::iter([first]), rest);
+    let mut client = hostile.client.clone();
+    let request = hostile.req(messages);
+    tokio::spawn(async move {
+        let answer = client
+            .push_update(request)
+            .await
+            .map(tonic::Response::into_inner);
+        let _ = answers.send((tag, answer));
+    });
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_uploads_one_at_a_time_and_a_trickle_is_cut_while_honest_sites_upload() {
+    let fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("beside-a-trickle", 1, 2, 120),
+    )
+    .await;
+    let task = hostile.next_task().await;
+    let global = hostile.download(&task.global_sha256).await;
+    let bytes = medfl_core::safetensors::encode(&global);
+
+    // Eight uploads at once from one site: one is received, seven are refused at once.
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    let mut bodies: Vec<Option<_>> = (0..8)
+        .map(|i| {
+            Some(trickle(
+                &hostile,
+                hostile.header_for(&task, &bytes, 10),
+                i,
+                answers.clone(),
+            ))
+        })
+        .collect();
+    for _ in 0..7 {
+        let (i, answer) = tokio::time::timeout(std::time::Duration::from_secs(20), answered.recv())
+            .await
+            .expect("refused without delay")
+            .expect("an answer");
+        let status = answer.expect_err("a second upload of one site");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        bodies[i] = None;
+    }
+    let body = bodies
+        .into_iter()
+        .flatten()
+        .next()
+        .expect("one upload holds the site's slot");
+
+    // The one received sends a byte every 2 s: it is cut when its time runs out (the idle
+    // timeout, 30 s, for an update this small), while the honest sites upload beside it.
+    let started = std::time::Instant::now();
+    let dripping = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+        for b in bytes {
+            every.tick().await;
+            if body.send(vec![b]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (_, cut) = answered.recv().await.expect("the trickle's answer");
+    let cut = cut.expect_err("a trickle is cut");
+    dripping.abort();
+    assert_eq!(cut.code(), Code::InvalidArgument, "{cut:?}");
+    assert!(cut.message().contains("too slow"), "{}", cut.message());
+    assert!(started.elapsed() < std::time::Duration::from_secs(40));
+    // The honest sites' updates were taken meanwhile; once the hostile site gives up, the round
+    // closes without waiting out its deadline.
+    // (It then declines the final evaluation too, so the run ends without waiting for it.)
+    hostile.fail(&task, "giving up").await;
+    let declining = tokio::spawn(async move {
+        loop {
+            let task = hostile.next_task().await;
+            hostile.fail(&task, "giving up").await;
+        }
+    });
+    let detail = wait_for_completion(&mut client, &run).await;
+    declining.abort();
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let accepted = detail.rounds[0]
+        .sites
+        .iter()
+        .filter(|s| s.outcome() == v1::SiteOutcome::Accepted)
+        .count();
+    assert_eq!(accepted, 2, "{detail:?}");
+    fed.stop().await;
+}

@@ -86,6 +86,7 @@ pub const RUN_COLUMNS: &[Column] = &[
     left("STATUS", 9),
     right("ROUNDS", 7),
     left("CREATED", 20),
+    left("BY", 6),
     left("ERROR", 0),
 ];
 
@@ -281,6 +282,11 @@ pub fn runs_table(runs: &[RunSummary]) -> String {
             status_name(r.status).into(),
             format!("{}/{}", r.rounds_done, r.rounds_total),
             utc(r.created_unix_ms),
+            if r.creator.is_empty() {
+                "-".into()
+            } else {
+                one_line(&r.creator)
+            },
             if r.error.is_empty() {
                 "-".into()
             } else {
