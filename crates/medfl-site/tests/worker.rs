@@ -465,6 +465,35 @@ async fn a_task_whose_spec_changed_is_refused_and_audited_insecure_dev_scripted_
     assert_eq!(entry.details["spec_sha256"], spec_sha256(&changed));
 }
 
+#[tokio::test]
+async fn a_task_announcing_a_model_larger_than_its_spec_is_refused_before_download_insecure_dev_scripted_coordinator(
+) {
+    let mut site = Harness::start("").await;
+    let mut task = site.task("run-1", 1, 0, &spec_toml(1), later());
+    // A compromised coordinator signs a 16 GiB "model" for a spec whose model is 400 bytes.
+    task.global_size = 16 << 30;
+    let claim = medfl_proto::convert::task_claim(&task);
+    task.signature = site.script.key.sign(&claim.message()).as_ref().to_vec();
+    site.handle(task).await;
+    assert!(site.updates().is_empty());
+    let reports = site.reports();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert!(
+        reports[0].reason.contains("refusing to download"),
+        "{reports:?}"
+    );
+    // Nothing was fetched: the model cache holds no file of that size.
+    let cached: u64 = std::fs::read_dir(site.data_dir.join("models"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(cached < 1 << 20, "{cached} bytes cached");
+}
+
 /// A site daemon running against the script until `stop` fires.
 fn run_daemon(
     config: SiteConfig,
