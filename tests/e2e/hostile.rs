@@ -7,15 +7,6 @@ use medfl_e2e::*;
 use medfl_proto::v1;
 use tonic::Code;
 
-/// Bytes of the coordinator's state database (with its write-ahead log) and audit log.
-fn footprint(c: &Coordinator) -> u64 {
-    ["state.db", "state.db-wal", "audit.jsonl"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(c.data_dir.join(f)).ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 fn code<T>(r: Result<T, tonic::Status>) -> Code {
     r.map_or_else(|s| s.code(), |_| Code::Ok)
 }
@@ -34,7 +25,7 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
     assert_eq!(task.kind, v1::TaskKind::Train as i32);
     let global = hostile.download(&task.global_sha256).await;
     let bytes = medfl_core::safetensors::encode(&global);
-    let before = footprint(&fed.coordinator);
+    let before = fed.coordinator.footprint();
 
     // Twenty uploads each naming a 1 MB run id (and, once, newlines and terminal escapes).
     for i in 0..20 {
@@ -96,7 +87,7 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
         "{}",
         greedy.message()
     );
-    let grown = footprint(&fed.coordinator).saturating_sub(before);
+    let grown = fed.coordinator.footprint().saturating_sub(before);
     assert!(grown < 256 << 10, "state and audit grew by {grown} bytes");
     // Nothing was recorded for a round that is not open, and no counter wrapped.
     let store = fed.coordinator.store();
@@ -156,7 +147,7 @@ async fn thousands_of_refused_uploads_are_counted_not_stored() {
     let bytes = medfl_core::safetensors::encode(&global);
     let wal_file = fed.coordinator.data_dir.join("state.db-wal");
     let before_main =
-        footprint(&fed.coordinator) - std::fs::metadata(&wal_file).map_or(0, |m| m.len());
+        fed.coordinator.footprint() - std::fs::metadata(&wal_file).map_or(0, |m| m.len());
 
     // 5,000 uploads to the open attempt, each signed with a key that is not the site's.
     const SPAM: u64 = 5_000;
@@ -171,7 +162,7 @@ async fn thousands_of_refused_uploads_are_counted_not_stored() {
     // log is checkpointed and reused, so it stays within its ceiling of 1,000 pages.
     let wal =
         |c: &Coordinator| std::fs::metadata(c.data_dir.join("state.db-wal")).map_or(0, |m| m.len());
-    let grown = (footprint(&fed.coordinator) - wal(&fed.coordinator)).saturating_sub(before_main);
+    let grown = (fed.coordinator.footprint() - wal(&fed.coordinator)).saturating_sub(before_main);
     assert!(grown < 256 << 10, "state and audit grew by {grown} bytes");
     let wal_now = wal(&fed.coordinator);
     assert!(wal_now <= 4200 << 10, "the WAL holds {wal_now} bytes");

@@ -58,6 +58,14 @@ pub fn shared_minilm(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// This process's resident memory in bytes (`VmRSS`), where the system reports it.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Its 30 feature columns.
 pub fn breast_cancer_features() -> Vec<String> {
     let table = Table::load_csv(&breast_cancer_csv()).expect("demo data is in the repository");
@@ -317,6 +325,15 @@ impl Coordinator {
     pub fn restart(&mut self) {
         self.kill();
         *self = Self::start_on(self.addr, self.config.clone());
+    }
+
+    /// Bytes of its state database (with its write-ahead log) and audit log.
+    pub fn footprint(&self) -> u64 {
+        ["state.db", "state.db-wal", "audit.jsonl"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.data_dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
     }
 
     /// Where participants reach it: `https://localhost:PORT` over TLS, else `http://addr`.

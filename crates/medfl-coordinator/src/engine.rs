@@ -756,7 +756,7 @@ pub fn record_refusal(
 /// 1, 10, 100, ...: the counts at which a repeated refusal is logged again.
 fn is_milestone(count: u64) -> bool {
     let mut n = count;
-    while n >= 10 && n % 10 == 0 {
+    while n >= 10 && n.is_multiple_of(10) {
         n /= 10;
     }
     n == 1

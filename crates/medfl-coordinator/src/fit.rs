@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn one_site_larger_than_the_budget_still_comes_alone() {
-        let sites = vec![site("a", 10), site("b", 100_000), site("c", 10)];
+        let sites = [site("a", 10), site("b", 100_000), site("c", 10)];
         let page = sites_page(sites.iter().cloned(), "a", 0, 64 << 10);
         assert_eq!(page.sites.len(), 1);
         assert_eq!(page.sites[0].name, "b");

@@ -29,6 +29,7 @@ pub mod edge;
 pub mod engine;
 pub mod error;
 pub mod fit;
+pub mod open_files;
 pub mod published;
 pub mod quota;
 pub mod retention;

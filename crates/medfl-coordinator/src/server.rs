@@ -124,7 +124,8 @@ pub async fn serve(
         // Handshakes run here, not in tonic, so that revoked certificates are refused in them.
         Some(acceptor) => {
             let limits = medfl_pki::ConnectionLimits {
-                max_connections: shared.config.max_connections as usize,
+                max_connections: crate::open_files::fit_connections(shared.config.max_connections)
+                    as usize,
                 max_handshakes: shared.config.max_handshakes as usize,
             };
             let incoming = medfl_pki::tls_incoming(listener, acceptor, limits);

@@ -30,6 +30,13 @@ use crate::{PeerIdentity, PkiError, WatchedRevocations};
 /// The longest a TLS handshake may take.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest an accepted connection may stay silent. A real client sends its TLS hello as soon
+/// as it connects (a connection that waited in the backlog has already sent it), so this only
+/// cuts connections opened to hold a slot: at the cap, their slots turn over every few seconds
+/// and a client waiting in the (first come, first served) backlog is accepted well within its
+/// own handshake timeout.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The consortium CA's verdict on a client certificate, then the revocation list's.
 #[derive(Debug)]
 pub(crate) struct RevocationCheckingVerifier {
@@ -169,8 +176,9 @@ impl<S: Connected> Connected for Admitted<S> {
 /// Connections on `listener` that completed a mutual-TLS handshake under `acceptor`, for
 /// `tonic::transport::Server::serve_with_incoming`, within `limits`: a connection slot is taken
 /// before `accept`, and a handshake slot before the handshake, once the client has sent its first
-/// bytes. A connection has [`HANDSHAKE_TIMEOUT`] from accept to a finished handshake; a failed one
-/// is logged and never reaches the server. Accepting stops when the stream is dropped, which
+/// bytes. A connection has [`FIRST_BYTES_TIMEOUT`] from accept to its first bytes and
+/// [`HANDSHAKE_TIMEOUT`] from accept to a finished handshake; a failed one is logged and never
+/// reaches the server. Accepting stops when the stream is dropped, which
 /// closes the listener.
 pub fn tls_incoming(
     listener: TcpListener,
@@ -209,7 +217,19 @@ pub fn tls_incoming(
             tokio::spawn(async move {
                 let handshake = async {
                     // An idle connection waits here holding its connection slot only.
-                    tcp.readable().await?;
+                    // `peek`, not `readable`: readiness may be reported before any byte came.
+                    let mut first = [0u8; 1];
+                    let sent = tokio::time::timeout(FIRST_BYTES_TIMEOUT, tcp.peek(&mut first))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "sent nothing")
+                        })??;
+                    if sent == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "closed before its TLS hello",
+                        ));
+                    }
                     let _permit = handshakes
                         .acquire_owned()
                         .await

@@ -1,0 +1,164 @@
+//! Hostile clients one after another against a coordinator on the shipped defaults, in a test
+//! binary of its own: its resident memory is then the coordinator's (with the test's own clients
+//! and two small sites), not that of a dozen federations running beside it.
+
+use std::time::{Duration, Instant};
+
+use medfl_e2e::raw::RawSite;
+use medfl_e2e::*;
+use medfl_proto::v1;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tonic::Code;
+
+/// Idle connections opened: more than the default `max_connections` (4,096).
+const IDLE: usize = 5_000;
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    r.map_or_else(|s| s.code(), |_| Code::Ok)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_clients_leave_the_coordinator_bounded_in_memory_and_on_disk() {
+    // This process holds both ends of every connection; the coordinator raises its own limit
+    // to fit its cap, the test raises it further for the client ends.
+    let fits = medfl_coordinator::open_files::fit_connections(2 * IDLE as u32 + 1024);
+    assert!(
+        fits as usize >= 2 * IDLE,
+        "the open-file hard limit is too low for this test (ulimit -Hn)"
+    );
+    let fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("beside-a-flood", 3, 2, 120),
+    )
+    .await;
+    let task = hostile.next_task().await;
+    let global = hostile.download(&task.global_sha256).await;
+    let bytes = medfl_core::safetensors::encode(&global);
+    // One refused upload first, so that buffers allocated once are in the baseline.
+    let mut header = hostile.header_for(&task, &bytes, 10);
+    header.run_id = "x".repeat(1 << 20);
+    assert_eq!(
+        code(hostile.push_raw(header, bytes.clone(), 0).await),
+        Code::InvalidArgument
+    );
+    let Some(rss_before) = resident_bytes() else {
+        println!("skipping the memory checks: this system does not report VmRSS");
+        fed.stop().await;
+        return;
+    };
+    let disk_before = fed.coordinator.footprint();
+
+    // 1. More idle TCP connections than the coordinator serves: they never start a handshake.
+    let mut idle = Vec::with_capacity(IDLE);
+    for i in 0..IDLE {
+        let tcp = TcpStream::connect(fed.coordinator.addr)
+            .await
+            .unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
+        idle.push(tcp);
+    }
+    // A researcher connecting now waits in the backlog at most until the idle connections ahead
+    // of it have had their 3 s to say something, then is served.
+    let asked = Instant::now();
+    let mut late = fed.coordinator.runs().await;
+    late.list_sites(v1::ListSitesRequest::default())
+        .await
+        .expect("a researcher is served during the flood");
+    let waited = asked.elapsed();
+    assert!(waited < Duration::from_secs(10), "served after {waited:?}");
+    // Every idle connection is closed by the coordinator: those accepted at once after 3 s,
+    // those that waited beyond the cap 3 s after they were accepted in turn.
+    let closed_by = Instant::now() + Duration::from_secs(30);
+    for (i, tcp) in idle.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let left = closed_by.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            Ok(Ok(n)) => panic!("idle connection {i} was sent {n} bytes"),
+            Err(_) => panic!("idle connection {i} still open after 30 s"),
+        }
+    }
+    drop(idle);
+
+    // 2. Two hundred refused uploads, each naming a 1 MB run id.
+    for _ in 0..200 {
+        let mut header = hostile.header_for(&task, &bytes, 10);
+        header.run_id = "x".repeat(1 << 20);
+        let refused = hostile.push_raw(header, bytes.clone(), 0).await;
+        assert_eq!(code(refused), Code::InvalidArgument);
+    }
+    // 3. Twenty evaluations with 60,000 metric names each.
+    for _ in 0..20 {
+        let metrics = (0..60_000).map(|i| (format!("metric-{i}"), 0.5)).collect();
+        let report = hostile
+            .client
+            .report_evaluation(hostile.req(v1::ReportEvaluationRequest {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                global_sha256: task.global_sha256.clone(),
+                num_examples: 10,
+                metrics,
+            }))
+            .await;
+        assert_eq!(code(report), Code::InvalidArgument);
+    }
+    // 4. Twenty registrations with 3 MB of column names each.
+    for _ in 0..20 {
+        let columns: Vec<String> = (0..150_000).map(|i| format!("column-{i:014}")).collect();
+        let registered = hostile
+            .client
+            .register(v1::RegisterRequest {
+                site: "hostile".into(),
+                token: "hostile-secret-token-0123456789".into(),
+                datasets: vec![v1::DatasetSchema {
+                    name: "breast_cancer".into(),
+                    columns,
+                    rows: 100,
+                }],
+                version: "test".into(),
+                signing_public_key: vec![7; 32],
+            })
+            .await;
+        assert_eq!(code(registered), Code::InvalidArgument);
+    }
+
+    let rss_after = resident_bytes().expect("VmRSS");
+    let disk_grown = fed.coordinator.footprint().saturating_sub(disk_before);
+    println!(
+        "resident memory {:.1} MiB -> {:.1} MiB; state and audit grew {} KiB; a researcher \
+         waited {waited:.1?} during {IDLE} idle connections",
+        mib(rss_before),
+        mib(rss_after),
+        disk_grown >> 10,
+    );
+    let rss_grown = rss_after.saturating_sub(rss_before);
+    assert!(
+        rss_grown < 96 << 20,
+        "resident memory grew {:.1} MiB",
+        mib(rss_grown)
+    );
+    assert!(
+        disk_grown < 256 << 10,
+        "state and audit grew {disk_grown} bytes"
+    );
+
+    // The honest run beside it completes.
+    hostile.fail(&task, "giving up").await;
+    let declining = tokio::spawn(async move {
+        loop {
+            let task = hostile.next_task().await;
+            hostile.fail(&task, "giving up").await;
+        }
+    });
+    let detail = wait_for_completion(&mut client, &run).await;
+    declining.abort();
+    assert_eq!(detail.rounds.len(), 3);
+    fed.stop().await;
+}
