@@ -6,7 +6,6 @@ mod evaluation_resume;
 mod examples;
 mod fedavg;
 mod hospital_control;
-mod hostile;
 mod lifecycle;
 mod resilience;
 mod security;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use medfl_core::run::RunStatus;
 use medfl_core::safetensors::encode_params_chunks;
-use medfl_core::spec::{DatasetInfo, RunSpec};
+use medfl_core::spec::RunSpec;
 use medfl_proto::v1::{self, run_service_server::RunService};
 use tokio::sync::oneshot;
 use tokio_stream::Stream;
@@ -76,13 +76,9 @@ impl RunApi {
 
     async fn create(&self, spec_toml: String, caller: &Caller) -> Result<String, CoordinatorError> {
         let spec = RunSpec::from_toml(&spec_toml)?;
-        let sites: Vec<(String, Vec<DatasetInfo>)> = self
-            .shared
-            .sites()?
-            .iter()
-            .map(|(n, s)| (n.clone(), s.datasets.clone()))
-            .collect();
-        spec.validate_against(&sites)?;
+        // Checked under the lock rather than on a copy: with thousands of sites a copy of every
+        // site's columns would cost hundreds of megabytes per run created.
+        spec.validate_against(self.shared.sites()?.values().map(|s| s.datasets.as_slice()))?;
         let model = medfl_model::RunModel::for_run(&spec, &self.shared.bases).map_err(|e| {
             CoordinatorError::Invalid(if e.is_base_model() {
                 format!(
@@ -466,12 +462,8 @@ impl RunService for RunApi {
             crate::edge::name("ListSitesRequest.page_token", &req.page_token)?;
         }
         let now = now_ms();
-        let registered: std::collections::BTreeMap<String, u64> = self
-            .shared
-            .db(|s| s.sites())?
-            .into_iter()
-            .map(|s| (s.name, s.registered_ms))
-            .collect();
+        // Only the page is copied out: with thousands of sites, copying every site's columns
+        // for each page cost gigabytes of allocations per listing.
         let sites = self.shared.sites()?;
         let after = (
             std::ops::Bound::Excluded(req.page_token.clone()),
@@ -482,7 +474,7 @@ impl RunService for RunApi {
             online: self.shared.is_online(s, now),
             last_seen_unix_ms: s.last_seen_ms,
             datasets: s.datasets.iter().cloned().map(Into::into).collect(),
-            registered_unix_ms: registered.get(name).copied().unwrap_or(0),
+            registered_unix_ms: s.registered_ms,
         });
         Ok(Response::new(crate::fit::sites_page(
             all,

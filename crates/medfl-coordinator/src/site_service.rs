@@ -474,6 +474,7 @@ impl SiteService for SiteApi {
         let datasets: Vec<_> = req.datasets.into_iter().map(Into::into).collect();
         {
             let mut sites = self.shared.sites().map_err(Status::from)?;
+            let registered_ms = sites.get(&req.site).map_or(now, |s| s.registered_ms);
             if let Some(existing) = sites.get(&req.site) {
                 let other_key = !existing.signing_key.is_empty()
                     && existing.signing_key != req.signing_public_key;
@@ -493,6 +494,7 @@ impl SiteService for SiteApi {
                     token_sha256: token_sha256.clone(),
                     datasets: datasets.clone(),
                     last_seen_ms: now,
+                    registered_ms,
                     signing_key: req.signing_public_key.clone(),
                     rows: rows.clone(),
                 },

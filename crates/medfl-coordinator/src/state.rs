@@ -48,6 +48,8 @@ pub struct SiteLive {
     pub datasets: Vec<DatasetInfo>,
     /// Last call, ms since the epoch.
     pub last_seen_ms: u64,
+    /// First registration, ms since the epoch.
+    pub registered_ms: u64,
     /// Its pinned Ed25519 public key.
     pub signing_key: Vec<u8>,
     /// Rows of each dataset, as it registered them this session (empty until it registers):
@@ -257,6 +259,7 @@ impl Shared {
                         datasets: s.datasets,
                         // Nobody is online until they call again.
                         last_seen_ms: 0,
+                        registered_ms: s.registered_ms,
                         signing_key: s.signing_key,
                         rows: BTreeMap::new(),
                     },

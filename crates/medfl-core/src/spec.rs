@@ -797,19 +797,23 @@ impl RunSpec {
 
     /// Checks the spec against the sites the coordinator knows: enough of them must hold the
     /// dataset with every named column.
-    pub fn validate_against(&self, sites: &[(String, Vec<DatasetInfo>)]) -> Result<(), CoreError> {
+    pub fn validate_against<'a>(
+        &self,
+        sites: impl IntoIterator<Item = &'a [DatasetInfo]>,
+    ) -> Result<(), CoreError> {
         let t = &self.task;
+        let mut known = 0usize;
         let holders: Vec<&DatasetInfo> = sites
-            .iter()
-            .filter_map(|(_, ds)| ds.iter().find(|d| d.name == t.dataset))
+            .into_iter()
+            .inspect(|_| known += 1)
+            .filter_map(|ds| ds.iter().find(|d| d.name == t.dataset))
             .collect();
         if holders.is_empty() {
             return Err(CoreError::spec(
                 "task.dataset",
                 format!(
                     "no registered site holds a dataset named `{}` ({} sites known)",
-                    t.dataset,
-                    sites.len()
+                    t.dataset, known
                 ),
             ));
         }
@@ -968,16 +972,19 @@ labels = ["B", "M"]
     fn checked_against_registered_sites() {
         let s = RunSpec::from_toml(SPEC).unwrap();
         let good = [site("a", &["x1", "x2", "y"]), site("b", &["x1", "x2", "y"])];
-        s.validate_against(&good).unwrap();
-        let err = s.validate_against(&good[..1]).unwrap_err();
+        fn of(sites: &[(String, Vec<DatasetInfo>)]) -> Vec<&[DatasetInfo]> {
+            sites.iter().map(|(_, d)| d.as_slice()).collect()
+        }
+        s.validate_against(of(&good)).unwrap();
+        let err = s.validate_against(of(&good[..1])).unwrap_err();
         assert!(matches!(&err, CoreError::Spec { field, .. } if field == "min_sites"));
         let err = s
-            .validate_against(&[site("a", &["x1", "y"]), site("b", &["x1", "y"])])
+            .validate_against(of(&[site("a", &["x1", "y"]), site("b", &["x1", "y"])]))
             .unwrap_err();
         assert!(err.to_string().contains("`x2`"), "{err}");
         assert!(s.fits(&good[0].1[0]));
         assert!(!s.fits(&site("a", &["x1", "y"]).1[0]));
-        let err = s.validate_against(&[]).unwrap_err();
+        let err = s.validate_against(of(&[])).unwrap_err();
         assert!(matches!(&err, CoreError::Spec { field, .. } if field == "task.dataset"));
     }
 }

@@ -1,6 +1,5 @@
-//! Hostile clients one after another against a coordinator on the shipped defaults, in a test
-//! binary of its own: its resident memory is then the coordinator's (with the test's own clients
-//! and two small sites), not that of a dozen federations running beside it.
+//! Floods: more idle connections than the coordinator serves, then every oversized message a
+//! site can send, one after another.
 
 use std::time::{Duration, Instant};
 
@@ -11,19 +10,14 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tonic::Code;
 
+use crate::{code, Footprint};
+
 /// Idle connections opened: more than the default `max_connections` (4,096).
 const IDLE: usize = 5_000;
 
-fn code<T>(r: Result<T, tonic::Status>) -> Code {
-    r.map_or_else(|s| s.code(), |_| Code::Ok)
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / f64::from(1 << 20)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_clients_leave_the_coordinator_bounded_in_memory_and_on_disk() {
+    let _turn = crate::turn().await;
     // This process holds both ends of every connection; the coordinator raises its own limit
     // to fit its cap, the test raises it further for the client ends.
     let fits = medfl_coordinator::open_files::fit_connections(2 * IDLE as u32 + 1024);
@@ -49,12 +43,7 @@ async fn hostile_clients_leave_the_coordinator_bounded_in_memory_and_on_disk() {
         code(hostile.push_raw(header, bytes.clone(), 0).await),
         Code::InvalidArgument
     );
-    let Some(rss_before) = resident_bytes() else {
-        println!("skipping the memory checks: this system does not report VmRSS");
-        fed.stop().await;
-        return;
-    };
-    let disk_before = fed.coordinator.footprint();
+    let before = Footprint::of(&fed.coordinator);
 
     // 1. More idle TCP connections than the coordinator serves: they never start a handshake.
     let mut idle = Vec::with_capacity(IDLE);
@@ -129,34 +118,12 @@ async fn hostile_clients_leave_the_coordinator_bounded_in_memory_and_on_disk() {
         assert_eq!(code(registered), Code::InvalidArgument);
     }
 
-    let rss_after = resident_bytes().expect("VmRSS");
-    let disk_grown = fed.coordinator.footprint().saturating_sub(disk_before);
-    println!(
-        "resident memory {:.1} MiB -> {:.1} MiB; state and audit grew {} KiB; a researcher \
-         waited {waited:.1?} during {IDLE} idle connections",
-        mib(rss_before),
-        mib(rss_after),
-        disk_grown >> 10,
-    );
-    let rss_grown = rss_after.saturating_sub(rss_before);
-    assert!(
-        rss_grown < 96 << 20,
-        "resident memory grew {:.1} MiB",
-        mib(rss_grown)
-    );
-    assert!(
-        disk_grown < 256 << 10,
-        "state and audit grew {disk_grown} bytes"
-    );
+    println!("a researcher waited {waited:.1?} behind {IDLE} idle connections");
+    before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
 
     // The honest run beside it completes.
     hostile.fail(&task, "giving up").await;
-    let declining = tokio::spawn(async move {
-        loop {
-            let task = hostile.next_task().await;
-            hostile.fail(&task, "giving up").await;
-        }
-    });
+    let declining = crate::declining(hostile);
     let detail = wait_for_completion(&mut client, &run).await;
     declining.abort();
     assert_eq!(detail.rounds.len(), 3);
