@@ -314,3 +314,86 @@ async fn a_site_uploads_one_at_a_time_and_a_trickle_is_cut_while_honest_sites_up
     before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
     fed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_round_with_a_hundred_thousand_refusals_stays_readable_and_watchable() {
+    let _turn = crate::turn().await;
+    let fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("read-after-a-flood", 2, 2, 120),
+    )
+    .await;
+    let task = hostile.next_task().await;
+    // 100,000 refusals of the open attempt, each from a site of its own so that none is folded
+    // into another's counter: far more stored detail than any reply can carry.
+    {
+        let store = fed.coordinator.store();
+        for i in 0..100_000u64 {
+            store
+                .add_refusal(
+                    &run,
+                    task.round,
+                    task.attempt,
+                    &format!("spammer-{i:06}"),
+                    "bad signature",
+                    i,
+                )
+                .expect("refusal stored");
+        }
+    }
+    let before = Footprint::of(&fed.coordinator);
+    let detail = client
+        .get_run(v1::GetRunRequest {
+            run_id: run.clone(),
+            sites_of_round: task.round,
+        })
+        .await
+        .expect("the run is readable")
+        .into_inner();
+    assert!(prost::Message::encoded_len(&detail) < 4 << 20);
+    let mut watch = client
+        .watch_run(v1::GetRunRequest {
+            run_id: run.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("the run is watchable")
+        .into_inner();
+    let first = watch
+        .message()
+        .await
+        .expect("a watch update")
+        .expect("a detail");
+    assert!(prost::Message::encoded_len(&first) < 4 << 20);
+    hostile.fail(&task, "giving up").await;
+    let declining = crate::declining(hostile);
+    let done = wait_for_completion(&mut client, &run).await;
+    declining.abort();
+    assert_eq!(done.rounds.len(), 2);
+    // The round's 100,002 results are summarised: what fits, and how many were left out.
+    let detail = client
+        .get_run(v1::GetRunRequest {
+            run_id: run.clone(),
+            sites_of_round: 1,
+        })
+        .await
+        .expect("the run is readable")
+        .into_inner();
+    assert!(prost::Message::encoded_len(&detail) < 4 << 20);
+    let first = &detail.rounds[0];
+    assert!(first.sites_omitted > 0, "{first:?}");
+    assert_eq!(first.sites.len() + first.sites_omitted as usize, 100_003);
+    // The hospitals' own outcomes come before the flood of refusals.
+    assert!(
+        first.sites[..2]
+            .iter()
+            .all(|s| s.site.starts_with("hospital-") && s.outcome() == v1::SiteOutcome::Accepted),
+        "{:?}",
+        &first.sites[..3]
+    );
+    before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
+    fed.stop().await;
+}

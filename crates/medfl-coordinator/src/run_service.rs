@@ -174,14 +174,16 @@ impl RunApi {
             let results = rounds
                 .iter()
                 .map(|r| match r.round > recent || r.round == sites_of_round {
-                    true => s.site_results(id, r.round),
-                    false => Ok(Vec::new()),
+                    true => s.site_results_first(id, r.round, crate::fit::SITES_PER_ROUND),
+                    false => Ok((Vec::new(), 0)),
                 })
                 .collect::<Result<Vec<_>, CoordinatorError>>()?;
             Ok((rounds, results))
         })?;
         let mut out = Vec::with_capacity(rounds.len());
-        for (r, sites) in rounds.iter().zip(results) {
+        for (r, (sites, total)) in rounds.iter().zip(results) {
+            let sites_omitted =
+                (total.saturating_sub(sites.len() as u64)).min(u32::MAX.into()) as u32;
             let sites = sites
                 .into_iter()
                 .map(|s| v1::SiteRoundResult {
@@ -208,7 +210,7 @@ impl RunApi {
                 bytes_up: r.bytes_up,
                 global_sha256: r.global_sha256.clone(),
                 sites,
-                sites_omitted: 0,
+                sites_omitted,
             });
         }
         let snapshot = shared

@@ -1088,16 +1088,51 @@ impl Store {
         run_id: &str,
         round: u32,
     ) -> Result<Vec<SiteResult>, CoordinatorError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT round, attempt, site, outcome, reason, examples, train_loss, update_sha256,
-                    eval_examples, eval_metrics, 1, at_ms, rowid
-             FROM site_results WHERE run_id = ?1 AND round = ?2
-             UNION ALL
-             SELECT round, attempt, site, 'refused', reason, 0, 0.0, '', 0, '{}', count, first_ms, rowid
-             FROM refusals WHERE run_id = ?1 AND round = ?2
-             ORDER BY 12, 13",
+        self.site_results_limited(run_id, round, false, i64::MAX)
+    }
+
+    /// At most `limit` site results of a round for a reader, the sites' own outcomes (accepted,
+    /// failed, missing, ...) before refusals, each in the order they happened; and how many
+    /// results the round holds in all. Only what is returned is read into memory, however many
+    /// refusals a round collected.
+    pub fn site_results_first(
+        &self,
+        run_id: &str,
+        round: u32,
+        limit: usize,
+    ) -> Result<(Vec<SiteResult>, u64), CoordinatorError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let first = self.site_results_limited(run_id, round, true, limit)?;
+        let total: i64 = self.conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM site_results WHERE run_id = ?1 AND round = ?2)
+                  + (SELECT COUNT(*) FROM refusals WHERE run_id = ?1 AND round = ?2)",
+            params![run_id, round],
+            |r| r.get(0),
         )?;
-        let rows = stmt.query_map(params![run_id, round], |r| {
+        Ok((first, total as u64))
+    }
+
+    fn site_results_limited(
+        &self,
+        run_id: &str,
+        round: u32,
+        refusals_last: bool,
+        limit: i64,
+    ) -> Result<Vec<SiteResult>, CoordinatorError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT * FROM (
+                 SELECT round, attempt, site, outcome, reason, examples, train_loss,
+                        update_sha256, eval_examples, eval_metrics, 1 AS n, at_ms AS at,
+                        rowid AS rid, 0 AS refusal
+                 FROM site_results WHERE run_id = ?1 AND round = ?2
+                 UNION ALL
+                 SELECT round, attempt, site, 'refused', reason, 0, 0.0, '', 0, '{}', count,
+                        first_ms, rowid, 1
+                 FROM refusals WHERE run_id = ?1 AND round = ?2)
+             ORDER BY CASE WHEN ?3 THEN refusal ELSE 0 END, at, rid
+             LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![run_id, round, refusals_last, limit], |r| {
             let site: String = r.get(2)?;
             let outcome: String = r.get(3)?;
             Ok(SiteResult {
@@ -1208,6 +1243,32 @@ mod tests {
             .sum();
         // The WAL is checkpointed and reused: at most its 1,000 pages plus the database.
         assert!(on_disk < 6 << 20, "{on_disk} bytes on disk");
+    }
+
+    #[test]
+    fn a_reader_gets_the_sites_own_outcomes_before_a_flood_of_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("state.db")).unwrap();
+        s.insert_run(&run("r1", "init")).unwrap();
+        for i in 0..500u64 {
+            s.add_refusal("r1", 1, 1, &format!("spammer-{i:03}"), "bad signature", i)
+                .unwrap();
+        }
+        s.add_site_result(
+            "r1",
+            &SiteResult::new(1, 1, "honest", SiteOutcome::Accepted),
+            900,
+        )
+        .unwrap();
+        let (first, total) = s.site_results_first("r1", 1, 10).unwrap();
+        assert_eq!(total, 501);
+        assert_eq!(first.len(), 10);
+        assert_eq!(first[0].site, "honest");
+        assert_eq!(first[1].site, "spammer-000");
+        // Everything, in the order it happened, for the engine.
+        let all = s.site_results("r1", 1).unwrap();
+        assert_eq!(all.len(), 501);
+        assert_eq!(all[500].site, "honest");
     }
 
     #[test]
