@@ -397,3 +397,41 @@ async fn a_round_with_a_hundred_thousand_refusals_stays_readable_and_watchable()
     before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
     fed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_examples_than_registered_rows_are_refused_after_a_coordinator_restart() {
+    let _turn = crate::turn().await;
+    let mut fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("after-a-restart", 2, 2, 120),
+    )
+    .await;
+    hostile.next_task().await;
+    // The coordinator restarts; the hostile site does not register again, so only the rows it
+    // registered before (10,000) stand between its claim and the average.
+    fed.coordinator.restart();
+    let mut client = fed.coordinator.runs().await;
+    let before = Footprint::of(&fed.coordinator);
+    let task = hostile.next_task().await;
+    let global = hostile.download(&task.global_sha256).await;
+    let greedy = hostile
+        .push(&task, &global, 500_000)
+        .await
+        .expect_err("more examples than rows");
+    assert_eq!(greedy.code(), Code::InvalidArgument, "{greedy:?}");
+    assert!(
+        greedy.message().contains("10000 rows"),
+        "{}",
+        greedy.message()
+    );
+    before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
+    hostile.fail(&task, "giving up").await;
+    let declining = crate::declining(hostile);
+    let detail = wait_for_completion(&mut client, &run).await;
+    declining.abort();
+    assert_eq!(detail.rounds.len(), 2);
+    fed.stop().await;
+}

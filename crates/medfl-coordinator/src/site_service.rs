@@ -509,6 +509,7 @@ impl SiteService for SiteApi {
                     registered_ms: now,
                     last_seen_ms: now,
                     signing_key: req.signing_public_key.clone(),
+                    rows,
                 })
             })
             .map_err(Status::from)?;

@@ -261,7 +261,7 @@ impl Shared {
                         last_seen_ms: 0,
                         registered_ms: s.registered_ms,
                         signing_key: s.signing_key,
-                        rows: BTreeMap::new(),
+                        rows: s.rows,
                     },
                 )
             })

@@ -231,6 +231,9 @@ pub struct SiteRecord {
     pub last_seen_ms: u64,
     /// Its Ed25519 public key, pinned at first registration (empty before signing existed).
     pub signing_key: Vec<u8>,
+    /// Rows of each dataset, as it last registered them: kept so that a claimed example count
+    /// is checked after a restart too.
+    pub rows: BTreeMap<String, u64>,
 }
 
 /// A run as stored.
@@ -287,6 +290,15 @@ pub struct RoundRecord {
     pub global_sha256: String,
     /// Server optimizer state (JSON of moment blob ids), empty for stateless strategies.
     pub opt_state: String,
+}
+
+/// A site's dataset as stored: `[name, columns, rows]`; rows that registered before row counts
+/// were kept are `[name, columns]` (rows unknown until the site registers again).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum StoredDataset {
+    WithRows(String, Vec<String>, u64),
+    Named(String, Vec<String>),
 }
 
 /// One site's result in one attempt of a round (accepted, refused, missing, failed).
@@ -613,11 +625,17 @@ impl Store {
 
     /// Inserts or updates a site.
     pub fn upsert_site(&self, site: &SiteRecord) -> Result<(), CoordinatorError> {
-        let datasets: Vec<(String, Vec<String>)> = site
+        let datasets: Vec<StoredDataset> = site
             .datasets
             .iter()
-            .map(|d| (d.name.clone(), d.columns.clone()))
+            .map(|d| {
+                let rows = site.rows.get(&d.name).copied().unwrap_or(0);
+                StoredDataset::WithRows(d.name.clone(), d.columns.clone(), rows)
+            })
             .collect();
+        let datasets = serde_json::to_string(&datasets).map_err(|e| {
+            CoordinatorError::Internal(format!("site `{}`: datasets: {e}", site.name))
+        })?;
         self.conn.execute(
             "INSERT INTO sites (name, token_sha256, datasets, registered_ms, last_seen_ms, signing_key)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -625,7 +643,7 @@ impl Store {
             params![
                 site.name,
                 site.token_sha256,
-                serde_json::to_string(&datasets).unwrap_or_default(),
+                datasets,
                 site.registered_ms as i64,
                 site.last_seen_ms as i64,
                 site.signing_key
@@ -652,15 +670,28 @@ impl Store {
         let rows = stmt.query_map([], |r| {
             let name: String = r.get(0)?;
             let datasets: String = r.get(2)?;
-            let datasets: Vec<(String, Vec<String>)> = serde_json::from_str(&datasets)
+            let stored: Vec<StoredDataset> = serde_json::from_str(&datasets)
                 .map_err(|e| bad_row(2, format!("sites row `{name}`: datasets: {e}")))?;
+            let mut datasets = Vec::with_capacity(stored.len());
+            let mut rows = BTreeMap::new();
+            for d in stored {
+                let (dataset, columns, count) = match d {
+                    StoredDataset::WithRows(n, c, r) => (n, c, r),
+                    StoredDataset::Named(n, c) => (n, c, 0),
+                };
+                if count > 0 {
+                    rows.insert(dataset.clone(), count);
+                }
+                datasets.push(DatasetInfo {
+                    name: dataset,
+                    columns,
+                });
+            }
             Ok(SiteRecord {
                 name,
                 token_sha256: r.get(1)?,
-                datasets: datasets
-                    .into_iter()
-                    .map(|(name, columns)| DatasetInfo { name, columns })
-                    .collect(),
+                datasets,
+                rows,
                 registered_ms: r.get::<_, i64>(3)? as u64,
                 last_seen_ms: r.get::<_, i64>(4)? as u64,
                 signing_key: r.get(5)?,
@@ -1269,6 +1300,37 @@ mod tests {
         let all = s.site_results("r1", 1).unwrap();
         assert_eq!(all.len(), 501);
         assert_eq!(all[500].site, "honest");
+    }
+
+    #[test]
+    fn sites_keep_their_row_counts_and_older_rows_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.db")).unwrap();
+        let site = SiteRecord {
+            name: "a".into(),
+            token_sha256: "00".into(),
+            datasets: vec![DatasetInfo {
+                name: "d".into(),
+                columns: vec!["x".into()],
+            }],
+            registered_ms: 1,
+            last_seen_ms: 2,
+            signing_key: vec![7; 32],
+            rows: [("d".to_string(), 189)].into(),
+        };
+        s.upsert_site(&site).unwrap();
+        // A site stored before row counts were kept.
+        s.conn
+            .execute(
+                "INSERT INTO sites (name, token_sha256, datasets, registered_ms, last_seen_ms,
+                    signing_key) VALUES ('b', '00', '[[\"d\",[\"x\"]]]', 1, 2, x'')",
+                [],
+            )
+            .unwrap();
+        let sites = s.sites().unwrap();
+        assert_eq!(sites[0], site);
+        assert_eq!(sites[1].datasets, site.datasets);
+        assert!(sites[1].rows.is_empty());
     }
 
     #[test]
