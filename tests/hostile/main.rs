@@ -19,9 +19,45 @@ use tonic::Code;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-/// This test's turn: held to its end.
+/// This test's turn: held to its end. The first turn installs the daemons' own text log
+/// subscriber for the process, keeping the lines that mention [`FORGED`].
 async fn turn() -> MutexGuard<'static, ()> {
+    static LOGS: std::sync::Once = std::sync::Once::new();
+    LOGS.call_once(|| {
+        let logs = medfl_daemon::subscriber("text", false, || ForgedLines);
+        tracing::subscriber::set_global_default(logs).expect("the only log subscriber");
+    });
     ONE_AT_A_TIME.lock().await
+}
+
+/// A word hostile clients put into the strings they send, to find them in the logs.
+const FORGED: &str = "forged";
+
+/// The log lines that mention [`FORGED`], as the text log writes them.
+static FORGED_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps [`FORGED`] lines in [`FORGED_LOG`] (the log writes one event per call).
+struct ForgedLines;
+
+impl std::io::Write for ForgedLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.windows(FORGED.len()).any(|w| w == FORGED.as_bytes()) {
+            FORGED_LOG
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the log holds of lines mentioning [`FORGED`] so far.
+fn forged_log() -> String {
+    String::from_utf8_lossy(&FORGED_LOG.lock().expect("log")).into_owned()
 }
 
 fn code<T>(r: Result<T, tonic::Status>) -> Code {
@@ -93,12 +129,36 @@ impl Footprint {
     }
 }
 
-/// From now on `site` declines whatever it is asked, so that runs waiting for it go on.
-fn declining(mut site: RawSite) -> JoinHandle<()> {
+/// From now on `site` declines whatever it is asked, so that runs waiting for it go on. A call
+/// cut by a coordinator restart is made again (the channel reconnects), as a daemon would.
+fn declining(site: RawSite) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut client = site.client.clone();
         loop {
-            let task = site.next_task().await;
-            site.fail(&task, "giving up").await;
+            let Ok(reply) = client
+                .poll_task(site.req(medfl_proto::v1::PollTaskRequest {}))
+                .await
+            else {
+                tokio::task::yield_now().await;
+                continue;
+            };
+            let Some(task) = reply.into_inner().task else {
+                continue;
+            };
+            let declined = medfl_proto::v1::ReportTaskFailureRequest {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                attempt: task.attempt,
+                reason: "giving up".into(),
+                declined: medfl_proto::v1::Declined::Unspecified.into(),
+            };
+            while client
+                .report_task_failure(site.req(declined.clone()))
+                .await
+                .is_err()
+            {
+                tokio::task::yield_now().await;
+            }
         }
     })
 }

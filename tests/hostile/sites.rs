@@ -402,18 +402,31 @@ async fn a_round_with_a_hundred_thousand_refusals_stays_readable_and_watchable()
 async fn more_examples_than_registered_rows_are_refused_after_a_coordinator_restart() {
     let _turn = crate::turn().await;
     let mut fed = Federation::start(2).await;
-    let mut client = fed.coordinator.runs().await;
     let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
+    // The coordinator restarts; the hospitals register again, the hostile site does not, so
+    // only the rows it registered before (10,000) stand between its claim and the average.
+    fed.coordinator.restart();
+    for site in &mut fed.sites {
+        site.registered(2).await;
+    }
+    // It is online again (a heartbeat; its first call may meet the connection the restart
+    // cut, as a daemon's would, and is made again), so the run selects it.
+    let mut beats = 0;
+    while let Err(e) = hostile
+        .client
+        .heartbeat(hostile.req(v1::HeartbeatRequest::default()))
+        .await
+    {
+        beats += 1;
+        assert!(beats < 100, "no heartbeat after a restart: {e:?}");
+        tokio::task::yield_now().await;
+    }
+    let mut client = fed.coordinator.runs().await;
     let run = create_run(
         &mut client,
         &breast_cancer_spec("after-a-restart", 2, 2, 120),
     )
     .await;
-    hostile.next_task().await;
-    // The coordinator restarts; the hostile site does not register again, so only the rows it
-    // registered before (10,000) stand between its claim and the average.
-    fed.coordinator.restart();
-    let mut client = fed.coordinator.runs().await;
     let before = Footprint::of(&fed.coordinator);
     let task = hostile.next_task().await;
     let global = hostile.download(&task.global_sha256).await;
@@ -433,5 +446,49 @@ async fn more_examples_than_registered_rows_are_refused_after_a_coordinator_rest
     let detail = wait_for_completion(&mut client, &run).await;
     declining.abort();
     assert_eq!(detail.rounds.len(), 2);
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reason_forging_log_lines_reaches_the_log_escaped() {
+    let _turn = crate::turn().await;
+    let fed = Federation::start(2).await;
+    let mut client = fed.coordinator.runs().await;
+    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("beside-a-forger", 2, 2, 60),
+    )
+    .await;
+    let task = hostile.next_task().await;
+    let before = Footprint::of(&fed.coordinator);
+    // A failure reason that would start a line of its own, and clear the operator's screen.
+    let reason = format!(
+        "out of memory\n2026-12-07T10:00:00Z  INFO run stopped by=admin {}\u{1b}[2J",
+        crate::FORGED
+    );
+    hostile.fail(&task, &reason).await;
+    let declining = crate::declining(hostile);
+    let detail = wait_for_completion(&mut client, &run).await;
+    declining.abort();
+    assert_eq!(detail.rounds.len(), 2);
+    let log = crate::forged_log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(crate::FORGED)).collect();
+    assert!(!lines.is_empty(), "the reason was not logged");
+    for line in &lines {
+        assert!(
+            !line.contains("T10:00:00Z") || line.contains("memory"),
+            "a forged line of its own: {line}"
+        );
+        assert!(
+            !line.contains('\u{1b}'),
+            "a terminal escape reached the log: {line}"
+        );
+    }
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-07T10:00:00Z")),
+        "{log}"
+    );
+    before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
     fed.stop().await;
 }

@@ -63,17 +63,37 @@ pub fn env_overrides(
 /// by its own rules. So a string from the network can neither forge a log line nor drive an
 /// operator's terminal.
 pub fn init_logging(format: &str) {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Also forwards the `log` records of dependencies (rustls). A second call (a test running
+    // several daemons in one process) keeps the first.
+    let _ = tracing_subscriber::util::SubscriberInitExt::try_init(subscriber(
+        format,
+        ansi,
+        std::io::stderr,
+    ));
+}
+
+/// The daemons' log subscriber writing to `writer`, as [`init_logging`] installs it: filtered
+/// by `RUST_LOG` (default `info`), JSON lines when `format` is `json`, else text with escaped
+/// fields, colour codes only with `ansi`.
+pub fn subscriber<W>(
+    format: &str,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if format == "json" {
-        logs.json().init();
+        Box::new(logs.json().finish())
     } else {
-        logs.fmt_fields(escaped_fields()).init();
+        Box::new(logs.fmt_fields(escaped_fields()).finish())
     }
 }
 
@@ -230,12 +250,8 @@ mod tests {
     fn text_logs_escape_network_strings() {
         let out = Captured::default();
         let sink = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .fmt_fields(escaped_fields())
-            .finish();
-        tracing::subscriber::with_default(subscriber, log_hostile);
+        let logs = subscriber("text", false, move || sink.clone());
+        tracing::subscriber::with_default(logs, log_hostile);
         let text = out.text();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(!text.contains('\u{1b}'), "{text}");
@@ -247,11 +263,8 @@ mod tests {
     fn json_logs_escape_network_strings() {
         let out = Captured::default();
         let sink = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || sink.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, log_hostile);
+        let logs = subscriber("json", false, move || sink.clone());
+        tracing::subscriber::with_default(logs, log_hostile);
         let text = out.text();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(!text.contains('\u{1b}'), "{text}");
