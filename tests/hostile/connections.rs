@@ -3,14 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use medfl_e2e::raw::RawSite;
 use medfl_e2e::*;
 use medfl_proto::v1;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tonic::Code;
 
-use crate::{code, Footprint};
+use crate::{code, Attack, Footprint};
 
 /// Idle connections opened: more than the default `max_connections` (4,096).
 const IDLE: usize = 5_000;
@@ -25,15 +24,13 @@ async fn hostile_clients_leave_the_coordinator_bounded_in_memory_and_on_disk() {
         fits as usize >= 2 * IDLE,
         "the open-file hard limit is too low for this test (ulimit -Hn)"
     );
-    let fed = Federation::start(2).await;
-    let mut client = fed.coordinator.runs().await;
-    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
-    let run = create_run(
-        &mut client,
-        &breast_cancer_spec("beside-a-flood", 3, 2, 120),
-    )
-    .await;
-    let task = hostile.next_task().await;
+    let Attack {
+        fed,
+        mut client,
+        mut hostile,
+        run,
+        task,
+    } = Attack::beside("beside-a-flood", 3).await;
     let global = hostile.download(&task.global_sha256).await;
     let bytes = medfl_core::safetensors::encode(&global);
     // One refused upload first, so that buffers allocated once are in the baseline.
@@ -85,37 +82,13 @@ async fn hostile_clients_leave_the_coordinator_bounded_in_memory_and_on_disk() {
     }
     // 3. Twenty evaluations with 60,000 metric names each.
     for _ in 0..20 {
-        let metrics = (0..60_000).map(|i| (format!("metric-{i}"), 0.5)).collect();
-        let report = hostile
-            .client
-            .report_evaluation(hostile.req(v1::ReportEvaluationRequest {
-                run_id: task.run_id.clone(),
-                round: task.round,
-                global_sha256: task.global_sha256.clone(),
-                num_examples: 10,
-                metrics,
-            }))
-            .await;
-        assert_eq!(code(report), Code::InvalidArgument);
+        let report = crate::report_metrics(&mut hostile, &task, 60_000).await;
+        assert_eq!(report, Code::InvalidArgument);
     }
     // 4. Twenty registrations with 3 MB of column names each.
     for _ in 0..20 {
-        let columns: Vec<String> = (0..150_000).map(|i| format!("column-{i:014}")).collect();
-        let registered = hostile
-            .client
-            .register(v1::RegisterRequest {
-                site: "hostile".into(),
-                token: "hostile-secret-token-0123456789".into(),
-                datasets: vec![v1::DatasetSchema {
-                    name: "breast_cancer".into(),
-                    columns,
-                    rows: 100,
-                }],
-                version: "test".into(),
-                signing_public_key: vec![7; 32],
-            })
-            .await;
-        assert_eq!(code(registered), Code::InvalidArgument);
+        let registered = crate::register_columns(&mut hostile, 150_000).await;
+        assert_eq!(registered, Code::InvalidArgument);
     }
 
     println!("a researcher waited {waited:.1?} behind {IDLE} idle connections");

@@ -12,9 +12,12 @@ mod researchers;
 mod sites;
 
 use medfl_e2e::raw::RawSite;
-use medfl_e2e::Coordinator;
+use medfl_e2e::{breast_cancer_spec, create_run, Coordinator, Federation};
+use medfl_proto::v1;
+use medfl_proto::v1::run_service_client::RunServiceClient;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 use tonic::Code;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -135,22 +138,19 @@ fn declining(site: RawSite) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut client = site.client.clone();
         loop {
-            let Ok(reply) = client
-                .poll_task(site.req(medfl_proto::v1::PollTaskRequest {}))
-                .await
-            else {
+            let Ok(reply) = client.poll_task(site.req(v1::PollTaskRequest {})).await else {
                 tokio::task::yield_now().await;
                 continue;
             };
             let Some(task) = reply.into_inner().task else {
                 continue;
             };
-            let declined = medfl_proto::v1::ReportTaskFailureRequest {
+            let declined = v1::ReportTaskFailureRequest {
                 run_id: task.run_id.clone(),
                 round: task.round,
                 attempt: task.attempt,
                 reason: "giving up".into(),
-                declined: medfl_proto::v1::Declined::Unspecified.into(),
+                declined: v1::Declined::Unspecified.into(),
             };
             while client
                 .report_task_failure(site.req(declined.clone()))
@@ -161,4 +161,69 @@ fn declining(site: RawSite) -> JoinHandle<()> {
             }
         }
     })
+}
+
+/// Two hospitals and a hostile site, with an honest run of `rounds` rounds whose first round
+/// waits for the hostile site: it holds that round's task.
+struct Attack {
+    fed: Federation,
+    client: RunServiceClient<Channel>,
+    hostile: RawSite,
+    run: String,
+    task: v1::Task,
+}
+
+impl Attack {
+    async fn beside(run_name: &str, rounds: u32) -> Self {
+        let fed = Federation::start(2).await;
+        let mut client = fed.coordinator.runs().await;
+        let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
+        let run = create_run(&mut client, &breast_cancer_spec(run_name, rounds, 2, 120)).await;
+        let task = hostile.next_task().await;
+        Self {
+            fed,
+            client,
+            hostile,
+            run,
+            task,
+        }
+    }
+}
+
+/// The hostile site registers again with `columns` column names.
+async fn register_columns(hostile: &mut RawSite, columns: usize) -> Code {
+    let columns = (0..columns).map(|i| format!("column-{i:014}")).collect();
+    code(
+        hostile
+            .client
+            .register(v1::RegisterRequest {
+                site: "hostile".into(),
+                token: "hostile-secret-token-0123456789".into(),
+                datasets: vec![v1::DatasetSchema {
+                    name: "breast_cancer".into(),
+                    columns,
+                    rows: 100,
+                }],
+                version: "test".into(),
+                signing_public_key: vec![7; 32],
+            })
+            .await,
+    )
+}
+
+/// The hostile site reports an evaluation of `task`'s model with `metrics` metric names.
+async fn report_metrics(hostile: &mut RawSite, task: &v1::Task, metrics: usize) -> Code {
+    let metrics = (0..metrics).map(|i| (format!("metric-{i}"), 0.5)).collect();
+    code(
+        hostile
+            .client
+            .report_evaluation(hostile.req(v1::ReportEvaluationRequest {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                global_sha256: task.global_sha256.clone(),
+                num_examples: 10,
+                metrics,
+            }))
+            .await,
+    )
 }

@@ -6,20 +6,18 @@ use medfl_e2e::*;
 use medfl_proto::v1;
 use tonic::Code;
 
-use crate::{code, Footprint};
+use crate::{code, Attack, Footprint};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_headers_and_reports_are_refused_without_a_trace() {
     let _turn = crate::turn().await;
-    let fed = Federation::start(2).await;
-    let mut client = fed.coordinator.runs().await;
-    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
-    let run = create_run(
-        &mut client,
-        &breast_cancer_spec("beside-an-attack", 3, 2, 60),
-    )
-    .await;
-    let task = hostile.next_task().await;
+    let Attack {
+        fed,
+        mut client,
+        mut hostile,
+        run,
+        task,
+    } = Attack::beside("beside-an-attack", 3).await;
     assert_eq!(task.kind, v1::TaskKind::Train as i32);
     let global = hostile.download(&task.global_sha256).await;
     let bytes = medfl_core::safetensors::encode(&global);
@@ -46,36 +44,12 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
         Code::FailedPrecondition
     );
     // An evaluation with 60,000 metric names.
-    let metrics = (0..60_000).map(|i| (format!("metric-{i}"), 0.5)).collect();
-    let report = hostile
-        .client
-        .report_evaluation(hostile.req(v1::ReportEvaluationRequest {
-            run_id: task.run_id.clone(),
-            round: task.round,
-            global_sha256: task.global_sha256.clone(),
-            num_examples: 10,
-            metrics,
-        }))
-        .await;
-    assert_eq!(code(report), Code::InvalidArgument);
+    let report = crate::report_metrics(&mut hostile, &task, 60_000).await;
+    assert_eq!(report, Code::InvalidArgument);
     // Registering 4 MB of column names.
     // (3 MB: under the message limit, so the coordinator itself has to refuse it.)
-    let columns: Vec<String> = (0..150_000).map(|i| format!("column-{i:014}")).collect();
-    let registered = hostile
-        .client
-        .register(v1::RegisterRequest {
-            site: "hostile".into(),
-            token: "hostile-secret-token-0123456789".into(),
-            datasets: vec![v1::DatasetSchema {
-                name: "breast_cancer".into(),
-                columns,
-                rows: 100,
-            }],
-            version: "test".into(),
-            signing_public_key: vec![7; 32],
-        })
-        .await;
-    assert_eq!(code(registered), Code::InvalidArgument);
+    let registered = crate::register_columns(&mut hostile, 150_000).await;
+    assert_eq!(registered, Code::InvalidArgument);
     // More examples than the 10,000 rows the site registered (within the run's max_examples).
     let greedy = hostile.push(&task, &global, 500_000).await;
     let greedy = greedy.expect_err("more examples than rows");
@@ -108,15 +82,13 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousands_of_refused_uploads_are_counted_not_stored() {
     let _turn = crate::turn().await;
-    let fed = Federation::start(2).await;
-    let mut client = fed.coordinator.runs().await;
-    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
-    let run = create_run(
-        &mut client,
-        &breast_cancer_spec("beside-a-spammer", 2, 2, 120),
-    )
-    .await;
-    let task = hostile.next_task().await;
+    let Attack {
+        fed,
+        mut client,
+        mut hostile,
+        run,
+        task,
+    } = Attack::beside("beside-a-spammer", 2).await;
     let global = hostile.download(&task.global_sha256).await;
     let bytes = medfl_core::safetensors::encode(&global);
     let wal_file = fed.coordinator.data_dir.join("state.db-wal");
@@ -239,15 +211,13 @@ fn trickle(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_site_uploads_one_at_a_time_and_a_trickle_is_cut_while_honest_sites_upload() {
     let _turn = crate::turn().await;
-    let fed = Federation::start(2).await;
-    let mut client = fed.coordinator.runs().await;
-    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
-    let run = create_run(
-        &mut client,
-        &breast_cancer_spec("beside-a-trickle", 1, 2, 120),
-    )
-    .await;
-    let task = hostile.next_task().await;
+    let Attack {
+        fed,
+        mut client,
+        mut hostile,
+        run,
+        task,
+    } = Attack::beside("beside-a-trickle", 1).await;
     let global = hostile.download(&task.global_sha256).await;
     let bytes = medfl_core::safetensors::encode(&global);
     let before = Footprint::of(&fed.coordinator);
@@ -318,15 +288,13 @@ async fn a_site_uploads_one_at_a_time_and_a_trickle_is_cut_while_honest_sites_up
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_round_with_a_hundred_thousand_refusals_stays_readable_and_watchable() {
     let _turn = crate::turn().await;
-    let fed = Federation::start(2).await;
-    let mut client = fed.coordinator.runs().await;
-    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
-    let run = create_run(
-        &mut client,
-        &breast_cancer_spec("read-after-a-flood", 2, 2, 120),
-    )
-    .await;
-    let task = hostile.next_task().await;
+    let Attack {
+        fed,
+        mut client,
+        mut hostile,
+        run,
+        task,
+    } = Attack::beside("read-after-a-flood", 2).await;
     // 100,000 refusals of the open attempt, each from a site of its own so that none is folded
     // into another's counter: far more stored detail than any reply can carry.
     {
@@ -452,15 +420,13 @@ async fn more_examples_than_registered_rows_are_refused_after_a_coordinator_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reason_forging_log_lines_reaches_the_log_escaped() {
     let _turn = crate::turn().await;
-    let fed = Federation::start(2).await;
-    let mut client = fed.coordinator.runs().await;
-    let mut hostile = RawSite::register(&fed.coordinator, "hostile").await;
-    let run = create_run(
-        &mut client,
-        &breast_cancer_spec("beside-a-forger", 2, 2, 60),
-    )
-    .await;
-    let task = hostile.next_task().await;
+    let Attack {
+        fed,
+        mut client,
+        mut hostile,
+        run,
+        task,
+    } = Attack::beside("beside-a-forger", 2).await;
     let before = Footprint::of(&fed.coordinator);
     // A failure reason that would start a line of its own, and clear the operator's screen.
     let reason = format!(
