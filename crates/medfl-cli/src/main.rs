@@ -12,6 +12,7 @@ mod demo;
 mod demo_text;
 #[cfg(test)]
 mod mock;
+mod privacy;
 mod provision;
 mod pull;
 mod table;
@@ -73,6 +74,9 @@ enum Command {
     Audit(audit::AuditCommand),
     /// Create the consortium's CA and kits; add, revoke and list participants.
     Provision(provision::ProvisionArgs),
+    /// Differential privacy: the ε a run spends, the noise a target ε needs.
+    #[command(subcommand)]
+    Privacy(privacy::PrivacyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +212,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Aggregate(args) => aggregate::run(args)?,
         Command::Audit(command) => audit::run(command)?,
         Command::Provision(command) => provision::run(command)?,
+        Command::Privacy(command) => privacy::run(command)?,
         Command::Run(RunCommand::Create { spec }) => {
             // Check the spec before dialling, so a typo is reported even with no coordinator.
             commands::read_spec(&spec)?;

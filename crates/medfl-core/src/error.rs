@@ -33,6 +33,14 @@ pub enum CoreError {
         /// Why it is invalid.
         message: String,
     },
+    /// A differential-privacy parameter is out of range or cannot be met.
+    #[error("privacy: {field}: {message}")]
+    Privacy {
+        /// The offending parameter (`noise_multiplier`, `delta`, ...).
+        field: String,
+        /// Why.
+        message: String,
+    },
     /// The accumulator has no update to average.
     #[error("no update to aggregate")]
     Empty,
@@ -51,6 +59,14 @@ pub enum CoreError {
 }
 
 impl CoreError {
+    /// A privacy error for `field`.
+    pub fn privacy(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Privacy {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
     /// A spec error for `field`.
     pub fn spec(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Spec {

@@ -16,11 +16,13 @@
 //! - [`signing`]: the bytes sites sign for updates and the coordinator signs for tasks.
 //! - [`spec`]: the run spec researchers write, and its validation.
 //! - [`metrics`]: accuracy, AUC and example-weighted means.
+//! - [`privacy`]: differential-privacy accounting (RDP for the subsampled Gaussian).
 
 pub mod aggregator;
 pub mod error;
 pub mod fedavg;
 pub mod metrics;
+pub mod privacy;
 pub mod round;
 pub mod run;
 pub mod run_machine;

@@ -1,0 +1,135 @@
+//! `medfl privacy`: what a differentially private run spends (ε at a δ) and the noise a target
+//! ε needs, for the Poisson-subsampled Gaussian that both of medfl's privacy levels use: rows
+//! sampled into each DP-SGD step at a site, or sites sampled into each round.
+
+use medfl_core::privacy::{noise_for, rdp, Mechanism};
+
+/// `medfl privacy` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum PrivacyCommand {
+    /// Prints ε for a sample rate, noise multiplier, number of steps and δ.
+    Epsilon {
+        #[command(flatten)]
+        common: Common,
+        /// Noise standard deviation over the clipping norm (z).
+        #[arg(long, value_name = "Z", allow_negative_numbers = true)]
+        noise_multiplier: f64,
+    },
+    /// Prints the smallest noise multiplier that keeps ε at or under a target.
+    Noise {
+        #[command(flatten)]
+        common: Common,
+        /// The ε not to exceed.
+        #[arg(long, value_name = "E", allow_negative_numbers = true)]
+        target_epsilon: f64,
+    },
+}
+
+/// What both subcommands take.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// Probability that one record (or site) takes part in one step (q), in (0, 1].
+    #[arg(long, value_name = "Q", allow_negative_numbers = true)]
+    sample_rate: f64,
+    /// Steps (DP-SGD steps, or rounds at the client level).
+    #[arg(long, value_name = "T")]
+    steps: u64,
+    /// The δ of the (ε, δ) guarantee; at most 1/N for N records.
+    #[arg(long, value_name = "D", allow_negative_numbers = true)]
+    delta: f64,
+    /// How ε is computed: Rényi DP as Opacus computes it.
+    #[arg(long, value_enum, default_value_t = Accountant::Rdp)]
+    accountant: Accountant,
+    /// Print JSON (`{"epsilon": ..., ...}`) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The privacy accountants.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Accountant {
+    /// Rényi DP (Opacus's orders and conversion).
+    Rdp,
+}
+
+/// Runs a subcommand.
+pub fn run(command: PrivacyCommand) -> anyhow::Result<()> {
+    match command {
+        PrivacyCommand::Epsilon {
+            common,
+            noise_multiplier,
+        } => {
+            let mechanism = common.mechanism(noise_multiplier);
+            let spent = match common.accountant {
+                Accountant::Rdp => rdp::epsilon(&mechanism)?,
+            };
+            if common.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "epsilon": spent.epsilon,
+                        "delta": mechanism.delta,
+                        "accountant": "rdp",
+                        "best_order": finite(spent.best_order),
+                        "sample_rate": mechanism.sample_rate,
+                        "noise_multiplier": mechanism.noise_multiplier,
+                        "steps": mechanism.steps,
+                    })
+                );
+            } else {
+                let order = finite(spent.best_order)
+                    .map(|o| format!(" (RDP, best order {o})"))
+                    .unwrap_or_default();
+                println!("ε = {:.6} at δ = {}{order}", spent.epsilon, mechanism.delta);
+            }
+        }
+        PrivacyCommand::Noise {
+            common,
+            target_epsilon,
+        } => {
+            let mechanism = common.mechanism(1.0);
+            let z = match common.accountant {
+                Accountant::Rdp => noise_for(&mechanism, target_epsilon)?,
+            };
+            let spent = rdp::epsilon(&Mechanism {
+                noise_multiplier: z,
+                ..mechanism
+            })?;
+            if common.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "noise_multiplier": z,
+                        "epsilon": spent.epsilon,
+                        "target_epsilon": target_epsilon,
+                        "delta": mechanism.delta,
+                        "accountant": "rdp",
+                        "sample_rate": mechanism.sample_rate,
+                        "steps": mechanism.steps,
+                    })
+                );
+            } else {
+                println!(
+                    "noise multiplier z = {z:.6} (ε = {:.6} at δ = {})",
+                    spent.epsilon, mechanism.delta
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Common {
+    fn mechanism(&self, noise_multiplier: f64) -> Mechanism {
+        Mechanism {
+            sample_rate: self.sample_rate,
+            noise_multiplier,
+            steps: self.steps,
+            delta: self.delta,
+        }
+    }
+}
+
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}

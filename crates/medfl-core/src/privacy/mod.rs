@@ -1,0 +1,101 @@
+//! Differential-privacy accounting: how much privacy (ε at a given δ) a mechanism spends, and
+//! how much noise a target ε needs.
+//!
+//! Both privacy levels medfl offers reduce to the same mechanism: the Poisson-subsampled
+//! Gaussian (rows sampled with rate q into each DP-SGD step at a site, or sites sampled with rate
+//! q into each round of DP-FedAvg; noise z times the clipping norm), composed over the steps or
+//! rounds. [`rdp`] accounts for it with Rényi differential privacy as Opacus does.
+
+pub mod rdp;
+
+use crate::CoreError;
+
+/// A Poisson-subsampled Gaussian mechanism composed `steps` times, and the δ at which its ε is
+/// asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mechanism {
+    /// Probability that one record (or site) takes part in one step, in (0, 1].
+    pub sample_rate: f64,
+    /// Noise standard deviation over the clipping norm, > 0.
+    pub noise_multiplier: f64,
+    /// Steps (or rounds) composed.
+    pub steps: u64,
+    /// The δ of the (ε, δ) guarantee, in (0, 1).
+    pub delta: f64,
+}
+
+impl Mechanism {
+    /// Checks every parameter, naming the one out of range.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        let q = self.sample_rate;
+        if !(q > 0.0 && q <= 1.0) {
+            return Err(CoreError::privacy(
+                "sample_rate",
+                format!("must be in (0, 1], got {q}"),
+            ));
+        }
+        let z = self.noise_multiplier;
+        if !(z > 0.0 && z.is_finite()) {
+            return Err(CoreError::privacy(
+                "noise_multiplier",
+                format!("must be a finite number > 0, got {z}"),
+            ));
+        }
+        let d = self.delta;
+        if !(d > 0.0 && d < 1.0) {
+            return Err(CoreError::privacy(
+                "delta",
+                format!("must be in (0, 1), got {d}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The privacy a mechanism spends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spent {
+    /// ε at the mechanism's δ.
+    pub epsilon: f64,
+    /// The Rényi order that gave the tightest ε (NaN for no steps).
+    pub best_order: f64,
+}
+
+/// The smallest noise multiplier (to 1e-6 relative, rounded up) with which `mechanism` (its own
+/// `noise_multiplier` ignored) spends at most `target_epsilon`.
+pub fn noise_for(mechanism: &Mechanism, target_epsilon: f64) -> Result<f64, CoreError> {
+    if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
+        return Err(CoreError::privacy(
+            "target_epsilon",
+            format!("must be a finite number > 0, got {target_epsilon}"),
+        ));
+    }
+    let spends = |z: f64| -> Result<f64, CoreError> {
+        let m = Mechanism {
+            noise_multiplier: z,
+            ..*mechanism
+        };
+        Ok(rdp::epsilon(&m)?.epsilon)
+    };
+    // ε falls as the noise grows: double until the target is met, then bisect.
+    let (mut low, mut high) = (0.0_f64, 1.0_f64);
+    while spends(high)? > target_epsilon {
+        low = high;
+        high *= 2.0;
+        if high > 1e6 {
+            return Err(CoreError::privacy(
+                "target_epsilon",
+                format!("{target_epsilon} cannot be met with any noise multiplier up to 1e6"),
+            ));
+        }
+    }
+    while high - low > 1e-6 * high {
+        let mid = 0.5 * (low + high);
+        if spends(mid)? > target_epsilon {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    Ok(high)
+}
