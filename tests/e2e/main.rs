@@ -7,6 +7,7 @@ mod examples;
 mod fedavg;
 mod hospital_control;
 mod lifecycle;
+mod privacy;
 mod resilience;
 mod security;
 mod site_control;
