@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use medfl_e2e::*;
 use medfl_proto::v1;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -95,10 +94,8 @@ async fn hostile_clients_leave_the_coordinator_bounded_in_memory_and_on_disk() {
     before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
 
     // The honest run beside it completes.
-    hostile.fail(&task, "giving up").await;
-    let declining = crate::declining(hostile);
-    let detail = wait_for_completion(&mut client, &run).await;
-    declining.abort();
+    let detail =
+        crate::declined_until_complete(hostile, &task, "giving up", &mut client, &run).await;
     assert_eq!(detail.rounds.len(), 3);
     fed.stop().await;
 }

@@ -12,7 +12,7 @@ mod researchers;
 mod sites;
 
 use medfl_e2e::raw::RawSite;
-use medfl_e2e::{breast_cancer_spec, create_run, Coordinator, Federation};
+use medfl_e2e::{breast_cancer_spec, create_run, wait_for_completion, Coordinator, Federation};
 use medfl_proto::v1;
 use medfl_proto::v1::run_service_client::RunServiceClient;
 use tokio::sync::{Mutex, MutexGuard};
@@ -161,6 +161,22 @@ fn declining(site: RawSite) -> JoinHandle<()> {
             }
         }
     })
+}
+
+/// `hostile` declines `task` with `reason`, and every task after it; returns the detail of the
+/// honest run `run` once it completed.
+async fn declined_until_complete(
+    mut hostile: RawSite,
+    task: &v1::Task,
+    reason: &str,
+    client: &mut RunServiceClient<Channel>,
+    run: &str,
+) -> v1::RunDetail {
+    hostile.fail(task, reason).await;
+    let declining = declining(hostile);
+    let detail = wait_for_completion(client, run).await;
+    declining.abort();
+    detail
 }
 
 /// Two hospitals and a hostile site, with an honest run of `rounds` rounds whose first round

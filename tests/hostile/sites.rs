@@ -67,10 +67,8 @@ async fn hostile_headers_and_reports_are_refused_without_a_trace() {
 
     // From here the hostile site declines whatever it is asked; the honest run completes and
     // every read call still works.
-    hostile.fail(&task, "giving up").await;
-    let declining = crate::declining(hostile);
-    let detail = wait_for_completion(&mut client, &run).await;
-    declining.abort();
+    let detail =
+        crate::declined_until_complete(hostile, &task, "giving up", &mut client, &run).await;
     assert_eq!(detail.rounds.len(), 3);
     client
         .list_sites(v1::ListSitesRequest::default())
@@ -123,10 +121,8 @@ async fn thousands_of_refused_uploads_are_counted_not_stored() {
     assert!((1..=8).contains(&audited), "{audited} refusals audited");
     before.assert_grew_less_than(&fed.coordinator, 4608 << 10, 96 << 20);
 
-    hostile.fail(&task, "giving up").await;
-    let declining = crate::declining(hostile);
-    let detail = wait_for_completion(&mut client, &run).await;
-    declining.abort();
+    let detail =
+        crate::declined_until_complete(hostile, &task, "giving up", &mut client, &run).await;
     // The researcher sees one counted refusal, not 5,000 rows.
     let refused: Vec<_> = detail.rounds[0]
         .sites
@@ -270,10 +266,8 @@ async fn a_site_uploads_one_at_a_time_and_a_trickle_is_cut_while_honest_sites_up
     // The honest sites' updates were taken meanwhile; once the hostile site gives up, the round
     // closes without waiting out its deadline.
     // (It then declines the final evaluation too, so the run ends without waiting for it.)
-    hostile.fail(&task, "giving up").await;
-    let declining = crate::declining(hostile);
-    let detail = wait_for_completion(&mut client, &run).await;
-    declining.abort();
+    let detail =
+        crate::declined_until_complete(hostile, &task, "giving up", &mut client, &run).await;
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     let accepted = detail.rounds[0]
         .sites
@@ -291,7 +285,7 @@ async fn a_round_with_a_hundred_thousand_refusals_stays_readable_and_watchable()
     let Attack {
         fed,
         mut client,
-        mut hostile,
+        hostile,
         run,
         task,
     } = Attack::beside("read-after-a-flood", 2).await;
@@ -336,10 +330,7 @@ async fn a_round_with_a_hundred_thousand_refusals_stays_readable_and_watchable()
         .expect("a watch update")
         .expect("a detail");
     assert!(prost::Message::encoded_len(&first) < 4 << 20);
-    hostile.fail(&task, "giving up").await;
-    let declining = crate::declining(hostile);
-    let done = wait_for_completion(&mut client, &run).await;
-    declining.abort();
+    let done = crate::declined_until_complete(hostile, &task, "giving up", &mut client, &run).await;
     assert_eq!(done.rounds.len(), 2);
     // The round's 100,002 results are summarised: what fits, and how many were left out.
     let detail = client
@@ -409,10 +400,8 @@ async fn more_examples_than_registered_rows_are_refused_after_a_coordinator_rest
         greedy.message()
     );
     before.assert_grew_less_than(&fed.coordinator, 256 << 10, 96 << 20);
-    hostile.fail(&task, "giving up").await;
-    let declining = crate::declining(hostile);
-    let detail = wait_for_completion(&mut client, &run).await;
-    declining.abort();
+    let detail =
+        crate::declined_until_complete(hostile, &task, "giving up", &mut client, &run).await;
     assert_eq!(detail.rounds.len(), 2);
     fed.stop().await;
 }
@@ -423,7 +412,7 @@ async fn a_reason_forging_log_lines_reaches_the_log_escaped() {
     let Attack {
         fed,
         mut client,
-        mut hostile,
+        hostile,
         run,
         task,
     } = Attack::beside("beside-a-forger", 2).await;
@@ -433,10 +422,7 @@ async fn a_reason_forging_log_lines_reaches_the_log_escaped() {
         "out of memory\n2026-12-07T10:00:00Z  INFO run stopped by=admin {}\u{1b}[2J",
         crate::FORGED
     );
-    hostile.fail(&task, &reason).await;
-    let declining = crate::declining(hostile);
-    let detail = wait_for_completion(&mut client, &run).await;
-    declining.abort();
+    let detail = crate::declined_until_complete(hostile, &task, &reason, &mut client, &run).await;
     assert_eq!(detail.rounds.len(), 2);
     let log = crate::forged_log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(crate::FORGED)).collect();

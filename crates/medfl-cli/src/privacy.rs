@@ -2,7 +2,7 @@
 //! ε needs, for the Poisson-subsampled Gaussian that both of medfl's privacy levels use: rows
 //! sampled into each DP-SGD step at a site, or sites sampled into each round.
 
-use medfl_core::privacy::{noise_for, rdp, Mechanism};
+use medfl_core::privacy::{noise_for, rdp, Mechanism, Spent};
 
 /// `medfl privacy` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -63,57 +63,33 @@ pub fn run(command: PrivacyCommand) -> anyhow::Result<()> {
             let spent = match common.accountant {
                 Accountant::Rdp => rdp::epsilon(&mechanism)?,
             };
-            if common.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "epsilon": spent.epsilon,
-                        "delta": mechanism.delta,
-                        "accountant": "rdp",
-                        "best_order": finite(spent.best_order),
-                        "sample_rate": mechanism.sample_rate,
-                        "noise_multiplier": mechanism.noise_multiplier,
-                        "steps": mechanism.steps,
-                    })
-                );
-            } else {
-                let order = finite(spent.best_order)
-                    .map(|o| format!(" (RDP, best order {o})"))
-                    .unwrap_or_default();
-                println!("ε = {:.6} at δ = {}{order}", spent.epsilon, mechanism.delta);
-            }
+            let order = finite(spent.best_order)
+                .map(|o| format!(" (RDP, best order {o})"))
+                .unwrap_or_default();
+            common.print(
+                &mechanism,
+                &spent,
+                serde_json::json!({}),
+                format!("ε = {:.6} at δ = {}{order}", spent.epsilon, mechanism.delta),
+            );
         }
         PrivacyCommand::Noise {
             common,
             target_epsilon,
         } => {
-            let mechanism = common.mechanism(1.0);
-            let z = match common.accountant {
-                Accountant::Rdp => noise_for(&mechanism, target_epsilon)?,
+            let (z, spent) = match common.accountant {
+                Accountant::Rdp => noise_for(&common.mechanism(1.0), target_epsilon)?,
             };
-            let spent = rdp::epsilon(&Mechanism {
-                noise_multiplier: z,
-                ..mechanism
-            })?;
-            if common.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "noise_multiplier": z,
-                        "epsilon": spent.epsilon,
-                        "target_epsilon": target_epsilon,
-                        "delta": mechanism.delta,
-                        "accountant": "rdp",
-                        "sample_rate": mechanism.sample_rate,
-                        "steps": mechanism.steps,
-                    })
-                );
-            } else {
-                println!(
+            let mechanism = common.mechanism(z);
+            common.print(
+                &mechanism,
+                &spent,
+                serde_json::json!({ "target_epsilon": target_epsilon }),
+                format!(
                     "noise multiplier z = {z:.6} (ε = {:.6} at δ = {})",
                     spent.epsilon, mechanism.delta
-                );
-            }
+                ),
+            );
         }
     }
     Ok(())
@@ -127,6 +103,27 @@ impl Common {
             steps: self.steps,
             delta: self.delta,
         }
+    }
+
+    /// Prints `text`, or with `--json` the mechanism and what it spends, plus `extra` keys.
+    fn print(&self, mechanism: &Mechanism, spent: &Spent, extra: serde_json::Value, text: String) {
+        if !self.json {
+            println!("{text}");
+            return;
+        }
+        let mut out = serde_json::json!({
+            "epsilon": spent.epsilon,
+            "best_order": finite(spent.best_order),
+            "delta": mechanism.delta,
+            "accountant": "rdp",
+            "sample_rate": mechanism.sample_rate,
+            "noise_multiplier": mechanism.noise_multiplier,
+            "steps": mechanism.steps,
+        });
+        if let (Some(out), serde_json::Value::Object(extra)) = (out.as_object_mut(), extra) {
+            out.extend(extra);
+        }
+        println!("{out}");
     }
 }
 

@@ -68,13 +68,13 @@ fn epsilon_matches_opacus_on_every_reference_row() {
     );
 }
 
-#[test]
-fn noise_is_the_smallest_multiplier_that_meets_the_target() {
-    let got = json(&medfl(&[
+/// `medfl privacy COMMAND FLAG VALUE --json` for q = 0.01, 1,000 steps and δ = 1e-5.
+fn at_reference(command: &str, flag: &str, value: &str) -> serde_json::Value {
+    json(&medfl(&[
         "privacy",
-        "noise",
-        "--target-epsilon",
-        "3",
+        command,
+        flag,
+        value,
         "--sample-rate",
         "0.01",
         "--steps",
@@ -82,24 +82,17 @@ fn noise_is_the_smallest_multiplier_that_meets_the_target() {
         "--delta",
         "1e-5",
         "--json",
-    ]));
+    ]))
+}
+
+#[test]
+fn noise_is_the_smallest_multiplier_that_meets_the_target() {
+    let got = at_reference("noise", "--target-epsilon", "3");
     let z = got["noise_multiplier"].as_f64().expect("z");
     let eps = got["epsilon"].as_f64().expect("ε");
     assert!(eps <= 3.0 && eps > 2.99, "{got}");
     // Slightly less noise spends more than the target.
-    let less = json(&medfl(&[
-        "privacy",
-        "epsilon",
-        "--noise-multiplier",
-        &format!("{}", z * 0.9999),
-        "--sample-rate",
-        "0.01",
-        "--steps",
-        "1000",
-        "--delta",
-        "1e-5",
-        "--json",
-    ]));
+    let less = at_reference("epsilon", "--noise-multiplier", &format!("{}", z * 0.9999));
     assert!(less["epsilon"].as_f64().expect("ε") > 3.0, "{less}");
 }
 

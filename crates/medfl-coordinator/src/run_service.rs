@@ -183,7 +183,7 @@ impl RunApi {
         let mut out = Vec::with_capacity(rounds.len());
         for (r, (sites, total)) in rounds.iter().zip(results) {
             let sites_omitted =
-                (total.saturating_sub(sites.len() as u64)).min(u32::MAX.into()) as u32;
+                u32::try_from(total.saturating_sub(sites.len() as u64)).unwrap_or(u32::MAX);
             let sites = sites
                 .into_iter()
                 .map(|s| v1::SiteRoundResult {

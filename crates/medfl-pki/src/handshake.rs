@@ -35,7 +35,7 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// cuts connections opened to hold a slot: at the cap, their slots turn over every few seconds
 /// and a client waiting in the (first come, first served) backlog is accepted well within its
 /// own handshake timeout.
-pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The consortium CA's verdict on a client certificate, then the revocation list's.
 #[derive(Debug)]

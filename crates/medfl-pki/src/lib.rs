@@ -41,7 +41,7 @@ pub use ca::{
     CONSORTIUM_FILE, DEFAULT_PORT, REVOKED_FILE,
 };
 pub use error::PkiError;
-pub use handshake::{tls_incoming, Admitted, ConnectionLimits, FIRST_BYTES_TIMEOUT};
+pub use handshake::{tls_incoming, Admitted, ConnectionLimits};
 pub use identity::{identity_uri, validate_name, PeerIdentity, Role, URI_PREFIX};
 pub use kit::{provision, Kit, Provisioned, COORDINATOR_NAME};
 pub use revocation::{RevocationList, Revoked, WatchedRevocations};

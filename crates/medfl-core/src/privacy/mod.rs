@@ -62,26 +62,28 @@ pub struct Spent {
 }
 
 /// The smallest noise multiplier (to 1e-6 relative, rounded up) with which `mechanism` (its own
-/// `noise_multiplier` ignored) spends at most `target_epsilon`.
-pub fn noise_for(mechanism: &Mechanism, target_epsilon: f64) -> Result<f64, CoreError> {
+/// `noise_multiplier` ignored) spends at most `target_epsilon`, with what it spends.
+pub fn noise_for(mechanism: &Mechanism, target_epsilon: f64) -> Result<(f64, Spent), CoreError> {
     if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
         return Err(CoreError::privacy(
             "target_epsilon",
             format!("must be a finite number > 0, got {target_epsilon}"),
         ));
     }
-    let spends = |z: f64| -> Result<f64, CoreError> {
-        let m = Mechanism {
+    let spends = |z: f64| {
+        rdp::epsilon(&Mechanism {
             noise_multiplier: z,
             ..*mechanism
-        };
-        Ok(rdp::epsilon(&m)?.epsilon)
+        })
     };
-    // ε falls as the noise grows: double until the target is met, then bisect.
+    // ε falls as the noise grows: double until the target is met, then bisect, keeping what
+    // the upper end (always within the target) spends.
     let (mut low, mut high) = (0.0_f64, 1.0_f64);
-    while spends(high)? > target_epsilon {
+    let mut at_high = spends(high)?;
+    while at_high.epsilon > target_epsilon {
         low = high;
         high *= 2.0;
+        at_high = spends(high)?;
         if high > 1e6 {
             return Err(CoreError::privacy(
                 "target_epsilon",
@@ -91,11 +93,12 @@ pub fn noise_for(mechanism: &Mechanism, target_epsilon: f64) -> Result<f64, Core
     }
     while high - low > 1e-6 * high {
         let mid = 0.5 * (low + high);
-        if spends(mid)? > target_epsilon {
+        let at_mid = spends(mid)?;
+        if at_mid.epsilon > target_epsilon {
             low = mid;
         } else {
-            high = mid;
+            (high, at_high) = (mid, at_mid);
         }
     }
-    Ok(high)
+    Ok((high, at_high))
 }

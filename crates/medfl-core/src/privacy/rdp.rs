@@ -279,7 +279,7 @@ mod tests {
     fn the_noise_for_a_target_is_the_smallest_that_meets_it() {
         let m = mechanism(0.01, 1.0, 1000);
         for target in [0.5, 1.0, 3.0, 8.0] {
-            let z = super::super::noise_for(&m, target).unwrap();
+            let (z, spent) = super::super::noise_for(&m, target).unwrap();
             let at = |z| {
                 epsilon(&Mechanism {
                     noise_multiplier: z,
@@ -289,6 +289,7 @@ mod tests {
                 .epsilon
             };
             assert!(at(z) <= target, "z {z} spends {}", at(z));
+            assert_eq!(spent.epsilon, at(z));
             assert!(at(z * (1.0 - 1e-5)) > target, "z {z} is not the smallest");
         }
         assert!(matches!(
