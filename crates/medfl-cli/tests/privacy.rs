@@ -151,3 +151,60 @@ fn parameters_out_of_range_are_refused_naming_them() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("delta"));
 }
+
+#[test]
+fn the_pld_accountant_matches_dp_accounting_and_needs_less_noise() {
+    let reference = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../medfl-core/tests/vectors/pld_subsampled_gaussian.csv"),
+    )
+    .expect("reference");
+    // The rows with a realistic ε (the core's own test checks all 36).
+    for line in reference.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let want: f64 = f[4].parse().expect("ε");
+        if want > 30.0 {
+            continue;
+        }
+        let got = json(&medfl(&[
+            "privacy",
+            "epsilon",
+            "--accountant",
+            "pld",
+            "--sample-rate",
+            f[0],
+            "--noise-multiplier",
+            f[1],
+            "--steps",
+            f[2],
+            "--delta",
+            f[3],
+            "--json",
+        ]));
+        let eps = got["epsilon"].as_f64().expect("epsilon");
+        assert!((eps - want).abs() / want < 1e-8, "{line}: {got}");
+        assert_eq!(got["accountant"], "pld", "{got}");
+        assert!(got["best_order"].is_null(), "{got}");
+    }
+    let noise = |accountant: &str| {
+        let got = json(&medfl(&[
+            "privacy",
+            "noise",
+            "--accountant",
+            accountant,
+            "--target-epsilon",
+            "3",
+            "--sample-rate",
+            "0.01",
+            "--steps",
+            "1000",
+            "--delta",
+            "1e-5",
+            "--json",
+        ]));
+        assert!(got["epsilon"].as_f64().expect("ε") <= 3.0, "{got}");
+        got["noise_multiplier"].as_f64().expect("z")
+    };
+    let (rdp, pld) = (noise("rdp"), noise("pld"));
+    assert!(pld < rdp, "pld needs z {pld}, rdp {rdp}");
+}

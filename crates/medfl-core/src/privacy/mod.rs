@@ -4,8 +4,10 @@
 //! Both privacy levels medfl offers reduce to the same mechanism: the Poisson-subsampled
 //! Gaussian (rows sampled with rate q into each DP-SGD step at a site, or sites sampled with rate
 //! q into each round of DP-FedAvg; noise z times the clipping norm), composed over the steps or
-//! rounds. [`rdp`] accounts for it with Rényi differential privacy as Opacus does.
+//! rounds. [`rdp`] accounts for it with Rényi differential privacy as Opacus does, [`pld`] with
+//! privacy loss distributions as Google's dp-accounting does (tighter, and slower).
 
+pub mod pld;
 pub mod rdp;
 
 use crate::CoreError;
@@ -57,13 +59,45 @@ impl Mechanism {
 pub struct Spent {
     /// ε at the mechanism's δ.
     pub epsilon: f64,
-    /// The Rényi order that gave the tightest ε (NaN for no steps).
-    pub best_order: f64,
+    /// The Rényi order that gave the tightest ε (RDP only, and only for at least one step).
+    pub best_order: Option<f64>,
+}
+
+/// How ε is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accountant {
+    /// Rényi DP with Opacus's orders and conversion ([`rdp`]).
+    Rdp,
+    /// Privacy loss distributions as dp-accounting's PLD accountant ([`pld`]).
+    Pld,
+}
+
+impl Accountant {
+    /// What `mechanism` spends by this accountant.
+    pub fn epsilon(self, mechanism: &Mechanism) -> Result<Spent, CoreError> {
+        match self {
+            Self::Rdp => rdp::epsilon(mechanism),
+            Self::Pld => pld::epsilon(mechanism),
+        }
+    }
+
+    /// The accountant's name as the CLI, specs and model metadata spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rdp => "rdp",
+            Self::Pld => "pld",
+        }
+    }
 }
 
 /// The smallest noise multiplier (to 1e-6 relative, rounded up) with which `mechanism` (its own
-/// `noise_multiplier` ignored) spends at most `target_epsilon`, with what it spends.
-pub fn noise_for(mechanism: &Mechanism, target_epsilon: f64) -> Result<(f64, Spent), CoreError> {
+/// `noise_multiplier` ignored) spends at most `target_epsilon` by `accountant`, with what it
+/// spends.
+pub fn noise_for(
+    accountant: Accountant,
+    mechanism: &Mechanism,
+    target_epsilon: f64,
+) -> Result<(f64, Spent), CoreError> {
     if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
         return Err(CoreError::privacy(
             "target_epsilon",
@@ -71,7 +105,7 @@ pub fn noise_for(mechanism: &Mechanism, target_epsilon: f64) -> Result<(f64, Spe
         ));
     }
     let spends = |z: f64| {
-        rdp::epsilon(&Mechanism {
+        accountant.epsilon(&Mechanism {
             noise_multiplier: z,
             ..*mechanism
         })
