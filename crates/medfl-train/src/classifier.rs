@@ -21,6 +21,7 @@ use crate::bert::{cls_pool, mean_pool, BertModel, LoraAdapter};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
+use crate::private::{clipped_by_example, fit_private, SystemBits};
 use crate::text_data::TextExamples;
 use crate::TrainError;
 
@@ -262,7 +263,7 @@ impl LocalModel for TextClassifier {
             Adaptation::Head => Some(self.encode_all(&a.encoder, data)?),
             _ => None,
         };
-        let fitted = fit(&vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
+        let batch_loss = |idx: &[usize]| -> Result<Tensor, TrainError> {
             let rows = Tensor::from_vec(
                 idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
                 idx.len(),
@@ -278,13 +279,39 @@ impl LocalModel for TextClassifier {
             let logits = Self::head(&a, &pooled)?;
             let y = labels.index_select(&rows, 0)?;
             Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
-        })?;
+        };
         let trained: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        if let Some(dp) = &opts.record_dp {
+            let private = fit_private(
+                &vars,
+                &[],
+                data.len(),
+                opts,
+                dp,
+                &mut SystemBits::new(),
+                cancel,
+                progress,
+                &mut |idx, max_norm| {
+                    clipped_by_example(&vars, idx, max_norm, &mut |row| batch_loss(row))
+                },
+            )?;
+            return Ok(TrainReport {
+                params: from_tensors(start, &trained)?,
+                examples: data.len() as u64,
+                steps: private.fitted.steps,
+                mean_loss: private.fitted.mean_loss,
+                private: Some(private),
+            });
+        }
+        let fitted = fit(&vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
+            batch_loss(idx)
+        })?;
         Ok(TrainReport {
             params: from_tensors(start, &trained)?,
             examples: data.len() as u64,
             steps: fitted.steps,
             mean_loss: fitted.mean_loss,
+            private: None,
         })
     }
 

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW, SGD};
 use medfl_core::selection::SplitMix64;
@@ -12,8 +13,43 @@ use crate::data::permutation;
 use crate::model::{TrainOptions, TrainProgress};
 use crate::TrainError;
 
-/// One optimiser step on a loss.
-type StepFn = dyn FnMut(&Tensor) -> candle_core::Result<()>;
+/// The run's optimiser over the trained variables.
+pub(crate) enum Stepper {
+    Sgd(SGD),
+    Adamw(AdamW),
+}
+
+impl Stepper {
+    pub(crate) fn new(vars: &[Var], opts: &TrainOptions) -> candle_core::Result<Self> {
+        Ok(match opts.optimizer {
+            Optimizer::Sgd => Self::Sgd(SGD::new(vars.to_vec(), opts.learning_rate)?),
+            Optimizer::Adamw => Self::Adamw(AdamW::new(
+                vars.to_vec(),
+                ParamsAdamW {
+                    lr: opts.learning_rate,
+                    weight_decay: opts.weight_decay,
+                    ..Default::default()
+                },
+            )?),
+        })
+    }
+
+    /// One step on the gradients of `loss`.
+    pub(crate) fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        match self {
+            Self::Sgd(o) => o.backward_step(loss),
+            Self::Adamw(o) => o.backward_step(loss),
+        }
+    }
+
+    /// One step on given gradients.
+    pub(crate) fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        match self {
+            Self::Sgd(o) => o.step(grads),
+            Self::Adamw(o) => o.step(grads),
+        }
+    }
+}
 
 /// What a training loop did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,21 +92,7 @@ pub fn fit(
     let batch = opts.batch_size.clamp(1, n);
     let steps_per_epoch = n.div_ceil(batch) as u64;
     let total_steps = planned_steps(n, opts);
-    let mut optimizer: Box<StepFn> = match opts.optimizer {
-        Optimizer::Sgd => {
-            let mut sgd = SGD::new(vars.to_vec(), opts.learning_rate)?;
-            Box::new(move |loss| sgd.backward_step(loss))
-        }
-        Optimizer::Adamw => {
-            let params = ParamsAdamW {
-                lr: opts.learning_rate,
-                weight_decay: opts.weight_decay,
-                ..Default::default()
-            };
-            let mut adam = AdamW::new(vars.to_vec(), params)?;
-            Box::new(move |loss| adam.backward_step(loss))
-        }
-    };
+    let mut optimizer = Stepper::new(vars, opts)?;
     // FedProx anchors: the weights this round started from, held constant (detached, so no
     // gradient flows back through the copy).
     let anchors: Vec<Tensor> = if opts.proximal_mu > 0.0 {
@@ -114,7 +136,7 @@ pub fn fit(
             }
             objective = (objective + (prox * (opts.proximal_mu / 2.0))?)?;
         }
-        optimizer(&objective)?;
+        optimizer.backward_step(&objective)?;
         loss_sum += f64::from(loss_value);
         if step % 10 == 9 || step + 1 == total_steps {
             progress(TrainProgress {

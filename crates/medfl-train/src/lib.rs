@@ -15,6 +15,7 @@
 //! - [`mlp`]: a multi-layer perceptron / logistic regression on tabular features.
 //! - [`ops`]: fused CPU kernels with hand-derived gradients for the encoder's hot spots.
 //! - [`params`]: moving weights between [`medfl_core::ModelParams`] and candle tensors.
+//! - [`private`]: record-level DP-SGD: per-example clipped gradients, noise, the private loop.
 //! - [`testing`]: a tiny random BERT on disk, for tests and benchmarks.
 //! - [`text_data`]: JSON-lines text datasets and labelled texts.
 //! - [`tokenize`]: text to padded token-id batches with a Hugging Face `tokenizer.json`.
@@ -30,6 +31,7 @@ pub mod mlp;
 pub mod model;
 pub mod ops;
 pub mod params;
+pub mod private;
 pub mod testing;
 pub mod text_data;
 pub mod tokenize;

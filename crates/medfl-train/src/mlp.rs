@@ -12,6 +12,7 @@ use medfl_core::{ModelParams, ModelSchema};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
+use crate::private::{dense_stack_clipped, fit_private, SystemBits};
 use crate::{Examples, TrainError};
 
 /// Rows scored at once during evaluation, to bound memory.
@@ -121,6 +122,48 @@ impl LocalModel for Mlp {
         let weight_slots: Vec<usize> = slots.iter().map(|&(w, _)| w).collect();
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let tensor_refs: Vec<&Tensor> = tensors.iter().collect();
+        if let Some(dp) = &opts.record_dp {
+            let private = fit_private(
+                &vars,
+                &weight_slots,
+                data.len(),
+                opts,
+                dp,
+                &mut SystemBits::new(),
+                cancel,
+                progress,
+                &mut |idx, max_norm| {
+                    let (x, y) = batch_tensors(&data.select(idx), &device)?;
+                    let layers: Vec<(&Tensor, &Tensor)> = slots
+                        .iter()
+                        .map(|&(w, b)| (tensor_refs[w], tensor_refs[b]))
+                        .collect();
+                    let mut clipped = dense_stack_clipped(&layers, &x, &y, max_norm)?;
+                    // Back from (weight, bias) per layer to the variables' order.
+                    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+                    let mut per_layer = clipped.grads.drain(..);
+                    for &(w, b) in &slots {
+                        grads[w] = per_layer.next();
+                        grads[b] = per_layer.next();
+                    }
+                    drop(per_layer);
+                    clipped.grads = grads
+                        .into_iter()
+                        .map(|g| {
+                            g.ok_or_else(|| TrainError::Task("MLP layer without a gradient".into()))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    Ok(clipped)
+                },
+            )?;
+            return Ok(TrainReport {
+                params: from_tensors(start, &tensor_refs)?,
+                examples: data.len() as u64,
+                steps: private.fitted.steps,
+                mean_loss: private.fitted.mean_loss,
+                private: Some(private),
+            });
+        }
         let fitted = fit(
             &vars,
             &weight_slots,
@@ -139,6 +182,7 @@ impl LocalModel for Mlp {
             examples: data.len() as u64,
             steps: fitted.steps,
             mean_loss: fitted.mean_loss,
+            private: None,
         })
     }
 
@@ -191,6 +235,8 @@ mod tests {
     use medfl_core::selection::SplitMix64;
     use medfl_core::spec::Optimizer;
 
+    use crate::private::RecordDp;
+
     /// Two Gaussian blobs: class 1 centred at +1, class 0 at -1, in 3 dimensions.
     fn blobs(n: usize, seed: u64) -> Data {
         let mut rng = SplitMix64::new(seed);
@@ -221,6 +267,7 @@ mod tests {
             weight_decay: 0.0,
             proximal_mu: 0.0,
             seed: 1,
+            record_dp: None,
         }
     }
 
@@ -291,6 +338,70 @@ mod tests {
         assert!(distance(&held.params) < 0.8 * distance(&free.params));
         let acc = m.evaluate(&held.params, &data).unwrap().metrics["accuracy"];
         assert!(acc > 0.9, "{acc}");
+    }
+
+    #[test]
+    fn private_training_learns_with_moderate_noise() {
+        let m = Mlp::new(3, &[8], 2);
+        let data = blobs(400, 6);
+        let start = m.init(4).unwrap();
+        let mut o = opts();
+        o.batch_size = 32;
+        o.learning_rate = 0.5;
+        o.record_dp = Some(RecordDp {
+            noise_multiplier: 1.0,
+            max_grad_norm: 1.0,
+        });
+        let report = m
+            .train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
+        let private = report.private.expect("DP-SGD ran");
+        assert_eq!(report.steps, 5 * 13);
+        assert!((private.sample_rate - 0.08).abs() < 1e-12);
+        // Poisson samples of expected size 32 over 65 steps: 2,080 rows, sd about 44.
+        assert!(private.rows_sampled.abs_diff(2080) < 300, "{private:?}");
+        let acc = m.evaluate(&report.params, &data).unwrap().metrics["accuracy"];
+        assert!(acc > 0.9, "{acc}");
+    }
+
+    /// One SGD step at learning rate 1 moves each weight by −(clipped sum + noise) / batch:
+    /// with a tiny clipping norm the move is almost all noise, of standard deviation z·C / batch.
+    #[test]
+    fn private_noise_has_the_promised_scale() {
+        let m = Mlp::new(3, &[256], 2);
+        let data = blobs(160, 7);
+        let start = m.init(5).unwrap();
+        let mut o = opts();
+        (o.steps, o.batch_size, o.learning_rate) = (1, 16, 1.0);
+        o.record_dp = Some(RecordDp {
+            noise_multiplier: 10.0,
+            max_grad_norm: 0.01,
+        });
+        let report = m
+            .train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
+        let moves: Vec<f64> = report
+            .params
+            .tensors
+            .iter()
+            .zip(&start.tensors)
+            .flat_map(|(a, b)| a.data.iter().zip(&b.data))
+            .map(|(x, y)| f64::from(x - y))
+            .collect();
+        let n = moves.len() as f64;
+        let sd = (moves.iter().map(|d| d * d).sum::<f64>() / n).sqrt();
+        let want = 10.0 * 0.01 / 16.0;
+        assert!((sd / want - 1.0).abs() < 0.1, "sd {sd}, want {want}");
+        // With no noise and a tiny clipping norm, every sampled row is clipped.
+        o.record_dp = Some(RecordDp {
+            noise_multiplier: 1e-9,
+            max_grad_norm: 1e-6,
+        });
+        let report = m
+            .train(&start, &data, &o, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
+        let private = report.private.unwrap();
+        assert_eq!(private.rows_clipped, private.rows_sampled);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use medfl_model::RunModel;
 use crate::base::BaseModels;
 use crate::classifier::TextClassifier;
 use crate::mlp::Mlp;
+use crate::private::{PrivateFit, RecordDp};
 use crate::text_data::TextExamples;
 use crate::{Examples, TrainError};
 
@@ -77,6 +78,9 @@ pub struct TrainOptions {
     pub proximal_mu: f64,
     /// Seed for shuffling.
     pub seed: u64,
+    /// Record-level DP-SGD (`batch_size` is then the expected batch of a Poisson sample, and
+    /// the seed is not used: sampling and noise come from the operating system).
+    pub record_dp: Option<RecordDp>,
 }
 
 impl TrainOptions {
@@ -92,6 +96,7 @@ impl TrainOptions {
             weight_decay: t.weight_decay,
             proximal_mu: spec.strategy.proximal_mu(),
             seed,
+            record_dp: None,
         }
     }
 }
@@ -118,6 +123,9 @@ pub struct TrainReport {
     pub steps: u64,
     /// Mean loss over the steps.
     pub mean_loss: f64,
+    /// What record-level DP-SGD did (its sample rate and steps are what the site's accountant
+    /// charges), when it was on.
+    pub private: Option<PrivateFit>,
 }
 
 /// Metrics of a model on some examples.

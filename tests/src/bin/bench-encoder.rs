@@ -125,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         weight_decay: 0.0,
         proximal_mu: 0.0,
         seed: 1,
+        record_dp: None,
     };
     let cancel = AtomicBool::new(false);
     // One warm-up pass of each, then timed iterations (a train call is one full step,

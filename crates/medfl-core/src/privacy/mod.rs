@@ -7,6 +7,7 @@
 //! rounds. [`rdp`] accounts for it with Rényi differential privacy as Opacus does, [`pld`] with
 //! privacy loss distributions as Google's dp-accounting does (tighter, and slower).
 
+pub mod dpsgd;
 pub mod pld;
 pub mod rdp;
 
