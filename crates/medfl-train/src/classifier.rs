@@ -21,7 +21,9 @@ use crate::bert::{cls_pool, mean_pool, BertModel, LoraAdapter};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
-use crate::private::{clipped_by_example, fit_private, SystemBits};
+use crate::private::{
+    clipped_by_example, dense_stack_clipped, fit_private, ClippedBatch, SystemBits,
+};
 use crate::text_data::TextExamples;
 use crate::TrainError;
 
@@ -291,8 +293,10 @@ impl LocalModel for TextClassifier {
                 &mut SystemBits::new(),
                 cancel,
                 progress,
-                &mut |idx, max_norm| {
-                    clipped_by_example(&vars, idx, max_norm, &mut |row| batch_loss(row))
+                &mut |idx, max_norm| match &frozen {
+                    // Only the head trains, on fixed encodings: vectorised.
+                    Some(all) => self.head_clipped(start, &a, all, &labels, idx, max_norm),
+                    None => clipped_by_example(&vars, idx, max_norm, &mut |row| batch_loss(row)),
                 },
             )?;
             return Ok(TrainReport {
@@ -349,6 +353,40 @@ impl LocalModel for TextClassifier {
 }
 
 impl TextClassifier {
+    /// The clipped per-example gradients of the head alone on frozen encodings `all`, in the
+    /// order of `start`'s tensors (the head's weight and bias are all that train).
+    fn head_clipped(
+        &self,
+        start: &ModelParams,
+        a: &Assembled,
+        all: &Tensor,
+        labels: &Tensor,
+        idx: &[usize],
+        max_norm: f64,
+    ) -> Result<ClippedBatch, TrainError> {
+        let rows = Tensor::from_vec(
+            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            idx.len(),
+            &Device::Cpu,
+        )?;
+        let (pooled, y) = (all.index_select(&rows, 0)?, labels.index_select(&rows, 0)?);
+        let mut clipped =
+            dense_stack_clipped(&[(&a.head_weight, &a.head_bias)], &pooled, &y, max_norm)?;
+        let (weight, bias) = (clipped.grads[0].clone(), clipped.grads[1].clone());
+        clipped.grads = start
+            .tensors
+            .iter()
+            .map(|t| match t.name.as_str() {
+                HEAD_WEIGHT => Ok(weight.clone()),
+                HEAD_BIAS => Ok(bias.clone()),
+                other => Err(TrainError::Task(format!(
+                    "head-only training with another trained tensor, {other}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(clipped)
+    }
+
     /// Pooled encodings of every text, without gradients, in the data's order.
     fn encode_all(&self, encoder: &BertModel, data: &TextExamples) -> Result<Tensor, TrainError> {
         let mut parts = Vec::new();
