@@ -1,33 +1,29 @@
-//! What a researcher learns about patients from the models a run publishes.
+//! What a researcher learns about patients from the models a run publishes, and how
+//! record-level differential privacy stops it.
 
+use medfl_core::privacy::{Accountant, Mechanism};
+use medfl_core::run::SiteOutcome;
 use medfl_e2e::*;
 use medfl_train::data::{Standardizer, Table};
 
-/// A single-row step at one site, read back out of two consecutive global models: the update of
-/// a linear layer trained on one example x is −lr·(p − y)·xᵀ for its weights and −lr·(p − y) for
-/// its bias, so each weight row divided by its bias is x itself. This is the attack differential
-/// privacy has to stop; the sites' default minimum batch of 8 refuses such a spec, so this site
-/// is configured to allow batches of one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_published_models_give_away_a_training_row_at_a_site_allowing_batches_of_one() {
-    let fed = Federation::start_with_sites(
-        1,
-        false,
-        |_| {},
-        |site| {
-            site.policy.min_batch_size = 0;
-        },
-    )
-    .await;
-    let mut client = fed.coordinator.runs().await;
-    let spec = breast_cancer_spec("one-row-steps", 2, 1, 60)
+/// The attack's setting: one row per step, one step per round, no held-out rows.
+fn one_row_steps(name: &str) -> String {
+    breast_cancer_spec(name, 2, 1, 60)
         .replace("batch_size = 16", "batch_size = 1\nlocal_steps = 1")
         .replace(
             "labels = [\"B\", \"M\"]",
             "labels = [\"B\", \"M\"]\nvalidation_fraction = 0.0",
-        );
-    let run = create_run(&mut client, &spec).await;
-    let detail = wait_for_completion(&mut client, &run).await;
+        )
+}
+
+/// Record-level DP at the settings README.md recommends.
+const RECORD_DP: &str =
+    "\n[privacy]\nlevel = \"record\"\nnoise_multiplier = 1.0\nmax_grad_norm = 1.0\n";
+
+/// What the attack gets from a finished run at `fed`'s only site: the distance (largest
+/// coordinate difference) from the row it recovers to the closest training row, and the same
+/// for the guess that knows nothing but the feature means (all zeros once standardised).
+fn reconstruct(fed: &Federation, detail: &medfl_proto::v1::RunDetail) -> (f64, f64) {
     // What any researcher may pull: the models after rounds 1 and 2.
     let before = fed.coordinator.blob(&detail.rounds[0].global_sha256);
     let after = fed.coordinator.blob(&detail.rounds[1].global_sha256);
@@ -57,7 +53,7 @@ async fn two_published_models_give_away_a_training_row_at_a_site_allowing_batche
     let class = (0..db.len())
         .max_by(|&i, &j| db[i].abs().total_cmp(&db[j].abs()))
         .expect("a class");
-    assert!(db[class].abs() > 1e-6, "the model did not move: {db:?}");
+    assert!(db[class].abs() > 1e-9, "the model did not move: {db:?}");
     let recovered: Vec<f64> = dw[class * features..(class + 1) * features]
         .iter()
         .map(|w| w / db[class])
@@ -74,21 +70,142 @@ async fn two_published_models_give_away_a_training_row_at_a_site_allowing_batche
         )
         .expect("examples");
     let rows = Standardizer::fit(&examples).apply(&examples);
-    let error = |i: usize| {
-        rows.row(i)
-            .iter()
-            .zip(&recovered)
-            .map(|(x, r)| (f64::from(*x) - r).abs())
-            .fold(0.0, f64::max)
+    let closest = |guess: &[f64]| {
+        (0..rows.len())
+            .map(|i| {
+                rows.row(i)
+                    .iter()
+                    .zip(guess)
+                    .map(|(x, r)| (f64::from(*x) - r).abs())
+                    .fold(0.0, f64::max)
+            })
+            .fold(f64::INFINITY, f64::min)
     };
-    let (closest, err) = (0..rows.len())
-        .map(|i| (i, error(i)))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("rows");
-    assert!(
-        err < 1e-3,
-        "no row recovered: the closest, row {closest}, is {err} away"
+    (closest(&recovered), closest(&vec![0.0; features]))
+}
+
+/// Starts one site that allows batches of one (the default minimum batch of 8 refuses them).
+async fn site_allowing_batches_of_one() -> Federation {
+    Federation::start_with_sites(
+        1,
+        false,
+        |_| {},
+        |site| {
+            site.policy.min_batch_size = 0;
+        },
+    )
+    .await
+}
+
+/// A single-row step at one site, read back out of two consecutive global models: the update of
+/// a linear layer trained on one example x is −lr·(p − y)·xᵀ for its weights and −lr·(p − y) for
+/// its bias, so each weight row divided by its bias is x itself. This is the attack differential
+/// privacy has to stop; the sites' default minimum batch of 8 refuses such a spec, so this site
+/// is configured to allow batches of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_published_models_give_away_a_training_row_at_a_site_allowing_batches_of_one() {
+    let fed = site_allowing_batches_of_one().await;
+    let mut client = fed.coordinator.runs().await;
+    let run = create_run(&mut client, &one_row_steps("one-row-steps")).await;
+    let detail = wait_for_completion(&mut client, &run).await;
+    let (err, means) = reconstruct(&fed, &detail);
+    assert!(err < 1e-3, "no row recovered: the closest is {err} away");
+    println!(
+        "recovered a training row to within {err:.2e} (the feature means are {means:.2} away)"
     );
-    println!("recovered training row {closest} of site-0.csv to within {err:.2e}");
+    fed.stop().await;
+}
+
+/// The same attack on a run with record-level DP-SGD (z = 1, C = 1): the noise swamps the one
+/// row's gradient, and what comes out is further from every training row than the feature means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn record_level_dp_leaves_the_attack_no_better_than_the_feature_means_at_a_site_allowing_batches_of_one(
+) {
+    let fed = site_allowing_batches_of_one().await;
+    let mut client = fed.coordinator.runs().await;
+    let spec = one_row_steps("one-row-steps-dp") + RECORD_DP;
+    let run = create_run(&mut client, &spec).await;
+    let detail = wait_for_completion(&mut client, &run).await;
+    let (err, means) = reconstruct(&fed, &detail);
+    assert!(
+        err > means,
+        "the noised models still give away a row: {err} away, the means {means}"
+    );
+    println!("with DP the closest row is {err:.2} away; the feature means are {means:.2} away");
+    fed.stop().await;
+}
+
+/// The `privacy_spent` events in a site's audit log for `run`.
+fn privacy_spent(site_dir: &std::path::Path, run: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(site_dir.join("audit.jsonl"))
+        .expect("site audit log")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .filter(|e| e["event"] == "privacy_spent" && e["run"] == run)
+        .collect()
+}
+
+/// Each round's ε is the site's own accountant's over all its steps so far, charged in its
+/// audit log before the update leaves; a run whose target ε another round would exceed is
+/// declined by the site with `budget_exhausted`, the numbers in the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_charges_every_round_and_stops_at_the_runs_target_epsilon() {
+    let fed = Federation::start(1).await;
+    let site_dir = fed.dir.path().join("hospital-0");
+    let mut client = fed.coordinator.runs().await;
+    let spec = breast_cancer_spec("dp-two-rounds", 2, 1, 60) + RECORD_DP;
+    let run = create_run(&mut client, &spec).await;
+    wait_for_completion(&mut client, &run).await;
+    let spent = privacy_spent(&site_dir, &run);
+    assert_eq!(spent.len(), 2, "{spent:#?}");
+    let details: Vec<&serde_json::Value> = spent.iter().map(|e| &e["details"]).collect();
+    let num =
+        |d: &serde_json::Value, k: &str| d[k].as_f64().unwrap_or_else(|| panic!("{k} in {d}"));
+    let round_steps = num(details[0], "round_steps");
+    for (i, d) in details.iter().enumerate() {
+        let steps = num(d, "steps");
+        assert_eq!(steps, round_steps * (i + 1) as f64, "{d}");
+        let want = Accountant::Rdp
+            .epsilon(&Mechanism {
+                sample_rate: num(d, "sample_rate"),
+                noise_multiplier: 1.0,
+                steps: steps as u64,
+                delta: num(d, "delta"),
+            })
+            .expect("ε");
+        assert_eq!(num(d, "epsilon"), want.epsilon, "{d}");
+    }
+    let (first, second) = (num(details[0], "epsilon"), num(details[1], "epsilon"));
+    assert!(second > first && first > 0.0, "{first} then {second}");
+    // δ = 1/N^1.1 and q = 16/N for the site's N training rows.
+    let n: f64 = 16.0 / num(details[0], "sample_rate");
+    assert!((num(details[0], "delta") - n.powf(-1.1)).abs() < 1e-12 * n.powf(-1.1));
+
+    // A target between one round's ε and two rounds': one round trains, the next is declined.
+    let target = (first + second) / 2.0;
+    let spec = breast_cancer_spec("dp-target", 3, 1, 60)
+        + &RECORD_DP.replace(
+            "max_grad_norm = 1.0",
+            &format!("max_grad_norm = 1.0\ntarget_epsilon = {target}"),
+        );
+    let run = create_run(&mut client, &spec).await;
+    let detail = wait_for_end(&mut client, &run).await;
+    assert_eq!(detail.rounds.len(), 1, "{detail:?}");
+    assert_eq!(privacy_spent(&site_dir, &run).len(), 1);
+    let results = fed
+        .coordinator
+        .store()
+        .site_results(&run, 2)
+        .expect("results");
+    let declined = results
+        .iter()
+        .find(|r| r.outcome == SiteOutcome::BudgetExhausted)
+        .unwrap_or_else(|| panic!("no budget_exhausted in round 2: {results:#?}"));
+    assert!(
+        declined.reason.contains("target_epsilon")
+            && declined.reason.contains(&format!("{target}")),
+        "{}",
+        declined.reason
+    );
     fed.stop().await;
 }

@@ -58,11 +58,14 @@ pub enum SiteOutcome {
     Rejected,
     /// Its hospital paused the site.
     Paused,
+    /// Another round would take the site's ε for the run past the run's target, or one of its
+    /// datasets past the hospital's budget.
+    BudgetExhausted,
 }
 
 impl SiteOutcome {
     /// Every outcome, in order.
-    pub const ALL: [SiteOutcome; 7] = [
+    pub const ALL: [SiteOutcome; 8] = [
         SiteOutcome::Accepted,
         SiteOutcome::Refused,
         SiteOutcome::Missing,
@@ -70,6 +73,7 @@ impl SiteOutcome {
         SiteOutcome::Pending,
         SiteOutcome::Rejected,
         SiteOutcome::Paused,
+        SiteOutcome::BudgetExhausted,
     ];
 
     /// The lower-case name stored and shown.
@@ -82,6 +86,7 @@ impl SiteOutcome {
             SiteOutcome::Pending => "pending",
             SiteOutcome::Rejected => "rejected",
             SiteOutcome::Paused => "paused",
+            SiteOutcome::BudgetExhausted => "budget_exhausted",
         }
     }
 
@@ -94,7 +99,10 @@ impl SiteOutcome {
     pub fn is_declined(self) -> bool {
         matches!(
             self,
-            SiteOutcome::Pending | SiteOutcome::Rejected | SiteOutcome::Paused
+            SiteOutcome::Pending
+                | SiteOutcome::Rejected
+                | SiteOutcome::Paused
+                | SiteOutcome::BudgetExhausted
         )
     }
 }

@@ -73,6 +73,7 @@ impl From<SiteOutcome> for v1::SiteOutcome {
             SiteOutcome::Pending => v1::SiteOutcome::Pending,
             SiteOutcome::Rejected => v1::SiteOutcome::Rejected,
             SiteOutcome::Paused => v1::SiteOutcome::Paused,
+            SiteOutcome::BudgetExhausted => v1::SiteOutcome::BudgetExhausted,
         }
     }
 }
@@ -88,6 +89,7 @@ pub fn site_outcome(code: i32) -> Option<SiteOutcome> {
         v1::SiteOutcome::Pending => SiteOutcome::Pending,
         v1::SiteOutcome::Rejected => SiteOutcome::Rejected,
         v1::SiteOutcome::Paused => SiteOutcome::Paused,
+        v1::SiteOutcome::BudgetExhausted => SiteOutcome::BudgetExhausted,
     })
 }
 
@@ -97,6 +99,7 @@ pub fn declined_outcome(code: i32) -> SiteOutcome {
         Ok(v1::Declined::PendingApproval) => SiteOutcome::Pending,
         Ok(v1::Declined::Rejected) => SiteOutcome::Rejected,
         Ok(v1::Declined::Paused) => SiteOutcome::Paused,
+        Ok(v1::Declined::BudgetExhausted) => SiteOutcome::BudgetExhausted,
         _ => SiteOutcome::Failed,
     }
 }

@@ -20,6 +20,31 @@ pub struct RunRecord {
     pub updates_sent: u64,
     /// Bytes of those updates.
     pub bytes_sent: u64,
+    /// Record-level differential privacy spent on the run, by this site's own accountant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyLedger>,
+}
+
+/// What record-level DP-SGD has spent of one dataset on one run: every step whose result left
+/// the site, charged at the largest sample rate any round used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyLedger {
+    /// The dataset trained on.
+    pub dataset: String,
+    /// ε at `delta` for all `steps` so far.
+    pub epsilon: f64,
+    /// The δ of the guarantee, fixed at the first charge.
+    pub delta: f64,
+    /// `rdp` or `pld`.
+    pub accountant: String,
+    /// Poisson sample rate (expected batch over the site's training rows); the largest used.
+    pub sample_rate: f64,
+    /// Noise multiplier z.
+    pub noise_multiplier: f64,
+    /// Clipping norm C.
+    pub max_grad_norm: f64,
+    /// DP-SGD steps whose results left the site.
+    pub steps: u64,
 }
 
 /// What `site.json` holds.

@@ -9,6 +9,7 @@
 //! - [`cache`]: verified, resumable downloads of global models.
 //! - [`base_fetch`]: fetching a pinned base model from the coordinator.
 //! - [`policy`]: the hospital's policy and the per-run approval queue.
+//! - [`privacy`]: what a round of record-level DP-SGD costs, against the run's ε target.
 //! - [`registry`]: datasets registered by name with `medfl-site dataset add`.
 //! - [`audit`]: the site's audit log, shared by the daemon and the hospital's commands.
 //! - [`client`]: the identified gRPC client; [`identity`]: the site's token and run history.
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod error;
 pub mod identity;
 pub mod policy;
+pub mod privacy;
 pub mod registry;
 pub mod tasks;
 pub mod worker;

@@ -464,6 +464,8 @@ pub enum Declined {
     Rejected,
     /// The kill switch is thrown.
     Paused,
+    /// Training another round would exceed the run's ε target (or the dataset's budget).
+    BudgetExhausted,
 }
 
 impl Declined {

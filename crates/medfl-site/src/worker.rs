@@ -447,6 +447,7 @@ impl Worker {
                     Declined::PendingApproval => v1::Declined::PendingApproval,
                     Declined::Rejected => v1::Declined::Rejected,
                     Declined::Paused => v1::Declined::Paused,
+                    Declined::BudgetExhausted => v1::Declined::BudgetExhausted,
                 },
             ),
             SiteError::Cancelled(_) => ("task cancelled", v1::Declined::Unspecified),
@@ -700,6 +701,35 @@ impl Worker {
         // The same for every attempt at a round: a retried or resumed round trains identically.
         let seed = prepared.spec.seed ^ fnv1a(&self.config.name) ^ (u64::from(task.round) << 20);
         let opts = TrainOptions::from_spec(&prepared.spec, seed);
+        // Record-level DP: what this round costs, by this site's own count of its records.
+        let charge = match &prepared.spec.privacy {
+            Some(privacy) => {
+                let (privacy, dataset) = (privacy.clone(), prepared.spec.task.dataset.clone());
+                let (rows, opts) = (prepared.train.len(), opts.clone());
+                let before = self
+                    .state
+                    .runs
+                    .get(&task.run_id)
+                    .and_then(|r| r.privacy.clone());
+                let charge = tokio::task::spawn_blocking(move || {
+                    crate::privacy::plan(&privacy, &dataset, rows, &opts, before.as_ref())
+                })
+                .await
+                .map_err(|e| SiteError::Task(format!("privacy accounting task: {e}")))?;
+                if let Err(e @ SiteError::Declined { .. }) = &charge {
+                    self.audit(
+                        Event::new(
+                            "privacy_budget_exhausted",
+                            json!({ "detail": e.to_string() }),
+                        )
+                        .run(task.run_id.clone())
+                        .round(task.round),
+                    );
+                }
+                Some(charge?)
+            }
+            None => None,
+        };
         let (run, round, site) = (task.run_id.clone(), task.round, self.config.name.clone());
         info!(run = %run, round, site = %site, examples = prepared.train.len(), "training");
         let started = std::time::Instant::now();
@@ -765,6 +795,36 @@ impl Worker {
         // training: then nothing leaves.
         self.check_not_paused()?;
         token.check()?;
+        // What DP-SGD spent is charged before the update leaves, whether or not the
+        // coordinator then takes it.
+        if let Some(charge) = charge {
+            let l = &charge.ledger;
+            info!(run = %task.run_id, round = task.round, epsilon = l.epsilon, delta = l.delta, steps = l.steps, "record-level privacy spent");
+            self.audit(
+                Event::new(
+                    "privacy_spent",
+                    json!({
+                        "dataset": l.dataset,
+                        "epsilon": l.epsilon,
+                        "epsilon_before": charge.spent_before,
+                        "delta": l.delta,
+                        "accountant": l.accountant,
+                        "sample_rate": l.sample_rate,
+                        "noise_multiplier": l.noise_multiplier,
+                        "max_grad_norm": l.max_grad_norm,
+                        "round_steps": charge.round_steps,
+                        "steps": l.steps,
+                        "rows_clipped": report.private.map(|p| p.rows_clipped),
+                        "rows_sampled": report.private.map(|p| p.rows_sampled),
+                    }),
+                )
+                .run(task.run_id.clone())
+                .round(task.round),
+            );
+            let record = self.state.runs.entry(task.run_id.clone()).or_default();
+            record.privacy = Some(charge.ledger);
+            self.state.save(&self.config.data_dir)?;
+        }
         let result = push_update(client, header, bytes, self.chunk_size).await;
         sent["accepted"] = json!(result.is_ok());
         if let Err(e) = &result {
