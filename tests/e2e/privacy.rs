@@ -209,3 +209,87 @@ async fn a_site_charges_every_round_and_stops_at_the_runs_target_epsilon() {
     );
     fed.stop().await;
 }
+
+/// The result a site had in a round of a run.
+fn result_of(
+    fed: &Federation,
+    run: &str,
+    round: u32,
+    outcome: SiteOutcome,
+) -> medfl_coordinator::store::SiteResult {
+    let results = fed
+        .coordinator
+        .store()
+        .site_results(run, round)
+        .expect("results");
+    results
+        .iter()
+        .find(|r| r.outcome == outcome)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {outcome} in round {round} of {run}: {results:#?}"))
+}
+
+/// A hospital's budget for its dataset across runs: a run without record-level DP is refused;
+/// a DP run is charged; once what is left cannot pay for another whole run, that run is refused
+/// before it trains, the numbers in the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hospitals_budget_refuses_runs_without_dp_and_runs_it_cannot_pay_for() {
+    let budget = |max_epsilon: f64| {
+        move |site: &mut medfl_site::config::SiteConfig| {
+            site.policy.privacy.insert(
+                "breast_cancer".into(),
+                medfl_site::policy::DatasetBudget {
+                    max_epsilon,
+                    delta: Some(1e-5),
+                },
+            );
+        }
+    };
+    let mut fed = Federation::start_with_sites(1, false, |_| {}, budget(100.0)).await;
+    let site_dir = fed.dir.path().join("hospital-0");
+    let mut client = fed.coordinator.runs().await;
+    let plain = create_run(&mut client, &breast_cancer_spec("no-dp", 2, 1, 60)).await;
+    wait_for_end(&mut client, &plain).await;
+    let refused = result_of(&fed, &plain, 1, SiteOutcome::Rejected);
+    assert!(
+        refused.reason.contains("privacy budget") && refused.reason.contains("record"),
+        "{}",
+        refused.reason
+    );
+
+    let spec = breast_cancer_spec("dp-budgeted", 2, 1, 60) + RECORD_DP;
+    let first = create_run(&mut client, &spec).await;
+    wait_for_completion(&mut client, &first).await;
+    let spent = privacy_spent(&site_dir, &first);
+    let charged = spent.last().expect("charged")["details"]["epsilon"]
+        .as_f64()
+        .expect("ε");
+    assert_eq!(spent[0]["details"]["delta"], 1e-5, "the hospital's δ");
+
+    // The same hospital with a budget of 1.5 runs' worth: the second run cannot be paid for.
+    let site = fed.sites.pop().expect("the site");
+    site.stop().await;
+    let mut config = site_config(
+        "hospital-0",
+        &fed.coordinator,
+        &site_dir,
+        &fed.dir.path().join("data").join("site-0.csv"),
+    );
+    budget(1.5 * charged)(&mut config);
+    let mut site = Site::start(config);
+    site.registered(1).await;
+    fed.sites.push(site);
+    let second = create_run(&mut client, &spec.replace("dp-budgeted", "dp-over-budget")).await;
+    wait_for_end(&mut client, &second).await;
+    let refused = result_of(&fed, &second, 1, SiteOutcome::Rejected);
+    assert!(
+        refused.reason.contains("left of its budget") && refused.reason.contains("max_epsilon"),
+        "{}",
+        refused.reason
+    );
+    assert!(
+        privacy_spent(&site_dir, &second).is_empty(),
+        "charged without training"
+    );
+    fed.stop().await;
+}

@@ -121,6 +121,7 @@ impl SiteConfig {
 
     /// Checks values that parse but make no sense; the error names the key.
     pub fn validate(&self) -> Result<(), SiteError> {
+        self.policy.validate()?;
         let bad = |key: &str, why: String| Err(SiteError::Config(format!("`{key}`: {why}")));
         if self.name.is_empty()
             || self.name.len() > 64

@@ -70,6 +70,19 @@ impl SiteState {
         data_dir.join("site.json")
     }
 
+    /// Loads the state if the site has any (for the hospital's read-only commands).
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, SiteError> {
+        let path = Self::path(data_dir);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| SiteError::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| SiteError::Config(format!("{}: {e}", path.display())))
+    }
+
     /// Loads the state, creating a fresh identity on first start.
     pub fn load_or_create(data_dir: &Path, site: &str) -> Result<Self, SiteError> {
         medfl_daemon::create_private_dir(data_dir)

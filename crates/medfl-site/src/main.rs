@@ -42,6 +42,13 @@ enum Command {
     /// The datasets this site holds, by the names run specs use.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Record-level privacy spent on each dataset: the policy's budget, what is left, and
+    /// every run's charge (ε, δ, steps, sample rate, noise, accountant).
+    Privacy {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,10 +146,104 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Dataset(command)) => return datasets(&config, command),
+        Some(Command::Privacy { json }) => return privacy(&config, json),
         None => {}
     }
     medfl_daemon::init_logging(&config.log_format);
     run(config, medfl_daemon::stop_signal()).await?;
+    Ok(())
+}
+
+/// `medfl-site privacy`: the ledger the daemon keeps in `site.json`, against the policy's
+/// budgets.
+fn privacy(config: &SiteConfig, as_json: bool) -> anyhow::Result<()> {
+    let state = medfl_site::identity::SiteState::load(&config.data_dir)?;
+    let charges: Vec<(&String, &medfl_site::identity::RunRecord)> = state
+        .iter()
+        .flat_map(|s| s.runs.iter())
+        .filter(|(_, r)| r.privacy.is_some())
+        .collect();
+    let mut datasets: std::collections::BTreeSet<&str> =
+        config.policy.privacy.keys().map(String::as_str).collect();
+    datasets.extend(
+        charges
+            .iter()
+            .filter_map(|(_, r)| r.privacy.as_ref())
+            .map(|l| l.dataset.as_str()),
+    );
+    let mut out = Vec::new();
+    for dataset in datasets {
+        let spent = state
+            .as_ref()
+            .map_or(0.0, |s| medfl_site::privacy::spent_on(s, dataset, None));
+        let budget = config.policy.privacy.get(dataset);
+        let runs: Vec<serde_json::Value> = charges
+            .iter()
+            .filter_map(|(id, r)| r.privacy.as_ref().map(|l| (id, r, l)))
+            .filter(|(_, _, l)| l.dataset == dataset)
+            .map(|(id, r, l)| {
+                json!({
+                    "run": id,
+                    "name": r.name,
+                    "epsilon": l.epsilon,
+                    "delta": l.delta,
+                    "accountant": l.accountant,
+                    "steps": l.steps,
+                    "sample_rate": l.sample_rate,
+                    "noise_multiplier": l.noise_multiplier,
+                    "max_grad_norm": l.max_grad_norm,
+                })
+            })
+            .collect();
+        out.push(json!({
+            "dataset": dataset,
+            "max_epsilon": budget.map(|b| b.max_epsilon),
+            "delta": budget.and_then(|b| b.delta),
+            "spent": spent,
+            "left": budget.map(|b| (b.max_epsilon - spent).max(0.0)),
+            "runs": runs,
+        }));
+    }
+    if as_json {
+        println!("{}", json!({ "site": config.name, "datasets": out }));
+        return Ok(());
+    }
+    if out.is_empty() {
+        println!(
+            "`{}` has no privacy budget and no run has spent any privacy",
+            config.name
+        );
+        return Ok(());
+    }
+    let number = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+    println!(
+        "{:<24} {:>10} {:>10} {:>10}  runs",
+        "dataset", "budget ε", "spent ε", "left ε"
+    );
+    for d in &out {
+        let runs = d["runs"].as_array().map_or(0, Vec::len);
+        println!(
+            "{:<24} {:>10} {:>10} {:>10}  {runs}",
+            d["dataset"].as_str().unwrap_or("-"),
+            number(&d["max_epsilon"]),
+            number(&d["spent"]),
+            number(&d["left"]),
+        );
+        for r in d["runs"].as_array().into_iter().flatten() {
+            println!(
+                "  {} ({}): ε = {} at δ = {:.3e}, {} steps at q = {:.4}, z = {}, C = {} ({})",
+                r["run"].as_str().unwrap_or("-"),
+                r["name"].as_str().unwrap_or("-"),
+                number(&r["epsilon"]),
+                r["delta"].as_f64().unwrap_or(f64::NAN),
+                r["steps"],
+                r["sample_rate"].as_f64().unwrap_or(f64::NAN),
+                r["noise_multiplier"],
+                r["max_grad_norm"],
+                r["accountant"].as_str().unwrap_or("-"),
+            );
+        }
+    }
     Ok(())
 }
 

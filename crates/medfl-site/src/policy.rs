@@ -37,6 +37,22 @@ pub struct Policy {
     pub require_approval: bool,
     /// Runs on these datasets are approved without waiting.
     pub auto_approve_datasets: Vec<String>,
+    /// Record-level privacy budgets by dataset name (`[policy.privacy.NAME]`): only runs with
+    /// record-level DP train on such a dataset, and all of them together spend at most its
+    /// `max_epsilon`.
+    pub privacy: BTreeMap<String, DatasetBudget>,
+}
+
+/// A dataset's privacy budget across all runs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetBudget {
+    /// The most ε all runs together may spend on the dataset (ε's add up across runs).
+    pub max_epsilon: f64,
+    /// The δ every run's accounting on the dataset uses, in place of the run's (default:
+    /// the run's, or 1/N^1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
 }
 
 /// The limits a site has when its policy does not set them.
@@ -61,6 +77,7 @@ impl Default for Policy {
             max_update_bytes: DEFAULT_MAX_UPDATE_BYTES,
             require_approval: false,
             auto_approve_datasets: Vec::new(),
+            privacy: BTreeMap::new(),
         }
     }
 }
@@ -110,6 +127,21 @@ impl Policy {
                 t.batch_size, self.min_batch_size
             ));
         }
+        let dataset = &spec.task.dataset;
+        if let Some(budget) = self.privacy.get(dataset) {
+            let record = spec
+                .privacy
+                .as_ref()
+                .is_some_and(|p| p.level == medfl_core::spec::PrivacyLevel::Record);
+            if !record {
+                return Some(format!(
+                    "dataset {dataset} has a privacy budget of ε = {} \
+                     (policy.privacy.{dataset}.max_epsilon): only runs with record-level DP \
+                     ([privacy] level = \"record\") train on it",
+                    budget.max_epsilon
+                ));
+            }
+        }
         if self.max_update_bytes > 0 && update_bytes > self.max_update_bytes {
             return Some(format!(
                 "updates of {update_bytes} bytes exceed this site's limit of {} \
@@ -118,6 +150,24 @@ impl Policy {
             ));
         }
         None
+    }
+
+    /// Checks the privacy budgets; the error names the key.
+    pub fn validate(&self) -> Result<(), SiteError> {
+        for (dataset, b) in &self.privacy {
+            if !(b.max_epsilon.is_finite() && b.max_epsilon > 0.0) {
+                return Err(SiteError::Config(format!(
+                    "`policy.privacy.{dataset}.max_epsilon`: must be a finite number > 0, got {}",
+                    b.max_epsilon
+                )));
+            }
+            if let Some(d) = b.delta.filter(|d| !(*d > 0.0 && *d < 1.0)) {
+                return Err(SiteError::Config(format!(
+                    "`policy.privacy.{dataset}.delta`: must be in (0, 1), got {d}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `spec` may start without the hospital's approval.
@@ -593,6 +643,19 @@ pub fn admit(
 mod tests {
     use super::spec_sha256 as sha;
     use super::*;
+
+    #[test]
+    fn privacy_budgets_are_checked_and_require_record_level_dp() {
+        let budget = |max_epsilon, delta| Policy {
+            privacy: BTreeMap::from([("bc".to_string(), DatasetBudget { max_epsilon, delta })]),
+            ..Policy::default()
+        };
+        assert!(budget(8.0, Some(1e-6)).validate().is_ok());
+        let err = budget(0.0, None).validate().unwrap_err().to_string();
+        assert!(err.contains("policy.privacy.bc.max_epsilon"), "{err}");
+        let err = budget(8.0, Some(1.0)).validate().unwrap_err().to_string();
+        assert!(err.contains("policy.privacy.bc.delta"), "{err}");
+    }
 
     fn spec_toml(name: &str, extra: &str) -> String {
         format!(

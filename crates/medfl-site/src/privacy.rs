@@ -8,8 +8,8 @@ use medfl_train::fit::planned_steps;
 use medfl_train::private::RecordDp;
 use medfl_train::TrainOptions;
 
-use crate::identity::PrivacyLedger;
-use crate::policy::Declined;
+use crate::identity::{PrivacyLedger, SiteState};
+use crate::policy::{DatasetBudget, Declined};
 use crate::SiteError;
 
 /// What one round of DP-SGD will cost the site.
@@ -23,16 +23,60 @@ pub(crate) struct Charge {
     pub spent_before: f64,
 }
 
-/// Plans one round on `rows` training records of `dataset`, after what `before` spent. Refuses
-/// a dataset smaller than the expected batch and a δ not below 1/N (task failures naming the
-/// field), and declines with `budget_exhausted` a round that would take ε past the run's
-/// target.
+/// The hospital's budget for a dataset and what the other runs have spent of it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Budget {
+    /// The policy's budget.
+    pub limit: DatasetBudget,
+    /// ε charged to the dataset by every other run.
+    pub spent_elsewhere: f64,
+    /// Rounds the run asks for (what it would spend at most, unless its target is lower).
+    pub rounds: u32,
+}
+
+impl Budget {
+    /// The budget of `dataset` in the site's policy, with what runs other than `run` spent.
+    pub(crate) fn of(
+        budgets: &std::collections::BTreeMap<String, DatasetBudget>,
+        state: &SiteState,
+        dataset: &str,
+        run: &str,
+        rounds: u32,
+    ) -> Option<Self> {
+        let limit = budgets.get(dataset)?.clone();
+        let spent_elsewhere = spent_on(state, dataset, Some(run));
+        Some(Self {
+            limit,
+            spent_elsewhere,
+            rounds,
+        })
+    }
+}
+
+/// ε charged to `dataset` by all runs (but `except`), added up.
+pub fn spent_on(state: &SiteState, dataset: &str, except: Option<&str>) -> f64 {
+    state
+        .runs
+        .iter()
+        .filter(|(id, _)| Some(id.as_str()) != except)
+        .filter_map(|(_, r)| r.privacy.as_ref())
+        .filter(|l| l.dataset == dataset)
+        .map(|l| l.epsilon)
+        .sum()
+}
+
+/// Plans one round on `rows` training records of `dataset`, after what `before` spent of the
+/// run. Refuses a dataset smaller than the expected batch and a δ not below 1/N (task failures
+/// naming the field); declines with `budget_exhausted` a round that would take ε past the run's
+/// target or the dataset past the hospital's budget; rejects, before its first round, a run
+/// that would spend more of the budget than is left.
 pub(crate) fn plan(
     privacy: &PrivacySpec,
     dataset: &str,
     rows: usize,
     opts: &TrainOptions,
     before: Option<&PrivacyLedger>,
+    budget: Option<&Budget>,
 ) -> Result<Charge, SiteError> {
     let batch = opts.batch_size;
     if rows < batch {
@@ -41,7 +85,12 @@ pub(crate) fn plan(
              expected batch (training.batch_size = {batch})"
         )));
     }
-    let fresh_delta = privacy.delta_for(rows)?;
+    // The hospital's δ for the dataset stands in for the run's.
+    let hospital = budget.and_then(|b| b.limit.delta).map(|d| PrivacySpec {
+        delta: Some(d),
+        ..privacy.clone()
+    });
+    let fresh_delta = hospital.as_ref().unwrap_or(privacy).delta_for(rows)?;
     let delta = before.map_or(fresh_delta, |b| b.delta);
     if delta >= 1.0 / rows as f64 {
         return Err(SiteError::Task(format!(
@@ -61,6 +110,43 @@ pub(crate) fn plan(
         delta,
     })?;
     let spent_before = before.map_or(0.0, |b| b.epsilon);
+    let mechanism = |steps| Mechanism {
+        sample_rate,
+        noise_multiplier: privacy.noise_multiplier,
+        steps,
+        delta,
+    };
+    if let Some(b) = budget {
+        let (max, elsewhere) = (b.limit.max_epsilon, b.spent_elsewhere);
+        if before.is_none() {
+            // What the whole run would spend, at most its target.
+            let whole = accountant
+                .epsilon(&mechanism(u64::from(b.rounds) * round_steps))?
+                .epsilon
+                .min(privacy.target_epsilon.unwrap_or(f64::INFINITY));
+            if elsewhere + whole > max {
+                return Err(Declined::Rejected.because(format!(
+                    "dataset {dataset}: the run's {} rounds would spend ε = {whole:.3} \
+                     ({round_steps} steps a round at q = {sample_rate:.4}, z = {}, δ = \
+                     {delta:.3e}, {}), more than the {:.3} left of its budget \
+                     (policy.privacy.{dataset}.max_epsilon = {max}, {elsewhere:.3} spent by \
+                     other runs); set a lower target_epsilon or more noise",
+                    b.rounds,
+                    privacy.noise_multiplier,
+                    accountant.name(),
+                    (max - elsewhere).max(0.0),
+                )));
+            }
+        }
+        if elsewhere + spent.epsilon > max {
+            return Err(Declined::BudgetExhausted.because(format!(
+                "dataset {dataset}: another round would bring its ε over all runs to {:.3}, \
+                 over its budget (policy.privacy.{dataset}.max_epsilon = {max}; other runs \
+                 spent {elsewhere:.3}, this run {spent_before:.3})",
+                elsewhere + spent.epsilon
+            )));
+        }
+    }
     if let Some(target) = privacy.target_epsilon {
         if spent.epsilon > target {
             return Err(Declined::BudgetExhausted.because(format!(
@@ -93,6 +179,8 @@ pub(crate) fn plan(
 mod tests {
     use super::*;
     use medfl_core::spec::Optimizer;
+
+    use crate::policy::DatasetBudget;
     use medfl_core::spec::{AccountantSpec, PrivacyLevel};
 
     fn privacy(target: Option<f64>) -> PrivacySpec {
@@ -124,13 +212,13 @@ mod tests {
     fn rounds_are_charged_until_the_target() {
         // 1,000 rows, batch 10: q = 0.01, 100 steps a round.
         let p = privacy(Some(1.0));
-        let first = plan(&p, "bc", 1000, &opts(10), None).unwrap();
+        let first = plan(&p, "bc", 1000, &opts(10), None, None).unwrap();
         assert_eq!((first.round_steps, first.ledger.steps), (100, 100));
         assert_eq!(first.ledger.delta, 1000f64.powf(-1.1));
         let mut ledger = first.ledger;
         let mut rounds = 1;
         loop {
-            match plan(&p, "bc", 1000, &opts(10), Some(&ledger)) {
+            match plan(&p, "bc", 1000, &opts(10), Some(&ledger), None) {
                 Ok(next) => {
                     assert!(next.ledger.epsilon > ledger.epsilon && next.ledger.epsilon <= 1.0);
                     assert_eq!(next.spent_before, ledger.epsilon);
@@ -150,8 +238,55 @@ mod tests {
     }
 
     #[test]
+    fn the_hospitals_budget_spans_runs() {
+        let budget = |spent_elsewhere| Budget {
+            limit: DatasetBudget {
+                max_epsilon: 3.0,
+                delta: Some(1e-5),
+            },
+            spent_elsewhere,
+            rounds: 3,
+        };
+        // At q = 0.01, z = 1, δ = 1e-5 (RDP): one round of 100 steps costs ε = 1.214, three
+        // rounds 1.451.
+        let p = privacy(None);
+        let fits = plan(&p, "bc", 1000, &opts(10), None, Some(&budget(0.0))).unwrap();
+        assert_eq!(
+            fits.ledger.delta, 1e-5,
+            "the hospital's δ stands in for the run's"
+        );
+        // With most of the budget spent by other runs, the run is refused before it trains.
+        match plan(&p, "bc", 1000, &opts(10), None, Some(&budget(2.0))) {
+            Err(SiteError::Declined { kind, reason }) => {
+                assert_eq!(kind, Declined::Rejected);
+                assert!(
+                    reason.contains("max_epsilon = 3") && reason.contains("1.000 left"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A target within what is left lets it start; the round that would cross is declined.
+        let capped = privacy(Some(0.7));
+        match plan(&capped, "bc", 1000, &opts(10), None, Some(&budget(2.2))) {
+            Ok(c) => panic!("the first round already costs {}", c.ledger.epsilon),
+            Err(SiteError::Declined { kind, .. }) => assert_eq!(kind, Declined::BudgetExhausted),
+            Err(e) => panic!("{e}"),
+        }
+        let ok = plan(
+            &privacy(Some(1.3)),
+            "bc",
+            1000,
+            &opts(10),
+            None,
+            Some(&budget(1.6)),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
     fn small_datasets_and_loose_deltas_are_refused() {
-        let err = plan(&privacy(None), "bc", 5, &opts(10), None).unwrap_err();
+        let err = plan(&privacy(None), "bc", 5, &opts(10), None, None).unwrap_err();
         assert!(
             err.to_string().contains("training.batch_size = 10"),
             "{err}"
@@ -160,7 +295,7 @@ mod tests {
             delta: Some(0.01),
             ..privacy(None)
         };
-        let err = plan(&loose, "bc", 1000, &opts(10), None).unwrap_err();
+        let err = plan(&loose, "bc", 1000, &opts(10), None, None).unwrap_err();
         assert!(err.to_string().contains("privacy.delta"), "{err}");
     }
 }

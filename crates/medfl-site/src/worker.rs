@@ -711,19 +711,30 @@ impl Worker {
                     .runs
                     .get(&task.run_id)
                     .and_then(|r| r.privacy.clone());
+                let budget = crate::privacy::Budget::of(
+                    &self.config.policy.privacy,
+                    &self.state,
+                    &dataset,
+                    &task.run_id,
+                    prepared.spec.rounds,
+                );
                 let charge = tokio::task::spawn_blocking(move || {
-                    crate::privacy::plan(&privacy, &dataset, rows, &opts, before.as_ref())
+                    crate::privacy::plan(
+                        &privacy,
+                        &dataset,
+                        rows,
+                        &opts,
+                        before.as_ref(),
+                        budget.as_ref(),
+                    )
                 })
                 .await
                 .map_err(|e| SiteError::Task(format!("privacy accounting task: {e}")))?;
                 if let Err(e @ SiteError::Declined { .. }) = &charge {
                     self.audit(
-                        Event::new(
-                            "privacy_budget_exhausted",
-                            json!({ "detail": e.to_string() }),
-                        )
-                        .run(task.run_id.clone())
-                        .round(task.round),
+                        Event::new("privacy_refused", json!({ "detail": e.to_string() }))
+                            .run(task.run_id.clone())
+                            .round(task.round),
                     );
                 }
                 Some(charge?)

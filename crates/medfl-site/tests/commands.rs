@@ -204,3 +204,58 @@ fn runs_are_decided_ahead_of_time_by_name_or_spec_hash_insecure_dev_offline() {
         .iter()
         .all(|e| e.details["ahead"] == true && e.details["by"] == "it-on-call"));
 }
+
+/// `medfl-site privacy` shows each budgeted dataset's budget, what runs spent and what is left,
+/// from the ledger the daemon keeps in `site.json`.
+#[test]
+fn the_privacy_ledger_is_shown_against_the_budget_insecure_dev_offline() {
+    use medfl_site::identity::{PrivacyLedger, RunRecord, SiteState};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"st-marys\"\ncoordinator = \"http://127.0.0.1:9\"\ninsecure_dev = true\n\
+             data_dir = \"{}\"\n[policy.privacy.bc]\nmax_epsilon = 3.0\ndelta = 1e-6\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let empty = medfl_site(&config, &["privacy", "--json"]);
+    let empty: serde_json::Value = serde_json::from_str(&empty).unwrap();
+    assert_eq!(empty["datasets"][0]["left"], 3.0, "{empty}");
+    let mut state = SiteState::load_or_create(&data, "st-marys").unwrap();
+    for (run, epsilon) in [("run-a", 1.25), ("run-b", 0.5)] {
+        state.runs.insert(
+            run.into(),
+            RunRecord {
+                name: format!("{run}-name"),
+                privacy: Some(PrivacyLedger {
+                    dataset: "bc".into(),
+                    epsilon,
+                    delta: 1e-6,
+                    accountant: "rdp".into(),
+                    sample_rate: 0.02,
+                    noise_multiplier: 1.1,
+                    max_grad_norm: 1.0,
+                    steps: 300,
+                }),
+                ..RunRecord::default()
+            },
+        );
+    }
+    state.save(&data).unwrap();
+    let got: serde_json::Value =
+        serde_json::from_str(&medfl_site(&config, &["privacy", "--json"])).unwrap();
+    let bc = &got["datasets"][0];
+    assert_eq!(bc["dataset"], "bc");
+    assert_eq!(bc["spent"], 1.75);
+    assert_eq!(bc["left"], 1.25);
+    assert_eq!(bc["runs"].as_array().map(Vec::len), Some(2));
+    let text = medfl_site(&config, &["privacy"]);
+    assert!(
+        text.contains("bc") && text.contains("1.750") && text.contains("run-a (run-a-name)"),
+        "{text}"
+    );
+}
