@@ -60,3 +60,44 @@ fn the_demo_federates_over_mutual_tls_and_beats_every_site_alone() {
     let entries = medfl_audit::read(&out_dir.join("coordinator/audit.jsonl")).expect("audit");
     assert!(entries.iter().any(|e| e.event == "run_created"));
 }
+
+/// `medfl demo --privacy 3`: record-level DP-SGD with the least noise that keeps every hospital
+/// within ε = 3, which each hospital's own ledger confirms, and a model that still learns.
+#[test]
+fn the_demo_with_record_level_privacy_keeps_every_hospital_within_its_epsilon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(["demo", "--privacy", "3", "--rounds", "6", "--out"])
+        .arg(&out_dir)
+        .output()
+        .expect("run medfl demo");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("record-level DP-SGD"), "{stdout}");
+    let spent: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.contains("steps at q ="))
+        .filter_map(|l| l.split("ε = ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert_eq!(spent.len(), 3, "one charge per hospital: {stdout}");
+    assert!(spent.iter().all(|&e| e > 0.0 && e <= 3.0), "{spent:?}");
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("metrics.json")).expect("metrics"),
+    )
+    .expect("json");
+    let federated = metrics["federated"]["accuracy"].as_f64().expect("accuracy");
+    assert!(federated > 0.8, "{metrics}");
+    let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(["demo", "--privacy", "0", "--out"])
+        .arg(dir.path().join("none"))
+        .output()
+        .expect("run medfl demo");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ε > 0"));
+}
