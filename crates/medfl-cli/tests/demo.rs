@@ -1,22 +1,31 @@
 //! `medfl demo` as a user runs it: a consortium provisioned on the fly, a coordinator and three
 //! hospitals over mutual TLS, and a federated model that beats every hospital alone.
 
+use std::path::Path;
 use std::process::Command;
+
+/// Runs `medfl demo ARGS --out OUT`, which must succeed; its stdout and stderr.
+fn demo(args: &[&str], out: &Path) -> (String, String) {
+    let run = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .arg("demo")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("run medfl demo");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&run.stdout).into_owned(),
+        String::from_utf8_lossy(&run.stderr).into_owned(),
+    );
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}
 
 #[test]
 fn the_demo_federates_over_mutual_tls_and_beats_every_site_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out_dir = dir.path().join("demo");
-    let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
-        .args(["demo", "--out"])
-        .arg(&out_dir)
-        .output()
-        .expect("run medfl demo");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = demo(&[], &out_dir);
     assert!(stdout.contains("mutual TLS"), "{stdout}");
     assert!(!stderr.contains("without TLS"), "{stderr}");
 
@@ -67,16 +76,7 @@ fn the_demo_federates_over_mutual_tls_and_beats_every_site_alone() {
 fn the_demo_with_record_level_privacy_keeps_every_hospital_within_its_epsilon() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out_dir = dir.path().join("demo");
-    let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
-        .args(["demo", "--privacy", "3", "--rounds", "6", "--out"])
-        .arg(&out_dir)
-        .output()
-        .expect("run medfl demo");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, _) = demo(&["--privacy", "3", "--rounds", "6"], &out_dir);
     assert!(stdout.contains("record-level DP-SGD"), "{stdout}");
     let spent: Vec<f64> = stdout
         .lines()

@@ -299,13 +299,11 @@ impl LocalModel for TextClassifier {
                     None => clipped_by_example(&vars, idx, max_norm, &mut |row| batch_loss(row)),
                 },
             )?;
-            return Ok(TrainReport {
-                params: from_tensors(start, &trained)?,
-                examples: data.len() as u64,
-                steps: private.fitted.steps,
-                mean_loss: private.fitted.mean_loss,
-                private: Some(private),
-            });
+            return Ok(TrainReport::private(
+                from_tensors(start, &trained)?,
+                data.len(),
+                private,
+            ));
         }
         let fitted = fit(&vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
             batch_loss(idx)

@@ -60,6 +60,20 @@ pub struct Fitted {
     pub mean_loss: f64,
 }
 
+/// FedProx anchors: the weights this round started from, held constant (detached, so no
+/// gradient flows back through the copy); none without a proximal term.
+pub(crate) fn proximal_anchors(
+    vars: &[Var],
+    opts: &TrainOptions,
+) -> candle_core::Result<Vec<Tensor>> {
+    if opts.proximal_mu <= 0.0 {
+        return Ok(Vec::new());
+    }
+    vars.iter()
+        .map(|v| v.as_tensor().copy().map(|t| t.detach()))
+        .collect()
+}
+
 /// Steps a round takes over `n` examples: `opts.steps`, or `opts.epochs` passes.
 pub fn planned_steps(n: usize, opts: &TrainOptions) -> u64 {
     let batch = opts.batch_size.clamp(1, n.max(1));
@@ -93,15 +107,7 @@ pub fn fit(
     let steps_per_epoch = n.div_ceil(batch) as u64;
     let total_steps = planned_steps(n, opts);
     let mut optimizer = Stepper::new(vars, opts)?;
-    // FedProx anchors: the weights this round started from, held constant (detached, so no
-    // gradient flows back through the copy).
-    let anchors: Vec<Tensor> = if opts.proximal_mu > 0.0 {
-        vars.iter()
-            .map(|v| v.as_tensor().copy().map(|t| t.detach()))
-            .collect::<Result<_, _>>()?
-    } else {
-        Vec::new()
-    };
+    let anchors = proximal_anchors(vars, opts)?;
     let mut loss_sum = 0.0f64;
     let mut order = Vec::new();
     let mut rng = SplitMix64::new(opts.seed);

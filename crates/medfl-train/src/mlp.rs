@@ -156,13 +156,11 @@ impl LocalModel for Mlp {
                     Ok(clipped)
                 },
             )?;
-            return Ok(TrainReport {
-                params: from_tensors(start, &tensor_refs)?,
-                examples: data.len() as u64,
-                steps: private.fitted.steps,
-                mean_loss: private.fitted.mean_loss,
-                private: Some(private),
-            });
+            return Ok(TrainReport::private(
+                from_tensors(start, &tensor_refs)?,
+                data.len(),
+                private,
+            ));
         }
         let fitted = fit(
             &vars,

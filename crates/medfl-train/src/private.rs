@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device, Tensor, Var, D};
 use medfl_core::privacy::dpsgd::{add_noise, clip_factor, poisson_sample, RandomBits};
 
-use crate::fit::{planned_steps, Fitted, Stepper};
+use crate::fit::{planned_steps, proximal_anchors, Fitted, Stepper};
 use crate::model::{TrainOptions, TrainProgress};
 use crate::TrainError;
 
@@ -133,13 +133,7 @@ pub fn fit_private(
         .first()
         .map_or(Device::Cpu, |v| v.as_tensor().device().clone());
     let mut optimizer = Stepper::new(vars, opts)?;
-    let anchors: Vec<Tensor> = if opts.proximal_mu > 0.0 {
-        vars.iter()
-            .map(|v| v.as_tensor().copy().map(|t| t.detach()))
-            .collect::<Result<_, _>>()?
-    } else {
-        Vec::new()
-    };
+    let anchors = proximal_anchors(vars, opts)?;
     let sgd_decay = opts.optimizer == medfl_core::spec::Optimizer::Sgd && opts.weight_decay > 0.0;
     let (mut loss_sum, mut rows_sampled, mut rows_clipped) = (0.0f64, 0u64, 0u64);
     for step in 0..total_steps {
@@ -363,6 +357,34 @@ mod tests {
         serde_json::from_str(include_str!("../tests/vectors/opacus_mlp_per_sample.json")).unwrap()
     }
 
+    /// The reference batch: features, labels and the clipping norm.
+    fn batch(r: &Value) -> (Tensor, Vec<u32>, f64) {
+        let labels = r["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_u64().unwrap() as u32)
+            .collect();
+        (
+            tensor(&r["features"]),
+            labels,
+            r["max_grad_norm"].as_f64().unwrap(),
+        )
+    }
+
+    /// Every clipped sum matches Opacus's.
+    fn matches_clipped_sum(got: &ClippedBatch, r: &Value) {
+        let names = [
+            "layers.0.weight",
+            "layers.0.bias",
+            "layers.1.weight",
+            "layers.1.bias",
+        ];
+        for (k, name) in names.iter().enumerate() {
+            close(&got.grads[k], &tensor(&r["clipped_sum"][name]), name);
+        }
+    }
+
     fn layers(r: &Value) -> Vec<(Tensor, Tensor)> {
         (0..2)
             .map(|i| {
@@ -379,30 +401,13 @@ mod tests {
         let r = reference();
         let layers = layers(&r);
         let refs: Vec<(&Tensor, &Tensor)> = layers.iter().map(|(w, b)| (w, b)).collect();
-        let x = tensor(&r["features"]);
-        let labels: Vec<u32> = r["labels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_u64().unwrap() as u32)
-            .collect();
+        let (x, labels, max_norm) = batch(&r);
         let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
-        let max_norm = r["max_grad_norm"].as_f64().unwrap();
         let got = dense_stack_clipped(&refs, &x, &y, max_norm).unwrap();
         assert!((got.loss_sum - r["loss_sum"].as_f64().unwrap()).abs() < 1e-5);
         // Three of the six rows have norms above 1.7.
         assert_eq!(got.clipped, 3);
-        for (k, name) in [
-            "layers.0.weight",
-            "layers.0.bias",
-            "layers.1.weight",
-            "layers.1.bias",
-        ]
-        .iter()
-        .enumerate()
-        {
-            close(&got.grads[k], &tensor(&r["clipped_sum"][name]), name);
-        }
+        matches_clipped_sum(&got, &r);
         // With a norm bound no row reaches, the sum is the plain gradient of the summed loss:
         // the sum of Opacus's per-sample gradients.
         let unclipped = dense_stack_clipped(&refs, &x, &y, 1e6).unwrap();
@@ -419,14 +424,7 @@ mod tests {
             .iter()
             .flat_map(|(w, b)| [Var::from_tensor(w).unwrap(), Var::from_tensor(b).unwrap()])
             .collect();
-        let x = tensor(&r["features"]);
-        let labels: Vec<u32> = r["labels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_u64().unwrap() as u32)
-            .collect();
-        let max_norm = r["max_grad_norm"].as_f64().unwrap();
+        let (x, labels, max_norm) = batch(&r);
         let got = clipped_by_example(&vars, &[0, 1, 2, 3, 4, 5], max_norm, &mut |idx| {
             let xi = x.narrow(0, idx[0], 1)?;
             let h = xi
@@ -441,17 +439,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got.clipped, 3);
-        for (k, name) in [
-            "layers.0.weight",
-            "layers.0.bias",
-            "layers.1.weight",
-            "layers.1.bias",
-        ]
-        .iter()
-        .enumerate()
-        {
-            close(&got.grads[k], &tensor(&r["clipped_sum"][name]), name);
-        }
+        matches_clipped_sum(&got, &r);
     }
 
     #[test]
