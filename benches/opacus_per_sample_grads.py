@@ -11,10 +11,12 @@ Weights are named as medfl's MLP names them (`layers.{i}.weight`, `layers.{i}.bi
 medfl's unit test checks its vectorised per-example gradients against every value to 1e-5.
 This script is not used by the product; it only produces reference values.
 
-Requirements: PyTorch and Opacus (checked with torch 1.13 and opacus 1.3.0, and with torch 2
-and opacus 1.4 or later):
-    python3 -m pip install torch opacus
-Run from the repository root: python3 benches/opacus_per_sample_grads.py [--out FILE]
+Requirements: PyTorch and Opacus. The committed file was written with torch 1.13 (Debian 12's
+CPU-only python3-torch) and opacus 1.3.0, the last release for torch 1:
+    apt-get install --no-install-recommends python3-torch
+    /usr/bin/python3 -m venv --system-site-packages /tmp/opacus-venv
+    /tmp/opacus-venv/bin/pip install opacus==1.3.0 --no-deps && /tmp/opacus-venv/bin/pip install scipy opt_einsum
+Run from the repository root: /tmp/opacus-venv/bin/python benches/opacus_per_sample_grads.py [--out FILE]
 """
 
 import argparse
