@@ -265,6 +265,15 @@ async fn a_hospitals_budget_refuses_runs_without_dp_and_runs_it_cannot_pay_for()
         .as_f64()
         .expect("ε");
     assert_eq!(spent[0]["details"]["delta"], 1e-5, "the hospital's δ");
+    // What the hospital's run listing says of it: the DP parameters and the whole run's cost.
+    let queue = medfl_site::policy::Approvals::load(&site_dir).expect("approvals");
+    let summary = &queue.runs[&first].summary;
+    assert!(
+        summary.contains("record-level DP (z = 1, C = 1, rdp)")
+            && summary.contains("costs this site at most ε = ")
+            && summary.contains("over 2 rounds"),
+        "{summary}"
+    );
 
     // The same hospital with a budget of 1.5 runs' worth: the second run cannot be paid for.
     let site = fed.sites.pop().expect("the site");

@@ -139,6 +139,7 @@ async fn policies_refuse_runs_and_approval_gates_them() {
         &spec,
         &medfl_site::policy::spec_sha256(&spec_toml),
         8,
+        None,
     )
     .expect("an approved run is admitted");
     medfl_site::policy::set_paused(&paused_dir, None).expect("resume");

@@ -571,6 +571,7 @@ pub fn admit(
     spec: &RunSpec,
     spec_sha256: &str,
     update_bytes: u64,
+    privacy: Option<&str>,
 ) -> Result<Option<Approval>, SiteError> {
     let _lock = QueueLock::take(data_dir)?;
     let mut queue = Approvals::load(data_dir)?;
@@ -608,7 +609,7 @@ pub fn admit(
         (None, None) if policy.auto_approves(spec) => (Decision::Approved, String::new()),
         (None, None) => (Decision::Pending, String::new()),
     };
-    let summary = format!(
+    let mut summary = format!(
         "{} on `{}` with {}",
         spec.task.kind(),
         spec.task.dataset,
@@ -617,6 +618,9 @@ pub fn admit(
             None => "a model trained from scratch".into(),
         }
     );
+    if let Some(privacy) = privacy {
+        summary = format!("{summary}; {privacy}");
+    }
     let entry = Approval {
         name: spec.name.clone(),
         dataset: spec.task.dataset.clone(),
@@ -744,7 +748,7 @@ mod tests {
         let s = spec("");
         let h = sha("spec");
         for _ in 0..2 {
-            let (kind, reason) = declined(admit(&manual, dir.path(), "run-1", &s, &h, 8));
+            let (kind, reason) = declined(admit(&manual, dir.path(), "run-1", &s, &h, 8, None));
             assert_eq!(kind, Declined::PendingApproval);
             assert!(reason.contains("awaits"), "{reason}");
         }
@@ -753,12 +757,12 @@ mod tests {
         assert_eq!(queue.standing("run-1", &h), Some(Decision::Pending));
         let decided = Approvals::decide(dir.path(), "run-1", Decision::Approved, "").unwrap();
         assert!(matches!(decided, Decided::Run { id, .. } if id == "run-1"));
-        assert!(admit(&manual, dir.path(), "run-1", &s, &h, 8)
+        assert!(admit(&manual, dir.path(), "run-1", &s, &h, 8, None)
             .unwrap()
             .is_none());
-        let _ = admit(&manual, dir.path(), "run-2", &s, &h, 8);
+        let _ = admit(&manual, dir.path(), "run-2", &s, &h, 8, None);
         Approvals::decide(dir.path(), "run-2", Decision::Rejected, "not this study").unwrap();
-        let (kind, reason) = declined(admit(&manual, dir.path(), "run-2", &s, &h, 8));
+        let (kind, reason) = declined(admit(&manual, dir.path(), "run-2", &s, &h, 8, None));
         assert_eq!(kind, Declined::Rejected);
         assert!(reason.contains("not this study"), "{reason}");
         let auto = Policy {
@@ -766,7 +770,7 @@ mod tests {
             auto_approve_datasets: vec!["bc".into()],
             ..Policy::default()
         };
-        assert!(admit(&auto, dir.path(), "run-3", &s, &h, 8)
+        assert!(admit(&auto, dir.path(), "run-3", &s, &h, 8, None)
             .unwrap()
             .is_some());
     }
@@ -813,9 +817,17 @@ mod tests {
             }
         );
         let first = spec_toml("r", "");
-        let approved = admit(&manual(), dir.path(), "run-1", &spec(""), &sha(&first), 8)
-            .unwrap()
-            .expect("approved on arrival");
+        let approved = admit(
+            &manual(),
+            dir.path(),
+            "run-1",
+            &spec(""),
+            &sha(&first),
+            8,
+            None,
+        )
+        .unwrap()
+        .expect("approved on arrival");
         assert_eq!(approved.decision, Decision::Approved);
         assert_eq!(approved.spec_sha256, sha(&first));
         assert!(
@@ -831,6 +843,7 @@ mod tests {
             &spec("[training]\nlocal_epochs = 50\n"),
             &sha(&changed),
             8,
+            None,
         ));
         assert_eq!(kind, Declined::Rejected);
         assert!(
@@ -858,17 +871,29 @@ mod tests {
             queue.standing("run-1", &sha(&first)),
             Some(Decision::Approved)
         );
-        assert!(
-            admit(&manual(), dir.path(), "run-1", &spec(""), &sha(&first), 8)
-                .unwrap()
-                .is_none()
-        );
+        assert!(admit(
+            &manual(),
+            dir.path(),
+            "run-1",
+            &spec(""),
+            &sha(&first),
+            8,
+            None
+        )
+        .unwrap()
+        .is_none());
         // Another run of that name is approved too (by name), bound to its own spec.
-        assert!(
-            admit(&manual(), dir.path(), "run-2", &spec(""), &sha(&changed), 8)
-                .unwrap()
-                .is_some()
-        );
+        assert!(admit(
+            &manual(),
+            dir.path(),
+            "run-2",
+            &spec(""),
+            &sha(&changed),
+            8,
+            None
+        )
+        .unwrap()
+        .is_some());
     }
 
     #[test]
@@ -879,15 +904,33 @@ mod tests {
         Approvals::decide_name(dir.path(), "r", Decision::Rejected, "not this study").unwrap();
         let decided = Approvals::decide(dir.path(), &good, Decision::Approved, "").unwrap();
         assert!(matches!(decided, Decided::Ahead { subject: Subject::Spec(h), .. } if h == good));
-        assert!(admit(&manual(), dir.path(), "run-1", &spec(""), &good, 8)
-            .unwrap()
-            .is_some());
-        let (kind, reason) = declined(admit(&manual(), dir.path(), "run-2", &spec(""), &other, 8));
+        assert!(
+            admit(&manual(), dir.path(), "run-1", &spec(""), &good, 8, None)
+                .unwrap()
+                .is_some()
+        );
+        let (kind, reason) = declined(admit(
+            &manual(),
+            dir.path(),
+            "run-2",
+            &spec(""),
+            &other,
+            8,
+            None,
+        ));
         assert_eq!(kind, Declined::Rejected);
         assert!(reason.contains("not this study"), "{reason}");
         // A rejection ahead by hash.
         Approvals::decide(dir.path(), &other, Decision::Rejected, "too many epochs").unwrap();
-        let (kind, reason) = declined(admit(&manual(), dir.path(), "run-3", &spec(""), &other, 8));
+        let (kind, reason) = declined(admit(
+            &manual(),
+            dir.path(),
+            "run-3",
+            &spec(""),
+            &other,
+            8,
+            None,
+        ));
         assert_eq!(kind, Declined::Rejected);
         assert!(reason.contains("too many epochs"), "{reason}");
         // The policy still applies to runs approved ahead of time.
@@ -895,7 +938,15 @@ mod tests {
             strategies: vec!["median".into()],
             ..manual()
         };
-        let (kind, reason) = declined(admit(&strict, dir.path(), "run-4", &spec(""), &good, 8));
+        let (kind, reason) = declined(admit(
+            &strict,
+            dir.path(),
+            "run-4",
+            &spec(""),
+            &good,
+            8,
+            None,
+        ));
         assert_eq!(kind, Declined::Rejected);
         assert!(reason.contains("policy"), "{reason}");
     }
@@ -904,8 +955,16 @@ mod tests {
     fn deciding_ahead_decides_the_runs_already_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let h = sha("spec");
-        let _ = admit(&manual(), dir.path(), "run-1", &spec(""), &h, 8);
-        let _ = admit(&manual(), dir.path(), "run-2", &spec(""), &sha("other"), 8);
+        let _ = admit(&manual(), dir.path(), "run-1", &spec(""), &h, 8, None);
+        let _ = admit(
+            &manual(),
+            dir.path(),
+            "run-2",
+            &spec(""),
+            &sha("other"),
+            8,
+            None,
+        );
         let decided = Approvals::decide(dir.path(), &h, Decision::Approved, "").unwrap();
         assert_eq!(
             decided,
@@ -938,13 +997,24 @@ mod tests {
         )
         .unwrap();
         let h = sha("spec");
-        assert!(admit(&manual(), dir.path(), "run-1", &spec(""), &h, 8)
-            .unwrap()
-            .is_none());
+        assert!(
+            admit(&manual(), dir.path(), "run-1", &spec(""), &h, 8, None)
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(
             Approvals::load(dir.path()).unwrap().runs["run-1"].spec_sha256,
             h
         );
-        assert!(admit(&manual(), dir.path(), "run-1", &spec(""), &sha("x"), 8).is_err());
+        assert!(admit(
+            &manual(),
+            dir.path(),
+            "run-1",
+            &spec(""),
+            &sha("x"),
+            8,
+            None
+        )
+        .is_err());
     }
 }

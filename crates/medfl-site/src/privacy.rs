@@ -65,6 +65,56 @@ pub fn spent_on(state: &SiteState, dataset: &str, except: Option<&str>) -> f64 {
         .sum()
 }
 
+/// The most ε a run of `rounds` rounds would cost a site training on `rows` records (its target,
+/// if lower), at the hospital's δ or the run's.
+pub(crate) fn run_cost(
+    privacy: &PrivacySpec,
+    rows: usize,
+    opts: &TrainOptions,
+    rounds: u32,
+    hospital_delta: Option<f64>,
+) -> Result<f64, SiteError> {
+    let spec = PrivacySpec {
+        delta: hospital_delta.or(privacy.delta),
+        ..privacy.clone()
+    };
+    let batch = opts.batch_size;
+    let whole = privacy.accountant.accountant().epsilon(&Mechanism {
+        sample_rate: RecordDp::sample_rate(batch, rows),
+        noise_multiplier: privacy.noise_multiplier,
+        steps: u64::from(rounds) * planned_steps(rows, opts),
+        delta: spec.delta_for(rows)?,
+    })?;
+    Ok(whole
+        .epsilon
+        .min(privacy.target_epsilon.unwrap_or(f64::INFINITY)))
+}
+
+/// What the hospital is shown of a run's privacy before it decides: the DP parameters and what
+/// the whole run would cost this site.
+pub(crate) fn describe(
+    privacy: &PrivacySpec,
+    rows: usize,
+    opts: &TrainOptions,
+    rounds: u32,
+    hospital_delta: Option<f64>,
+) -> String {
+    let target = privacy
+        .target_epsilon
+        .map(|t| format!(", target ε = {t}"))
+        .unwrap_or_default();
+    let params = format!(
+        "record-level DP (z = {}, C = {}{target}, {})",
+        privacy.noise_multiplier,
+        privacy.max_grad_norm,
+        privacy.accountant.accountant().name()
+    );
+    match run_cost(privacy, rows, opts, rounds, hospital_delta) {
+        Ok(cost) => format!("{params}; costs this site at most ε = {cost:.3} over {rounds} rounds"),
+        Err(e) => format!("{params}; cannot train here: {e}"),
+    }
+}
+
 /// Plans one round on `rows` training records of `dataset`, after what `before` spent of the
 /// run. Refuses a dataset smaller than the expected batch and a δ not below 1/N (task failures
 /// naming the field); declines with `budget_exhausted` a round that would take ε past the run's
@@ -110,20 +160,11 @@ pub(crate) fn plan(
         delta,
     })?;
     let spent_before = before.map_or(0.0, |b| b.epsilon);
-    let mechanism = |steps| Mechanism {
-        sample_rate,
-        noise_multiplier: privacy.noise_multiplier,
-        steps,
-        delta,
-    };
     if let Some(b) = budget {
         let (max, elsewhere) = (b.limit.max_epsilon, b.spent_elsewhere);
         if before.is_none() {
             // What the whole run would spend, at most its target.
-            let whole = accountant
-                .epsilon(&mechanism(u64::from(b.rounds) * round_steps))?
-                .epsilon
-                .min(privacy.target_epsilon.unwrap_or(f64::INFINITY));
+            let whole = run_cost(privacy, rows, opts, b.rounds, b.limit.delta)?;
             if elsewhere + whole > max {
                 return Err(Declined::Rejected.because(format!(
                     "dataset {dataset}: the run's {} rounds would spend ε = {whole:.3} \
@@ -282,6 +323,25 @@ mod tests {
             Some(&budget(1.6)),
         );
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn the_hospital_is_told_the_parameters_and_the_cost() {
+        // Three rounds of 100 steps at q = 0.01, z = 1, δ = 1000^-1.1 (RDP) cost 0.919.
+        let text = describe(&privacy(None), 1000, &opts(10), 3, None);
+        assert_eq!(
+            text,
+            "record-level DP (z = 1, C = 1, rdp); costs this site at most ε = 0.919 over 3 rounds"
+        );
+        // A lower target caps it.
+        let text = describe(&privacy(Some(0.5)), 1000, &opts(10), 3, None);
+        assert!(text.contains("target ε = 0.5") && text.contains("ε = 0.500 over"), "{text}");
+        let loose = PrivacySpec {
+            delta: Some(0.01),
+            ..privacy(None)
+        };
+        let text = describe(&loose, 1000, &opts(10), 3, None);
+        assert!(text.contains("cannot train here") && text.contains("privacy.delta"), "{text}");
     }
 
     #[test]

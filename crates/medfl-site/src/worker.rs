@@ -601,6 +601,13 @@ impl Worker {
         };
         // The hospital decides, at every task: its policy, then its approval queue.
         let update_bytes = prepared.model.schema().numel() as u64 * 4;
+        let spec = &prepared.spec;
+        let privacy = spec.privacy.as_ref().map(|p| {
+            let budget = self.config.policy.privacy.get(&spec.task.dataset);
+            let opts = TrainOptions::from_spec(spec, spec.seed);
+            let (rows, delta) = (prepared.train.len(), budget.and_then(|b| b.delta));
+            crate::privacy::describe(p, rows, &opts, spec.rounds, delta)
+        });
         let admitted = crate::policy::admit(
             &self.config.policy,
             &self.config.data_dir,
@@ -608,6 +615,7 @@ impl Worker {
             &prepared.spec,
             &spec_sha256,
             update_bytes,
+            privacy.as_deref(),
         );
         // Audited: every refusal, and the first admission of a run (approved by policy or by the
         // hospital) since this daemon started.

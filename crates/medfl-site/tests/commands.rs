@@ -52,7 +52,7 @@ fn arrive(data: &Path, run: &str, toml: &str) -> Result<(), SiteError> {
         require_approval: true,
         ..Policy::default()
     };
-    medfl_site::policy::admit(&policy, data, run, &spec, &spec_sha256(toml), 8).map(|_| ())
+    medfl_site::policy::admit(&policy, data, run, &spec, &spec_sha256(toml), 8, None).map(|_| ())
 }
 
 /// A run as it reaches a site that requires approval: queued as pending.
