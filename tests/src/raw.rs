@@ -210,6 +210,7 @@ pub fn header_for(task: &v1::Task, bytes: &[u8], examples: u64) -> v1::UpdateHea
         train_loss: 0.5,
         train_steps: 1,
         signature: Vec::new(),
+        privacy_epsilon: None,
     }
 }
 

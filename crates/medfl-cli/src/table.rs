@@ -68,6 +68,7 @@ pub const SITE_RESULT_COLUMNS: &[Column] = &[
     right("EXAMPLES", 8),
     right("TRAIN_LOSS", 10),
     right("ACC", 6),
+    right("EPSILON", 7),
 ];
 
 /// Columns of a cross-site evaluation.
@@ -252,6 +253,8 @@ pub fn site_results_table(sites: &[SiteRoundResult]) -> String {
                 number(s.train_loss)
             },
             metric(&s.eval_metrics, "accuracy"),
+            // The record-level ε the site's own accountant charged for the run so far.
+            s.privacy_epsilon.map_or("-".into(), |e| format!("{e:.3}")),
         ]);
     }
     table.render()

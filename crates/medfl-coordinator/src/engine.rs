@@ -238,6 +238,7 @@ impl Engine {
                 sha256,
                 examples,
                 train_loss,
+                privacy_epsilon,
                 reply,
             } => {
                 self.answer = None;
@@ -249,6 +250,7 @@ impl Engine {
                     sha256,
                     examples,
                     train_loss,
+                    privacy_epsilon,
                 })
                 .await?;
                 // An accepted update's reference goes when the attempt ends.
@@ -346,6 +348,7 @@ impl Engine {
                 sha256,
                 examples,
                 train_loss,
+                privacy_epsilon,
                 scale,
             } => {
                 if scale < 1.0 {
@@ -373,6 +376,7 @@ impl Engine {
                 let result = SiteResult {
                     examples,
                     train_loss,
+                    privacy_epsilon,
                     update_sha256: sha256,
                     ..SiteResult::new(round, attempt, &site, SiteOutcome::Accepted)
                 };

@@ -195,6 +195,7 @@ impl RunApi {
                     eval_metrics: s.eval_metrics,
                     eval_examples: s.eval_examples,
                     count: s.count,
+                    privacy_epsilon: s.privacy_epsilon,
                 })
                 .collect();
             out.push(v1::RoundSummary {

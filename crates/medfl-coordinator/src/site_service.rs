@@ -149,6 +149,7 @@ impl SiteApi {
                 sha256: sha.clone(),
                 examples: header.num_examples,
                 train_loss: header.train_loss,
+                privacy_epsilon: header.privacy_epsilon,
                 reply,
             })
             .await;
@@ -248,6 +249,14 @@ impl SiteApi {
         }
         if !header.train_loss.is_finite() {
             return Err(CoordinatorError::Invalid("train_loss is not finite".into()));
+        }
+        if let Some(e) = header
+            .privacy_epsilon
+            .filter(|e| !(e.is_finite() && *e >= 0.0))
+        {
+            return Err(CoordinatorError::Invalid(format!(
+                "privacy_epsilon {e} is not a finite number >= 0"
+            )));
         }
         // An F32 update of the same tensors is the global model's size give or take its header.
         let limit = snap.global_size + medfl_core::safetensors::HEADER_ALLOWANCE;

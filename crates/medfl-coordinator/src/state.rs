@@ -109,6 +109,8 @@ pub enum EngineMsg {
         examples: u64,
         /// Local training loss.
         train_loss: f64,
+        /// The site's record-level ε for the run so far.
+        privacy_epsilon: Option<f64>,
         /// Answer to the uploader.
         reply: oneshot::Sender<Result<(), CoordinatorError>>,
     },

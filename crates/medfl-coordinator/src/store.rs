@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS site_results (
     eval_examples INTEGER NOT NULL DEFAULT 0,
     eval_metrics TEXT NOT NULL DEFAULT '{}',
     at_ms INTEGER NOT NULL,
-    eval_done INTEGER NOT NULL DEFAULT 0
+    eval_done INTEGER NOT NULL DEFAULT 0,
+    privacy_epsilon REAL
 );
 CREATE INDEX IF NOT EXISTS site_results_by_round ON site_results (run_id, round);
 CREATE TABLE IF NOT EXISTS refusals (
@@ -107,7 +108,7 @@ CREATE TABLE IF NOT EXISTS cross_site (
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// What a blob is to the run that holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -318,6 +319,8 @@ pub struct SiteResult {
     pub examples: u64,
     /// Reported training loss.
     pub train_loss: f64,
+    /// The site's record-level ε for the run with this update, when it trains with DP-SGD.
+    pub privacy_epsilon: Option<f64>,
     /// The update's blob id (accepted updates).
     pub update_sha256: String,
     /// Validation examples of its evaluation.
@@ -339,6 +342,7 @@ impl SiteResult {
             reason: String::new(),
             examples: 0,
             train_loss: 0.0,
+            privacy_epsilon: None,
             update_sha256: String::new(),
             eval_examples: 0,
             eval_metrics: BTreeMap::new(),
@@ -511,6 +515,20 @@ impl Store {
                           ALTER TABLE runs ADD COLUMN creator_role TEXT NOT NULL DEFAULT '';\n";
             }
             steps += "PRAGMA user_version = 3;\nCOMMIT;";
+            conn.execute_batch(&steps)?;
+        }
+        if version < 4 {
+            // Version 4 keeps the record-level ε a site reported with each update.
+            let has: bool = conn
+                .prepare(
+                    "SELECT 1 FROM pragma_table_info('site_results') WHERE name = 'privacy_epsilon'",
+                )?
+                .exists([])?;
+            let mut steps = String::from("BEGIN;\n");
+            if !has {
+                steps += "ALTER TABLE site_results ADD COLUMN privacy_epsilon REAL;\n";
+            }
+            steps += "PRAGMA user_version = 4;\nCOMMIT;";
             conn.execute_batch(&steps)?;
         }
         Ok(Self { conn })
@@ -893,8 +911,8 @@ impl Store {
     ) -> Result<(), CoordinatorError> {
         self.conn.execute(
             "INSERT INTO site_results (run_id, round, attempt, site, outcome, reason, examples,
-                train_loss, update_sha256, eval_examples, eval_metrics, at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                train_loss, update_sha256, eval_examples, eval_metrics, at_ms, privacy_epsilon)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 run_id,
                 result.round,
@@ -907,7 +925,8 @@ impl Store {
                 result.update_sha256,
                 result.eval_examples as i64,
                 metrics_json(&result.eval_metrics),
-                now_ms as i64
+                now_ms as i64,
+                result.privacy_epsilon
             ],
         )?;
         Ok(())
@@ -1154,11 +1173,11 @@ impl Store {
             "SELECT * FROM (
                  SELECT round, attempt, site, outcome, reason, examples, train_loss,
                         update_sha256, eval_examples, eval_metrics, 1 AS n, at_ms AS at,
-                        rowid AS rid, 0 AS refusal
+                        rowid AS rid, 0 AS refusal, privacy_epsilon
                  FROM site_results WHERE run_id = ?1 AND round = ?2
                  UNION ALL
                  SELECT round, attempt, site, 'refused', reason, 0, 0.0, '', 0, '{}', count,
-                        first_ms, rowid, 1
+                        first_ms, rowid, 1, NULL
                  FROM refusals WHERE run_id = ?1 AND round = ?2)
              ORDER BY CASE WHEN ?3 THEN refusal ELSE 0 END, at, rid
              LIMIT ?4",
@@ -1184,6 +1203,7 @@ impl Store {
                 update_sha256: r.get(7)?,
                 eval_examples: r.get::<_, i64>(8)? as u64,
                 count: r.get::<_, i64>(10)? as u64,
+                privacy_epsilon: r.get(14)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -99,6 +99,8 @@ pub enum Event {
         examples: u64,
         /// Local training loss.
         train_loss: f64,
+        /// The site's record-level ε for the run so far, if it trains with DP-SGD.
+        privacy_epsilon: Option<f64>,
     },
     /// The aggregator's verdict on the update of the last [`Effect::Fold`].
     UpdateFolded {
@@ -312,6 +314,8 @@ pub enum Effect {
         examples: u64,
         /// Training loss.
         train_loss: f64,
+        /// The site's record-level ε for the run so far.
+        privacy_epsilon: Option<f64>,
         /// Clipping factor.
         scale: f32,
     },
@@ -432,6 +436,7 @@ struct Folding {
     sha256: String,
     examples: u64,
     train_loss: f64,
+    privacy_epsilon: Option<f64>,
 }
 
 /// The open attempt of a round.
@@ -572,14 +577,14 @@ impl RunMachine {
                 sha256,
                 examples,
                 train_loss,
+                privacy_epsilon,
             } => self.update_verified(
                 site,
                 round,
                 attempt,
                 base_sha256,
                 sha256,
-                examples,
-                train_loss,
+                (examples, train_loss, privacy_epsilon),
                 now,
                 &mut out,
             ),
@@ -819,8 +824,7 @@ impl RunMachine {
         attempt: u32,
         base_sha256: String,
         sha256: String,
-        examples: u64,
-        train_loss: f64,
+        (examples, train_loss, privacy_epsilon): (u64, f64, Option<f64>),
         now: u64,
         out: &mut Vec<Effect>,
     ) {
@@ -862,6 +866,7 @@ impl RunMachine {
                     sha256,
                     examples,
                     train_loss,
+                    privacy_epsilon,
                 });
             }
             Err(e) => {
@@ -900,6 +905,7 @@ impl RunMachine {
                     sha256: f.sha256,
                     examples: f.examples,
                     train_loss: f.train_loss,
+                    privacy_epsilon: f.privacy_epsilon,
                     scale,
                 });
                 self.publish(out);
@@ -1372,6 +1378,7 @@ mod tests {
                 sha256: format!("u-{site}-{round}-{attempt}"),
                 examples: 10,
                 train_loss: 0.5,
+                privacy_epsilon: None,
             });
         }
 
@@ -1570,6 +1577,7 @@ mod tests {
             sha256: "u".into(),
             examples: 1,
             train_loss: 0.0,
+            privacy_epsilon: None,
         });
         assert!(matches!(
             s.replies[0],
@@ -1590,6 +1598,7 @@ mod tests {
             sha256: "u".into(),
             examples: 1,
             train_loss: 0.0,
+            privacy_epsilon: None,
         });
         assert!(matches!(s.replies.last(), Some(Err(Rejection::Invalid(_)))));
         s.fold = Some(FoldOutcome::Refused("over the norm bound".into()));

@@ -335,13 +335,19 @@ mod tests {
         );
         // A lower target caps it.
         let text = describe(&privacy(Some(0.5)), 1000, &opts(10), 3, None);
-        assert!(text.contains("target ε = 0.5") && text.contains("ε = 0.500 over"), "{text}");
+        assert!(
+            text.contains("target ε = 0.5") && text.contains("ε = 0.500 over"),
+            "{text}"
+        );
         let loose = PrivacySpec {
             delta: Some(0.01),
             ..privacy(None)
         };
         let text = describe(&loose, 1000, &opts(10), 3, None);
-        assert!(text.contains("cannot train here") && text.contains("privacy.delta"), "{text}");
+        assert!(
+            text.contains("cannot train here") && text.contains("privacy.delta"),
+            "{text}"
+        );
     }
 
     #[test]

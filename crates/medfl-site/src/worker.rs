@@ -793,6 +793,7 @@ impl Worker {
             train_loss: report.mean_loss,
             train_steps: report.steps,
             signature: Vec::new(),
+            privacy_epsilon: charge.as_ref().map(|c| c.ledger.epsilon),
         };
         let claim = medfl_proto::convert::update_claim(&header, &self.config.name);
         let signature = self.signer.sign(&claim.message()).as_ref().to_vec();
