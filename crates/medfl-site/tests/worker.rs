@@ -555,3 +555,38 @@ async fn a_running_site_trains_the_held_task_as_soon_as_the_hospital_approves_in
     let _ = stop.send(());
     daemon.await.expect("join").expect("stopped cleanly");
 }
+
+/// A coordinator that lowers a record-level DP run's noise after the hospital admitted it gets
+/// the task refused and audited, and nothing more is charged or sent.
+#[tokio::test]
+async fn a_task_whose_dp_parameters_changed_is_refused_and_audited_insecure_dev_scripted_coordinator(
+) {
+    let mut site = Harness::start("").await;
+    let dp = |z: f64| {
+        format!(
+            "{}[privacy]\nlevel = \"record\"\nnoise_multiplier = {z:?}\nmax_grad_norm = 1.0\n",
+            spec_toml(1)
+        )
+    };
+    let (admitted, weaker) = (dp(1.0), dp(0.1));
+    site.handle(site.task("run-1", 1, 0, &admitted, later()))
+        .await;
+    site.handle(site.task("run-1", 2, 0, &weaker, later()))
+        .await;
+    assert_eq!(site.updates(), [("run-1".to_string(), 1, 0)]);
+    let reports = site.reports();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].declined(), v1::Declined::Rejected);
+    let audit = medfl_audit::read(&site.data_dir.join("audit.jsonl")).expect("the chain verifies");
+    let changed = audit
+        .iter()
+        .find(|e| e.event == "run_spec_changed")
+        .expect("audited");
+    assert_eq!(changed.details["spec_sha256"], spec_sha256(&weaker));
+    let charges: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event == "privacy_spent")
+        .collect();
+    assert_eq!(charges.len(), 1, "only the admitted round is charged");
+    assert_eq!(charges[0].details["noise_multiplier"], 1.0);
+}
