@@ -177,10 +177,14 @@ async fn a_site_charges_every_round_and_stops_at_the_runs_target_epsilon() {
     }
     let (first, second) = (num(details[0], "epsilon"), num(details[1], "epsilon"));
     assert!(second > first && first > 0.0, "{first} then {second}");
-    // The researcher sees what the site charged, beside its update in each round.
+    // The researcher sees what the site charged, beside its update in each round, and in the
+    // round's summary (the most any site spent).
+    let detail = wait_for_completion(&mut client, &run).await;
     for (round, want) in [(1, first), (2, second)] {
         let accepted = result_of(&fed, &run, round, SiteOutcome::Accepted);
         assert_eq!(accepted.privacy_epsilon, Some(want), "round {round}");
+        let summary = &detail.rounds[round as usize - 1];
+        assert_eq!(summary.privacy_epsilon, Some(want), "round {round}");
     }
     // δ = 1/N^1.1 and q = 16/N for the site's N training rows.
     let n: f64 = 16.0 / num(details[0], "sample_rate");

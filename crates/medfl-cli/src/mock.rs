@@ -64,6 +64,7 @@ fn detail(run_id: &str, status: RunStatus, done: u32, current: u32) -> RunDetail
                 sha(&model())
             },
             sites_omitted: 0,
+            privacy_epsilon: None,
         })
         .collect();
     RunDetail {

@@ -57,6 +57,7 @@ pub const ROUND_COLUMNS: &[Column] = &[
     right("DOWN", 9),
     right("UP", 9),
     right("PER_UPDATE", 17),
+    right("EPSILON", 7),
     left("GLOBAL", 12),
 ];
 
@@ -201,6 +202,8 @@ pub fn round_cells(r: &RoundSummary, full_model_bytes: u64) -> Vec<String> {
         human_bytes(r.bytes_down),
         human_bytes(r.bytes_up),
         per_update(r, full_model_bytes),
+        // Record-level DP: the most any counted site has spent on the run so far.
+        r.privacy_epsilon.map_or("-".into(), |e| format!("{e:.3}")),
         short_sha(&r.global_sha256),
     ]
 }
@@ -495,6 +498,7 @@ mod tests {
             global_sha256: "0123456789abcdef0123".into(),
             sites: vec![],
             sites_omitted: 0,
+            privacy_epsilon: None,
         }
     }
 
@@ -543,6 +547,7 @@ mod tests {
                 "3.0 MiB",
                 "512 B",
                 "170 B",
+                "-",
                 "0123456789ab"
             ]
         );
@@ -552,6 +557,12 @@ mod tests {
         assert_eq!(empty[4], "-");
         assert_eq!(empty[11], "-");
         assert_eq!(empty[12], "-");
+        assert_eq!(empty[13], "-");
+        let private = RoundSummary {
+            privacy_epsilon: Some(2.5),
+            ..round()
+        };
+        assert_eq!(round_cells(&private, 0)[12], "2.500");
     }
 
     #[test]
@@ -560,11 +571,11 @@ mod tests {
         let row = round_line(&round(), 0);
         assert_eq!(
             header,
-            "ROUND  TRIES  SITES  EXAMPLES  TRAIN_LOSS     ACC     AUC      F1    SECS       DOWN         UP         PER_UPDATE  GLOBAL"
+            "ROUND  TRIES  SITES  EXAMPLES  TRAIN_LOSS     ACC     AUC      F1    SECS       DOWN         UP         PER_UPDATE  EPSILON  GLOBAL"
         );
         assert_eq!(
             row,
-            "    3      1    3/4      1200      0.1235  0.9000       -       -     2.3    3.0 MiB      512 B              170 B  0123456789ab"
+            "    3      1    3/4      1200      0.1235  0.9000       -       -     2.3    3.0 MiB      512 B              170 B        -  0123456789ab"
         );
         // The table used by `run show` has the same layout when no cell is wider than its column.
         let table = rounds_table(&[round()], 0);

@@ -652,6 +652,7 @@ impl Engine {
             sites_reported: req.sites.len() as u32,
             examples,
             train_loss: req.train_loss,
+            privacy_epsilon: req.privacy_epsilon,
             eval_metrics: BTreeMap::new(),
             started_ms: wall_of(req.started_ms),
             finished_ms: now_ms(),

@@ -212,6 +212,7 @@ impl RunApi {
                 global_sha256: r.global_sha256.clone(),
                 sites,
                 sites_omitted,
+                privacy_epsilon: r.privacy_epsilon,
             });
         }
         let snapshot = shared

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     global_sha256 TEXT NOT NULL,
     opt_state TEXT NOT NULL DEFAULT '',
     evaluated INTEGER NOT NULL DEFAULT 1,
+    privacy_epsilon REAL,
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS site_results (
@@ -108,7 +109,7 @@ CREATE TABLE IF NOT EXISTS cross_site (
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// What a blob is to the run that holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -291,6 +292,8 @@ pub struct RoundRecord {
     pub global_sha256: String,
     /// Server optimizer state (JSON of moment blob ids), empty for stateless strategies.
     pub opt_state: String,
+    /// The largest record-level ε a counted site reported for the run so far.
+    pub privacy_epsilon: Option<f64>,
 }
 
 /// A site's dataset as stored: `[name, columns, rows]`; rows that registered before row counts
@@ -529,6 +532,20 @@ impl Store {
                 steps += "ALTER TABLE site_results ADD COLUMN privacy_epsilon REAL;\n";
             }
             steps += "PRAGMA user_version = 4;\nCOMMIT;";
+            conn.execute_batch(&steps)?;
+        }
+        if version < 5 {
+            // Version 5 keeps each round's largest reported record-level ε.
+            let has: bool = conn
+                .prepare(
+                    "SELECT 1 FROM pragma_table_info('rounds') WHERE name = 'privacy_epsilon'",
+                )?
+                .exists([])?;
+            let mut steps = String::from("BEGIN;\n");
+            if !has {
+                steps += "ALTER TABLE rounds ADD COLUMN privacy_epsilon REAL;\n";
+            }
+            steps += "PRAGMA user_version = 5;\nCOMMIT;";
             conn.execute_batch(&steps)?;
         }
         Ok(Self { conn })
@@ -815,8 +832,8 @@ impl Store {
         tx.execute(
             "INSERT INTO rounds (run_id, round, attempts, sites_selected, sites_reported, examples,
                 train_loss, eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
-                opt_state, evaluated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0)",
+                opt_state, evaluated, privacy_epsilon)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15)",
             params![
                 run_id,
                 round.round,
@@ -831,7 +848,8 @@ impl Store {
                 round.bytes_down as i64,
                 round.bytes_up as i64,
                 round.global_sha256,
-                round.opt_state
+                round.opt_state,
+                round.privacy_epsilon
             ],
         )?;
         for r in made {
@@ -867,7 +885,7 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT round, attempts, sites_selected, sites_reported, examples, train_loss,
                     eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
-                    opt_state
+                    opt_state, privacy_epsilon
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([run_id], |r| {
@@ -886,6 +904,7 @@ impl Store {
                 bytes_up: r.get::<_, i64>(10)? as u64,
                 global_sha256: r.get(11)?,
                 opt_state: r.get(12)?,
+                privacy_epsilon: r.get(13)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -271,6 +271,8 @@ pub struct CommitRequest {
     pub sites: BTreeMap<String, u64>,
     /// Example-weighted mean of the training losses.
     pub train_loss: f64,
+    /// The largest record-level ε the counted sites reported for the run so far.
+    pub privacy_epsilon: Option<f64>,
 }
 
 /// What the machine wants done, in order.
@@ -445,6 +447,8 @@ struct Open {
     state: RoundState,
     global_sha256: String,
     losses: Vec<(u64, f64)>,
+    /// The largest record-level ε a folded update reported.
+    privacy_epsilon: Option<f64>,
     evaluations: Vec<(u64, BTreeMap<String, f64>)>,
     folded: Vec<Folded>,
     folding: Option<Folding>,
@@ -897,6 +901,9 @@ impl RunMachine {
                 });
                 o.state.record_update(site, f.examples);
                 o.losses.push((f.examples, f.train_loss));
+                if let Some(e) = f.privacy_epsilon {
+                    o.privacy_epsilon = Some(o.privacy_epsilon.map_or(e, |m| m.max(e)));
+                }
                 self.declining.retain(|d| d != site);
                 out.push(Effect::UpdateAccepted {
                     round,
@@ -955,6 +962,7 @@ impl RunMachine {
             state,
             global_sha256: self.global_sha256.clone(),
             losses: Vec::new(),
+            privacy_epsilon: None,
             evaluations,
             folded: Vec::new(),
             folding: None,
@@ -1002,6 +1010,7 @@ impl RunMachine {
             state: RoundState::start(self.round, self.attempt, selected, now, self.plan.limits),
             global_sha256: self.global_sha256.clone(),
             losses: Vec::new(),
+            privacy_epsilon: None,
             evaluations: Vec::new(),
             folded: Vec::new(),
             folding: None,
@@ -1122,6 +1131,7 @@ impl RunMachine {
             sites: o.state.updates.clone(),
             train_loss: o.losses.iter().map(|(n, l)| *n as f64 * l).sum::<f64>()
                 / loss_weight.max(1.0),
+            privacy_epsilon: o.privacy_epsilon,
         }
     }
 
