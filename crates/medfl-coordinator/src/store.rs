@@ -520,33 +520,23 @@ impl Store {
             steps += "PRAGMA user_version = 3;\nCOMMIT;";
             conn.execute_batch(&steps)?;
         }
-        if version < 4 {
-            // Version 4 keeps the record-level ε a site reported with each update.
-            let has: bool = conn
-                .prepare(
-                    "SELECT 1 FROM pragma_table_info('site_results') WHERE name = 'privacy_epsilon'",
-                )?
-                .exists([])?;
-            let mut steps = String::from("BEGIN;\n");
-            if !has {
-                steps += "ALTER TABLE site_results ADD COLUMN privacy_epsilon REAL;\n";
+        // Version 4 keeps the record-level ε a site reported with each update, version 5 each
+        // round's largest.
+        for (to, table, column) in [
+            (4, "site_results", "privacy_epsilon"),
+            (5, "rounds", "privacy_epsilon"),
+        ] {
+            if version < to {
+                let has: bool = conn
+                    .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+                    .exists(params![table, column])?;
+                let mut steps = String::from("BEGIN;\n");
+                if !has {
+                    steps += &format!("ALTER TABLE {table} ADD COLUMN {column} REAL;\n");
+                }
+                steps += &format!("PRAGMA user_version = {to};\nCOMMIT;");
+                conn.execute_batch(&steps)?;
             }
-            steps += "PRAGMA user_version = 4;\nCOMMIT;";
-            conn.execute_batch(&steps)?;
-        }
-        if version < 5 {
-            // Version 5 keeps each round's largest reported record-level ε.
-            let has: bool = conn
-                .prepare(
-                    "SELECT 1 FROM pragma_table_info('rounds') WHERE name = 'privacy_epsilon'",
-                )?
-                .exists([])?;
-            let mut steps = String::from("BEGIN;\n");
-            if !has {
-                steps += "ALTER TABLE rounds ADD COLUMN privacy_epsilon REAL;\n";
-            }
-            steps += "PRAGMA user_version = 5;\nCOMMIT;";
-            conn.execute_batch(&steps)?;
         }
         Ok(Self { conn })
     }
