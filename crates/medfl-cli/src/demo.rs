@@ -13,6 +13,8 @@ use medfl_core::safetensors::decode;
 use medfl_core::spec::RunSpec;
 use medfl_proto::v1::{CreateRunRequest, RoundSummary, RunDetail};
 use medfl_site::SiteConfig;
+use medfl_train::fit::planned_steps;
+use medfl_train::private::RecordDp;
 use medfl_train::{
     label_skew_partition, model_for_run, BaseModels, Data, Examples, Standardizer, Table,
     TrainOptions,
@@ -91,9 +93,9 @@ fn with_privacy(
             n >= t.batch_size as usize,
             "{name} has {n} training rows, fewer than a batch"
         );
-        let per_round = u64::from(t.local_epochs) * n.div_ceil(t.batch_size as usize) as u64;
+        let per_round = planned_steps(n, &TrainOptions::from_spec(spec, SEED));
         let mechanism = medfl_core::privacy::Mechanism {
-            sample_rate: t.batch_size as f64 / n as f64,
+            sample_rate: RecordDp::sample_rate(t.batch_size as usize, n),
             noise_multiplier: 1.0,
             steps: u64::from(spec.rounds) * per_round,
             delta: (n as f64).powf(-1.1),

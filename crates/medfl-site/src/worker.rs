@@ -36,6 +36,9 @@ struct Prepared {
     model: Arc<dyn LocalModel>,
     train: Data,
     validation: Data,
+    /// What the hospital is shown of the run's differential privacy: its parameters and what
+    /// the whole run would cost this site (computed once, with the data).
+    privacy_summary: Option<String>,
 }
 
 /// A dataset the site holds.
@@ -389,12 +392,19 @@ impl Worker {
             }
         };
         let model: Arc<dyn LocalModel> = Arc::from(model_for_run(&spec, &self.bases)?);
+        let privacy_summary = spec.privacy.as_ref().map(|p| {
+            let budget = self.config.policy.privacy.get(&spec.task.dataset);
+            let opts = TrainOptions::from_spec(&spec, spec.seed);
+            let delta = budget.and_then(|b| b.delta);
+            crate::privacy::describe(p, train.len(), &opts, spec.rounds, delta)
+        });
         let prepared = Arc::new(Prepared {
             model,
             train,
             validation,
             spec,
             spec_sha256,
+            privacy_summary,
         });
         info!(
             run = %task.run_id,
@@ -601,13 +611,6 @@ impl Worker {
         };
         // The hospital decides, at every task: its policy, then its approval queue.
         let update_bytes = prepared.model.schema().numel() as u64 * 4;
-        let spec = &prepared.spec;
-        let privacy = spec.privacy.as_ref().map(|p| {
-            let budget = self.config.policy.privacy.get(&spec.task.dataset);
-            let opts = TrainOptions::from_spec(spec, spec.seed);
-            let (rows, delta) = (prepared.train.len(), budget.and_then(|b| b.delta));
-            crate::privacy::describe(p, rows, &opts, spec.rounds, delta)
-        });
         let admitted = crate::policy::admit(
             &self.config.policy,
             &self.config.data_dir,
@@ -615,7 +618,7 @@ impl Worker {
             &prepared.spec,
             &spec_sha256,
             update_bytes,
-            privacy.as_deref(),
+            prepared.privacy_summary.as_deref(),
         );
         // Audited: every refusal, and the first admission of a run (approved by policy or by the
         // hospital) since this daemon started.

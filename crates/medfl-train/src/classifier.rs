@@ -21,9 +21,7 @@ use crate::bert::{cls_pool, mean_pool, BertModel, LoraAdapter};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
-use crate::private::{
-    clipped_by_example, dense_stack_clipped, fit_private, ClippedBatch, SystemBits,
-};
+use crate::private::{self, clipped_by_example, dense_stack_clipped, ClippedBatch};
 use crate::text_data::TextExamples;
 use crate::TrainError;
 
@@ -284,13 +282,13 @@ impl LocalModel for TextClassifier {
         };
         let trained: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
         if let Some(dp) = &opts.record_dp {
-            let private = fit_private(
+            return private::train(
+                start,
                 &vars,
                 &[],
                 data.len(),
                 opts,
                 dp,
-                &mut SystemBits::new(),
                 cancel,
                 progress,
                 &mut |idx, max_norm| match &frozen {
@@ -298,12 +296,7 @@ impl LocalModel for TextClassifier {
                     Some(all) => self.head_clipped(start, &a, all, &labels, idx, max_norm),
                     None => clipped_by_example(&vars, idx, max_norm, &mut |row| batch_loss(row)),
                 },
-            )?;
-            return Ok(TrainReport::private(
-                from_tensors(start, &trained)?,
-                data.len(),
-                private,
-            ));
+            );
         }
         let fitted = fit(&vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
             batch_loss(idx)

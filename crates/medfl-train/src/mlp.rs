@@ -12,7 +12,7 @@ use medfl_core::{ModelParams, ModelSchema};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
-use crate::private::{dense_stack_clipped, fit_private, SystemBits};
+use crate::private::{self, dense_stack_clipped};
 use crate::{Examples, TrainError};
 
 /// Rows scored at once during evaluation, to bound memory.
@@ -123,13 +123,13 @@ impl LocalModel for Mlp {
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let tensor_refs: Vec<&Tensor> = tensors.iter().collect();
         if let Some(dp) = &opts.record_dp {
-            let private = fit_private(
+            return private::train(
+                start,
                 &vars,
                 &weight_slots,
                 data.len(),
                 opts,
                 dp,
-                &mut SystemBits::new(),
                 cancel,
                 progress,
                 &mut |idx, max_norm| {
@@ -155,12 +155,7 @@ impl LocalModel for Mlp {
                         .collect::<Result<_, _>>()?;
                     Ok(clipped)
                 },
-            )?;
-            return Ok(TrainReport::private(
-                from_tensors(start, &tensor_refs)?,
-                data.len(),
-                private,
-            ));
+            );
         }
         let fitted = fit(
             &vars,

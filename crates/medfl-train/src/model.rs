@@ -135,19 +135,6 @@ pub struct TrainReport {
     pub private: Option<PrivateFit>,
 }
 
-impl TrainReport {
-    /// The report of a DP-SGD fit.
-    pub(crate) fn private(params: ModelParams, examples: usize, private: PrivateFit) -> Self {
-        Self {
-            params,
-            examples: examples as u64,
-            steps: private.fitted.steps,
-            mean_loss: private.fitted.mean_loss,
-            private: Some(private),
-        }
-    }
-}
-
 /// Metrics of a model on some examples.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalReport {

@@ -16,9 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use medfl_core::privacy::dpsgd::{add_noise, clip_factor, poisson_sample, RandomBits};
+use medfl_core::ModelParams;
 
 use crate::fit::{planned_steps, proximal_anchors, Fitted, Stepper};
-use crate::model::{TrainOptions, TrainProgress};
+use crate::model::{TrainOptions, TrainProgress, TrainReport};
+use crate::params::from_tensors;
 use crate::TrainError;
 
 /// The DP-SGD parameters a site trains with.
@@ -195,6 +197,42 @@ pub fn fit_private(
         sample_rate: rate,
         rows_sampled,
         rows_clipped,
+    })
+}
+
+/// Trains `vars`, which start as `start`, with [`fit_private`] on the operating system's
+/// randomness, and reports the trained weights with what DP-SGD did.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train(
+    start: &ModelParams,
+    vars: &[Var],
+    decay: &[usize],
+    n: usize,
+    opts: &TrainOptions,
+    dp: &RecordDp,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(TrainProgress),
+    clipped_batch: &mut ClippedBatchFn<'_>,
+) -> Result<TrainReport, TrainError> {
+    let bits = &mut SystemBits::new();
+    let private = fit_private(
+        vars,
+        decay,
+        n,
+        opts,
+        dp,
+        bits,
+        cancel,
+        progress,
+        clipped_batch,
+    )?;
+    let trained: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+    Ok(TrainReport {
+        params: from_tensors(start, &trained)?,
+        examples: n as u64,
+        steps: private.fitted.steps,
+        mean_loss: private.fitted.mean_loss,
+        private: Some(private),
     })
 }
 

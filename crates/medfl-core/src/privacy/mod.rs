@@ -137,3 +137,18 @@ pub fn noise_for(
     }
     Ok((high, at_high))
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::Mechanism;
+
+    /// The mechanism at q, z and steps, at δ = 1e-5 (the reference files' δ).
+    pub(crate) fn mechanism(q: f64, z: f64, steps: u64) -> Mechanism {
+        Mechanism {
+            sample_rate: q,
+            noise_multiplier: z,
+            steps,
+            delta: 1e-5,
+        }
+    }
+}

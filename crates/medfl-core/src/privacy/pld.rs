@@ -371,16 +371,8 @@ fn log_sub(x: f64, y: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::mechanism;
     use super::*;
-
-    fn mechanism(q: f64, z: f64, steps: u64) -> Mechanism {
-        Mechanism {
-            sample_rate: q,
-            noise_multiplier: z,
-            steps,
-            delta: 1e-5,
-        }
-    }
 
     /// Every row of the reference written by `benches/dp_accounting_pld.py` (dp-accounting 0.6
     /// `PLDAccountant`): within 1e-8 (the issue asks for 1%; the same method agrees to ~3e-10).

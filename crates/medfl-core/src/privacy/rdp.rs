@@ -177,16 +177,8 @@ fn log_erfc_series(x: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::mechanism;
     use super::*;
-
-    fn mechanism(q: f64, z: f64, steps: u64) -> Mechanism {
-        Mechanism {
-            sample_rate: q,
-            noise_multiplier: z,
-            steps,
-            delta: 1e-5,
-        }
-    }
 
     /// Opacus 1.6's `RDPAccountant` on 12 settings (q = 0.01; z = 0.5, 1, 2; 1 to 1,000 steps;
     /// δ = 1e-5), as committed beside this crate's tests.
