@@ -311,3 +311,156 @@ async fn a_hospitals_budget_refuses_runs_without_dp_and_runs_it_cannot_pay_for()
     );
     fed.stop().await;
 }
+
+/// Client-level DP over three hospitals (`sample_rate` 1, so every site takes part each round).
+fn client_dp(table: &str) -> String {
+    format!(
+        "\n[privacy]\nlevel = \"client\"\nnoise_multiplier = 1.0\nclip_norm = 0.5\n\
+         sample_rate = 1.0\ndelta = 0.01\n{table}"
+    )
+}
+
+/// The updates `site_dir`'s hospital sent for `run`, as its audit log records them.
+fn sent(site_dir: &std::path::Path, run: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(site_dir.join("audit.jsonl"))
+        .expect("site audit log")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .filter(|e| e["event"] == "update_sent" && e["run"] == run)
+        .map(|e| e["details"].clone())
+        .collect()
+}
+
+/// The L2 distance between two published global models.
+fn moved(fed: &Federation, from: &str, to: &str) -> f64 {
+    let (a, b) = (fed.coordinator.blob(from), fed.coordinator.blob(to));
+    a.tensors
+        .iter()
+        .flat_map(|t| {
+            let u = b.get(&t.name).expect("same tensors");
+            t.data
+                .iter()
+                .zip(&u.data)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// DP-FedAvg with central noise: each hospital clips its update to C before it leaves, the
+/// coordinator adds N(0, z²C²) to the sum and divides by the expected number of sites, and the
+/// run ends `budget_exhausted` before the round that would pass its target ε. Specs that cannot
+/// keep their promise are refused when created, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_level_dp_clips_at_each_site_noises_the_sum_and_ends_at_its_target() {
+    let fed = Federation::start(3).await;
+    let mut client = fed.coordinator.runs().await;
+    let spec = client_dp("");
+    let c = medfl_core::spec::RunSpec::from_toml(&(breast_cancer_spec("x", 4, 3, 60) + &spec))
+        .expect("spec")
+        .privacy
+        .client
+        .expect("client level");
+    // A target between two rounds' ε and three rounds': two rounds run.
+    let (two, three) = (c.epsilon_after(2).unwrap(), c.epsilon_after(3).unwrap());
+    let target = (two + three) / 2.0;
+    let text = breast_cancer_spec("client-dp", 4, 3, 60)
+        + &client_dp(&format!("target_epsilon = {target}\n"));
+    let run = create_run(&mut client, &text).await;
+    let detail = wait_for_end(&mut client, &run).await;
+    assert_eq!(
+        status(&detail),
+        medfl_proto::v1::RunStatus::BudgetExhausted as i32,
+        "{detail:?}"
+    );
+    assert_eq!(detail.rounds.len(), 2, "{detail:?}");
+    for i in 0..3 {
+        let updates = sent(&fed.dir.path().join(format!("hospital-{i}")), &run);
+        assert_eq!(updates.len(), 2, "{updates:#?}");
+        for u in &updates {
+            // What left is within C of the global model; the site records by how much it clipped.
+            let distance = u["l2_distance_from_global"].as_f64().expect("distance");
+            assert!(distance <= 0.5 + 1e-5, "{u}");
+            let dp = &u["client_dp"];
+            assert_eq!(dp["clip_norm"].as_f64(), Some(0.5), "{u}");
+            let (trained, by) = (
+                dp["trained_l2_distance"].as_f64().unwrap(),
+                dp["clipped_by"].as_f64().unwrap(),
+            );
+            assert!((trained * by - distance).abs() < 1e-4, "{u}");
+        }
+    }
+    // Three clipped updates over 3 expected sites move the model by at most C = 0.5; the noise
+    // (z·C/3 per coordinate over 62 weights, ≈ 1.3 in norm) moves it by far more.
+    let step = moved(
+        &fed,
+        &detail.rounds[0].global_sha256,
+        &detail.rounds[1].global_sha256,
+    );
+    assert!(step > 0.6, "the sum carried no noise: moved {step}");
+
+    // Refused when created: a target one round already passes, a δ not below 1/K for the three
+    // sites, and a robust rule.
+    for (table, field) in [
+        (
+            client_dp(&format!(
+                "target_epsilon = {}\n",
+                c.epsilon_after(1).unwrap() / 2.0
+            )),
+            "privacy.target_epsilon",
+        ),
+        (
+            client_dp("").replace("delta = 0.01", "delta = 0.4"),
+            "privacy.delta",
+        ),
+        (
+            format!("\n[strategy]\nname = \"median\"\n{}", client_dp("")),
+            "strategy",
+        ),
+    ] {
+        let err = client
+            .create_run(medfl_proto::v1::CreateRunRequest {
+                spec_toml: breast_cancer_spec("refused", 4, 3, 60) + &table,
+            })
+            .await
+            .expect_err("refused");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    fed.stop().await;
+}
+
+/// Distributed noise with adaptive clipping, sites sampled with q = 0.5: every round commits
+/// with whoever was drawn (even nobody), each update leaves already noised (so further than C
+/// from the global model), and the clipping norm the tasks carry moves between rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distributed_client_dp_with_adaptive_clipping_commits_every_sampled_round() {
+    let fed = Federation::start(3).await;
+    let mut client = fed.coordinator.runs().await;
+    let text = breast_cancer_spec("client-dp-distributed", 4, 3, 60)
+        + &client_dp(
+            "noise = \"distributed\"\n\n[privacy.adaptive_clipping]\ncount_noise_multiplier = 1.0\n",
+        )
+        .replace("sample_rate = 1.0", "sample_rate = 0.5");
+    let run = create_run(&mut client, &text).await;
+    let detail = wait_for_completion(&mut client, &run).await;
+    assert_eq!(detail.rounds.len(), 4, "{detail:?}");
+    let mut clips = std::collections::BTreeSet::new();
+    let mut updates = 0;
+    for i in 0..3 {
+        for u in sent(&fed.dir.path().join(format!("hospital-{i}")), &run) {
+            updates += 1;
+            let clip = u["client_dp"]["clip_norm"].as_f64().expect("clip norm");
+            clips.insert(format!("{clip}"));
+            // The site's share of the noise, N(0, z²C²/m) over 62 weights, leaves with it.
+            let distance = u["l2_distance_from_global"].as_f64().expect("distance");
+            assert!(distance > clip, "{u}");
+        }
+    }
+    // About half of 12 site-rounds were sampled.
+    assert!((1..12).contains(&updates), "{updates}");
+    assert!(
+        clips.len() > 1 || updates == 1,
+        "the clip never moved: {clips:?}"
+    );
+    fed.stop().await;
+}

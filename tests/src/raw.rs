@@ -211,6 +211,7 @@ pub fn header_for(task: &v1::Task, bytes: &[u8], examples: u64) -> v1::UpdateHea
         train_steps: 1,
         signature: Vec::new(),
         privacy_epsilon: None,
+        clip_indicator: None,
     }
 }
 

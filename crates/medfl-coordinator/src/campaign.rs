@@ -244,6 +244,8 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
             global_size: c.global_size,
             deadline_unix_ms: wall_of(task.deadline_ms),
             signature: Vec::new(),
+            clip_norm: None,
+            expected_sites: None,
         })
     }))
 }

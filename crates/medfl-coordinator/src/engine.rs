@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use medfl_core::aggregator::{AdmitError, Admitted, Aggregator, Disposition, RoundStart};
+use medfl_core::client_dp::ClientDp;
 use medfl_core::run::{RunStatus, SiteOutcome};
 use medfl_core::run_machine::{
     CommitRequest, Effect, Event, FoldOutcome, OpenPhase, Rejection, RunMachine, RunPlan,
@@ -38,7 +39,7 @@ pub fn spawn(
     let model = medfl_model::RunModel::for_run(&spec, &shared.bases)?;
     let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
     let (snap_tx, snap_rx) = watch::channel(None);
-    let machine = RunMachine::new(RunPlan::of(&spec), &run.initial_sha256);
+    let machine = RunMachine::new(plan(&spec)?, &run.initial_sha256);
     let handle = RunHandle {
         tx,
         snapshot: snap_rx,
@@ -65,11 +66,43 @@ pub fn spawn(
     Ok(())
 }
 
-/// A server optimizer's state between rounds: blob ids of its moments.
+/// The run machine's plan for `spec`. Under client-level DP: the rounds its target ε allows,
+/// and a sampling seed drawn from the operating system, so that nobody can tell from the spec
+/// which sites a round sampled.
+fn plan(spec: &medfl_core::spec::RunSpec) -> Result<RunPlan, CoordinatorError> {
+    let mut plan = RunPlan::of(spec);
+    if let Some(c) = &spec.privacy.client {
+        plan.privacy_rounds = Some(c.rounds_within_target(spec.rounds)?);
+        let mut seed = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| CoordinatorError::Internal("no system randomness".into()))?;
+        plan.seed = u64::from_le_bytes(seed);
+    }
+    Ok(plan)
+}
+
+/// The operating system's generator, for client-level DP's noise.
+struct SystemBits(ring::rand::SystemRandom);
+
+impl medfl_core::privacy::dpsgd::RandomBits for SystemBits {
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        // Without the operating system's generator there is no private noise: stopping the
+        // coordinator beats publishing a model with predictable noise.
+        ring::rand::SecureRandom::fill(&self.0, &mut b)
+            .expect("the operating system's random number generator failed");
+        u64::from_le_bytes(b)
+    }
+}
+
+/// A server optimizer's state between rounds: blob ids of its moments, and client-level DP's
+/// clipping norm for the next round (which adaptive clipping moves).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 struct OptState {
     m: Option<String>,
     v: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clip_norm: Option<f64>,
 }
 
 struct Engine {
@@ -104,6 +137,17 @@ fn check_and_fold(
     let mut update = BlobSource::new(path, schema.clone());
     let mut global = BlobSource::new(global_path, schema.clone());
     acc.admit(weight, &mut update, Some(&mut global))
+}
+
+impl Engine {
+    /// Client-level DP's clipping norm for the round in play: the last committed round's
+    /// adapted one, or the spec's.
+    fn clip_norm(&self) -> f64 {
+        let spec = &self.handle.spec;
+        self.opt_state
+            .clip_norm
+            .unwrap_or_else(|| spec.privacy.client.as_ref().map_or(0.0, |c| c.clip_norm))
+    }
 }
 
 /// The error a handler answers for a result the run machine did not take.
@@ -239,6 +283,7 @@ impl Engine {
                 examples,
                 train_loss,
                 privacy_epsilon,
+                clip_indicator,
                 reply,
             } => {
                 self.answer = None;
@@ -251,6 +296,7 @@ impl Engine {
                     examples,
                     train_loss,
                     privacy_epsilon,
+                    clip_indicator,
                 })
                 .await?;
                 // An accepted update's reference goes when the attempt ends.
@@ -318,12 +364,20 @@ impl Engine {
         match effect {
             Effect::Publish(phase) => self.publish(phase)?,
             Effect::Reply(r) => self.answer = Some(r.map_err(rejected)),
-            Effect::NewAggregator { round, attempt } => {
+            Effect::NewAggregator {
+                round,
+                attempt,
+                expected_sites,
+            } => {
                 let spec = &self.handle.spec;
-                self.acc = Some(
-                    Aggregator::new(&spec.strategy, (*self.handle.schema).clone())?
-                        .with_defense(&spec.defense),
-                );
+                let mut acc = Aggregator::new(&spec.strategy, (*self.handle.schema).clone())?
+                    .with_defense(&spec.defense);
+                if let (Some(c), Some(expected)) = (&spec.privacy.client, expected_sites) {
+                    let bits = Box::new(SystemBits(ring::rand::SystemRandom::new()));
+                    let dp = ClientDp::new(c, self.clip_norm(), expected, bits)?;
+                    acc = acc.with_client_dp(dp)?;
+                }
+                self.acc = Some(acc);
                 info!(run = %self.run_id, round, attempt, "round started");
             }
             Effect::Fold {
@@ -349,8 +403,15 @@ impl Engine {
                 examples,
                 train_loss,
                 privacy_epsilon,
+                clip_indicator,
                 scale,
             } => {
+                if let (Some(v), Some(dp)) = (
+                    clip_indicator,
+                    self.acc.as_mut().and_then(Aggregator::client_dp_mut),
+                ) {
+                    dp.count_indicator(v);
+                }
                 if scale < 1.0 {
                     info!(run = %self.run_id, round, site = %site, scale, "update clipped to the norm bound");
                 }
@@ -482,7 +543,9 @@ impl Engine {
                         size
                     }
                 };
+                let client_dp = p.expected_sites.map(|m| (self.clip_norm(), m));
                 Some(RoundSnapshot {
+                    client_dp,
                     round: p.round,
                     attempt: p.attempt,
                     phase: p.phase,
@@ -599,10 +662,12 @@ impl Engine {
 
     /// Averages the attempt's updates, stores the new global model and commits the round.
     async fn commit(&mut self, req: CommitRequest) -> Result<String, CoordinatorError> {
-        let acc = self
+        let mut acc = self
             .acc
             .take()
             .ok_or_else(|| CoordinatorError::Internal("aggregator missing".into()))?;
+        // Adaptive clipping's next C, from this round's noised count; kept with the round.
+        let clip_norm = acc.client_dp_mut().map(|dp| dp.next_clip_norm());
         let shared = self.shared.clone();
         let schema = self.handle.schema.clone();
         let global_path = shared.blobs.path(&req.base_sha256)?;
@@ -633,7 +698,14 @@ impl Engine {
                     second_moment: v.as_mut(),
                 };
                 let out = aggregate::finish(acc, start, &mut held, &shared.blobs, &schema)?;
-                Ok((out.global, OptState { m: out.m, v: out.v }))
+                Ok((
+                    out.global,
+                    OptState {
+                        m: out.m,
+                        v: out.v,
+                        clip_norm,
+                    },
+                ))
             })
             .await
             .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;

@@ -79,6 +79,21 @@ impl RunApi {
         // Checked under the lock rather than on a copy: with thousands of sites a copy of every
         // site's columns would cost hundreds of megabytes per run created.
         spec.validate_against(self.shared.sites()?.values().map(|s| s.datasets.as_slice()))?;
+        if let Some(c) = spec.privacy.client.clone() {
+            // δ must be below one over the sites that could take part, and the target ε must
+            // allow at least one round (planned off the async threads: PLD takes a while).
+            let holders = self
+                .shared
+                .sites()?
+                .values()
+                .filter(|s| s.datasets.iter().any(|d| spec.fits(d)))
+                .count();
+            c.check_delta(holders)?;
+            let rounds = spec.rounds;
+            tokio::task::spawn_blocking(move || c.rounds_within_target(rounds))
+                .await
+                .map_err(|e| CoordinatorError::Internal(format!("privacy planning: {e}")))??;
+        }
         let model = medfl_model::RunModel::for_run(&spec, &self.shared.bases).map_err(|e| {
             CoordinatorError::Invalid(if e.is_base_model() {
                 format!(

@@ -150,6 +150,7 @@ impl SiteApi {
                 examples: header.num_examples,
                 train_loss: header.train_loss,
                 privacy_epsilon: header.privacy_epsilon,
+                clip_indicator: header.clip_indicator,
                 reply,
             })
             .await;
@@ -258,6 +259,7 @@ impl SiteApi {
                 "privacy_epsilon {e} is not a finite number >= 0"
             )));
         }
+        check_clip_indicator(header.clip_indicator, &handle.spec)?;
         // An F32 update of the same tensors is the global model's size give or take its header.
         let limit = snap.global_size + medfl_core::safetensors::HEADER_ALLOWANCE;
         if header.size == 0 || header.size > limit {
@@ -581,6 +583,8 @@ impl SiteService for SiteApi {
                         global_size: snap.global_size,
                         deadline_unix_ms: snap.deadline_ms,
                         signature: Vec::new(),
+                        clip_norm: snap.client_dp.map(|(c, _)| c),
+                        expected_sites: snap.client_dp.map(|(_, m)| m),
                     })
                 })
             };
@@ -742,5 +746,45 @@ impl SiteService for SiteApi {
             .await
             .map_err(|_| CoordinatorError::Unavailable(format!("run `{}` ended", req.run_id)))?;
         Ok(Response::new(v1::ReportTaskFailureResponse {}))
+    }
+}
+
+/// A site's "within the clip" indicator moves the next round's clipping norm for everyone, so
+/// it is bounded: 0 or 1 when the coordinator adds the count's noise, and within ten standard
+/// deviations of the site's noise share around them when the sites add it.
+fn check_clip_indicator(
+    indicator: Option<f64>,
+    spec: &medfl_core::spec::RunSpec,
+) -> Result<(), CoordinatorError> {
+    use medfl_core::spec::NoisePlacement;
+    let adaptive = spec
+        .privacy
+        .client
+        .as_ref()
+        .and_then(|c| c.adaptive_clipping.as_ref().map(|a| (c.noise, a)));
+    match (indicator, adaptive) {
+        (None, None) => Ok(()),
+        (Some(_), None) => Err(CoordinatorError::Invalid(
+            "clip_indicator is only for runs with adaptive client-level clipping".into(),
+        )),
+        (None, Some(_)) => Err(CoordinatorError::Invalid(
+            "clip_indicator is required: the run adapts its client-level clipping norm".into(),
+        )),
+        (Some(v), Some((NoisePlacement::Central, _))) if v == 0.0 || v == 1.0 => Ok(()),
+        (Some(v), Some((NoisePlacement::Central, _))) => Err(CoordinatorError::Invalid(format!(
+            "clip_indicator must be 0 or 1, got {v}"
+        ))),
+        (Some(v), Some((NoisePlacement::Distributed, a))) => {
+            let reach = 10.0 * a.count_noise_multiplier;
+            if v.is_finite() && (-reach..=1.0 + reach).contains(&v) {
+                Ok(())
+            } else {
+                Err(CoordinatorError::Invalid(format!(
+                    "clip_indicator {v} is outside [{}, {}]",
+                    -reach,
+                    1.0 + reach
+                )))
+            }
+        }
     }
 }

@@ -88,6 +88,9 @@ pub struct RoundSnapshot {
     pub global_size: u64,
     /// When the phase closes.
     pub deadline_ms: u64,
+    /// Client-level DP: the round's clipping norm and expected number of sampled sites, for
+    /// the train task.
+    pub client_dp: Option<(f64, f64)>,
 }
 
 /// A message to a run's engine. Every result goes through the engine, so one task decides.
@@ -111,6 +114,8 @@ pub enum EngineMsg {
         train_loss: f64,
         /// The site's record-level ε for the run so far.
         privacy_epsilon: Option<f64>,
+        /// Client-level DP: the site's "within the clip" indicator.
+        clip_indicator: Option<f64>,
         /// Answer to the uploader.
         reply: oneshot::Sender<Result<(), CoordinatorError>>,
     },

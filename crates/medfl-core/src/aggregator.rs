@@ -29,6 +29,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::client_dp::ClientDp;
 use crate::fedavg::FedAvg;
 use crate::spec::{DefenseSpec, NormAction, StrategySpec};
 use crate::strategy::robust::{
@@ -223,6 +224,8 @@ pub struct Aggregator {
     schema: ModelSchema,
     rule: Rule,
     norm_bound: Option<(f64, NormAction)>,
+    /// Client-level DP-FedAvg: unweighted, clipped, noised, over a fixed denominator.
+    client_dp: Option<ClientDp>,
     /// Coordinates per block ([`BLOCK`]; smaller in tests).
     block: usize,
     /// Set when folding failed part-way: the sums are unusable.
@@ -241,6 +244,7 @@ impl std::fmt::Debug for Aggregator {
             .field("rule", &rule)
             .field("updates", &updates)
             .field("norm_bound", &self.norm_bound)
+            .field("client_dp", &self.client_dp)
             .field("broken", &self.broken)
             .finish_non_exhaustive()
     }
@@ -291,6 +295,7 @@ impl Aggregator {
             schema,
             rule,
             norm_bound: None,
+            client_dp: None,
             block: BLOCK,
             broken: false,
         })
@@ -305,9 +310,32 @@ impl Aggregator {
         self
     }
 
+    /// Applies client-level DP-FedAvg to the round: every update counts once, clipped to the
+    /// round's C, and the sum is noised and divided by the expected number of sampled sites.
+    /// Refused for robust rules, which have no sensitivity bound.
+    pub fn with_client_dp(mut self, dp: ClientDp) -> Result<Self, CoreError> {
+        if let Rule::Robust { rule, .. } = &self.rule {
+            return Err(CoreError::Aggregation(format!(
+                "client-level DP needs a rule that sums updates, not {rule:?}"
+            )));
+        }
+        self.client_dp = Some(dp);
+        Ok(self)
+    }
+
+    /// The round's client-level DP, when on: to count the sites' clip indicators and draw the
+    /// next round's clipping norm.
+    pub fn client_dp_mut(&mut self) -> Option<&mut ClientDp> {
+        self.client_dp.as_mut()
+    }
+
     /// Whether [`Self::finish`] needs the round's starting global model: a server optimizer
-    /// steps from it, and clipped held updates are rebuilt from it.
+    /// steps from it, clipped held updates are rebuilt from it, and client-level DP adds the
+    /// noised sum of differences to it.
     pub fn needs_global(&self) -> bool {
+        if self.client_dp.is_some() {
+            return true;
+        }
         match &self.rule {
             Rule::Average { optimizer, .. } => optimizer.is_some(),
             Rule::Robust { held, .. } => held.iter().any(|h| h.scale < 1.0),
@@ -340,20 +368,34 @@ impl Aggregator {
             ))));
         }
         let mut scale = 1.0f32;
-        if let Some((bound, action)) = self.norm_bound {
+        let dp_clips = self.client_dp.as_ref().is_some_and(|dp| dp.clips);
+        if self.norm_bound.is_some() || dp_clips {
             let global = global.as_deref_mut().ok_or_else(|| {
                 refuse(CoreError::Aggregation(
                     "the norm bound needs the round's global model".into(),
                 ))
             })?;
             let norm = self.distance(update, global).map_err(AdmitError::Refused)?;
-            if norm > bound {
-                match action {
-                    NormAction::Reject => return Err(refuse(CoreError::NormBound { norm, bound })),
-                    NormAction::Clip => scale = (bound / norm) as f32,
+            if let Some((bound, action)) = self.norm_bound {
+                if norm > bound {
+                    match action {
+                        NormAction::Reject => {
+                            return Err(refuse(CoreError::NormBound { norm, bound }))
+                        }
+                        NormAction::Clip => scale = (bound / norm) as f32,
+                    }
                 }
             }
+            if let Some(dp) = &self.client_dp {
+                scale = scale.min(dp.scale(norm));
+            }
         }
+        // Under client-level DP every site counts once: its example count is not protected.
+        let weight = if self.client_dp.is_some() {
+            1.0
+        } else {
+            weight
+        };
         let disposition = match &mut self.rule {
             Rule::Average { sums, .. } => {
                 let len = buffer_len(&self.schema, self.block);
@@ -414,7 +456,7 @@ impl Aggregator {
     /// new moments. `held` are the updates [`Self::admit`] asked to hold, in admission order
     /// (none for folding strategies); they are read a block at a time, all in lockstep.
     pub fn finish<S, K>(
-        self,
+        mut self,
         start: RoundStart<'_, S>,
         held: &mut [S],
         sink: &mut K,
@@ -438,6 +480,11 @@ impl Aggregator {
                         held.len()
                     ))
                     .into());
+                }
+                if let Some(dp) = self.client_dp.take() {
+                    // A round without updates still publishes the noise: who took part must not
+                    // show in the model.
+                    return self.private_step(dp, optimizer.as_ref(), sums, start, sink);
                 }
                 if sums.updates() == 0 {
                     return Err(CoreError::Empty.into());
@@ -480,6 +527,52 @@ impl Aggregator {
         S::Error: From<CoreError>,
         K: ModelSink<Error = S::Error>,
     {
+        self.step_from_global(Some(opt), start, sink, |b, _, avg| {
+            sums.average_into(b.tensor, b.offset, avg)
+        })
+    }
+
+    /// Client-level DP: the noised average of the clipped differences over the fixed
+    /// denominator, added to the global model, or stepped towards by the server optimizer.
+    fn private_step<S, K>(
+        &self,
+        mut dp: ClientDp,
+        optimizer: Option<&ServerOptimizer>,
+        sums: &FedAvg,
+        start: RoundStart<'_, S>,
+        sink: &mut K,
+    ) -> Result<(), S::Error>
+    where
+        S: BlockSource,
+        S::Error: From<CoreError>,
+        K: ModelSink<Error = S::Error>,
+    {
+        let mut sum = vec![0f64; buffer_len(&self.schema, self.block)];
+        let n = sums.updates();
+        self.step_from_global(optimizer, start, sink, |b, global, avg| {
+            let sum = &mut sum[..b.len];
+            sums.sum_into(b.tensor, b.offset, sum)?;
+            dp.noised_average(global, sum, n, avg);
+            Ok(())
+        })
+    }
+
+    /// Writes the new global model block by block from the round's starting model and the
+    /// block's `average` (filled from the global block): the average itself, or the server
+    /// optimizer's step towards it with its new moments.
+    fn step_from_global<S, K, A>(
+        &self,
+        optimizer: Option<&ServerOptimizer>,
+        start: RoundStart<'_, S>,
+        sink: &mut K,
+        mut average: A,
+    ) -> Result<(), S::Error>
+    where
+        S: BlockSource,
+        S::Error: From<CoreError>,
+        K: ModelSink<Error = S::Error>,
+        A: FnMut(Block, &[f32], &mut [f32]) -> Result<(), CoreError>,
+    {
         let RoundStart {
             step,
             global,
@@ -487,7 +580,9 @@ impl Aggregator {
             second_moment: mut v_prev,
         } = start;
         let global = global.ok_or_else(no_global)?;
-        let (use_m, use_v) = (opt.uses_first_moment(), opt.uses_second_moment());
+        let (use_m, use_v) = optimizer.map_or((false, false), |o| {
+            (o.uses_first_moment(), o.uses_second_moment())
+        });
         sink.start(Output::Global)?;
         if use_m {
             sink.start(Output::FirstMoment)?;
@@ -501,7 +596,11 @@ impl Aggregator {
         for b in blocks(&self.schema, self.block) {
             let (x, avg) = (&mut x[..b.len], &mut avg[..b.len]);
             global.read(b.tensor, b.offset, x)?;
-            sums.average_into(b.tensor, b.offset, avg)?;
+            average(b, x, avg)?;
+            let Some(opt) = optimizer else {
+                sink.write(Output::Global, avg)?;
+                continue;
+            };
             let m = &mut m[..if use_m { b.len } else { 0 }];
             let v = &mut v[..if use_v { b.len } else { 0 }];
             match m_prev.as_deref_mut() {
@@ -1392,5 +1491,155 @@ mod tests {
         sink.write(Output::Global, &values[2..]).unwrap();
         assert_eq!(sink.model(Output::Global, &schema), Some(model(&values)));
         assert_eq!(sink.model(Output::FirstMoment, &schema), None);
+    }
+
+    fn client_spec(
+        noise: crate::spec::NoisePlacement,
+        count_noise: Option<f64>,
+    ) -> crate::spec::ClientPrivacySpec {
+        crate::spec::ClientPrivacySpec {
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            sample_rate: 0.5,
+            noise,
+            adaptive_clipping: count_noise.map(|c| crate::spec::AdaptiveClipping {
+                target_quantile: 0.5,
+                learning_rate: 0.2,
+                count_noise_multiplier: c,
+            }),
+            target_epsilon: None,
+            delta: 1e-3,
+            accountant: crate::spec::AccountantSpec::Rdp,
+        }
+    }
+
+    fn client_dp(spec: &crate::spec::ClientPrivacySpec, clip: f64, expected: f64) -> ClientDp {
+        ClientDp::new(spec, clip, expected, Box::new(SplitMix64::new(11))).unwrap()
+    }
+
+    #[test]
+    fn client_dp_counts_each_site_once_over_the_expected_number_of_sites() {
+        use crate::spec::NoisePlacement::Distributed;
+        // Distributed noise: the sites added it, so the coordinator's arithmetic is exact.
+        let spec = client_spec(Distributed, None);
+        let global = [1.0f32; 6];
+        let (a, b) = ([2.0f32; 6], [3.0f32; 6]);
+        let agg = aggregator(&StrategySpec::Fedavg, 4)
+            .with_client_dp(client_dp(&spec, 1.0, 4.0))
+            .unwrap();
+        assert!(agg.needs_global());
+        // Example counts do not weigh: (1 + 2) / 4 expected sites, not a weighted mean.
+        let (sink, admitted) = round(
+            agg,
+            &[(&a, 10.0), (&b, 1000.0)],
+            Some(&global),
+            [None, None],
+            1,
+        )
+        .unwrap();
+        assert!(admitted.iter().all(|a| a.scale == 1.0));
+        assert_close(&global_of(&sink), &[1.75; 6]);
+        // Nobody answered: the round still publishes (here noiseless) the global model.
+        let agg = aggregator(&StrategySpec::Fedavg, 4)
+            .with_client_dp(client_dp(&spec, 1.0, 4.0))
+            .unwrap();
+        let (sink, _) = round(agg, &[], Some(&global), [None, None], 1).unwrap();
+        assert_close(&global_of(&sink), &[1.0; 6]);
+        // A server optimizer steps towards the private average.
+        let opt = StrategySpec::Fedavgm {
+            server_learning_rate: 1.0,
+            momentum: 0.0,
+        };
+        let agg = aggregator(&opt, 4)
+            .with_client_dp(client_dp(&spec, 1.0, 4.0))
+            .unwrap();
+        let (sink, _) =
+            round(agg, &[(&a, 1.0), (&b, 1.0)], Some(&global), [None, None], 1).unwrap();
+        assert_close(&global_of(&sink), &[1.75; 6]);
+        // Robust rules have no sensitivity bound.
+        assert!(aggregator(&StrategySpec::Median, 4)
+            .with_client_dp(client_dp(&spec, 1.0, 4.0))
+            .is_err());
+    }
+
+    #[test]
+    fn central_client_dp_clips_each_update_and_adds_z_c_noise_to_the_sum() {
+        let spec = client_spec(crate::spec::NoisePlacement::Central, None);
+        let n = 40_000;
+        let big = |v: f32| {
+            ModelParams::new(vec![NamedTensor {
+                name: "w".into(),
+                shape: vec![n],
+                data: vec![v; n],
+            }])
+            .unwrap()
+        };
+        let mut agg = Aggregator::new(&StrategySpec::Fedavg, big(0.0).schema())
+            .unwrap()
+            .with_client_dp(client_dp(&spec, 0.5, 2.0))
+            .unwrap();
+        let mut global = big(0.0);
+        // Norm 0.01·200 = 2 > C = 0.5: scaled by 1/4. Norm 0.001·200 = 0.2: kept.
+        let a = agg.admit(5.0, &mut big(0.01), Some(&mut global)).unwrap();
+        let b = agg.admit(5.0, &mut big(0.001), Some(&mut global)).unwrap();
+        assert!(
+            (a.scale - 0.25).abs() < 1e-6 && b.scale == 1.0,
+            "{a:?} {b:?}"
+        );
+        let mut sink = MemorySink::default();
+        agg.finish(
+            RoundStart {
+                global: Some(&mut global),
+                ..RoundStart::new(1)
+            },
+            &mut [],
+            &mut sink,
+        )
+        .unwrap();
+        let out = global_of(&sink);
+        // Mean (0.0025 + 0.001) / 2; noise sd z·C / 2 = 0.25 per coordinate.
+        let mean = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        let sd = (out
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n as f64)
+            .sqrt();
+        assert!(
+            (mean - 0.00175).abs() < 5.0 * 0.25 / (n as f64).sqrt(),
+            "{mean}"
+        );
+        assert!((sd - 0.25).abs() < 0.01, "{sd}");
+    }
+
+    #[test]
+    fn adaptive_clipping_follows_the_paper_sign() {
+        // C ← C·exp(−η(b̄ − γ)) (Andrew et al. 2021, Algorithm 1): when more sites than γ are
+        // within the clip, it shrinks; when fewer, it grows. Count noise small against 4 sites.
+        let spec = client_spec(crate::spec::NoisePlacement::Central, Some(0.6));
+        for (within, grows) in [(4.0, false), (0.0, true)] {
+            let mut ratios = Vec::new();
+            for seed in 0..200 {
+                let mut dp =
+                    ClientDp::new(&spec, 2.0, 4.0, Box::new(SplitMix64::new(seed))).unwrap();
+                for _ in 0..within as usize {
+                    dp.count_indicator(1.0);
+                }
+                ratios.push((dp.next_clip_norm() / 2.0).ln());
+            }
+            let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+            // −η(b̄ − γ) with b̄ = within / 4, on average.
+            let want = -0.2 * (within / 4.0 - 0.5);
+            assert!((mean - want).abs() < 0.01, "{within}: {mean} vs {want}");
+            assert_eq!(mean > 0.0, grows);
+        }
+        // Without adaptive clipping C stays.
+        let mut dp = client_dp(
+            &client_spec(crate::spec::NoisePlacement::Central, None),
+            2.0,
+            4.0,
+        );
+        dp.count_indicator(1.0);
+        assert_eq!(dp.next_clip_norm(), 2.0);
     }
 }

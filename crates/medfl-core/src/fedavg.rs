@@ -94,6 +94,18 @@ impl FedAvg {
         Ok(())
     }
 
+    /// The unweighted-by-total sums of tensor `tensor` from element `offset`, into `out`
+    /// (zeros before any update).
+    pub fn sum_into(&self, tensor: usize, offset: usize, out: &mut [f64]) -> Result<(), CoreError> {
+        let sum = self
+            .sums
+            .get(tensor)
+            .and_then(|s| s.get(offset..offset + out.len()))
+            .ok_or_else(|| CoreError::Format(format!("values past the end of tensor {tensor}")))?;
+        out.copy_from_slice(sum);
+        Ok(())
+    }
+
     /// Folds a whole in-memory update.
     pub fn add(&mut self, update: &ModelParams, weight: f64) -> Result<(), CoreError> {
         if update.schema() != self.schema {

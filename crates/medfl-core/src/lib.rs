@@ -5,6 +5,7 @@
 //! - [`safetensors`]: encoding and a streaming, chunk-at-a-time decoder of the safetensors format.
 //! - [`aggregator`]: the one [`aggregator::Aggregator`] behind every strategy: norm bound, folding
 //!   or holding each update, and the round's result written block by block.
+//! - [`client_dp`]: client-level DP-FedAvg's clipping, noise and adaptive clip for one round.
 //! - [`fedavg`]: the running weighted sums that FedAvg-family strategies fold updates into.
 //! - [`strategy`]: the block-wise rules the aggregator applies: robust rules, server optimizers.
 //! - [`validate`]: checks an incoming update against the global model's schema.
@@ -19,6 +20,7 @@
 //! - [`privacy`]: differential-privacy accounting (RDP for the subsampled Gaussian).
 
 pub mod aggregator;
+pub mod client_dp;
 pub mod error;
 pub mod fedavg;
 pub mod metrics;

@@ -310,7 +310,8 @@ impl RoundState {
             .collect();
         match self.phase {
             Phase::Evaluate => Decision::Close { missing: pending },
-            Phase::Train if self.updates.len() >= self.limits.min_sites.max(1) => {
+            // `min_sites` 0 (client-level DP's Poisson sampling) commits even without updates.
+            Phase::Train if self.updates.len() >= self.limits.min_sites => {
                 Decision::Close { missing }
             }
             Phase::Train if self.attempt <= self.limits.max_retries => Decision::Retry { missing },

@@ -11,6 +11,8 @@ pub enum RunStatus {
     Failed,
     /// A researcher stopped it.
     Stopped,
+    /// Its client-level DP target ε allowed no more rounds.
+    BudgetExhausted,
 }
 
 impl RunStatus {
@@ -21,6 +23,7 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Stopped => "stopped",
+            RunStatus::BudgetExhausted => "budget_exhausted",
         }
     }
 
@@ -31,6 +34,7 @@ impl RunStatus {
             "completed" => RunStatus::Completed,
             "failed" => RunStatus::Failed,
             "stopped" => RunStatus::Stopped,
+            "budget_exhausted" => RunStatus::BudgetExhausted,
             _ => return None,
         })
     }
@@ -132,6 +136,7 @@ mod tests {
             RunStatus::Completed,
             RunStatus::Failed,
             RunStatus::Stopped,
+            RunStatus::BudgetExhausted,
         ] {
             assert_eq!(RunStatus::parse(s.as_str()), Some(s));
         }

@@ -16,6 +16,8 @@
 //!     limits: RoundLimits { min_sites: 1, deadline_ms: 1_000, max_retries: 0 },
 //!     fraction: 1.0,
 //!     seed: 7,
+//!     sample_rate: None,
+//!     privacy_rounds: None,
 //! };
 //! let mut run = RunMachine::new(plan, "g0");
 //! run.handle(Event::SitesOnline(vec!["a".into()]), 0);
@@ -34,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::metrics::weighted_mean;
 use crate::round::{Decision, Phase, Refusal, RoundLimits, RoundState};
 use crate::run::{RunStatus, SiteOutcome};
+use crate::selection::poisson_sites;
 use crate::selection::select_sites_sparing;
 use crate::spec::RunSpec;
 
@@ -48,6 +51,13 @@ pub struct RunPlan {
     pub fraction: f64,
     /// Seed of the sampling.
     pub seed: u64,
+    /// Client-level DP: each eligible site takes part in an attempt independently with this
+    /// probability (Poisson sampling, as the accountant assumes), and a round commits with
+    /// whoever of them answered, even nobody.
+    pub sample_rate: Option<f64>,
+    /// Client-level DP: the rounds the run's target ε allows; the run ends `budget_exhausted`
+    /// before the next.
+    pub privacy_rounds: Option<u32>,
 }
 
 impl RunPlan {
@@ -56,12 +66,14 @@ impl RunPlan {
         Self {
             rounds: spec.rounds,
             limits: RoundLimits {
-                min_sites: spec.min_sites as usize,
+                min_sites: (spec.min_sites as usize).max(1),
                 deadline_ms: spec.round_deadline_secs * 1000,
                 max_retries: spec.max_retries,
             },
             fraction: spec.fraction,
             seed: spec.seed,
+            sample_rate: spec.privacy.client.as_ref().map(|c| c.sample_rate),
+            privacy_rounds: None,
         }
     }
 }
@@ -101,6 +113,9 @@ pub enum Event {
         train_loss: f64,
         /// The site's record-level ε for the run so far, if it trains with DP-SGD.
         privacy_epsilon: Option<f64>,
+        /// Client-level DP with adaptive clipping: whether the site's update was within the
+        /// round's clipping norm (1 or 0, plus its share of the count's noise).
+        clip_indicator: Option<f64>,
     },
     /// The aggregator's verdict on the update of the last [`Effect::Fold`].
     UpdateFolded {
@@ -250,6 +265,9 @@ pub struct OpenPhase {
     pub global_sha256: String,
     /// When the phase closes (ms since the epoch).
     pub deadline_ms: u64,
+    /// Client-level DP: the expected number of sampled sites (q times the eligible sites), the
+    /// sum's fixed denominator; each site's share of distributed noise is N(0, z²C²/this).
+    pub expected_sites: Option<f64>,
 }
 
 /// What the machine commits a round from.
@@ -297,6 +315,8 @@ pub enum Effect {
     },
     /// A new aggregator for the attempt just opened.
     NewAggregator {
+        /// Client-level DP: the expected number of sampled sites, the sum's denominator.
+        expected_sites: Option<f64>,
         /// Round.
         round: u32,
         /// Attempt.
@@ -318,6 +338,8 @@ pub enum Effect {
         train_loss: f64,
         /// The site's record-level ε for the run so far.
         privacy_epsilon: Option<f64>,
+        /// The site's "within the clip" indicator under client-level DP.
+        clip_indicator: Option<f64>,
         /// Clipping factor.
         scale: f32,
     },
@@ -439,6 +461,7 @@ struct Folding {
     examples: u64,
     train_loss: f64,
     privacy_epsilon: Option<f64>,
+    clip_indicator: Option<f64>,
 }
 
 /// The open attempt of a round.
@@ -453,6 +476,8 @@ struct Open {
     folded: Vec<Folded>,
     folding: Option<Folding>,
     poisoned: Option<String>,
+    /// Client-level DP: the expected number of sampled sites.
+    expected_sites: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -582,13 +607,14 @@ impl RunMachine {
                 examples,
                 train_loss,
                 privacy_epsilon,
+                clip_indicator,
             } => self.update_verified(
                 site,
                 round,
                 attempt,
                 base_sha256,
                 sha256,
-                (examples, train_loss, privacy_epsilon),
+                (examples, train_loss, privacy_epsilon, clip_indicator),
                 now,
                 &mut out,
             ),
@@ -828,7 +854,12 @@ impl RunMachine {
         attempt: u32,
         base_sha256: String,
         sha256: String,
-        (examples, train_loss, privacy_epsilon): (u64, f64, Option<f64>),
+        (examples, train_loss, privacy_epsilon, clip_indicator): (
+            u64,
+            f64,
+            Option<f64>,
+            Option<f64>,
+        ),
         now: u64,
         out: &mut Vec<Effect>,
     ) {
@@ -871,6 +902,7 @@ impl RunMachine {
                     examples,
                     train_loss,
                     privacy_epsilon,
+                    clip_indicator,
                 });
             }
             Err(e) => {
@@ -913,6 +945,7 @@ impl RunMachine {
                     examples: f.examples,
                     train_loss: f.train_loss,
                     privacy_epsilon: f.privacy_epsilon,
+                    clip_indicator: f.clip_indicator,
                     scale,
                 });
                 self.publish(out);
@@ -967,6 +1000,7 @@ impl RunMachine {
             folded: Vec::new(),
             folding: None,
             poisoned: None,
+            expected_sites: None,
         }));
         self.publish(out);
     }
@@ -975,6 +1009,16 @@ impl RunMachine {
     fn begin_round(&mut self, now: u64, last_attempt: u32, out: &mut Vec<Effect>) {
         if self.round > self.plan.rounds {
             self.finish(out);
+            return;
+        }
+        if let Some(allowed) = self.plan.privacy_rounds.filter(|&r| self.round > r) {
+            out.push(Effect::RequestCrossSite);
+            let reason = format!(
+                "round {} would take the run's client-level ε past privacy.target_epsilon; \
+                 {allowed} of {} rounds ran",
+                self.round, self.plan.rounds
+            );
+            self.end(RunStatus::BudgetExhausted, reason, out);
             return;
         }
         self.attempt = last_attempt;
@@ -995,19 +1039,36 @@ impl RunMachine {
         self.attempt += 1;
         self.attempts += 1;
         let seed = self.plan.seed ^ (u64::from(self.round) << 32) ^ u64::from(self.attempt);
-        let selected = select_sites_sparing(
-            &self.candidates,
-            &self.declining,
-            self.plan.fraction,
-            self.plan.limits.min_sites,
-            seed,
-        );
+        let (selected, limits, expected_sites) = match self.plan.sample_rate {
+            None => (
+                select_sites_sparing(
+                    &self.candidates,
+                    &self.declining,
+                    self.plan.fraction,
+                    self.plan.limits.min_sites,
+                    seed,
+                ),
+                self.plan.limits,
+                None,
+            ),
+            // The round commits whoever of the sample answers, even nobody: waiting for more,
+            // or drawing again, would change the sampling the accountant assumes.
+            Some(q) => (
+                poisson_sites(&self.candidates, q, seed),
+                RoundLimits {
+                    min_sites: 0,
+                    ..self.plan.limits
+                },
+                Some(q * self.candidates.len() as f64),
+            ),
+        };
         out.push(Effect::NewAggregator {
+            expected_sites,
             round: self.round,
             attempt: self.attempt,
         });
         self.stage = Stage::Open(Box::new(Open {
-            state: RoundState::start(self.round, self.attempt, selected, now, self.plan.limits),
+            state: RoundState::start(self.round, self.attempt, selected, now, limits),
             global_sha256: self.global_sha256.clone(),
             losses: Vec::new(),
             privacy_epsilon: None,
@@ -1015,6 +1076,7 @@ impl RunMachine {
             folded: Vec::new(),
             folding: None,
             poisoned: None,
+            expected_sites,
         }));
         self.publish(out);
     }
@@ -1167,6 +1229,7 @@ impl RunMachine {
                     },
                     global_sha256: o.global_sha256.clone(),
                     deadline_ms: s.deadline_ms,
+                    expected_sites: o.expected_sites,
                 })
             }
             _ => None,
@@ -1204,6 +1267,8 @@ mod tests {
             },
             fraction: 1.0,
             seed: 42,
+            sample_rate: None,
+            privacy_rounds: None,
         }
     }
 
@@ -1389,6 +1454,7 @@ mod tests {
                 examples: 10,
                 train_loss: 0.5,
                 privacy_epsilon: None,
+                clip_indicator: None,
             });
         }
 
@@ -1432,6 +1498,48 @@ mod tests {
                 .map(|r| (r.2.clone(), r.3))
                 .collect()
         }
+    }
+
+    #[test]
+    fn client_dp_samples_sites_commits_whoever_answered_and_ends_at_the_budget() {
+        let sampled = RunPlan {
+            sample_rate: Some(0.5),
+            privacy_rounds: Some(3),
+            ..plan(10, 2, 0)
+        };
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        let mut s = Shell::new(sampled, &names);
+        let mut sizes = Vec::new();
+        for round in 1..=3 {
+            let open = s.open().clone();
+            assert_eq!((open.round, open.attempt), (round, 1));
+            // q·K over the online sites, whoever was drawn.
+            assert_eq!(open.expected_sites, Some(4.0));
+            sizes.push(open.selected.len());
+            // Only the first sampled site answers; the round still commits at the deadline,
+            // without a retry, and with nobody sampled it commits at once.
+            if let Some(first) = open.pending.iter().next().cloned() {
+                s.train(&first);
+                s.expire();
+            }
+            assert_eq!(s.committed.len(), round as usize, "round {round}");
+            for p in s.open().pending.clone() {
+                s.evaluate(&p);
+            }
+        }
+        // Three rounds are all the target allows: the final model is scored, the run ends.
+        let (status, reason) = s.ended.clone().unwrap();
+        assert_eq!(status, RunStatus::BudgetExhausted);
+        assert!(
+            reason.contains("round 4") && reason.contains("3 of 10"),
+            "{reason}"
+        );
+        assert_eq!(
+            s.next_number, 2,
+            "the final model's cross-site evaluation was requested"
+        );
+        // Poisson samples vary in size and are drawn from all eight.
+        assert!(sizes.iter().all(|&n| n <= 8), "{sizes:?}");
     }
 
     #[test]
@@ -1588,6 +1696,7 @@ mod tests {
             examples: 1,
             train_loss: 0.0,
             privacy_epsilon: None,
+            clip_indicator: None,
         });
         assert!(matches!(
             s.replies[0],
@@ -1609,6 +1718,7 @@ mod tests {
             examples: 1,
             train_loss: 0.0,
             privacy_epsilon: None,
+            clip_indicator: None,
         });
         assert!(matches!(s.replies.last(), Some(Err(Rejection::Invalid(_)))));
         s.fold = Some(FoldOutcome::Refused("over the norm bound".into()));

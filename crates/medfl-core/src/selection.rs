@@ -74,6 +74,17 @@ pub fn select_sites_sparing(
     chosen
 }
 
+/// Poisson sampling of the `candidates`: each independently with probability `rate`, so the
+/// sample's size varies (it may be empty). Returned sorted.
+pub fn poisson_sites(candidates: &[String], rate: f64, seed: u64) -> Vec<String> {
+    let mut pool: Vec<String> = candidates.to_vec();
+    pool.sort();
+    pool.dedup();
+    let mut rng = SplitMix64::new(seed);
+    pool.retain(|_| rng.next_f64() < rate);
+    pool
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +136,30 @@ mod tests {
         // Fewer willing sites than the fraction asks: all of them.
         let picked = select_sites_sparing(&names(3), &names(2), 1.0, 3, 1);
         assert_eq!(picked, names(3));
+    }
+
+    #[test]
+    fn poisson_sampling_takes_each_site_independently() {
+        let (n, rate, draws) = (20, 0.3, 4000u64);
+        let mut hits = vec![0u32; n];
+        let mut empty = 0;
+        for seed in 0..draws {
+            let picked = poisson_sites(&names(n), rate, seed);
+            empty += u32::from(picked.is_empty());
+            for p in &picked {
+                let i: usize = p.trim_start_matches("site-").parse().unwrap();
+                hits[i] += 1;
+            }
+        }
+        // Each site about rate·draws = 1,200 times (sd ≈ 29).
+        assert!(hits.iter().all(|&h| (1080..1320).contains(&h)), "{hits:?}");
+        // An empty sample happens: 0.7^20 ≈ 0.08% of draws.
+        assert!(empty < 20, "{empty}");
+        assert_eq!(poisson_sites(&names(5), 1.0, 3), names(5));
+        assert_eq!(
+            poisson_sites(&names(5), 0.5, 3),
+            poisson_sites(&names(5), 0.5, 3)
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub struct UpdateClaim<'a> {
 }
 
 /// What the coordinator signs when it hands out a task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TaskClaim<'a> {
     /// The run.
     pub run_id: &'a str,
@@ -42,6 +42,9 @@ pub struct TaskClaim<'a> {
     pub spec_sha256: String,
     /// When the task's phase closes (ms since the Unix epoch).
     pub deadline_unix_ms: u64,
+    /// Client-level DP: the round's clipping norm and expected number of sampled sites, which
+    /// set the noise a site adds; signed so that nobody between can shrink it.
+    pub client_dp: Option<(f64, f64)>,
 }
 
 fn join(tag: &str, fields: &[&str]) -> Vec<u8> {
@@ -75,19 +78,23 @@ impl UpdateClaim<'_> {
 impl TaskClaim<'_> {
     /// The signed bytes.
     pub fn message(&self) -> Vec<u8> {
-        join(
-            "medfl/task/v2",
-            &[
-                self.run_id,
-                &self.round.to_string(),
-                &self.attempt.to_string(),
-                &self.kind.to_string(),
-                self.global_sha256,
-                &self.global_size.to_string(),
-                &self.spec_sha256,
-                &self.deadline_unix_ms.to_string(),
-            ],
-        )
+        let mut fields = vec![
+            self.run_id.to_string(),
+            self.round.to_string(),
+            self.attempt.to_string(),
+            self.kind.to_string(),
+            self.global_sha256.to_string(),
+            self.global_size.to_string(),
+            self.spec_sha256.clone(),
+            self.deadline_unix_ms.to_string(),
+        ];
+        // Exact bits: a decimal rendering could round two different values alike.
+        if let Some((clip, expected)) = self.client_dp {
+            fields.push(format!("{:016x}", clip.to_bits()));
+            fields.push(format!("{:016x}", expected.to_bits()));
+        }
+        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        join("medfl/task/v2", &fields)
     }
 }
 
@@ -149,6 +156,7 @@ mod tests {
             global_size: 100,
             spec_sha256: "cc".into(),
             deadline_unix_ms: 5,
+            client_dp: None,
         };
         let tasks = [
             TaskClaim {
@@ -167,9 +175,21 @@ mod tests {
                 deadline_unix_ms: 6,
                 ..task.clone()
             },
+            TaskClaim {
+                client_dp: Some((0.5, 4.0)),
+                ..task.clone()
+            },
         ];
-        for t in tasks {
+        for t in &tasks {
             assert_ne!(t.message(), task.message(), "{t:?}");
+        }
+        let private = &tasks[4];
+        for other in [(0.5, 4.000_000_001), (0.500_000_000_1, 4.0)] {
+            let t = TaskClaim {
+                client_dp: Some(other),
+                ..private.clone()
+            };
+            assert_ne!(t.message(), private.message(), "{t:?}");
         }
         assert_ne!(task.message(), m);
     }

@@ -35,6 +35,7 @@ pub fn task_claim(task: &v1::Task) -> TaskClaim<'_> {
         global_size: task.global_size,
         spec_sha256: spec_sha256(&task.spec_toml),
         deadline_unix_ms: task.deadline_unix_ms,
+        client_dp: task.clip_norm.zip(task.expected_sites),
     }
 }
 
@@ -111,6 +112,7 @@ impl From<RunStatus> for v1::RunStatus {
             RunStatus::Completed => v1::RunStatus::Completed,
             RunStatus::Failed => v1::RunStatus::Failed,
             RunStatus::Stopped => v1::RunStatus::Stopped,
+            RunStatus::BudgetExhausted => v1::RunStatus::BudgetExhausted,
         }
     }
 }
@@ -122,6 +124,7 @@ pub fn run_status(code: i32) -> Option<RunStatus> {
         v1::RunStatus::Completed => Some(RunStatus::Completed),
         v1::RunStatus::Failed => Some(RunStatus::Failed),
         v1::RunStatus::Stopped => Some(RunStatus::Stopped),
+        v1::RunStatus::BudgetExhausted => Some(RunStatus::BudgetExhausted),
         v1::RunStatus::Unspecified => None,
     }
 }
@@ -137,6 +140,7 @@ mod tests {
             RunStatus::Completed,
             RunStatus::Failed,
             RunStatus::Stopped,
+            RunStatus::BudgetExhausted,
         ] {
             assert_eq!(run_status(v1::RunStatus::from(s) as i32), Some(s));
         }

@@ -129,11 +129,7 @@ impl Policy {
         }
         let dataset = &spec.task.dataset;
         if let Some(budget) = self.privacy.get(dataset) {
-            let record = spec
-                .privacy
-                .as_ref()
-                .is_some_and(|p| p.level == medfl_core::spec::PrivacyLevel::Record);
-            if !record {
+            if spec.privacy.record.is_none() {
                 return Some(format!(
                     "dataset {dataset} has a privacy budget of ε = {} \
                      (policy.privacy.{dataset}.max_epsilon): only runs with record-level DP \

@@ -222,11 +222,10 @@ mod tests {
     use medfl_core::spec::Optimizer;
 
     use crate::policy::DatasetBudget;
-    use medfl_core::spec::{AccountantSpec, PrivacyLevel};
+    use medfl_core::spec::AccountantSpec;
 
     fn privacy(target: Option<f64>) -> PrivacySpec {
         PrivacySpec {
-            level: PrivacyLevel::Record,
             noise_multiplier: 1.0,
             max_grad_norm: 1.0,
             target_epsilon: target,

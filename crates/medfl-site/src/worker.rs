@@ -392,7 +392,7 @@ impl Worker {
             }
         };
         let model: Arc<dyn LocalModel> = Arc::from(model_for_run(&spec, &self.bases)?);
-        let privacy_summary = spec.privacy.as_ref().map(|p| {
+        let privacy_summary = spec.privacy.record.as_ref().map(|p| {
             let budget = self.config.policy.privacy.get(&spec.task.dataset);
             let opts = TrainOptions::from_spec(&spec, spec.seed);
             let delta = budget.and_then(|b| b.delta);
@@ -713,7 +713,7 @@ impl Worker {
         let seed = prepared.spec.seed ^ fnv1a(&self.config.name) ^ (u64::from(task.round) << 20);
         let opts = TrainOptions::from_spec(&prepared.spec, seed);
         // Record-level DP: what this round costs, by this site's own count of its records.
-        let charge = match &prepared.spec.privacy {
+        let charge = match &prepared.spec.privacy.record {
             Some(privacy) => {
                 let (privacy, dataset) = (privacy.clone(), prepared.spec.task.dataset.clone());
                 let (rows, opts) = (prepared.train.len(), opts.clone());
@@ -752,16 +752,44 @@ impl Worker {
             }
             None => None,
         };
+        // Client-level DP: the round's clipping norm and expected sample, from the signed task.
+        let client_dp = match &prepared.spec.privacy.client {
+            Some(c) => match (task.clip_norm, task.expected_sites) {
+                (Some(clip), Some(expected)) => Some((c.clone(), clip, expected)),
+                _ => {
+                    return Err(SiteError::Task(
+                        "the run has client-level DP but the task carries no clip_norm and \
+                         expected_sites"
+                            .into(),
+                    ))
+                }
+            },
+            None => None,
+        };
         let (run, round, site) = (task.run_id.clone(), task.round, self.config.name.clone());
         info!(run = %run, round, site = %site, examples = prepared.train.len(), "training");
         let started = std::time::Instant::now();
         let cancel = token.clone();
-        let (report, distance) = tokio::task::spawn_blocking(move || {
-            let report = prepared.model.train(&global, &prepared.train, &opts, cancel.flag(), &mut |p| {
+        let (report, distance, release) = tokio::task::spawn_blocking(move || {
+            let mut report = prepared.model.train(&global, &prepared.train, &opts, cancel.flag(), &mut |p| {
                 debug!(run = %run, round, site = %site, step = p.step, of = p.total_steps, loss = p.loss, "training progress");
             })?;
+            // Clipped (and with distributed noise, noised) here, so only that leaves.
+            let release = client_dp
+                .map(|(c, clip, expected)| {
+                    let mut bits = medfl_train::private::SystemBits::new();
+                    medfl_core::client_dp::release_update(
+                        &c,
+                        clip,
+                        expected,
+                        &mut report.params,
+                        &global,
+                        &mut bits,
+                    )
+                })
+                .transpose()?;
             let distance = l2_distance(&report.params, &global);
-            Ok::<_, TrainError>((report, distance))
+            Ok::<_, TrainError>((report, distance, release))
         })
         .await
         .map_err(|e| SiteError::Task(format!("training task: {e}")))?
@@ -797,6 +825,7 @@ impl Worker {
             train_steps: report.steps,
             signature: Vec::new(),
             privacy_epsilon: charge.as_ref().map(|c| c.ledger.epsilon),
+            clip_indicator: release.and_then(|r| r.clip_indicator),
         };
         let claim = medfl_proto::convert::update_claim(&header, &self.config.name);
         let signature = self.signer.sign(&claim.message()).as_ref().to_vec();
@@ -812,6 +841,12 @@ impl Worker {
             "examples": header.num_examples,
             "tensors": report.params.tensors.iter().map(|t| &t.name).collect::<Vec<_>>(),
             "l2_distance_from_global": distance,
+            "client_dp": release.map(|r| json!({
+                "trained_l2_distance": r.norm,
+                "clipped_by": r.scale,
+                "clip_norm": task.clip_norm,
+                "expected_sites": task.expected_sites,
+            })),
             "signature": hex::encode(&header.signature),
         });
         // The kill switch may have been thrown, the run stopped or the site told to stop while

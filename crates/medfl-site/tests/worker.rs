@@ -72,6 +72,8 @@ impl Script {
             global_size: size,
             deadline_unix_ms: deadline_ms,
             signature: Vec::new(),
+            clip_norm: None,
+            expected_sites: None,
         };
         let claim = medfl_proto::convert::task_claim(&task);
         task.signature = self.key.sign(&claim.message()).as_ref().to_vec();

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
-use medfl_core::spec::{ModelSpec, Optimizer, PrivacyLevel, RunSpec};
+use medfl_core::spec::{ModelSpec, Optimizer, RunSpec};
 use medfl_core::{ModelParams, ModelSchema};
 use medfl_model::RunModel;
 
@@ -96,14 +96,10 @@ impl TrainOptions {
             weight_decay: t.weight_decay,
             proximal_mu: spec.strategy.proximal_mu(),
             seed,
-            record_dp: spec
-                .privacy
-                .as_ref()
-                .filter(|p| p.level == PrivacyLevel::Record)
-                .map(|p| RecordDp {
-                    noise_multiplier: p.noise_multiplier,
-                    max_grad_norm: p.max_grad_norm,
-                }),
+            record_dp: spec.privacy.record.as_ref().map(|p| RecordDp {
+                noise_multiplier: p.noise_multiplier,
+                max_grad_norm: p.max_grad_norm,
+            }),
         }
     }
 }

@@ -26,6 +26,11 @@ use serde::{Deserialize, Serialize};
 use crate::strategy::server_opt::ServerOptimizer;
 use crate::CoreError;
 
+mod privacy;
+pub use privacy::{
+    AccountantSpec, AdaptiveClipping, ClientPrivacySpec, NoisePlacement, Privacy, PrivacySpec,
+};
+
 /// Most rounds a run may ask for (keeps a run's history within one gRPC message).
 pub const MAX_ROUNDS: u32 = 10_000;
 /// Most local epochs a round may ask of a site: beyond this a spec is a mistake or an attack
@@ -70,115 +75,10 @@ pub struct RunSpec {
     /// Checks on every update.
     #[serde(default)]
     pub defense: DefenseSpec,
-    /// Differential privacy, when the run asks for it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<PrivacySpec>,
-}
-
-/// `[privacy]`: differential privacy for a run.
-///
-/// ```toml
-/// [privacy]
-/// level = "record"        # DP-SGD at every site: each patient's influence is bounded
-/// noise_multiplier = 1.1  # z: noise standard deviation over the clipping norm
-/// max_grad_norm = 1.0     # C: each record's gradient is clipped to this L2 norm
-/// target_epsilon = 8.0    # optional: a site stops before its ε for the run would exceed it
-/// delta = 1e-6            # optional: default 1/N^1.1 at a site holding N records
-/// accountant = "rdp"      # or "pld"
-/// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrivacySpec {
-    /// Which unit the guarantee protects.
-    pub level: PrivacyLevel,
-    /// Noise standard deviation over the clipping norm (z), > 0.
-    pub noise_multiplier: f64,
-    /// Per-record clipping norm (C), > 0.
-    pub max_grad_norm: f64,
-    /// The ε each site may spend on the run, at most.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_epsilon: Option<f64>,
-    /// The δ of the guarantee; each site's default is 1/N^1.1 for its N records.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delta: Option<f64>,
-    /// How ε is computed.
-    #[serde(default)]
-    pub accountant: AccountantSpec,
-}
-
-/// The unit a differential-privacy guarantee protects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PrivacyLevel {
-    /// One record (patient) at a site: DP-SGD in local training.
-    Record,
-}
-
-/// `privacy.accountant`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AccountantSpec {
-    /// Rényi DP as Opacus computes it.
-    #[default]
-    Rdp,
-    /// Privacy loss distributions as dp-accounting computes them (tighter).
-    Pld,
-}
-
-impl AccountantSpec {
-    /// The accountant itself.
-    pub fn accountant(self) -> crate::privacy::Accountant {
-        match self {
-            Self::Rdp => crate::privacy::Accountant::Rdp,
-            Self::Pld => crate::privacy::Accountant::Pld,
-        }
-    }
-}
-
-impl PrivacySpec {
-    fn validate(&self) -> Result<(), CoreError> {
-        let positive = |field: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
-                Ok(())
-            } else {
-                Err(CoreError::spec(
-                    format!("privacy.{field}"),
-                    format!("must be a finite number > 0, got {v}"),
-                ))
-            }
-        };
-        positive("noise_multiplier", self.noise_multiplier)?;
-        positive("max_grad_norm", self.max_grad_norm)?;
-        if let Some(e) = self.target_epsilon {
-            positive("target_epsilon", e)?;
-        }
-        if let Some(d) = self.delta {
-            if !(d > 0.0 && d < 1.0) {
-                return Err(CoreError::spec(
-                    "privacy.delta",
-                    format!("must be in (0, 1), got {d}"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The δ a site holding `rows` records uses: the spec's, or 1/N^1.1. Refused (naming
-    /// `privacy.delta`) when it is not below 1/N: a δ that large allows publishing a record.
-    pub fn delta_for(&self, rows: usize) -> Result<f64, CoreError> {
-        let n = rows.max(1) as f64;
-        let delta = self.delta.unwrap_or_else(|| n.powf(-1.1));
-        if delta >= 1.0 / n {
-            return Err(CoreError::spec(
-                "privacy.delta",
-                format!(
-                    "{delta} is not below 1/N = {} for a dataset of {rows} records",
-                    1.0 / n
-                ),
-            ));
-        }
-        Ok(delta)
-    }
+    /// Differential privacy, when the run asks for it: `[privacy]` for one level, `[[privacy]]`
+    /// twice for both.
+    #[serde(default, skip_serializing_if = "Privacy::is_off")]
+    pub privacy: Privacy,
 }
 
 fn one() -> u32 {
@@ -884,9 +784,7 @@ impl RunSpec {
                 "must be at least 1",
             ));
         }
-        if let Some(p) = &self.privacy {
-            p.validate()?;
-        }
+        self.privacy.validate(self)?;
         Ok(())
     }
 
@@ -963,7 +861,7 @@ fn first_duplicate(items: &[String]) -> Option<&str> {
 mod tests {
     use super::*;
 
-    const SPEC: &str = r#"
+    pub(crate) const SPEC: &str = r#"
 name = "bc"
 rounds = 3
 min_sites = 2
@@ -996,63 +894,6 @@ labels = ["B", "M"]
         assert_eq!(s.strategy, StrategySpec::Fedavg);
         assert_eq!(s.fraction, 1.0);
         assert_eq!(RunSpec::from_toml(&s.to_toml()).unwrap(), s);
-    }
-
-    #[test]
-    fn privacy_parses_round_trips_and_names_bad_values() {
-        let with = |table: &str| RunSpec::from_toml(&format!("{SPEC}\n[privacy]\n{table}"));
-        let s = with("level = \"record\"\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0").unwrap();
-        let p = s.privacy.clone().unwrap();
-        assert_eq!(p.level, PrivacyLevel::Record);
-        assert_eq!(p.accountant, AccountantSpec::Rdp);
-        assert_eq!((p.target_epsilon, p.delta), (None, None));
-        assert_eq!(RunSpec::from_toml(&s.to_toml()).unwrap(), s);
-        // Without the table nothing is written, so older specs keep their hash.
-        assert!(!RunSpec::from_toml(SPEC)
-            .unwrap()
-            .to_toml()
-            .contains("privacy"));
-        let base = "level = \"record\"\nnoise_multiplier = 1.1\nmax_grad_norm = 1.0\n";
-        for (extra, field) in [
-            (
-                "noise_multiplier = 0\nmax_grad_norm = 1",
-                "privacy.noise_multiplier",
-            ),
-            (
-                "noise_multiplier = -1\nmax_grad_norm = 1",
-                "privacy.noise_multiplier",
-            ),
-            (
-                "noise_multiplier = 1\nmax_grad_norm = 0",
-                "privacy.max_grad_norm",
-            ),
-        ] {
-            let err = with(&format!("level = \"record\"\n{extra}")).unwrap_err();
-            assert!(err.to_string().contains(field), "{extra}: {err}");
-        }
-        for (extra, field) in [
-            ("target_epsilon = 0", "privacy.target_epsilon"),
-            ("target_epsilon = -3", "privacy.target_epsilon"),
-            ("delta = 1", "privacy.delta"),
-            ("delta = 0", "privacy.delta"),
-        ] {
-            let err = with(&format!("{base}{extra}")).unwrap_err();
-            assert!(err.to_string().contains(field), "{extra}: {err}");
-        }
-        let err = with(&format!("{base}accountant = \"moments\"")).unwrap_err();
-        assert!(err.to_string().contains("line"), "{err}");
-        // The default δ is 1/N^1.1; a δ of 1/N or more is refused with the numbers.
-        assert!((p.delta_for(1000).unwrap() - 1000f64.powf(-1.1)).abs() < 1e-15);
-        let loose = PrivacySpec {
-            delta: Some(1e-3),
-            ..p
-        };
-        let err = loose.delta_for(1000).unwrap_err().to_string();
-        assert!(
-            err.contains("privacy.delta") && err.contains("1000 records"),
-            "{err}"
-        );
-        assert_eq!(loose.delta_for(999).unwrap(), 1e-3);
     }
 
     #[test]
