@@ -374,6 +374,13 @@ async fn client_level_dp_clips_at_each_site_noises_the_sum_and_ends_at_its_targe
         "{detail:?}"
     );
     assert_eq!(detail.rounds.len(), 2, "{detail:?}");
+    // Each round's summary carries what the run has spent on any one site so far.
+    for (i, r) in detail.rounds.iter().enumerate() {
+        assert_eq!(
+            r.client_epsilon,
+            Some(c.epsilon_after(i as u32 + 1).unwrap())
+        );
+    }
     for i in 0..3 {
         let updates = sent(&fed.dir.path().join(format!("hospital-{i}")), &run);
         assert_eq!(updates.len(), 2, "{updates:#?}");

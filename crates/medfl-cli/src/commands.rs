@@ -99,6 +99,7 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
             detail.rounds_omitted
         );
     }
+    print!("{}", table::privacy_summary(&detail));
     println!("\nsites in round {}:", chosen.round);
     if chosen.sites.is_empty() {
         println!("no site results");

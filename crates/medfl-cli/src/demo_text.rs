@@ -216,7 +216,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await?;
     let adapter_path = out.join("adapter.safetensors");
     let (run_id, detail, pulled) = federation.run(&spec_toml, &adapter_path).await?;
-    crate::pull::write_adapter(&adapter_path, &spec_toml)?;
+    crate::pull::write_adapter(&adapter_path, &spec_toml, None)?;
     println!(
         "final adapter: {} ({}, global model sha256 {})",
         adapter_path.display(),

@@ -65,6 +65,7 @@ fn detail(run_id: &str, status: RunStatus, done: u32, current: u32) -> RunDetail
             },
             sites_omitted: 0,
             privacy_epsilon: None,
+            client_epsilon: None,
         })
         .collect();
     RunDetail {

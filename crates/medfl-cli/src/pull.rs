@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use medfl_model::adapter::adapter_bytes;
+use medfl_model::adapter::{model_bytes, PRIVACY_METADATA_KEY, SPEC_METADATA_KEY};
 use medfl_proto::v1::{GetRunRequest, PullModelRequest};
 use ring::digest;
 use tokio::io::AsyncWriteExt;
@@ -54,14 +54,27 @@ pub async fn pull_command(
         pulled.size,
         table::human_bytes(pulled.size)
     );
+    let privacy = privacy_metadata(&spec, &detail, round);
     if !text_run {
+        if let Some(p) = &privacy {
+            let sha = write_metadata(&file, &[(PRIVACY_METADATA_KEY, p)])?;
+            println!(
+                "{sha}  {} (with what differential privacy spent in its metadata)",
+                file.display()
+            );
+        }
         println!("written to {}", file.display());
         return Ok(());
     }
-    let sha = write_adapter(&file, &detail.spec_toml)?;
+    let sha = write_adapter(&file, &detail.spec_toml, privacy.as_deref())?;
     println!(
-        "{sha}  {} (the adapter and head, with the run spec in its metadata)",
-        file.display()
+        "{sha}  {} (the adapter and head, with the run spec{} in its metadata)",
+        file.display(),
+        if privacy.is_some() {
+            " and what differential privacy spent"
+        } else {
+            ""
+        }
     );
     #[cfg(feature = "local")]
     if let (true, Some(base)) = (merged, base) {
@@ -73,15 +86,77 @@ pub async fn pull_command(
     Ok(())
 }
 
-/// Rewrites the pulled global model at `path` as an adapter file carrying `spec_toml` in its
-/// metadata, so `medfl predict` and `model merge` need nothing else. Returns its SHA-256.
-pub fn write_adapter(path: &Path, spec_toml: &str) -> anyhow::Result<String> {
+/// Rewrites the pulled global model at `path` as an adapter file carrying `spec_toml` (and
+/// what differential privacy spent, if any) in its metadata, so `medfl predict` and `model
+/// merge` need nothing else. Returns its SHA-256.
+pub fn write_adapter(
+    path: &Path,
+    spec_toml: &str,
+    privacy: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut metadata = vec![(SPEC_METADATA_KEY, spec_toml)];
+    metadata.extend(privacy.map(|p| (PRIVACY_METADATA_KEY, p)));
+    write_metadata(path, &metadata)
+}
+
+/// Rewrites the model at `path` with these metadata entries. Returns its SHA-256.
+fn write_metadata(path: &Path, metadata: &[(&str, &str)]) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let params = medfl_core::safetensors::decode(&bytes)
         .with_context(|| format!("{} is not a safetensors model", path.display()))?;
-    let out = adapter_bytes(&params, spec_toml)?;
+    let out = model_bytes(&params, metadata)?;
     std::fs::write(path, &out).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(hex::encode(digest::digest(&digest::SHA256, &out)))
+}
+
+/// What differential privacy spent on the model of `round` (the latest when 0), for its
+/// metadata: per level ε, δ, the accountant, z, C and q, and the rounds behind the model.
+/// `None` for a run without differential privacy.
+pub fn privacy_metadata(
+    spec: &medfl_core::spec::RunSpec,
+    detail: &medfl_proto::v1::RunDetail,
+    round: u32,
+) -> Option<String> {
+    if spec.privacy.is_off() {
+        return None;
+    }
+    let upto: Vec<&medfl_proto::v1::RoundSummary> = detail
+        .rounds
+        .iter()
+        .filter(|r| round == 0 || r.round <= round)
+        .collect();
+    let rounds = upto.last().map_or(0, |r| r.round);
+    let mut out = serde_json::json!({ "rounds": rounds });
+    if let Some(r) = &spec.privacy.record {
+        out["record"] = serde_json::json!({
+            "epsilon": upto.iter().filter_map(|x| x.privacy_epsilon).reduce(f64::max),
+            "epsilon_is": "the largest any site reported for the run",
+            "delta": r.delta.map_or(serde_json::json!("1/N^1.1 at each site of N rows"), |d| d.into()),
+            "accountant": r.accountant.accountant().name(),
+            "noise_multiplier": r.noise_multiplier,
+            "max_grad_norm": r.max_grad_norm,
+            "sample_rate": "batch_size/N at each site of N rows",
+            "batch_size": spec.training.batch_size,
+            "target_epsilon": r.target_epsilon,
+        });
+    }
+    if let Some(c) = &spec.privacy.client {
+        out["client"] = serde_json::json!({
+            "epsilon": upto.last().and_then(|x| x.client_epsilon),
+            "delta": c.delta,
+            "accountant": c.accountant.accountant().name(),
+            "noise_multiplier": c.noise_multiplier,
+            "clip_norm": c.clip_norm,
+            "adaptive_clipping": c.adaptive_clipping.is_some(),
+            "sample_rate": c.sample_rate,
+            "noise": match c.noise {
+                medfl_core::spec::NoisePlacement::Central => "central",
+                medfl_core::spec::NoisePlacement::Distributed => "distributed",
+            },
+            "target_epsilon": c.target_epsilon,
+        });
+    }
+    Some(out.to_string())
 }
 
 /// Pulls the global model of run `run_id` after `round` (the latest when 0) into `out`: the bytes

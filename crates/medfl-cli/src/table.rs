@@ -58,6 +58,7 @@ pub const ROUND_COLUMNS: &[Column] = &[
     right("UP", 9),
     right("PER_UPDATE", 17),
     right("EPSILON", 7),
+    right("CLIENT_EPS", 10),
     left("GLOBAL", 12),
 ];
 
@@ -204,6 +205,8 @@ pub fn round_cells(r: &RoundSummary, full_model_bytes: u64) -> Vec<String> {
         per_update(r, full_model_bytes),
         // Record-level DP: the most any counted site has spent on the run so far.
         r.privacy_epsilon.map_or("-".into(), |e| format!("{e:.3}")),
+        // Client-level DP: what the run has spent on any one site after this round.
+        r.client_epsilon.map_or("-".into(), |e| format!("{e:.3}")),
         short_sha(&r.global_sha256),
     ]
 }
@@ -331,6 +334,60 @@ pub fn sites_table(sites: &[SiteInfo], now_unix_ms: u64) -> String {
         ]);
     }
     table.render()
+}
+
+/// What the run has spent at each privacy level and what its targets leave, one line per
+/// level (empty without differential privacy or with a spec that does not parse).
+pub fn privacy_summary(detail: &RunDetail) -> String {
+    let Ok(spec) = medfl_core::spec::RunSpec::from_toml(&detail.spec_toml) else {
+        return String::new();
+    };
+    let left = |target: Option<f64>, spent: Option<f64>| match target {
+        Some(t) => format!("; target ε {t}, {:.3} left", t - spent.unwrap_or(0.0)),
+        None => String::new(),
+    };
+    let eps = |e: Option<f64>| e.map_or("-".to_string(), |e| format!("{e:.3}"));
+    let mut out = String::new();
+    if let Some(r) = &spec.privacy.record {
+        let spent = detail
+            .rounds
+            .iter()
+            .filter_map(|x| x.privacy_epsilon)
+            .reduce(f64::max);
+        out += &format!(
+            "privacy, record level (each patient): largest ε a site reported {} (z = {}, C = {}, \
+             δ {}, {}){}\n",
+            eps(spent),
+            r.noise_multiplier,
+            r.max_grad_norm,
+            r.delta
+                .map_or("1/N^1.1 per site".to_string(), |d| format!("= {d}")),
+            r.accountant.accountant().name(),
+            left(r.target_epsilon, spent),
+        );
+    }
+    if let Some(c) = &spec.privacy.client {
+        let last = detail.rounds.last();
+        let spent = last.and_then(|r| r.client_epsilon);
+        out += &format!(
+            "privacy, client level (each hospital): ε {} at δ = {} after {} rounds (q = {}, z = {}, \
+             C = {}{}, {} noise, {}){}\n",
+            eps(spent),
+            c.delta,
+            last.map_or(0, |r| r.round),
+            c.sample_rate,
+            c.noise_multiplier,
+            c.clip_norm,
+            if c.adaptive_clipping.is_some() { " adaptive" } else { "" },
+            match c.noise {
+                medfl_core::spec::NoisePlacement::Central => "central",
+                medfl_core::spec::NoisePlacement::Distributed => "distributed",
+            },
+            c.accountant.accountant().name(),
+            left(c.target_epsilon, spent),
+        );
+    }
+    out
 }
 
 /// A run's summary as `key  value` lines: id, name, status, rounds, creation time, the round in
@@ -499,6 +556,7 @@ mod tests {
             sites: vec![],
             sites_omitted: 0,
             privacy_epsilon: None,
+            client_epsilon: None,
         }
     }
 
@@ -548,6 +606,7 @@ mod tests {
                 "512 B",
                 "170 B",
                 "-",
+                "-",
                 "0123456789ab"
             ]
         );
@@ -558,11 +617,56 @@ mod tests {
         assert_eq!(empty[11], "-");
         assert_eq!(empty[12], "-");
         assert_eq!(empty[13], "-");
+        assert_eq!(empty[14], "-");
         let private = RoundSummary {
             privacy_epsilon: Some(2.5),
+            client_epsilon: Some(0.75),
             ..round()
         };
         assert_eq!(round_cells(&private, 0)[12], "2.500");
+        assert_eq!(round_cells(&private, 0)[13], "0.750");
+    }
+
+    #[test]
+    fn privacy_summary_gives_each_level_its_spend_and_what_is_left() {
+        let spec = "name = \"p\"\nrounds = 3\n[model]\nkind = \"mlp\"\nhidden = []\n\
+                    [task]\ndataset = \"d\"\nlabel = \"y\"\nlabels = [\"a\", \"b\"]\n\
+                    features = [\"x\"]\n\
+                    [[privacy]]\nlevel = \"record\"\nnoise_multiplier = 1.0\nmax_grad_norm = 1.0\n\
+                    target_epsilon = 8.0\n\
+                    [[privacy]]\nlevel = \"client\"\nnoise_multiplier = 1.0\nclip_norm = 0.5\n\
+                    sample_rate = 0.5\ndelta = 0.001\ntarget_epsilon = 4.0\n";
+        let detail = RunDetail {
+            spec_toml: spec.into(),
+            rounds: vec![
+                RoundSummary {
+                    privacy_epsilon: Some(1.5),
+                    client_epsilon: Some(0.5),
+                    ..round()
+                },
+                RoundSummary {
+                    round: 4,
+                    privacy_epsilon: Some(2.0),
+                    client_epsilon: Some(0.75),
+                    ..round()
+                },
+            ],
+            ..RunDetail::default()
+        };
+        let text = privacy_summary(&detail);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains("largest ε a site reported 2.000")
+                && lines[0].contains("target ε 8, 6.000 left"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("ε 0.750 at δ = 0.001 after 4 rounds")
+                && lines[1].contains("target ε 4, 3.250 left"),
+            "{text}"
+        );
+        assert_eq!(privacy_summary(&RunDetail::default()), "");
     }
 
     #[test]
@@ -571,11 +675,11 @@ mod tests {
         let row = round_line(&round(), 0);
         assert_eq!(
             header,
-            "ROUND  TRIES  SITES  EXAMPLES  TRAIN_LOSS     ACC     AUC      F1    SECS       DOWN         UP         PER_UPDATE  EPSILON  GLOBAL"
+            "ROUND  TRIES  SITES  EXAMPLES  TRAIN_LOSS     ACC     AUC      F1    SECS       DOWN         UP         PER_UPDATE  EPSILON  CLIENT_EPS  GLOBAL"
         );
         assert_eq!(
             row,
-            "    3      1    3/4      1200      0.1235  0.9000       -       -     2.3    3.0 MiB      512 B              170 B        -  0123456789ab"
+            "    3      1    3/4      1200      0.1235  0.9000       -       -     2.3    3.0 MiB      512 B              170 B        -           -  0123456789ab"
         );
         // The table used by `run show` has the same layout when no cell is wider than its column.
         let table = rounds_table(&[round()], 0);

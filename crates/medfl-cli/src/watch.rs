@@ -55,6 +55,7 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     if !summary.error.is_empty() {
         println!("error: {}", summary.error);
     }
+    print!("{}", table::privacy_summary(&detail));
     if !detail.final_evaluation.is_empty() {
         println!("\nfinal model evaluated at each site:");
         print!("{}", table::evaluation_table(&detail.final_evaluation));

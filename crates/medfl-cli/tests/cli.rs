@@ -214,3 +214,93 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     assert!(!out.status.success(), "stopping an ended run is refused");
     fed.stop().await;
 }
+
+/// A run with both privacy levels: `run watch` and `run show` give what each level spent and
+/// what its target leaves, and the pulled model's metadata records ε, δ, the accountant, z, C
+/// and q per level, and the rounds behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_runs_watch_show_and_pulled_model_state_what_it_spent() {
+    let fed = Federation::start(3).await;
+    let dir = fed.dir.path();
+    let spec = dir.join("private.toml");
+    let text_spec = breast_cancer_spec("private", 2, 3, 60)
+        + "\n[[privacy]]\nlevel = \"record\"\nnoise_multiplier = 1.0\nmax_grad_norm = 1.0\n\
+           target_epsilon = 50.0\n\
+           \n[[privacy]]\nlevel = \"client\"\nnoise_multiplier = 1.0\nclip_norm = 0.5\n\
+           sample_rate = 1.0\ndelta = 0.01\ntarget_epsilon = 30.0\n";
+    std::fs::write(&spec, &text_spec).expect("spec");
+    let out = medfl(
+        &fed.coordinator,
+        &["run", "create", spec.to_str().expect("utf-8")],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = text(&out.stdout).trim().to_string();
+
+    let out = medfl(&fed.coordinator, &["run", "watch", &run]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let watched = text(&out.stdout);
+    assert!(watched.contains("CLIENT_EPS"), "{watched}");
+    let client = medfl_core::spec::RunSpec::from_toml(&text_spec)
+        .expect("spec")
+        .privacy
+        .client
+        .expect("client level");
+    let two = client.epsilon_after(2).expect("ε");
+    let line = watched
+        .lines()
+        .find(|l| l.starts_with("privacy, client level"))
+        .unwrap_or_else(|| panic!("no client-level line: {watched}"));
+    assert!(
+        line.contains(&format!("ε {two:.3} at δ = 0.01 after 2 rounds"))
+            && line.contains(&format!("target ε 30, {:.3} left", 30.0 - two)),
+        "{line}"
+    );
+    assert!(watched.contains("privacy, record level"), "{watched}");
+    let out = medfl(&fed.coordinator, &["run", "show", &run]).await;
+    assert!(
+        text(&out.stdout).contains("privacy, client level"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let model = dir.join("private.safetensors");
+    let out = medfl(
+        &fed.coordinator,
+        &["model", "pull", &run, "-o", model.to_str().expect("utf-8")],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bytes = std::fs::read(&model).expect("model");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors");
+    let privacy: serde_json::Value = serde_json::from_str(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("medfl.privacy"))
+            .expect("privacy metadata"),
+    )
+    .expect("JSON");
+    assert_eq!(privacy["rounds"], 2, "{privacy}");
+    let c = &privacy["client"];
+    assert_eq!(c["epsilon"].as_f64(), Some(two), "{privacy}");
+    assert_eq!(
+        (
+            c["delta"].as_f64(),
+            c["noise_multiplier"].as_f64(),
+            c["clip_norm"].as_f64(),
+            c["sample_rate"].as_f64()
+        ),
+        (Some(0.01), Some(1.0), Some(0.5), Some(1.0)),
+        "{privacy}"
+    );
+    assert_eq!(c["accountant"], "rdp");
+    let r = &privacy["record"];
+    assert!(r["epsilon"].as_f64().is_some_and(|e| e > 0.0), "{privacy}");
+    assert_eq!(
+        (r["noise_multiplier"].as_f64(), r["max_grad_norm"].as_f64()),
+        (Some(1.0), Some(1.0))
+    );
+    // The tensors are the pulled model's.
+    assert!(medfl_core::safetensors::decode(&bytes).is_ok());
+    fed.stop().await;
+}

@@ -684,9 +684,11 @@ impl Engine {
             state_path(&self.opt_state.v)?,
         );
         let step = u64::from(req.round);
+        let client = self.handle.spec.privacy.client.clone();
+        let round = req.round;
         // Aggregation reads updates and sums block by block and streams the result to disk.
-        let (sha, opt_state) =
-            tokio::task::spawn_blocking(move || -> Result<(String, OptState), CoordinatorError> {
+        let (sha, opt_state, client_epsilon) = tokio::task::spawn_blocking(
+            move || -> Result<(String, OptState, Option<f64>), CoordinatorError> {
                 let source = |path: std::path::PathBuf| BlobSource::new(path, schema.clone());
                 let mut global = source(global_path);
                 let (mut m, mut v) = (m_path.map(source), v_path.map(source));
@@ -698,6 +700,8 @@ impl Engine {
                     second_moment: v.as_mut(),
                 };
                 let out = aggregate::finish(acc, start, &mut held, &shared.blobs, &schema)?;
+                // What client-level DP has spent on any one site once this round is out.
+                let client_epsilon = client.map(|c| c.epsilon_after(round)).transpose()?;
                 Ok((
                     out.global,
                     OptState {
@@ -705,10 +709,12 @@ impl Engine {
                         v: out.v,
                         clip_norm,
                     },
+                    client_epsilon,
                 ))
-            })
-            .await
-            .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;
+            },
+        )
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("aggregation task: {e}")))??;
         // Stored pinned; let go once their owners are recorded, or on any failure before.
         let pins: Vec<crate::blobs::Pinned> = std::iter::once(&sha)
             .chain(opt_state.m.iter())
@@ -725,6 +731,7 @@ impl Engine {
             examples,
             train_loss: req.train_loss,
             privacy_epsilon: req.privacy_epsilon,
+            client_epsilon,
             eval_metrics: BTreeMap::new(),
             started_ms: wall_of(req.started_ms),
             finished_ms: now_ms(),

@@ -228,6 +228,7 @@ impl RunApi {
                 sites,
                 sites_omitted,
                 privacy_epsilon: r.privacy_epsilon,
+                client_epsilon: r.client_epsilon,
             });
         }
         let snapshot = shared

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     opt_state TEXT NOT NULL DEFAULT '',
     evaluated INTEGER NOT NULL DEFAULT 1,
     privacy_epsilon REAL,
+    client_epsilon REAL,
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS site_results (
@@ -109,7 +110,7 @@ CREATE TABLE IF NOT EXISTS cross_site (
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// What a blob is to the run that holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -294,6 +295,8 @@ pub struct RoundRecord {
     pub opt_state: String,
     /// The largest record-level ε a counted site reported for the run so far.
     pub privacy_epsilon: Option<f64>,
+    /// Client-level DP: the ε the run has spent on any one site after this round.
+    pub client_epsilon: Option<f64>,
 }
 
 /// A site's dataset as stored: `[name, columns, rows]`; rows that registered before row counts
@@ -521,10 +524,11 @@ impl Store {
             conn.execute_batch(&steps)?;
         }
         // Version 4 keeps the record-level ε a site reported with each update, version 5 each
-        // round's largest.
+        // round's largest, version 6 each round's client-level ε.
         for (to, table, column) in [
             (4, "site_results", "privacy_epsilon"),
             (5, "rounds", "privacy_epsilon"),
+            (6, "rounds", "client_epsilon"),
         ] {
             if version < to {
                 let has: bool = conn
@@ -822,8 +826,8 @@ impl Store {
         tx.execute(
             "INSERT INTO rounds (run_id, round, attempts, sites_selected, sites_reported, examples,
                 train_loss, eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
-                opt_state, evaluated, privacy_epsilon)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15)",
+                opt_state, evaluated, privacy_epsilon, client_epsilon)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0, ?15, ?16)",
             params![
                 run_id,
                 round.round,
@@ -839,7 +843,8 @@ impl Store {
                 round.bytes_up as i64,
                 round.global_sha256,
                 round.opt_state,
-                round.privacy_epsilon
+                round.privacy_epsilon,
+                round.client_epsilon
             ],
         )?;
         for r in made {
@@ -875,7 +880,7 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT round, attempts, sites_selected, sites_reported, examples, train_loss,
                     eval_metrics, started_ms, finished_ms, bytes_down, bytes_up, global_sha256,
-                    opt_state, privacy_epsilon
+                    opt_state, privacy_epsilon, client_epsilon
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = stmt.query_map([run_id], |r| {
@@ -895,6 +900,7 @@ impl Store {
                 global_sha256: r.get(11)?,
                 opt_state: r.get(12)?,
                 privacy_epsilon: r.get(13)?,
+                client_epsilon: r.get(14)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

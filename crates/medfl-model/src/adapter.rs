@@ -11,9 +11,16 @@ use crate::ModelError;
 
 /// Metadata key holding the run spec (TOML) in an adapter file.
 pub const SPEC_METADATA_KEY: &str = "medfl.run_spec";
+/// Metadata key holding, as JSON, what a pulled model's differential privacy spent.
+pub const PRIVACY_METADATA_KEY: &str = "medfl.privacy";
 
 /// The adapter (or any model) as safetensors, with `spec_toml` in the metadata.
 pub fn adapter_bytes(params: &ModelParams, spec_toml: &str) -> Result<Vec<u8>, ModelError> {
+    model_bytes(params, &[(SPEC_METADATA_KEY, spec_toml)])
+}
+
+/// Any model as safetensors with these `metadata` entries (beside `format`).
+pub fn model_bytes(params: &ModelParams, metadata: &[(&str, &str)]) -> Result<Vec<u8>, ModelError> {
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .tensors
         .iter()
@@ -30,10 +37,10 @@ pub fn adapter_bytes(params: &ModelParams, spec_toml: &str) -> Result<Vec<u8>, M
                 .map_err(|e| ModelError::Weights(format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let metadata = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (SPEC_METADATA_KEY.to_string(), spec_toml.to_string()),
-    ]);
+    let metadata: HashMap<String, String> = std::iter::once(("format", "pt"))
+        .chain(metadata.iter().copied())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     safetensors::serialize(views, Some(metadata))
         .map_err(|e| ModelError::Weights(format!("writing the adapter: {e}")))
 }
