@@ -4,7 +4,7 @@
 //! which is what refuses a replayed update.
 
 /// What a site signs when it sends an update.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpdateClaim<'a> {
     /// The run.
     pub run_id: &'a str,
@@ -20,6 +20,10 @@ pub struct UpdateClaim<'a> {
     pub examples: u64,
     /// The site sending it.
     pub site: &'a str,
+    /// The record-level ε the site reports having spent on the run (DP-SGD only).
+    pub privacy_epsilon: Option<f64>,
+    /// The site's "within the clip" indicator (client-level DP with adaptive clipping only).
+    pub clip_indicator: Option<f64>,
 }
 
 /// What the coordinator signs when it hands out a task.
@@ -60,18 +64,24 @@ fn join(tag: &str, fields: &[&str]) -> Vec<u8> {
 impl UpdateClaim<'_> {
     /// The signed bytes.
     pub fn message(&self) -> Vec<u8> {
-        join(
-            "medfl/update/v1",
-            &[
-                self.run_id,
-                &self.round.to_string(),
-                &self.attempt.to_string(),
-                self.base_sha256,
-                self.update_sha256,
-                &self.examples.to_string(),
-                self.site,
-            ],
-        )
+        let mut fields = vec![
+            self.run_id.to_string(),
+            self.round.to_string(),
+            self.attempt.to_string(),
+            self.base_sha256.to_string(),
+            self.update_sha256.to_string(),
+            self.examples.to_string(),
+            self.site.to_string(),
+        ];
+        // What a site reports about privacy is its word too; tagged, as either may be absent.
+        if let Some(e) = self.privacy_epsilon {
+            fields.push(format!("privacy_epsilon={:016x}", e.to_bits()));
+        }
+        if let Some(b) = self.clip_indicator {
+            fields.push(format!("clip_indicator={:016x}", b.to_bits()));
+        }
+        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        join("medfl/update/v1", &fields)
     }
 }
 
@@ -112,6 +122,8 @@ mod tests {
             update_sha256: "bb",
             examples: 10,
             site: "s",
+            privacy_epsilon: None,
+            clip_indicator: None,
         };
         let m = base.message();
         let variants = [
@@ -143,10 +155,24 @@ mod tests {
                 site: "t",
                 ..base.clone()
             },
+            UpdateClaim {
+                privacy_epsilon: Some(1.5),
+                ..base.clone()
+            },
+            UpdateClaim {
+                clip_indicator: Some(1.0),
+                ..base.clone()
+            },
+            // The same number in the other field is another claim.
+            UpdateClaim {
+                clip_indicator: Some(1.5),
+                ..base.clone()
+            },
         ];
-        for v in variants {
+        for v in &variants {
             assert_ne!(v.message(), m, "{v:?}");
         }
+        assert_ne!(variants[7].message(), variants[9].message());
         let task = TaskClaim {
             run_id: "r",
             round: 2,

@@ -21,6 +21,8 @@ pub fn update_claim<'a>(header: &'a v1::UpdateHeader, site: &'a str) -> UpdateCl
         update_sha256: &header.sha256,
         examples: header.num_examples,
         site,
+        privacy_epsilon: header.privacy_epsilon,
+        clip_indicator: header.clip_indicator,
     }
 }
 

@@ -115,6 +115,39 @@ pub(crate) fn describe(
     }
 }
 
+/// The client-level DP of a run as the hospital is shown it before approving: its parameters
+/// and the most the whole run can spend on this hospital (any one site), within its target.
+pub(crate) fn describe_client(c: &medfl_core::spec::ClientPrivacySpec, rounds: u32) -> String {
+    let target = c
+        .target_epsilon
+        .map(|t| format!(", target ε = {t}"))
+        .unwrap_or_default();
+    let params = format!(
+        "client-level DP (q = {}, z = {}, C = {}{}, δ = {}, {} noise{target}, {})",
+        c.sample_rate,
+        c.noise_multiplier,
+        c.clip_norm,
+        if c.adaptive_clipping.is_some() {
+            " adaptive"
+        } else {
+            ""
+        },
+        c.delta,
+        match c.noise {
+            medfl_core::spec::NoisePlacement::Central => "central",
+            medfl_core::spec::NoisePlacement::Distributed => "distributed",
+        },
+        c.accountant.accountant().name()
+    );
+    let cost = c
+        .rounds_within_target(rounds)
+        .and_then(|r| Ok((r, c.epsilon_after(r)?)));
+    match cost {
+        Ok((r, e)) => format!("{params}; costs this hospital at most ε = {e:.3} over {r} rounds"),
+        Err(e) => format!("{params}; cannot run: {e}"),
+    }
+}
+
 /// Plans one round on `rows` training records of `dataset`, after what `before` spent of the
 /// run. Refuses a dataset smaller than the expected batch and a δ not below 1/N (task failures
 /// naming the field); declines with `budget_exhausted` a round that would take ε past the run's
@@ -347,6 +380,38 @@ mod tests {
             text.contains("cannot train here") && text.contains("privacy.delta"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_hospital_is_told_the_client_level_parameters_and_the_cost() {
+        let mut c = medfl_core::spec::ClientPrivacySpec {
+            noise_multiplier: 1.0,
+            clip_norm: 0.5,
+            sample_rate: 0.5,
+            noise: medfl_core::spec::NoisePlacement::Central,
+            adaptive_clipping: None,
+            target_epsilon: None,
+            delta: 1e-3,
+            accountant: AccountantSpec::Rdp,
+        };
+        let e10 = c.epsilon_after(10).unwrap();
+        let text = describe_client(&c, 10);
+        assert_eq!(
+            text,
+            format!(
+                "client-level DP (q = 0.5, z = 1, C = 0.5, δ = 0.001, central noise, rdp); costs \
+                 this hospital at most ε = {e10:.3} over 10 rounds"
+            )
+        );
+        // A target caps the rounds, and so the cost.
+        c.target_epsilon = Some(c.epsilon_after(4).unwrap());
+        let text = describe_client(&c, 10);
+        assert!(
+            text.contains("over 4 rounds") && text.contains("target ε"),
+            "{text}"
+        );
+        c.target_epsilon = Some(1e-6);
+        assert!(describe_client(&c, 10).contains("cannot run"));
     }
 
     #[test]

@@ -392,12 +392,21 @@ impl Worker {
             }
         };
         let model: Arc<dyn LocalModel> = Arc::from(model_for_run(&spec, &self.bases)?);
-        let privacy_summary = spec.privacy.record.as_ref().map(|p| {
+        let record = spec.privacy.record.as_ref().map(|p| {
             let budget = self.config.policy.privacy.get(&spec.task.dataset);
             let opts = TrainOptions::from_spec(&spec, spec.seed);
             let delta = budget.and_then(|b| b.delta);
             crate::privacy::describe(p, train.len(), &opts, spec.rounds, delta)
         });
+        let client = spec
+            .privacy
+            .client
+            .as_ref()
+            .map(|c| crate::privacy::describe_client(c, spec.rounds));
+        let privacy_summary = match (record, client) {
+            (Some(r), Some(c)) => Some(format!("{r}; {c}")),
+            (r, c) => r.or(c),
+        };
         let prepared = Arc::new(Prepared {
             model,
             train,
