@@ -101,3 +101,67 @@ fn the_demo_with_record_level_privacy_keeps_every_hospital_within_its_epsilon() 
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ε > 0"));
 }
+
+/// `medfl demo --task icd10 --sites 4 --client-privacy 8` (on a tiny BERT): every description
+/// split evenly among four sites, client-level DP-FedAvg with the least noise that keeps the run
+/// within ε = 8 per site, each round's ε in the table, and no baselines.
+#[test]
+fn the_text_demo_splits_among_many_sites_with_client_level_privacy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("tiny");
+    medfl_train::testing::write_tiny_bert(&base, 0.0).expect("tiny model");
+    let out_dir = dir.path().join("demo");
+    let (stdout, _) = demo(
+        &[
+            "--task",
+            "icd10",
+            "--model",
+            base.to_str().expect("utf-8"),
+            "--sites",
+            "4",
+            "--rounds",
+            "2",
+            "--client-privacy",
+            "8",
+        ],
+        &out_dir,
+    );
+    assert!(stdout.contains("4 hospitals"), "{stdout}");
+    assert!(stdout.contains("client-level DP-FedAvg"), "{stdout}");
+    assert!(stdout.contains("site-04"), "{stdout}");
+    assert!(stdout.contains("baselines left out"), "{stdout}");
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("metrics.json")).expect("metrics"),
+    )
+    .expect("json");
+    assert_eq!(
+        metrics["rounds"].as_array().expect("rounds").len(),
+        2,
+        "{metrics}"
+    );
+    assert!(metrics.get("centralized").is_none(), "{metrics}");
+    // The table's client-level ε after the last round is the target's, at most.
+    let last = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("2 "))
+        .unwrap_or_else(|| panic!("no round 2 line: {stdout}"));
+    let eps: f64 = last
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no CLIENT_EPS in {last}"));
+    assert!(eps > 7.9 && eps <= 8.0, "{last}");
+}
+
+/// The many-sites and client-level options are the text demo's.
+#[test]
+fn the_tabular_demo_refuses_the_text_demos_options() {
+    let run = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(["demo", "--sites", "5"])
+        .output()
+        .expect("run medfl demo");
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("--sites"), "{stderr}");
+}
