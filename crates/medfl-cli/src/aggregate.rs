@@ -104,7 +104,8 @@ pub fn run(args: AggregateArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         inputs.len() as u32 >= strategy.min_updates(),
-        "{strategy:?} needs at least {} updates, got {}",
+        "{} needs at least {} updates, got {}",
+        strategy.name(),
         strategy.min_updates(),
         inputs.len()
     );

@@ -163,12 +163,20 @@ pub async fn evaluate(client: &mut RunClient, run_id: &str) -> anyhow::Result<()
         .filter(|e| e.global_sha256 == asked.global_sha256)
         .collect();
     print!("{}", table::evaluation_table(&answered));
-    if (answered.len() as u32) < asked.sites_asked {
-        eprintln!(
-            "{} of {} sites answered before the deadline",
-            answered.len(),
-            asked.sites_asked
+    evaluation_verdict(run_id, answered.len(), asked.sites_asked)
+}
+
+/// Whether an evaluation that `answered` of `asked` sites answered succeeded: some sites
+/// missing is a warning, none answering an error (exit 1), so scripts can tell.
+fn evaluation_verdict(run_id: &str, answered: usize, asked: u32) -> anyhow::Result<()> {
+    if answered == 0 && asked > 0 {
+        anyhow::bail!(
+            "none of the {asked} sites asked answered before the deadline; `medfl run show \
+             {run_id}` lists each site's outcome and reason"
         );
+    }
+    if (answered as u32) < asked {
+        eprintln!("{answered} of {asked} sites answered before the deadline");
     }
     Ok(())
 }
@@ -233,6 +241,18 @@ features = ["x1", "x2"]
 label = "y"
 labels = ["B", "M"]
 "#;
+
+    #[test]
+    fn an_evaluation_nobody_answered_is_an_error() {
+        let err = evaluation_verdict("r1", 0, 3).unwrap_err().to_string();
+        assert!(
+            err.contains("none of the 3 sites") && err.contains("run show r1"),
+            "{err}"
+        );
+        assert!(evaluation_verdict("r1", 1, 3).is_ok());
+        assert!(evaluation_verdict("r1", 3, 3).is_ok());
+        assert!(evaluation_verdict("r1", 0, 0).is_ok());
+    }
 
     #[test]
     fn spec_errors_name_file_and_field() -> anyhow::Result<()> {

@@ -557,7 +557,10 @@ impl StrategySpec {
         if min_sites < need {
             return Err(CoreError::spec(
                 "min_sites",
-                format!("{self:?} needs at least {need} updates a round; min_sites is {min_sites}"),
+                format!(
+                    "{} needs at least {need} updates a round; min_sites is {min_sites}",
+                    self.name()
+                ),
             ));
         }
         Ok(())
@@ -976,6 +979,16 @@ labels = ["B", "M"]
         let err =
             RunSpec::from_toml(&format!("{SPEC}\n[defense]\nmax_update_norm = -1\n")).unwrap_err();
         assert!(err.to_string().contains("defense.max_update_norm"), "{err}");
+    }
+
+    #[test]
+    fn a_strategy_needing_more_sites_is_named_not_dumped() {
+        let text = format!("{SPEC}\n[strategy]\nname = \"krum\"\nf = 1\n");
+        let err = RunSpec::from_toml(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "run spec: min_sites: krum needs at least 4 updates a round; min_sites is 2"
+        );
     }
 
     #[test]
