@@ -93,7 +93,7 @@ pub fn write_merged(adapter: &Path, base: &Path, out: &Path) -> anyhow::Result<(
     )?;
     std::fs::copy(adapter, out.join("adapter.safetensors"))
         .with_context(|| format!("cannot copy {}", adapter.display()))?;
-    println!(
+    medfl_daemon::outln!(
         "merged {} LoRA pairs and replaced {} tensors into {}/model.safetensors \
          (the base's names, shapes and dtypes); the classifier head stays in {}/adapter.safetensors",
         merged.lora_merged,
@@ -193,7 +193,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     match &args.out {
         Some(path) => std::fs::write(path, &lines)
             .with_context(|| format!("cannot write {}", path.display()))?,
-        None => print!("{lines}"),
+        None => medfl_daemon::out!("{lines}"),
     }
     // With known labels, say how well the model did on them.
     let known: Vec<Option<u32>> = table

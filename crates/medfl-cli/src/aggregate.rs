@@ -151,7 +151,7 @@ pub fn run(args: AggregateArgs) -> anyhow::Result<()> {
     let out = aggregate::finish(aggregator, start, &mut held, &blobs, &schema)?;
     let place = |sha: &str, to: &Path| -> anyhow::Result<()> {
         std::fs::copy(blobs.path(sha)?, to).with_context(|| format!("writing {}", to.display()))?;
-        println!("{} sha256 {sha}", to.display());
+        medfl_daemon::outln!("{} sha256 {sha}", to.display());
         Ok(())
     };
     place(&out.global, &args.out)?;

@@ -42,7 +42,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify { log } => {
             let lines = medfl_audit::verify(&log)?;
-            println!("{}: {lines} entries, hash chain intact", log.display());
+            medfl_daemon::outln!("{}: {lines} entries, hash chain intact", log.display());
         }
         AuditCommand::Show {
             log,
@@ -61,7 +61,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                     && since.is_none_or(|t| e.at_ms >= t)
                     && until.is_none_or(|t| e.at_ms < t);
                 if keep {
-                    println!(
+                    medfl_daemon::outln!(
                         "{:>5} {} {:<20} run={} round={} site={} {}",
                         e.seq,
                         table::utc(e.at_ms),

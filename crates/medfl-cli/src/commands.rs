@@ -29,7 +29,7 @@ pub async fn create(client: &mut RunClient, spec: &Path) -> anyhow::Result<()> {
         .rpc("CreateRun")?
         .into_inner()
         .run_id;
-    println!("{run_id}");
+    medfl_daemon::outln!("{run_id}");
     eprintln!("follow it with: medfl run watch {run_id}");
     Ok(())
 }
@@ -43,9 +43,9 @@ pub async fn list(client: &mut RunClient) -> anyhow::Result<()> {
         .into_inner()
         .runs;
     if runs.is_empty() {
-        println!("no runs yet; create one with: medfl run create SPEC.toml");
+        medfl_daemon::outln!("no runs yet; create one with: medfl run create SPEC.toml");
     } else {
-        print!("{}", table::runs_table(&runs));
+        medfl_daemon::out!("{}", table::runs_table(&runs));
     }
     Ok(())
 }
@@ -83,41 +83,41 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
         None => detail.rounds.last(),
     };
 
-    print!("{}", table::run_overview(&detail));
+    medfl_daemon::out!("{}", table::run_overview(&detail));
     let Some(chosen) = sites_of else {
-        println!("\nno round finished yet");
+        medfl_daemon::outln!("\nno round finished yet");
         return Ok(());
     };
-    println!();
-    print!(
+    medfl_daemon::outln!();
+    medfl_daemon::out!(
         "{}",
         table::rounds_table(&detail.rounds, detail.full_model_bytes)
     );
     if detail.rounds_omitted > 0 {
-        println!(
+        medfl_daemon::outln!(
             "({} earlier rounds left out to fit the reply; ask for one with --round N)",
             detail.rounds_omitted
         );
     }
-    print!("{}", table::privacy_summary(&detail));
-    println!("\nsites in round {}:", chosen.round);
+    medfl_daemon::out!("{}", table::privacy_summary(&detail));
+    medfl_daemon::outln!("\nsites in round {}:", chosen.round);
     if chosen.sites.is_empty() {
-        println!("no site results");
+        medfl_daemon::outln!("no site results");
     } else {
-        print!("{}", table::site_results_table(&chosen.sites));
+        medfl_daemon::out!("{}", table::site_results_table(&chosen.sites));
     }
     if chosen.sites_omitted > 0 {
-        println!(
+        medfl_daemon::outln!(
             "({} more site results left out to fit the reply)",
             chosen.sites_omitted
         );
     }
     if !detail.final_evaluation.is_empty() {
-        println!("\nfinal model evaluated at each site:");
-        print!("{}", table::evaluation_table(&detail.final_evaluation));
+        medfl_daemon::outln!("\nfinal model evaluated at each site:");
+        medfl_daemon::out!("{}", table::evaluation_table(&detail.final_evaluation));
     }
     if detail.evaluations_omitted > 0 {
-        println!(
+        medfl_daemon::outln!(
             "({} more evaluations left out to fit the reply)",
             detail.evaluations_omitted
         );
@@ -162,7 +162,7 @@ pub async fn evaluate(client: &mut RunClient, run_id: &str) -> anyhow::Result<()
         .into_iter()
         .filter(|e| e.global_sha256 == asked.global_sha256)
         .collect();
-    print!("{}", table::evaluation_table(&answered));
+    medfl_daemon::out!("{}", table::evaluation_table(&answered));
     evaluation_verdict(run_id, answered.len(), asked.sites_asked)
 }
 
@@ -189,7 +189,7 @@ pub async fn stop(client: &mut RunClient, run_id: &str) -> anyhow::Result<()> {
         }))
         .await
         .rpc("StopRun")?;
-    println!("run {run_id} stopped");
+    medfl_daemon::outln!("run {run_id} stopped");
     Ok(())
 }
 
@@ -214,13 +214,13 @@ pub async fn sites(client: &mut RunClient) -> anyhow::Result<()> {
         page_token = page.next_page_token;
     }
     if sites.is_empty() {
-        println!("no site has registered yet");
+        medfl_daemon::outln!("no site has registered yet");
         return Ok(());
     }
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    print!("{}", table::sites_table(&sites, now_ms));
+    medfl_daemon::out!("{}", table::sites_table(&sites, now_ms));
     Ok(())
 }
 

@@ -266,13 +266,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let test_table = table.subset(&parts[0]);
     test_table.write_csv(&data_dir.join("test.csv"))?;
-    println!(
+    medfl_daemon::outln!(
         "medfl demo: 1 coordinator, {} hospitals, {} rounds of {}",
         HOSPITALS.len(),
         rounds,
         spec.strategy.name()
     );
-    println!("held-out test split: {} rows", parts[0].len());
+    medfl_daemon::outln!("held-out test split: {} rows", parts[0].len());
     let mut site_tables = Vec::new();
     for ((name, _, _), rows) in HOSPITALS.iter().zip(&parts[1..]) {
         let t = table.subset(rows);
@@ -280,7 +280,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .column("diagnosis")
             .map(|c| c.iter().filter(|v| **v == "M").count())
             .unwrap_or(0);
-        println!(
+        medfl_daemon::outln!(
             "  {name:<18} {:>4} rows, {:>3.0}% malignant",
             t.len(),
             100.0 * malignant as f64 / t.len().max(1) as f64
@@ -299,7 +299,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let (text, spec, z) = with_privacy(spec_toml, &spec, &train_rows, epsilon)?;
-            println!(
+            medfl_daemon::outln!(
                 "record-level DP-SGD: noise multiplier {z}, clipping norm 1, at most ε = \
                  {epsilon} per hospital (δ = 1/N^1.1)"
             );
@@ -328,7 +328,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let federation = LocalFederation::start(&out, BTreeMap::new(), site_configs).await?;
     let model_path = out.join("global_model.safetensors");
     let (run_id, detail, pulled) = federation.run(&spec_toml, &model_path).await?;
-    println!(
+    medfl_daemon::outln!(
         "final global model: {} ({}, sha256 {})",
         model_path.display(),
         table::human_bytes(pulled.size),
@@ -337,7 +337,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     federation.stop().await?;
     if args.privacy.is_some() {
-        println!("privacy spent, by each hospital's own accountant:");
+        medfl_daemon::outln!("privacy spent, by each hospital's own accountant:");
         for (name, _) in &site_tables {
             let state = medfl_site::identity::SiteState::load(&out.join("sites").join(name))?;
             let ledger = state
@@ -345,11 +345,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .and_then(|s| s.runs.get(&run_id))
                 .and_then(|r| r.privacy.as_ref());
             match ledger {
-                Some(l) => println!(
+                Some(l) => medfl_daemon::outln!(
                     "  {name:<18} ε = {:.3} at δ = {:.1e} ({} steps at q = {:.3})",
-                    l.epsilon, l.delta, l.steps, l.sample_rate
+                    l.epsilon,
+                    l.delta,
+                    l.steps,
+                    l.sample_rate
                 ),
-                None => println!("  {name:<18} no privacy spent"),
+                None => medfl_daemon::outln!("  {name:<18} no privacy spent"),
             }
         }
     }
@@ -388,17 +391,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         train_alone(&spec, &Standardizer::fit(&pooled).apply(&pooled), epochs)?;
     let centralized = score(&centralized_params, pooled.len())?;
 
-    println!(
+    medfl_daemon::outln!(
         "\nheld-out test split ({} rows), same training budget ({}):",
         test.len(),
         epochs_text(epochs)
     );
-    println!(
+    medfl_daemon::outln!(
         "  {:<28} {:>9} {:>7} {:>8}",
-        "model", "accuracy", "auc", "trained on"
+        "model",
+        "accuracy",
+        "auc",
+        "trained on"
     );
     let line = |label: &str, s: &Scores| {
-        println!(
+        medfl_daemon::outln!(
             "  {label:<28} {:>8.2}% {:>7} {:>8}",
             100.0 * s.accuracy,
             s.auc
@@ -437,7 +443,7 @@ pub(crate) fn write_results(
     std::fs::write(&metrics_path, serde_json::to_string_pretty(metrics)?)?;
     let chart_path = out.join("training_curve.svg");
     std::fs::write(&chart_path, training_curve_svg(rounds, second.0, second.1))?;
-    println!(
+    medfl_daemon::outln!(
         "\nwrote {}, {} and {}",
         model_path.display(),
         metrics_path.display(),
@@ -545,7 +551,7 @@ impl LocalFederation {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         // The certificate names `localhost`; the listener is on its IPv4 loopback address.
         let url = format!("https://localhost:{}", listener.local_addr()?.port());
-        println!(
+        medfl_daemon::outln!(
             "mutual TLS: a consortium CA and a kit for the coordinator, each hospital and {DEMO_RESEARCHER} in {}",
             kits_dir.display()
         );
@@ -609,7 +615,7 @@ impl LocalFederation {
             .rpc("CreateRun")?
             .into_inner()
             .run_id;
-        println!("run {run_id} created\n");
+        medfl_daemon::outln!("run {run_id} created\n");
         let detail = crate::watch::watch(&mut runs, &run_id).await?;
         let pulled = pull::pull(&mut runs, &run_id, 0, model_path).await?;
         Ok((run_id, detail, pulled))

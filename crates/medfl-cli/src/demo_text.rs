@@ -209,12 +209,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let test_table = table.subset(&parts[0]);
     test_table.write_jsonl(&data_dir.join("test.jsonl"))?;
-    println!(
+    medfl_daemon::outln!(
         "medfl demo (icd10): 1 coordinator, {} hospitals, {rounds} rounds of LoRA on {BASE} ({})",
         hospitals.len(),
         spec.strategy.name()
     );
-    println!(
+    medfl_daemon::outln!(
         "held-out test split: {} descriptions of {} chapters",
         parts[0].len(),
         labels.len()
@@ -236,7 +236,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 specialties.join(" + ")
             )
         };
-        println!("  {name:<18} {:>4} descriptions, {mix}", t.len());
+        medfl_daemon::outln!("  {name:<18} {:>4} descriptions, {mix}", t.len());
         let path = data_dir.join(format!("{name}.jsonl"));
         t.write_jsonl(&path)?;
         site_data.push((name.to_string(), path, t));
@@ -253,7 +253,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let (text, spec, z) =
                 crate::demo::with_privacy(spec_toml, &spec, &train_rows, epsilon)?;
-            println!(
+            medfl_daemon::outln!(
                 "record-level DP-SGD: noise multiplier {z}, clipping norm 1, at most ε = \
                  {epsilon} per hospital (δ = 1/N^1.1)"
             );
@@ -265,7 +265,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         (None, Some(epsilon)) => {
             let (text, spec, z) = with_client_privacy(spec_toml, rounds, epsilon)?;
-            println!(
+            medfl_daemon::outln!(
                 "client-level DP-FedAvg: noise multiplier {z} over {} sites, adaptive clipping \
                  from C = 0.1, at most ε = {epsilon} per site (δ = 1e-3)",
                 site_data.len()
@@ -302,7 +302,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let adapter_path = out.join("adapter.safetensors");
     let (run_id, detail, pulled) = federation.run(&spec_toml, &adapter_path).await?;
     crate::pull::write_adapter(&adapter_path, &spec_toml, None)?;
-    println!(
+    medfl_daemon::outln!(
         "final adapter: {} ({}, global model sha256 {})",
         adapter_path.display(),
         table::human_bytes(pulled.size),
@@ -327,7 +327,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let federated = score(&global, federated_train)?;
     if many {
         // Each site alone, or all data pooled, would train on every description `rounds` times.
-        println!(
+        medfl_daemon::outln!(
             "\nheld-out test split ({} descriptions): federated LoRA {:.2}% accuracy, macro-F1 {:.4} \
              (baselines left out with --sites)",
             test.len(),
@@ -359,7 +359,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for (name, _, t) in &site_data {
         let (examples, _) = t.examples("text", "label", &labels)?;
         let (train, _) = examples.split(spec.task.validation_fraction, SEED);
-        println!(
+        medfl_daemon::outln!(
             "training {name} alone ({} descriptions, {})...",
             train.len(),
             epochs_text(epochs)
@@ -369,7 +369,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         pooled.push(train);
     }
     let pooled = TextExamples::concat(&pooled.iter().collect::<Vec<_>>());
-    println!(
+    medfl_daemon::outln!(
         "training centrally on the pooled {} descriptions...",
         pooled.len()
     );
@@ -378,17 +378,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         pooled.len(),
     )?;
 
-    println!(
+    medfl_daemon::outln!(
         "\nheld-out test split ({} descriptions), same training budget ({}):",
         test.len(),
         epochs_text(epochs)
     );
-    println!(
+    medfl_daemon::outln!(
         "  {:<30} {:>9} {:>9} {:>10}",
-        "model", "accuracy", "macro-F1", "trained on"
+        "model",
+        "accuracy",
+        "macro-F1",
+        "trained on"
     );
     let line = |label: &str, s: &Scores| {
-        println!(
+        medfl_daemon::outln!(
             "  {label:<30} {:>8.2}% {:>9.4} {:>10}",
             100.0 * s.accuracy,
             s.macro_f1.unwrap_or(0.0),
@@ -402,7 +405,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     line("centralized (pooled data)", &centralized);
     let last = detail.rounds.last();
     let update_bytes = last.map_or(0, |r| r.bytes_up / u64::from(r.sites_reported.max(1)));
-    println!(
+    medfl_daemon::outln!(
         "\neach update: {} = {:.2}% of the {} base model; the base never left a site",
         table::human_bytes(update_bytes),
         100.0 * update_bytes as f64 / detail.full_model_bytes.max(1) as f64,
@@ -427,7 +430,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &detail.rounds,
         ("macro_f1", "macro-F1"),
     )?;
-    println!(
+    medfl_daemon::outln!(
         "try it: medfl predict --model {} --adapter {} --input {}",
         model_dir.display(),
         adapter_path.display(),

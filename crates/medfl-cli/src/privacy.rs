@@ -122,7 +122,7 @@ impl Common {
     /// Prints `text`, or with `--json` the mechanism and what it spends, plus `extra` keys.
     fn print(&self, mechanism: &Mechanism, spent: &Spent, extra: serde_json::Value, text: String) {
         if !self.json {
-            println!("{text}");
+            medfl_daemon::outln!("{text}");
             return;
         }
         let mut out = serde_json::json!({
@@ -137,6 +137,6 @@ impl Common {
         if let (Some(out), serde_json::Value::Object(extra)) = (out.as_object_mut(), extra) {
             out.extend(extra);
         }
-        println!("{out}");
+        medfl_daemon::outln!("{out}");
     }
 }

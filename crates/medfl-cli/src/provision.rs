@@ -122,7 +122,7 @@ pub fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                 &out,
             )
             .context("provisioning the consortium")?;
-            println!(
+            medfl_daemon::outln!(
                 "Created the CA of {consortium:?} in {}\n  CA certificate SHA-256 {}\n",
                 done.ca_dir.display(),
                 done.ca_sha256_hex
@@ -139,7 +139,7 @@ pub fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                 .revoke(&name)
                 .with_context(|| format!("revoking {name:?}"))?;
             let list = ca.join(REVOKED_FILE);
-            println!(
+            medfl_daemon::outln!(
                 "Revoked {} {:?} (serial {}) at {}.\nWrote {}.",
                 revoked.role,
                 revoked.name,
@@ -147,7 +147,7 @@ pub fn run(args: ProvisionArgs) -> anyhow::Result<()> {
                 revoked.revoked_at.unwrap_or_default(),
                 list.display()
             );
-            println!(
+            medfl_daemon::outln!(
                 "\nNext: copy {} over the coordinator's revocation_list (or point \
                  revocation_list at it);\nthe coordinator re-reads it and refuses {name:?} \
                  from its next request, without a restart.",
@@ -157,18 +157,21 @@ pub fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         ProvisionCommand::List { ca } => {
             let authority = open(&ca)?;
             let consortium = authority.consortium();
-            println!(
+            medfl_daemon::outln!(
                 "{:?}: coordinator {}, CA SHA-256 {}\n",
                 consortium.name,
                 consortium.coordinator().url(),
                 consortium.ca_sha256
             );
-            println!(
+            medfl_daemon::outln!(
                 "{:<12} {:<24} {:<21} {:<21} SERIAL",
-                "ROLE", "NAME", "EXPIRES", "REVOKED"
+                "ROLE",
+                "NAME",
+                "EXPIRES",
+                "REVOKED"
             );
             for p in &consortium.participants {
-                println!(
+                medfl_daemon::outln!(
                     "{:<12} {:<24} {:<21} {:<21} {}",
                     p.role.as_str(),
                     p.name,
@@ -197,9 +200,9 @@ fn add(role: Role, args: AddArgs) -> anyhow::Result<()> {
 }
 
 fn print_kits(kits: &[Kit]) {
-    println!("{:<12} {:<24} {:<21} KIT", "ROLE", "NAME", "EXPIRES");
+    medfl_daemon::outln!("{:<12} {:<24} {:<21} KIT", "ROLE", "NAME", "EXPIRES");
     for kit in kits {
-        println!(
+        medfl_daemon::outln!(
             "{:<12} {:<24} {:<21} {}\n{:<12} certificate SHA-256 {}",
             kit.role.as_str(),
             kit.name,
@@ -212,33 +215,33 @@ fn print_kits(kits: &[Kit]) {
 }
 
 fn print_next_steps(ca_dir: &Path, kits: &[Kit]) {
-    println!("\nNext steps:");
-    println!(
+    medfl_daemon::outln!("\nNext steps:");
+    medfl_daemon::outln!(
         "  1. Copy each kit directory to its participant only, over a channel you trust; \
          a kit's .key file is its participant's private key and never leaves the kit."
     );
     for kit in kits {
         let config = kit.config.display();
         match kit.role {
-            Role::Coordinator => println!(
+            Role::Coordinator => medfl_daemon::outln!(
                 "     coordinator: medfl-coordinator --config {config} \
                  (in the kit's directory, or with the paths adjusted)"
             ),
-            Role::Site => println!(
+            Role::Site => medfl_daemon::outln!(
                 "     site {}: edit its [datasets] in {config}, then medfl-site --config {config}",
                 kit.name
             ),
             Role::Researcher | Role::Operator => {
-                println!("     {} {}: use {config} with medfl", kit.role, kit.name)
+                medfl_daemon::outln!("     {} {}: use {config} with medfl", kit.role, kit.name)
             }
         }
     }
-    println!(
+    medfl_daemon::outln!(
         "  2. Keep {} offline and backed up: {CA_KEY_FILE} can issue certificates for the whole \
          consortium and belongs in no kit.",
         ca_dir.display()
     );
-    println!(
+    medfl_daemon::outln!(
         "  3. Compare the SHA-256 fingerprints above with each participant when they receive \
          their kit."
     );

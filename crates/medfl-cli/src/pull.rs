@@ -48,7 +48,7 @@ pub async fn pull_command(
         out.to_path_buf()
     };
     let pulled = pull(client, run_id, round, &file).await?;
-    println!(
+    medfl_daemon::outln!(
         "{}  global model of run {run_id} ({} bytes, {})",
         pulled.sha256,
         pulled.size,
@@ -58,16 +58,16 @@ pub async fn pull_command(
     if !text_run {
         if let Some(p) = &privacy {
             let sha = write_metadata(&file, &[(PRIVACY_METADATA_KEY, p)])?;
-            println!(
+            medfl_daemon::outln!(
                 "{sha}  {} (with what differential privacy spent in its metadata)",
                 file.display()
             );
         }
-        println!("written to {}", file.display());
+        medfl_daemon::outln!("written to {}", file.display());
         return Ok(());
     }
     let sha = write_adapter(&file, &detail.spec_toml, privacy.as_deref())?;
-    println!(
+    medfl_daemon::outln!(
         "{sha}  {} (the adapter and head, with the run spec{} in its metadata)",
         file.display(),
         if privacy.is_some() {

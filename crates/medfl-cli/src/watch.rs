@@ -48,17 +48,18 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     if !table::is_terminal(summary.status) {
         anyhow::bail!("the watch of run {run_id} ended while the run was still {status}");
     }
-    println!(
+    medfl_daemon::outln!(
         "run {run_id} {status} after {}/{} rounds",
-        summary.rounds_done, summary.rounds_total
+        summary.rounds_done,
+        summary.rounds_total
     );
     if !summary.error.is_empty() {
-        println!("error: {}", summary.error);
+        medfl_daemon::outln!("error: {}", summary.error);
     }
-    print!("{}", table::privacy_summary(&detail));
+    medfl_daemon::out!("{}", table::privacy_summary(&detail));
     if !detail.final_evaluation.is_empty() {
-        println!("\nfinal model evaluated at each site:");
-        print!("{}", table::evaluation_table(&detail.final_evaluation));
+        medfl_daemon::outln!("\nfinal model evaluated at each site:");
+        medfl_daemon::out!("{}", table::evaluation_table(&detail.final_evaluation));
     }
     Ok(detail)
 }
@@ -95,11 +96,11 @@ async fn follow(
         for r in detail.rounds.iter().filter(|r| evaluated(r)) {
             if printed.is_empty() {
                 let header = table::header_line(table::ROUND_COLUMNS);
-                multi.suspend(|| println!("{header}"));
+                multi.suspend(|| medfl_daemon::outln!("{header}"));
             }
             if printed.insert(r.round) {
                 let line = table::round_line(r, detail.full_model_bytes);
-                multi.suspend(|| println!("{line}"));
+                multi.suspend(|| medfl_daemon::outln!("{line}"));
                 // Sites that did not contribute, and why (refused, awaiting approval, ...).
                 for s in r
                     .sites
@@ -112,7 +113,7 @@ async fn follow(
                         crate::table::outcome_name(s.outcome),
                         s.reason
                     );
-                    multi.suspend(|| println!("{note}"));
+                    multi.suspend(|| medfl_daemon::outln!("{note}"));
                 }
             }
         }

@@ -208,3 +208,31 @@ fn the_pld_accountant_matches_dp_accounting_and_needs_less_noise() {
     let (rdp, pld) = (noise("rdp"), noise("pld"));
     assert!(pld < rdp, "pld needs z {pld}, rdp {rdp}");
 }
+
+/// `medfl privacy epsilon ... | head` (a reader that has gone): the command ends quietly with
+/// status 0 instead of panicking on the broken pipe.
+#[test]
+fn a_reader_that_has_gone_ends_the_output_quietly() {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args([
+            "privacy",
+            "epsilon",
+            "--sample-rate",
+            "0.01",
+            "--noise-multiplier",
+            "1",
+            "--steps",
+            "10",
+            "--delta",
+            "1e-5",
+        ])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("medfl runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

@@ -8,6 +8,8 @@
 //! - [`stop_signal`]: completes on SIGINT or SIGTERM.
 //! - [`warn_plaintext`]: the once-a-minute warning of a daemon running without TLS.
 //! - [`write_private`]: replaces a file atomically, readable by its owner only.
+//! - [`write_stdout`] ([`out!`], [`outln!`]): what the commands print, ending quietly when the
+//!   reader has gone (`medfl run list | head`).
 
 use std::path::Path;
 
@@ -142,6 +144,40 @@ pub async fn stop_signal() {
         return;
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Writes `args` to standard output. When the reader has gone (`medfl run list | head`) the
+/// command has nothing left to do: it exits with status 0 instead of panicking as `print!`
+/// does; any other write error exits with status 1, saying so on standard error.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `print!` through [`write_stdout`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` through [`write_stdout`].
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
 }
 
 /// Replaces `path` with `bytes` atomically (a temporary file beside it, then a rename), the file

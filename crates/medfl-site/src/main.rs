@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Pause { reason }) => {
             medfl_site::policy::set_paused(&config.data_dir, Some(&reason))?;
             record(&config, "site_paused", None, json!({ "reason": reason }))?;
-            println!(
+            medfl_daemon::outln!(
                 "`{}` paused: training stops within a second, nothing is sent",
                 config.name
             );
@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Resume) => {
             medfl_site::policy::set_paused(&config.data_dir, None)?;
             record(&config, "site_resumed", None, json!({}))?;
-            println!("`{}` resumed", config.name);
+            medfl_daemon::outln!("`{}` resumed", config.name);
             return Ok(());
         }
         Some(Command::Dataset(command)) => return datasets(&config, command),
@@ -205,24 +205,27 @@ fn privacy(config: &SiteConfig, as_json: bool) -> anyhow::Result<()> {
         }));
     }
     if as_json {
-        println!("{}", json!({ "site": config.name, "datasets": out }));
+        medfl_daemon::outln!("{}", json!({ "site": config.name, "datasets": out }));
         return Ok(());
     }
     if out.is_empty() {
-        println!(
+        medfl_daemon::outln!(
             "`{}` has no privacy budget and no run has spent any privacy",
             config.name
         );
         return Ok(());
     }
     let number = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
-    println!(
+    medfl_daemon::outln!(
         "{:<24} {:>10} {:>10} {:>10}  runs",
-        "dataset", "budget ε", "spent ε", "left ε"
+        "dataset",
+        "budget ε",
+        "spent ε",
+        "left ε"
     );
     for d in &out {
         let runs = d["runs"].as_array().map_or(0, Vec::len);
-        println!(
+        medfl_daemon::outln!(
             "{:<24} {:>10} {:>10} {:>10}  {runs}",
             d["dataset"].as_str().unwrap_or("-"),
             number(&d["max_epsilon"]),
@@ -230,7 +233,7 @@ fn privacy(config: &SiteConfig, as_json: bool) -> anyhow::Result<()> {
             number(&d["left"]),
         );
         for r in d["runs"].as_array().into_iter().flatten() {
-            println!(
+            medfl_daemon::outln!(
                 "  {} ({}): ε = {} at δ = {:.3e}, {} steps at q = {:.4}, z = {}, C = {} ({})",
                 r["run"].as_str().unwrap_or("-"),
                 r["name"].as_str().unwrap_or("-"),
@@ -268,13 +271,13 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
                 .filter(|(_, a)| all || a.decision == Decision::Pending)
                 .collect();
             if shown.is_empty() && all {
-                println!("no run has reached `{}`", config.name);
+                medfl_daemon::outln!("no run has reached `{}`", config.name);
             } else if shown.is_empty() {
-                println!("no run waits for approval at `{}`", config.name);
+                medfl_daemon::outln!("no run waits for approval at `{}`", config.name);
             }
             for (id, a) in shown {
                 let decision = format!("{:?}", a.decision).to_lowercase();
-                println!(
+                medfl_daemon::outln!(
                     "{id}  {decision:<8}  spec {}  {}: {}  {}",
                     short(&a.spec_sha256),
                     a.name,
@@ -295,7 +298,7 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
                     );
                 for (subject, a) in ahead {
                     let decision = format!("{:?}", a.decision).to_lowercase();
-                    println!("ahead of time  {decision:<8}  {subject}  {}", a.reason);
+                    medfl_daemon::outln!("ahead of time  {decision:<8}  {subject}  {}", a.reason);
                 }
             }
         }
@@ -339,13 +342,13 @@ fn decide(
             }
             record(config, event, Some(&id), details)?;
             if approved {
-                println!(
+                medfl_daemon::outln!(
                     "approved {id} ({}, spec {}); it trains here from its next task",
                     a.name,
                     short(&a.spec_sha256)
                 );
             } else {
-                println!("rejected {id} ({}): {reason}", a.name);
+                medfl_daemon::outln!("rejected {id} ({}): {reason}", a.name);
             }
         }
         Decided::Ahead { subject, applied } => {
@@ -359,9 +362,9 @@ fn decide(
             }
             record(config, event, None, details)?;
             let verb = if approved { "approved" } else { "rejected" };
-            println!("{verb} ahead of time at `{}`: {subject}", config.name);
+            medfl_daemon::outln!("{verb} ahead of time at `{}`: {subject}", config.name);
             if !applied.is_empty() {
-                println!("also {verb}, as it waited: {}", applied.join(", "));
+                medfl_daemon::outln!("also {verb}, as it waited: {}", applied.join(", "));
             }
         }
     }
@@ -385,7 +388,7 @@ fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> 
             let rows = medfl_site::registry::add(dir, &config.datasets, &name, dataset)?;
             let details = json!({ "name": name, "path": path, "format": format, "records": rows });
             record(config, "dataset_registered", None, details)?;
-            println!(
+            medfl_daemon::outln!(
                 "registered `{name}` ({rows} records); a running daemon offers it within a second"
             );
         }
@@ -393,14 +396,18 @@ fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> 
             let registered = medfl_site::registry::load(dir)?;
             for (origin, map) in [("config", &config.datasets), ("registry", &registered)] {
                 for (name, ds) in map {
-                    println!("{name}  {}  {}  ({origin})", ds.format, ds.path.display());
+                    medfl_daemon::outln!(
+                        "{name}  {}  {}  ({origin})",
+                        ds.format,
+                        ds.path.display()
+                    );
                 }
             }
         }
         DatasetCommand::Remove { name } => {
             medfl_site::registry::remove(dir, &name)?;
             record(config, "dataset_removed", None, json!({ "name": name }))?;
-            println!("removed `{name}`");
+            medfl_daemon::outln!("removed `{name}`");
         }
     }
     Ok(())
