@@ -165,3 +165,19 @@ fn the_tabular_demo_refuses_the_text_demos_options() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("--sites"), "{stderr}");
 }
+
+/// Logs written to a file or a pipe carry no terminal colour codes.
+#[test]
+fn logs_to_a_file_have_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(["demo", "--rounds", "1", "--out"])
+        .arg(dir.path().join("demo"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run medfl demo");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("INFO"), "no logs to check: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
+}
