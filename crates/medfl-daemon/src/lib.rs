@@ -16,11 +16,33 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 /// Loads `T` from `defaults` (TOML), then `file` if given, then `MEDFL_<KEY>` environment
-/// variables for the `keys` the config has. The error names the file and the key.
+/// variables for the `keys` the config has. The error names the file and the key, or the
+/// variable when the bad value came from the environment; a `MEDFL_*` variable that names no
+/// key (a typo) is warned about on stderr rather than silently ignored.
 pub fn load_config<T: DeserializeOwned>(
     defaults: &str,
     file: Option<&Path>,
     keys: &[&str],
+) -> Result<T, String> {
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    for name in unknown_env(vars.iter().cloned(), keys) {
+        eprintln!(
+            "warning: {name} is not a setting ({}); ignored",
+            keys.iter()
+                .map(|k| format!("MEDFL_{}", k.to_uppercase()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    load_config_from(defaults, file, keys, vars.into_iter())
+}
+
+/// [`load_config`] with the environment given.
+fn load_config_from<T: DeserializeOwned>(
+    defaults: &str,
+    file: Option<&Path>,
+    keys: &[&str],
+    vars: impl Iterator<Item = (String, String)>,
 ) -> Result<T, String> {
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
@@ -30,20 +52,55 @@ pub fn load_config<T: DeserializeOwned>(
         }
         builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
     }
+    let overrides = env_overrides(vars, keys);
     builder
         .add_source(
             config::Environment::with_prefix("MEDFL")
                 .try_parsing(true)
-                .source(Some(env_overrides(std::env::vars(), keys))),
+                .source(Some(overrides.clone())),
         )
         .build()
         .and_then(config::Config::try_deserialize)
         .map_err(|e| {
-            let place = file
-                .map(|f| format!("{}: ", f.display()))
-                .unwrap_or_default();
-            format!("{place}{e}")
+            let message = e.to_string();
+            // A bad value set in the environment is the variable's fault, not the file's.
+            let variable = overrides.keys().find(|name| {
+                name.strip_prefix("MEDFL_")
+                    .is_some_and(|key| message.contains(&key.to_lowercase()))
+            });
+            let place = match (variable, file) {
+                (Some(name), _) => format!("environment variable {name}: "),
+                (None, Some(f)) => format!("{}: ", f.display()),
+                (None, None) => String::new(),
+            };
+            format!("{place}{message}")
         })
+}
+
+/// The `MEDFL_*` variables that name none of `keys`, are not medfl's own (`MEDFL_CONFIG`,
+/// `MEDFL_REQUIRE_ASSETS`) and do not look like an orchestrator's (Kubernetes service links:
+/// `MEDFL_X_SERVICE_HOST`, `MEDFL_X_PORT_7070_TCP`, ...): most likely typos.
+pub fn unknown_env(vars: impl Iterator<Item = (String, String)>, keys: &[&str]) -> Vec<String> {
+    let service_link = |key: &str| {
+        key.contains("_SERVICE_")
+            || key.ends_with("_SERVICE_HOST")
+            || key.ends_with("_SERVICE_PORT")
+            || key.ends_with("_PORT")
+            || key.split('_').collect::<Vec<_>>().windows(2).any(|w| {
+                w[0] == "PORT" && !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit())
+            })
+    };
+    let mut unknown: Vec<String> = vars
+        .filter_map(|(name, _)| {
+            let key = name.strip_prefix("MEDFL_")?;
+            // medfl's own variables beyond the config: the CLI's config file, the test suite's.
+            let known = keys.iter().any(|k| key.eq_ignore_ascii_case(k))
+                || ["CONFIG", "REQUIRE_ASSETS"].contains(&key);
+            (!known && !service_link(key)).then_some(name)
+        })
+        .collect();
+    unknown.sort();
+    unknown
 }
 
 /// The `MEDFL_<KEY>` variables naming one of `keys`. Others are left alone: an orchestrator may
@@ -332,6 +389,54 @@ mod tests {
         let err =
             load_config::<Cfg>("port = 1\n", Some(&dir.path().join("no.toml")), &[]).unwrap_err();
         assert!(err.contains("no.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.toml");
+        std::fs::write(&file, "name = \"b\"\n").unwrap();
+        let vars = [("MEDFL_PORT".to_string(), "seventy".to_string())];
+        let err = load_config_from::<Cfg>(
+            "port = 1\nname = \"a\"\n",
+            Some(&file),
+            &["port"],
+            vars.into_iter(),
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("environment variable MEDFL_PORT: "),
+            "{err}"
+        );
+        assert!(!err.contains("x.toml"), "{err}");
+        let vars = [("MEDFL_PORT".to_string(), "70".to_string())];
+        let cfg: Cfg = load_config_from(
+            "port = 1\nname = \"a\"\n",
+            Some(&file),
+            &["port"],
+            vars.into_iter(),
+        )
+        .unwrap();
+        assert_eq!(cfg.port, 70);
+    }
+
+    #[test]
+    fn typos_are_told_apart_from_service_links() {
+        let vars = [
+            "MEDFL_DATA_DIR",
+            "MEDFL_DATA_DRI",
+            "MEDFL_CONFIG",
+            "MEDFL_COORDINATOR_SERVICE_HOST",
+            "MEDFL_COORDINATOR_SERVICE_PORT_GRPC",
+            "MEDFL_COORDINATOR_PORT",
+            "MEDFL_COORDINATOR_PORT_7070_TCP_ADDR",
+            "PATH",
+        ]
+        .map(|k| (k.to_string(), String::new()));
+        assert_eq!(
+            unknown_env(vars.into_iter(), &["data_dir"]),
+            vec!["MEDFL_DATA_DRI"]
+        );
     }
 
     #[test]
