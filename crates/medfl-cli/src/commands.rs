@@ -194,7 +194,7 @@ pub async fn stop(client: &mut RunClient, run_id: &str) -> anyhow::Result<()> {
 }
 
 /// `sites`: a table of the sites the coordinator knows.
-pub async fn sites(client: &mut RunClient) -> anyhow::Result<()> {
+pub async fn sites(client: &mut RunClient, columns: bool) -> anyhow::Result<()> {
     // A page at a time: each fits the message limit, however many sites there are.
     let mut sites = Vec::new();
     let mut page_token = String::new();
@@ -221,6 +221,9 @@ pub async fn sites(client: &mut RunClient) -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     medfl_daemon::out!("{}", table::sites_table(&sites, now_ms));
+    if columns {
+        medfl_daemon::out!("{}", table::site_columns(&sites));
+    }
     Ok(())
 }
 

@@ -57,7 +57,12 @@ enum Command {
     #[command(subcommand)]
     Run(RunCommand),
     /// List the sites the coordinator knows.
-    Sites,
+    Sites {
+        /// Also list each dataset's column names (what a run spec's `features` and `label`
+        /// may name), one dataset per line.
+        #[arg(long)]
+        columns: bool,
+    },
     /// Download global models.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -237,7 +242,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(RunCommand::Evaluate { run }) => {
             commands::evaluate(&mut target.connect().await?, &run).await?
         }
-        Command::Sites => commands::sites(&mut target.connect().await?).await?,
+        Command::Sites { columns } => {
+            commands::sites(&mut target.connect().await?, columns).await?
+        }
         Command::Model(ModelCommand::Pull {
             run,
             round,

@@ -336,6 +336,26 @@ pub fn sites_table(sites: &[SiteInfo], now_unix_ms: u64) -> String {
     table.render()
 }
 
+/// Each site's datasets with their column names, one dataset per line.
+pub fn site_columns(sites: &[SiteInfo]) -> String {
+    let mut out = String::new();
+    for s in sites {
+        for d in &s.datasets {
+            let columns: Vec<String> = d.columns.iter().map(|c| one_line(c)).collect();
+            out += &format!(
+                "{} / {}: {}\n",
+                one_line(&s.name),
+                one_line(&d.name),
+                columns.join(", ")
+            );
+        }
+    }
+    if !out.is_empty() {
+        out.insert(0, '\n');
+    }
+    out
+}
+
 /// What the run has spent at each privacy level and what its targets leave, one line per
 /// level (empty without differential privacy or with a spec that does not parse).
 pub fn privacy_summary(detail: &RunDetail) -> String {

@@ -78,6 +78,13 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         "{}",
         text(&out.stdout)
     );
+    // With --columns, the names a spec may use.
+    let out = medfl(&fed.coordinator, &["sites", "--columns"]).await;
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains("hospital-1 / breast_cancer: ") && listed.contains("mean_radius"),
+        "{listed}"
+    );
 
     let model = dir.join("model.safetensors");
     let out = medfl(
