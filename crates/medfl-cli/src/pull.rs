@@ -42,22 +42,46 @@ pub async fn pull_command(
         "run {run_id} trains no pre-trained base: there is nothing to merge into"
     );
     let file = if merged {
+        let created = !out.exists();
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        out.join("adapter.pulled.safetensors")
+        let file = out.join("adapter.pulled.safetensors");
+        let result = pull_into(client, run_id, round, &file, &detail, &spec, true, base).await;
+        // A directory this command made holds nothing worth keeping after a failure.
+        if result.is_err() && created {
+            let _ = std::fs::remove_dir_all(out);
+        }
+        return result;
     } else {
         out.to_path_buf()
     };
-    let pulled = pull(client, run_id, round, &file).await?;
+    pull_into(client, run_id, round, &file, &detail, &spec, false, base).await
+}
+
+/// Pulls into `file` and, for a text run, rewrites it as an adapter (merged into `base` with
+/// `merged`).
+#[allow(clippy::too_many_arguments)]
+async fn pull_into(
+    client: &mut RunClient,
+    run_id: &str,
+    round: u32,
+    file: &Path,
+    detail: &medfl_proto::v1::RunDetail,
+    spec: &medfl_core::spec::RunSpec,
+    merged: bool,
+    base: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let text_run = spec.encoder().is_some();
+    let pulled = pull(client, run_id, round, file).await?;
     medfl_daemon::outln!(
         "{}  global model of run {run_id} ({} bytes, {})",
         pulled.sha256,
         pulled.size,
         table::human_bytes(pulled.size)
     );
-    let privacy = privacy_metadata(&spec, &detail, round);
+    let privacy = privacy_metadata(spec, detail, round);
     if !text_run {
         if let Some(p) = &privacy {
-            let sha = write_metadata(&file, &[(PRIVACY_METADATA_KEY, p)])?;
+            let sha = write_metadata(file, &[(PRIVACY_METADATA_KEY, p)])?;
             medfl_daemon::outln!(
                 "{sha}  {} (with what differential privacy spent in its metadata)",
                 file.display()
@@ -66,7 +90,7 @@ pub async fn pull_command(
         medfl_daemon::outln!("written to {}", file.display());
         return Ok(());
     }
-    let sha = write_adapter(&file, &detail.spec_toml, privacy.as_deref())?;
+    let sha = write_adapter(file, &detail.spec_toml, privacy.as_deref())?;
     medfl_daemon::outln!(
         "{sha}  {} (the adapter and head, with the run spec{} in its metadata)",
         file.display(),
@@ -78,8 +102,9 @@ pub async fn pull_command(
     );
     #[cfg(feature = "local")]
     if let (true, Some(base)) = (merged, base) {
-        crate::adapter::write_merged(&file, &base, out)?;
-        std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
+        let out = file.parent().unwrap_or(Path::new("."));
+        crate::adapter::write_merged(file, &base, out)?;
+        std::fs::remove_file(file).with_context(|| format!("cannot remove {}", file.display()))?;
     }
     #[cfg(not(feature = "local"))]
     let _ = base;

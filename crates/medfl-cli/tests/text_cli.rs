@@ -185,6 +185,8 @@ async fn a_text_run_gives_an_adapter_a_merged_model_and_predictions() {
         "{}",
         text(&out.stderr)
     );
+    // The directory the failed pull made is gone again.
+    assert!(!d.join("m2").exists());
 
     // Predictions on a researcher's own file, with accuracy where labels are known.
     let predictions = d.join("predictions.jsonl");
