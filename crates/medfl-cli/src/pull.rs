@@ -107,7 +107,7 @@ async fn pull_into(
         std::fs::remove_file(file).with_context(|| format!("cannot remove {}", file.display()))?;
     }
     #[cfg(not(feature = "local"))]
-    let _ = base;
+    let _ = (merged, base);
     Ok(())
 }
 
