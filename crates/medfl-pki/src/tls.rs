@@ -87,11 +87,28 @@ struct KitFiles {
     key: String,
 }
 
+/// A warning when the private key at `path` is readable or writable by others than its owner
+/// (a Kubernetes secret volume mounts 0644 by default: warned, not refused).
+pub fn exposed_key(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{}: the private key is readable by others than its owner (mode {mode:04o}); \
+             `chmod 600` it (or set defaultMode: 0400 on a Kubernetes secret volume)",
+            path.display()
+        )
+    })
+}
+
 impl KitFiles {
     fn read(ca_path: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
         let ca = fsutil::read_string(ca_path)?;
         let cert = fsutil::read_string(cert_path)?;
         let key = fsutil::read_string(key_path)?;
+        if let Some(warning) = exposed_key(key_path) {
+            tracing::warn!("{warning}");
+        }
 
         let ca_ders = all_cert_ders(ca_path, ca.as_bytes())?;
         let ca_certs = ca_ders
@@ -168,6 +185,22 @@ pub(crate) fn first_cert_der(path: &Path, pem: &[u8]) -> Result<CertificateDer<'
 mod tests {
     use super::*;
     use crate::{Ca, Role};
+
+    #[test]
+    fn a_key_others_can_read_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("site.key");
+        std::fs::write(&key, "k").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(exposed_key(&key), None);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = exposed_key(&key).expect("a warning");
+        assert!(
+            warning.contains("site.key") && warning.contains("0644"),
+            "{warning}"
+        );
+    }
 
     struct Files {
         _dir: tempfile::TempDir,
