@@ -24,7 +24,7 @@ pub struct InitArgs {
     /// The consortium's name (put in every certificate).
     #[arg(long, value_name = "NAME")]
     consortium: String,
-    /// Where participants reach the coordinator (port 7443 when none is given).
+    /// Where participants reach the coordinator (port 7070, the coordinator's default, when none is given).
     #[arg(long, value_name = "HOST[:PORT]")]
     coordinator: String,
     /// A hospital site (repeat, or separate with commas).

@@ -20,7 +20,7 @@ use crate::revocation::{RevocationList, Revoked};
 use crate::{PeerIdentity, PkiError, Role};
 
 /// The coordinator's port when the address names none.
-pub const DEFAULT_PORT: u16 = 7443;
+pub const DEFAULT_PORT: u16 = 7070;
 /// The CA certificate in a CA directory (and in every kit).
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// The CA private key in a CA directory; it never leaves that directory.
@@ -611,11 +611,11 @@ mod tests {
         let parse = |s: &str| CoordinatorAddress::parse(s).unwrap();
         assert_eq!(
             parse("Coord.Example.org").to_string(),
-            "coord.example.org:7443"
+            "coord.example.org:7070"
         );
         assert_eq!(parse("coord:9000").port, 9000);
-        assert_eq!(parse("10.0.0.5").url(), "https://10.0.0.5:7443");
-        assert_eq!(parse("::1").url(), "https://[::1]:7443");
+        assert_eq!(parse("10.0.0.5").url(), "https://10.0.0.5:7070");
+        assert_eq!(parse("::1").url(), "https://[::1]:7070");
         assert_eq!(parse("[fd00::2]:8443").url(), "https://[fd00::2]:8443");
         assert!(parse("10.0.0.5").ip().is_some());
         for bad in [
