@@ -199,7 +199,7 @@ pub fn round_cells(r: &RoundSummary, full_model_bytes: u64) -> Vec<String> {
         metric(&r.eval_metrics, "accuracy"),
         metric(&r.eval_metrics, "auc"),
         metric(&r.eval_metrics, "macro_f1"),
-        format!("{:.1}", r.duration_ms as f64 / 1000.0),
+        seconds(r.duration_ms),
         human_bytes(r.bytes_down),
         human_bytes(r.bytes_up),
         per_update(r, full_model_bytes),
@@ -209,6 +209,16 @@ pub fn round_cells(r: &RoundSummary, full_model_bytes: u64) -> Vec<String> {
         r.client_epsilon.map_or("-".into(), |e| format!("{e:.3}")),
         short_sha(&r.global_sha256),
     ]
+}
+
+/// A round's duration in seconds: tenths from a second up, milliseconds below (a round of
+/// 11 ms is not "0.0").
+fn seconds(ms: u64) -> String {
+    if ms >= 1000 {
+        format!("{:.1}", ms as f64 / 1000.0)
+    } else {
+        format!("{:.3}", ms as f64 / 1000.0)
+    }
 }
 
 /// Mean bytes of an update this round, and their share of the whole model.
@@ -630,6 +640,12 @@ mod tests {
                 "0123456789ab"
             ]
         );
+        // Short rounds keep their milliseconds.
+        let quick = RoundSummary {
+            duration_ms: 11,
+            ..round()
+        };
+        assert_eq!(round_cells(&quick, 0)[8], "0.011");
         // Each update's share of the whole model.
         assert_eq!(round_cells(&round(), 17_000)[11], "170 B 1.00%");
         let empty = round_cells(&RoundSummary::default(), 100);
