@@ -211,6 +211,11 @@ impl LocalModel for Mlp {
             "accuracy".to_string(),
             metrics::accuracy(&predicted, &data.labels),
         );
+        let classes = self.dims().last().copied().unwrap_or(0);
+        out.insert(
+            "macro_f1".to_string(),
+            metrics::macro_f1(&predicted, &data.labels, classes),
+        );
         out.insert("loss".to_string(), loss_sum / data.len().max(1) as f64);
         if let Some(auc) = metrics::roc_auc(&positive_scores, &data.labels) {
             out.insert("auc".to_string(), auc);
@@ -291,6 +296,8 @@ mod tests {
             assert!(after.metrics["accuracy"] > 0.95, "{optimizer:?}: {after:?}");
             assert!(after.metrics["loss"] < before.metrics["loss"]);
             assert!(after.metrics["auc"] > 0.95);
+            // The round table's F1 column has a value for tabular runs too.
+            assert!(after.metrics["macro_f1"] > 0.9, "{after:?}");
         }
     }
 
