@@ -432,6 +432,30 @@ pub fn run_overview(detail: &RunDetail) -> String {
         ("rounds", format!("{}/{}", s.rounds_done, s.rounds_total)),
         ("created", utc(s.created_unix_ms)),
     ];
+    if !s.creator.is_empty() {
+        lines.push((
+            "by",
+            format!("{} ({})", one_line(&s.creator), one_line(&s.creator_role)),
+        ));
+    }
+    if !detail.rounds.is_empty() {
+        // Rounds left out of the reply are not counted.
+        let ms: u64 = detail.rounds.iter().map(|r| r.duration_ms).sum();
+        let shown = detail.rounds.len();
+        lines.push((
+            "trained",
+            format!(
+                "{} s over {shown} round{}{}",
+                seconds(ms),
+                if shown == 1 { "" } else { "s" },
+                if detail.rounds_omitted > 0 {
+                    " shown"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
     if is_running(s.status) && detail.current_round > 0 {
         lines.push(("current", current_round(detail)));
     }
@@ -729,6 +753,23 @@ mod tests {
         t.push(vec!["long".into(), "7".into(), "".into()]);
         t.push(vec!["x".into(), "123".into(), "end".into()]);
         assert_eq!(t.render(), "A       N  Z\nlong    7\nx     123  end\n");
+    }
+
+    #[test]
+    fn the_overview_names_the_owner_and_the_training_time() {
+        let detail = RunDetail {
+            summary: Some(RunSummary {
+                run_id: "r1".into(),
+                creator: "dr-ana".into(),
+                creator_role: "researcher".into(),
+                ..RunSummary::default()
+            }),
+            rounds: vec![round(), round()],
+            ..RunDetail::default()
+        };
+        let text = run_overview(&detail);
+        assert!(text.contains("by       dr-ana (researcher)"), "{text}");
+        assert!(text.contains("trained  4.7 s over 2 rounds"), "{text}");
     }
 
     #[test]
