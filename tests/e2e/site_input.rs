@@ -74,6 +74,9 @@ async fn a_site_with_an_unknown_label_fails_its_task_and_the_run_goes_on() {
         "{}",
         failed.reason
     );
+    // Only the file's name leaves the hospital, never where it keeps it.
+    let dir = fed.dir.path().to_str().expect("utf-8");
+    assert!(!failed.reason.contains(dir), "{}", failed.reason);
 
     // The coordinator also answers the standard gRPC health check.
     let channel = fed

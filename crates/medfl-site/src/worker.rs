@@ -497,13 +497,16 @@ impl Worker {
                 round,
                 attempt,
                 // A decline's kind is shown beside its reason already; a cancellation says so.
-                reason: if declined == v1::Declined::Unspecified
-                    && !matches!(e, SiteError::Cancelled(_))
-                {
-                    format!("{what}: {e}")
-                } else {
-                    e.to_string()
-                },
+                reason: redact_paths(
+                    &if declined == v1::Declined::Unspecified
+                        && !matches!(e, SiteError::Cancelled(_))
+                    {
+                        format!("{what}: {e}")
+                    } else {
+                        e.to_string()
+                    },
+                    &self.config,
+                ),
                 declined: declined.into(),
             }))
             .await;
@@ -996,4 +999,33 @@ pub async fn push_update(
         .push_update(client.authed(stream))
         .await?
         .into_inner())
+}
+/// `text` with every local path the site is configured with (its datasets' files, its data
+/// directory) cut down to the file's own name: what the hospital stores where stays at the
+/// hospital, while `site.csv:4: ...` still tells the researcher which file and line.
+fn redact_paths(text: &str, config: &SiteConfig) -> String {
+    let mut paths: Vec<std::path::PathBuf> = config
+        .datasets
+        .values()
+        .map(|d| d.path.clone())
+        .chain(std::iter::once(config.data_dir.clone()))
+        .collect();
+    let canonical: Vec<std::path::PathBuf> =
+        paths.iter().filter_map(|p| p.canonicalize().ok()).collect();
+    paths.extend(canonical);
+    // Longest first, so a directory does not cut into a file below it.
+    paths.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    let mut out = text.to_string();
+    for path in paths {
+        let full = path.display().to_string();
+        if full.is_empty() {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out = out.replace(&full, &name);
+    }
+    out
 }
