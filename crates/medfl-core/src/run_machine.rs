@@ -1119,6 +1119,7 @@ impl RunMachine {
                     (_, Decision::Retry { missing }) => self.retry(missing, now, out),
                     (_, Decision::Fail { missing }) => {
                         let (reported, attempt) = (o.state.updates.len(), o.state.attempt);
+                        let said = site_reasons(&o.state);
                         out.push(Effect::ReleaseUpdates {
                             round: self.round,
                             attempt: Some(attempt),
@@ -1131,8 +1132,11 @@ impl RunMachine {
                         };
                         let reason = format!(
                             "round {}: {reported} of the required {} sites sent an update in each of {} attempts; \
-                             selected sites without an update in the last: {silent}",
-                            self.round, self.plan.limits.min_sites, self.attempts,
+                             selected sites without an update in the last: {silent}{}",
+                            self.round,
+                            self.plan.limits.min_sites,
+                            self.attempts,
+                            said,
                         );
                         self.end(RunStatus::Failed, reason, out);
                     }
@@ -1240,6 +1244,29 @@ impl RunMachine {
         self.published = phase.is_some();
         out.push(Effect::Publish(phase));
     }
+}
+
+/// Sites shown by name with their reasons when a run fails; the rest are counted.
+const REASONS_SHOWN: usize = 5;
+
+/// What the sites that failed or await approval said, for the researcher: `; their reasons:
+/// b: unknown label ...`, empty when none said anything.
+fn site_reasons(state: &RoundState) -> String {
+    let said: Vec<String> = state
+        .failures
+        .iter()
+        .chain(&state.awaiting)
+        .map(|(site, reason)| format!("{site}: {reason}"))
+        .collect();
+    if said.is_empty() {
+        return String::new();
+    }
+    let more = said.len().saturating_sub(REASONS_SHOWN);
+    let mut text = format!("; their reasons: {}", said[..said.len() - more].join("; "));
+    if more > 0 {
+        text += &format!("; and {more} more (run show)");
+    }
+    text
 }
 
 fn not_open(round: u32) -> Rejection {
@@ -1585,6 +1612,29 @@ mod tests {
         let mut s = Shell::new(plan(1, 2, 1), &["a"]);
         s.at(DEADLINE);
         assert_eq!(s.open().selected, BTreeSet::from(["a".to_string()]));
+    }
+
+    #[test]
+    fn a_failed_run_says_what_its_sites_said() {
+        let mut s = Shell::new(plan(1, 2, 0), &["a", "b"]);
+        s.train("a");
+        let (round, attempt) = (s.open().round, s.open().attempt);
+        s.feed(Event::SiteDeclined {
+            site: "b".into(),
+            round,
+            attempt,
+            outcome: SiteOutcome::Failed,
+            reason: "task failed: b.csv:2: column `y`: unknown label `M`".into(),
+        });
+        // Everyone selected has answered: the attempt fails at once, without retries left.
+        let (status, reason) = s.ended.clone().unwrap();
+        assert_eq!(status, RunStatus::Failed);
+        assert!(
+            reason.ends_with(
+                "; their reasons: b: task failed: b.csv:2: column `y`: unknown label `M`"
+            ),
+            "{reason}"
+        );
     }
 
     #[test]
