@@ -68,6 +68,12 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
                 .iter()
                 .find(|r| r.round == n)
                 .with_context(|| {
+                    if n == detail.current_round {
+                        return format!(
+                            "run {run_id}'s {}; its results show once it finishes",
+                            table::current_round(&detail)
+                        );
+                    }
                     let done: Vec<String> =
                         detail.rounds.iter().map(|r| r.round.to_string()).collect();
                     format!(

@@ -118,6 +118,9 @@ impl RunService for Mock {
 
     async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<RunDetail>, Status> {
         let id = req.into_inner().run_id;
+        if id == "busy" {
+            return Ok(Response::new(detail(&id, RunStatus::Running, 2, 3)));
+        }
         Ok(Response::new(detail(&id, RunStatus::Completed, 2, 0)))
     }
 
@@ -291,6 +294,14 @@ async fn show_finds_the_asked_round() -> anyhow::Result<()> {
         .map_or_else(|e| e.to_string(), |()| String::new());
     assert!(
         err.contains("no finished round 9 (finished: 1, 2)"),
+        "{err}"
+    );
+    // The round in progress is said to be in progress.
+    let err = commands::show(&mut client, "busy", Some(3))
+        .await
+        .map_or_else(|e| e.to_string(), |()| String::new());
+    assert!(
+        err.contains("round 3 train: 1/2 sites reported") && err.contains("once it finishes"),
         "{err}"
     );
     Ok(())
