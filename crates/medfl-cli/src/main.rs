@@ -102,7 +102,8 @@ enum RunCommand {
         #[arg(long, value_name = "N")]
         round: Option<u32>,
     },
-    /// Follow a run live until it ends; exits non-zero if it fails.
+    /// Follow a run live until it ends. Exits 0 when it completed, 1 when it failed, 2 when it
+    /// was stopped, 3 when its client-level privacy budget ran out.
     Watch {
         /// Run id.
         run: String,
@@ -199,6 +200,17 @@ fn error_chain(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+/// `run watch`'s exit status for how the run ended: 0 completed, 1 failed, 2 stopped, 3 budget
+/// exhausted (so scripts can tell them apart).
+fn watch_exit_code(status: Option<RunStatus>) -> u8 {
+    match status {
+        Some(RunStatus::Completed) => 0,
+        Some(RunStatus::Stopped) => 2,
+        Some(RunStatus::BudgetExhausted) => 3,
+        Some(RunStatus::Failed | RunStatus::Running) | None => 1,
+    }
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let target = client::Target::resolve(cli.coordinator, cli.config.as_deref())?;
     match cli.command {
@@ -232,9 +244,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(RunCommand::Watch { run }) => {
             let detail = watch::watch(&mut target.connect().await?, &run).await?;
             let status = detail.summary.and_then(|s| run_status(s.status));
-            if status == Some(RunStatus::Failed) {
-                return Ok(ExitCode::FAILURE);
-            }
+            return Ok(ExitCode::from(watch_exit_code(status)));
         }
         Command::Run(RunCommand::Stop { run }) => {
             commands::stop(&mut target.connect().await?, &run).await?
@@ -267,6 +277,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn watch_exits_by_how_the_run_ended() {
+        assert_eq!(watch_exit_code(Some(RunStatus::Completed)), 0);
+        assert_eq!(watch_exit_code(Some(RunStatus::Failed)), 1);
+        assert_eq!(watch_exit_code(Some(RunStatus::Stopped)), 2);
+        assert_eq!(watch_exit_code(Some(RunStatus::BudgetExhausted)), 3);
+        assert_eq!(watch_exit_code(None), 1);
+    }
 
     #[test]
     fn error_chain_drops_repeats() {
