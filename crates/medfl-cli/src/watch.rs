@@ -16,14 +16,17 @@ use crate::table;
 /// done when the watch starts are printed first). Prints the final status and returns the last
 /// detail the coordinator sent.
 pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDetail> {
+    let request = || GetRunRequest {
+        run_id: run_id.to_owned(),
+        ..Default::default()
+    };
+    // The first call's errors (no such run, no access, no coordinator) are the command's.
     let mut stream = client
-        .watch_run(GetRunRequest {
-            run_id: run_id.to_owned(),
-            ..Default::default()
-        })
+        .watch_run(request())
         .await
         .rpc("WatchRun")?
         .into_inner();
+    eprintln!("following run {run_id}");
 
     let multi = MultiProgress::new();
     let overall = multi.add(ProgressBar::new(0).with_style(ProgressStyle::with_template(
@@ -36,10 +39,55 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     round.set_message("waiting for the coordinator");
     round.enable_steady_tick(Duration::from_millis(120));
 
-    let result = follow(&mut stream, &multi, &overall, &round).await;
+    let mut seen = Seen::default();
+    // A coordinator that restarts resumes its runs: follow it across the restart, for as long
+    // as RECONNECT_FOR, rather than dying with the connection.
+    let mut lost: Option<tokio::time::Instant> = None;
+    // Where the run stood when the coordinator last closed the watch cleanly: closed again
+    // with nothing new, it is not restarting but ending the watch.
+    let mut closed_at: Option<Progress> = None;
+    let result = loop {
+        match follow(&mut stream, &multi, &overall, &round, &mut seen).await {
+            Ok(true) => break Ok(()),
+            Ok(false) => {
+                let now = seen.last.as_ref().map(Progress::of);
+                if now.is_some() && closed_at == now {
+                    let status = seen.last.as_ref().and_then(|d| d.summary.as_ref());
+                    break Err(anyhow::anyhow!(
+                        "the watch of run {run_id} ended while the run was still {}",
+                        status.map_or("unknown", |s| table::status_name(s.status))
+                    ));
+                }
+                closed_at = now;
+            }
+            Err(status) if !is_disconnect(&status) => break Err(status).rpc("WatchRun"),
+            Err(_) => {}
+        }
+        // Cut off (or the stream closed before the run ended): try again, a second apart.
+        let since = *lost.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() > RECONNECT_FOR {
+            break Err(anyhow::anyhow!(
+                "lost the coordinator for {} s while following run {run_id}; `medfl run watch \
+                 {run_id}` picks it up again",
+                RECONNECT_FOR.as_secs()
+            ));
+        }
+        round.set_message("connection to the coordinator lost; reconnecting");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match client.watch_run(request()).await {
+            Ok(s) => {
+                stream = s.into_inner();
+                lost = None;
+                multi.suspend(|| eprintln!("following run {run_id} again"));
+            }
+            Err(status) if is_disconnect(&status) => {}
+            Err(status) => break Err(status).rpc("WatchRun"),
+        }
+    };
     round.finish_and_clear();
     overall.finish_and_clear();
-    let detail = result?.with_context(|| {
+    result?;
+    let detail = seen.last.with_context(|| {
         format!("the coordinator closed the watch of run {run_id} without sending it")
     })?;
 
@@ -64,17 +112,66 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     Ok(detail)
 }
 
-/// Reads the stream until the run ends or the stream does, updating the bars and printing newly
-/// completed rounds above them. `None` when the stream closed before any message.
+/// How long `run watch` keeps trying to reach a coordinator it lost.
+const RECONNECT_FOR: Duration = Duration::from_secs(600);
+
+/// What the watch has seen so far, across reconnections.
+#[derive(Default)]
+struct Seen {
+    /// Rounds already printed.
+    printed: BTreeSet<u32>,
+    /// The latest detail.
+    last: Option<RunDetail>,
+}
+
+/// Where a run stands, to tell a watch that learns something new from one that does not.
+#[derive(Debug, Clone, PartialEq)]
+struct Progress {
+    status: i32,
+    rounds_done: u32,
+    round: u32,
+    phase: String,
+    reported: u32,
+}
+
+impl Progress {
+    fn of(d: &RunDetail) -> Self {
+        let s = d.summary.clone().unwrap_or_default();
+        Self {
+            status: s.status,
+            rounds_done: s.rounds_done,
+            round: d.current_round,
+            phase: d.current_phase.clone(),
+            reported: d.current_reported,
+        }
+    }
+}
+
+/// Whether a watch failed because the connection did (a coordinator restarting, a network
+/// blip) rather than because the coordinator refused it.
+fn is_disconnect(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => true,
+        // An HTTP/2 stream reset by a coordinator going away reads as an internal error.
+        Code::Internal => {
+            let m = status.message();
+            m.contains("h2 protocol error") || m.contains("transport error")
+        }
+        _ => false,
+    }
+}
+
+/// Reads the stream until the run ends (`true`) or the stream does (`false`), updating the bars
+/// and printing newly completed rounds above them.
 async fn follow(
     stream: &mut Streaming<RunDetail>,
     multi: &MultiProgress,
     overall: &ProgressBar,
     round: &ProgressBar,
-) -> anyhow::Result<Option<RunDetail>> {
-    let mut printed = BTreeSet::new();
-    let mut last = None;
-    while let Some(detail) = stream.message().await.rpc("WatchRun")? {
+    seen: &mut Seen,
+) -> Result<bool, tonic::Status> {
+    while let Some(detail) = stream.message().await? {
         let summary = detail.summary.clone().unwrap_or_default();
         overall.set_length(u64::from(summary.rounds_total));
         overall.set_position(u64::from(summary.rounds_done));
@@ -94,11 +191,11 @@ async fn follow(
             !r.eval_metrics.is_empty() || detail.current_round > r.round || ended
         };
         for r in detail.rounds.iter().filter(|r| evaluated(r)) {
-            if printed.is_empty() {
+            if seen.printed.is_empty() {
                 let header = table::header_line(table::ROUND_COLUMNS);
                 multi.suspend(|| medfl_daemon::outln!("{header}"));
             }
-            if printed.insert(r.round) {
+            if seen.printed.insert(r.round) {
                 let line = table::round_line(r, detail.full_model_bytes);
                 multi.suspend(|| medfl_daemon::outln!("{line}"));
                 // Sites that did not contribute, and why (refused, awaiting approval, ...).
@@ -119,10 +216,10 @@ async fn follow(
         }
         // The run is over for its watcher once its final evaluation is in as well.
         let done = ended && !detail.evaluating;
-        last = Some(detail);
+        seen.last = Some(detail);
         if done {
-            break;
+            return Ok(true);
         }
     }
-    Ok(last)
+    Ok(false)
 }

@@ -311,3 +311,80 @@ async fn a_private_runs_watch_show_and_pulled_model_state_what_it_spent() {
     assert!(medfl_core::safetensors::decode(&bytes).is_ok());
     fed.stop().await;
 }
+
+/// `run watch` follows a run across a coordinator restart (the run resumes; so does the watch)
+/// and exits with the run's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_watch_follows_the_run_across_a_coordinator_restart() {
+    use std::io::BufRead;
+    let mut fed = Federation::start(3).await;
+    // The third hospital goes away: the run, which needs all three, waits for it.
+    let third = fed.sites.pop().expect("a third site");
+    third.stop().await;
+    let dir = fed.dir.path().to_path_buf();
+    let spec = dir.join("across.toml");
+    std::fs::write(&spec, breast_cancer_spec("across", 2, 3, 60)).expect("spec");
+    let out = medfl(
+        &fed.coordinator,
+        &["run", "create", spec.to_str().expect("utf-8")],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = text(&out.stdout).trim().to_string();
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
+    cmd.arg("--config")
+        .arg(
+            fed.coordinator
+                .researcher_config()
+                .expect("a TLS coordinator"),
+        )
+        .arg("--coordinator")
+        .arg(fed.coordinator.url())
+        .args(["run", "watch", &run])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run watch");
+    let stderr = child.stderr.take().expect("stderr");
+    // Once the watch follows the run, the coordinator restarts under it.
+    let (following, followed) = tokio::sync::oneshot::channel();
+    let stderr = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut following = Some(following);
+        let mut rest = Vec::new();
+        for line in lines.by_ref().map_while(Result::ok) {
+            if line.starts_with("following run") {
+                if let Some(tx) = following.take() {
+                    let _ = tx.send(());
+                }
+            }
+            rest.push(line);
+        }
+        rest
+    });
+    followed.await.expect("the watch follows the run");
+    fed.coordinator.restart();
+    let name = "hospital-2";
+    let csv = dir.join("data").join("site-2.csv");
+    let mut back = medfl_e2e::Site::start(medfl_e2e::site_config(
+        name,
+        &fed.coordinator,
+        &dir.join(name),
+        &csv,
+    ));
+    back.registered(1).await;
+    fed.sites.push(back);
+
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().expect("watch ends"))
+        .await
+        .expect("join");
+    let rest = stderr.await.expect("stderr").join("\n");
+    assert_eq!(out.status.code(), Some(0), "{}\n{rest}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("completed after 2/2 rounds"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(rest.contains("again"), "the watch never reconnected: {rest}");
+    fed.stop().await;
+}
