@@ -22,20 +22,34 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `medfl run create FILE` with `spec` written to `file`.
+async fn create(coordinator: &Coordinator, file: &std::path::Path, spec: &str) -> Output {
+    std::fs::write(file, spec).expect("spec");
+    medfl(
+        coordinator,
+        &["run", "create", file.to_str().expect("utf-8")],
+    )
+    .await
+}
+
+/// A run created from `spec`, which must succeed: its id.
+async fn created(coordinator: &Coordinator, file: &std::path::Path, spec: &str) -> String {
+    let out = create(coordinator, file, spec).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_researcher_drives_a_run_from_the_cli() {
     let fed = Federation::start(2).await;
     let dir = fed.dir.path();
     let spec = dir.join("run.toml");
-    std::fs::write(&spec, breast_cancer_spec("cli-run", 2, 2, 60)).expect("spec");
-
-    let out = medfl(
+    let run = created(
         &fed.coordinator,
-        &["run", "create", spec.to_str().expect("utf-8")],
+        &spec,
+        &breast_cancer_spec("cli-run", 2, 2, 60),
     )
     .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = text(&out.stdout).trim().to_string();
     assert!(run.starts_with("cli-run-"), "{run}");
 
     let out = medfl(&fed.coordinator, &["run", "watch", &run]).await;
@@ -172,10 +186,10 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     );
 
     // Bad input: named field, unknown run, ended run.
-    std::fs::write(&spec, breast_cancer_spec("bad", 0, 2, 60)).expect("spec");
-    let out = medfl(
+    let out = create(
         &fed.coordinator,
-        &["run", "create", spec.to_str().expect("utf-8")],
+        &spec,
+        &breast_cancer_spec("bad", 0, 2, 60),
     )
     .await;
     assert!(!out.status.success());
@@ -184,10 +198,10 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         "{}",
         text(&out.stderr)
     );
-    std::fs::write(&spec, breast_cancer_spec("too-many", 1, 5, 60)).expect("spec");
-    let out = medfl(
+    let out = create(
         &fed.coordinator,
-        &["run", "create", spec.to_str().expect("utf-8")],
+        &spec,
+        &breast_cancer_spec("too-many", 1, 5, 60),
     )
     .await;
     assert!(!out.status.success());
@@ -198,12 +212,7 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     );
     let huge =
         breast_cancer_spec("huge", 1, 2, 60).replace("hidden = []", "hidden = [1048576, 1048576]");
-    std::fs::write(&spec, huge).expect("spec");
-    let out = medfl(
-        &fed.coordinator,
-        &["run", "create", spec.to_str().expect("utf-8")],
-    )
-    .await;
+    let out = create(&fed.coordinator, &spec, &huge).await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("parameters exceed"),
@@ -235,14 +244,7 @@ async fn a_private_runs_watch_show_and_pulled_model_state_what_it_spent() {
            target_epsilon = 50.0\n\
            \n[[privacy]]\nlevel = \"client\"\nnoise_multiplier = 1.0\nclip_norm = 0.5\n\
            sample_rate = 1.0\ndelta = 0.01\ntarget_epsilon = 30.0\n";
-    std::fs::write(&spec, &text_spec).expect("spec");
-    let out = medfl(
-        &fed.coordinator,
-        &["run", "create", spec.to_str().expect("utf-8")],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = text(&out.stdout).trim().to_string();
+    let run = created(&fed.coordinator, &spec, &text_spec).await;
 
     let out = medfl(&fed.coordinator, &["run", "watch", &run]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -323,14 +325,12 @@ async fn run_watch_follows_the_run_across_a_coordinator_restart() {
     third.stop().await;
     let dir = fed.dir.path().to_path_buf();
     let spec = dir.join("across.toml");
-    std::fs::write(&spec, breast_cancer_spec("across", 2, 3, 60)).expect("spec");
-    let out = medfl(
+    let run = created(
         &fed.coordinator,
-        &["run", "create", spec.to_str().expect("utf-8")],
+        &spec,
+        &breast_cancer_spec("across", 2, 3, 60),
     )
     .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = text(&out.stdout).trim().to_string();
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
     cmd.arg("--config")
@@ -385,6 +385,9 @@ async fn run_watch_follows_the_run_across_a_coordinator_restart() {
         "{}",
         text(&out.stdout)
     );
-    assert!(rest.contains("again"), "the watch never reconnected: {rest}");
+    assert!(
+        rest.contains("again"),
+        "the watch never reconnected: {rest}"
+    );
     fed.stop().await;
 }

@@ -216,11 +216,8 @@ fn a_reader_that_has_gone_ends_the_output_quietly() {
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
     let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(["privacy", "epsilon", "--sample-rate", "0.01"])
         .args([
-            "privacy",
-            "epsilon",
-            "--sample-rate",
-            "0.01",
             "--noise-multiplier",
             "1",
             "--steps",
