@@ -11,8 +11,9 @@ use serde_json::json;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Configuration file (TOML); `MEDFL_*` environment variables override it.
-    #[arg(long, short)]
+    /// Configuration file (TOML); `MEDFL_*` environment variables override it. Accepted after
+    /// the command too (`medfl-site pause --config site.toml`).
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Talk plaintext gRPC to an `http://` coordinator (a trial on one machine only).
     #[arg(long, global = true)]
@@ -422,4 +423,32 @@ fn record(
 ) -> anyhow::Result<()> {
     medfl_site::audit::record_action(config, event, run, details)
         .map_err(|e| anyhow::anyhow!("done, but not recorded in the audit log: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_takes_the_config_file() {
+        Args::command().debug_assert();
+        for argv in [
+            &["medfl-site", "pause", "--config", "site.toml"][..],
+            &["medfl-site", "runs", "pending", "-c", "site.toml"],
+            &["medfl-site", "--config", "site.toml", "resume"],
+        ] {
+            let args = Args::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(args.config, Some(PathBuf::from("site.toml")), "{argv:?}");
+        }
+        // As `medfl-site pause --help` shows it: global options propagated.
+        let mut command = Args::command();
+        command.build();
+        let help = command
+            .find_subcommand_mut("pause")
+            .expect("pause")
+            .render_help()
+            .to_string();
+        assert!(help.contains("--config"), "{help}");
+    }
 }
