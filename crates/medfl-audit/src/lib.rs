@@ -268,6 +268,44 @@ fn last_line(path: &Path) -> Result<Option<(u64, String)>, AuditError> {
 
 /// Reads every entry, checking the chain; the error names the first line that breaks it.
 pub fn read(path: &Path) -> Result<Vec<Entry>, AuditError> {
+    let mut entries = Vec::new();
+    walk(path, |_, entry| entries.push(entry))?;
+    Ok(entries)
+}
+
+/// What [`verify`] found in an intact log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Entries (lines).
+    pub entries: u64,
+    /// SHA-256 (hex) of the last line: what the next entry's `prev` will be. Kept elsewhere, it
+    /// shows later whether the log was truncated or its tail rewritten.
+    pub head: String,
+    /// The entry (1-based) whose line has the hash asked for, if any does.
+    pub found: Option<u64>,
+}
+
+/// Checks the chain and returns its length and head, and where the line hashing to `find`
+/// (an earlier head) is. The error names the first line that breaks the chain.
+pub fn verify(path: &Path, find: Option<&str>) -> Result<Verified, AuditError> {
+    let mut verified = Verified {
+        entries: 0,
+        head: GENESIS.to_string(),
+        found: None,
+    };
+    walk(path, |hash, entry| {
+        verified.entries = entry.seq;
+        if find.is_some_and(|f| f.eq_ignore_ascii_case(hash)) {
+            verified.found = Some(entry.seq);
+        }
+        verified.head = hash.to_string();
+    })?;
+    Ok(verified)
+}
+
+/// Walks the log line by line, checking each line's `prev` and sequence number, and hands
+/// each entry with its line's hash to `each`.
+fn walk(path: &Path, mut each: impl FnMut(&str, Entry)) -> Result<(), AuditError> {
     let file = File::open(path).map_err(|source| AuditError::Io {
         path: path.to_path_buf(),
         source,
@@ -278,7 +316,6 @@ pub fn read(path: &Path) -> Result<Vec<Entry>, AuditError> {
         reason,
     };
     let mut prev = GENESIS.to_string();
-    let mut entries = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let n = i as u64 + 1;
         let line = line.map_err(|e| broken(n, format!("unreadable: {e}")))?;
@@ -299,14 +336,9 @@ pub fn read(path: &Path) -> Result<Vec<Entry>, AuditError> {
             ));
         }
         prev = hash_hex(&line);
-        entries.push(entry);
+        each(&prev, entry);
     }
-    Ok(entries)
-}
-
-/// Checks the chain; returns the number of lines.
-pub fn verify(path: &Path) -> Result<u64, AuditError> {
-    Ok(read(path)?.len() as u64)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -339,7 +371,13 @@ mod tests {
     fn a_written_log_verifies_and_reopens_to_continue_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = sample(dir.path());
-        assert_eq!(verify(&path).unwrap(), 3);
+        let v = verify(&path, None).unwrap();
+        assert_eq!((v.entries, v.found), (3, None));
+        // The head is the last line's hash, found where it is.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap();
+        assert_eq!(v.head, hash_hex(last));
+        assert_eq!(verify(&path, Some(&v.head)).unwrap().found, Some(3));
         let log = AuditLog::open(&path).unwrap();
         log.append(Event::new("x", json!(null)), 4).unwrap();
         let entries = read(&path).unwrap();
@@ -376,7 +414,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         let check = |lines: Vec<String>, want: u64| {
             std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-            match verify(&path) {
+            match verify(&path, None) {
                 Err(AuditError::Broken { line, .. }) => assert_eq!(line, want),
                 other => panic!("expected a break at line {want}, got {other:?}"),
             }

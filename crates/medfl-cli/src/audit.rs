@@ -10,10 +10,15 @@ use crate::table;
 /// `medfl audit` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain; names the first broken line.
+    /// Check the hash chain; names the first broken line, and prints the head (the last line's
+    /// hash) to keep elsewhere.
     Verify {
         /// The log (`audit.jsonl` in a coordinator's or site's data directory).
         log: PathBuf,
+        /// A head printed by an earlier `verify`: the log must still hold that line, so a
+        /// truncated log, or one whose tail was rewritten, fails.
+        #[arg(long, value_name = "SHA256")]
+        expect_head: Option<String>,
     },
     /// Show entries, oldest first.
     Show {
@@ -40,9 +45,26 @@ pub enum AuditCommand {
 /// Runs a subcommand.
 pub fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
-        AuditCommand::Verify { log } => {
-            let lines = medfl_audit::verify(&log)?;
-            medfl_daemon::outln!("{}: {lines} entries, hash chain intact", log.display());
+        AuditCommand::Verify { log, expect_head } => {
+            let v = medfl_audit::verify(&log, expect_head.as_deref())?;
+            if let (Some(head), None) = (&expect_head, v.found) {
+                anyhow::bail!(
+                    "{}: no entry has the head {head} recorded earlier: the log was truncated or \
+                     its tail rewritten ({} entries now, head {})",
+                    log.display(),
+                    v.entries,
+                    v.head
+                );
+            }
+            medfl_daemon::outln!(
+                "{}: {} entries, hash chain intact, head {}",
+                log.display(),
+                v.entries,
+                v.head
+            );
+            if let Some(at) = v.found {
+                medfl_daemon::outln!("the expected head is entry {at}");
+            }
         }
         AuditCommand::Show {
             log,

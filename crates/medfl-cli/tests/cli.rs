@@ -131,6 +131,54 @@ async fn a_researcher_drives_a_run_from_the_cli() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert!(text(&out.stdout).contains("hash chain intact"));
     }
+    // The head printed now still verifies after the log grows; a log cut back before it fails,
+    // though what is left of its chain is intact.
+    let copy = dir.join("audit-copy.jsonl");
+    std::fs::copy(&site_log, &copy).expect("copy");
+    let verify = |extra: Vec<String>| {
+        let mut args = vec![
+            "audit".to_string(),
+            "verify".into(),
+            copy.display().to_string(),
+        ];
+        args.extend(extra);
+        args
+    };
+    let out = medfl(
+        &fed.coordinator,
+        &verify(vec![])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let head = text(&out.stdout)
+        .split("head ")
+        .nth(1)
+        .map(|h| h.trim().to_string())
+        .expect("a head");
+    assert_eq!(head.len(), 64, "{head}");
+    let expect = verify(vec!["--expect-head".into(), head.clone()]);
+    let out = medfl(
+        &fed.coordinator,
+        &expect.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let log = std::fs::read_to_string(&copy).expect("log");
+    let kept: Vec<&str> = log.lines().collect();
+    std::fs::write(&copy, kept[..kept.len() - 1].join("\n") + "\n").expect("truncate");
+    let out = medfl(
+        &fed.coordinator,
+        &expect.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("truncated"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = medfl(
         &fed.coordinator,
         &[
