@@ -174,10 +174,7 @@ pub fn privacy_metadata(
             "clip_norm": c.clip_norm,
             "adaptive_clipping": c.adaptive_clipping.is_some(),
             "sample_rate": c.sample_rate,
-            "noise": match c.noise {
-                medfl_core::spec::NoisePlacement::Central => "central",
-                medfl_core::spec::NoisePlacement::Distributed => "distributed",
-            },
+            "noise": c.noise.name(),
             "target_epsilon": c.target_epsilon,
         });
     }

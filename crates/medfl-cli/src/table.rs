@@ -409,10 +409,7 @@ pub fn privacy_summary(detail: &RunDetail) -> String {
             c.noise_multiplier,
             c.clip_norm,
             if c.adaptive_clipping.is_some() { " adaptive" } else { "" },
-            match c.noise {
-                medfl_core::spec::NoisePlacement::Central => "central",
-                medfl_core::spec::NoisePlacement::Distributed => "distributed",
-            },
+            c.noise.name(),
             c.accountant.accountant().name(),
             left(c.target_epsilon, spent),
         );

@@ -372,7 +372,7 @@ impl Aggregator {
         if self.norm_bound.is_some() || dp_clips {
             let global = global.as_deref_mut().ok_or_else(|| {
                 refuse(CoreError::Aggregation(
-                    "the norm bound needs the round's global model".into(),
+                    "the norm bound and client-level clipping need the round's global model".into(),
                 ))
             })?;
             let norm = self.distance(update, global).map_err(AdmitError::Refused)?;

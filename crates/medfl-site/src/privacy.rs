@@ -133,10 +133,7 @@ pub(crate) fn describe_client(c: &medfl_core::spec::ClientPrivacySpec, rounds: u
             ""
         },
         c.delta,
-        match c.noise {
-            medfl_core::spec::NoisePlacement::Central => "central",
-            medfl_core::spec::NoisePlacement::Distributed => "distributed",
-        },
+        c.noise.name(),
         c.accountant.accountant().name()
     );
     let cost = c

@@ -105,6 +105,16 @@ pub enum NoisePlacement {
     Distributed,
 }
 
+impl NoisePlacement {
+    /// The name the spec writes (`central`, `distributed`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Central => "central",
+            Self::Distributed => "distributed",
+        }
+    }
+}
+
 /// `[privacy.adaptive_clipping]` (Andrew et al. 2021): after each round
 /// C ← C·exp(−η(b̄ − γ)), b̄ the noised fraction of sampled sites whose update norm was at most C.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
