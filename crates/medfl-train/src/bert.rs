@@ -53,6 +53,7 @@ pub struct LoraAdapter {
     b: Tensor,
     scale: f64,
     dropout: Option<Arc<Dropout>>,
+    per_example: Option<ops::PerExampleGrads>,
 }
 
 impl LoraAdapter {
@@ -63,7 +64,15 @@ impl LoraAdapter {
             b,
             scale,
             dropout: None,
+            per_example: None,
         }
+    }
+
+    /// The same adapter leaving each example's gradient of `A` and `B` in `collector` on every
+    /// backward pass, for DP-SGD ([`ops::PerExampleGrads`]).
+    pub fn with_per_example(mut self, collector: ops::PerExampleGrads) -> Self {
+        self.per_example = Some(collector);
+        self
     }
 
     /// The same adapter dropping its input with probability `p` (when above 0), with masks drawn
@@ -213,6 +222,7 @@ impl Module for Projection {
             b: &l.b,
             scale: l.scale,
             keep: keep.as_ref(),
+            per_example: l.per_example.as_ref(),
         });
         ops::dense(x, &self.weight, self.bias.as_ref(), low_rank)
     }

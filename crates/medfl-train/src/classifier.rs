@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor, Var, D};
 use medfl_core::metrics;
 use medfl_core::spec::{Adaptation, EncoderSpec, Pooling};
 use medfl_core::{ModelParams, ModelSchema};
@@ -21,7 +21,10 @@ use crate::bert::{cls_pool, mean_pool, BertModel, LoraAdapter};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
 use crate::params::{from_tensors, to_vars};
-use crate::private::{self, clipped_by_example, dense_stack_clipped, ClippedBatch};
+use crate::ops::PerExampleGrads;
+use crate::private::{
+    self, clip_examples, clipped_by_example, dense_stack_clipped, ClippedBatch, ExampleGrads,
+};
 use crate::text_data::TextExamples;
 use crate::TrainError;
 
@@ -78,6 +81,7 @@ impl TextClassifier {
         weights: &Weights,
         tensors: &HashMap<&str, Tensor>,
         dropout_seed: Option<u64>,
+        per_example: Option<&PerExampleGrads>,
     ) -> Result<Assembled, TrainError> {
         let get = |name: &str| {
             tensors
@@ -113,6 +117,9 @@ impl TextClassifier {
                 );
                 if let Some(seed) = dropout_seed {
                     adapter = adapter.with_dropout(dropout as f32, seed ^ (index as u64) << 32);
+                }
+                if let Some(collector) = per_example {
+                    adapter = adapter.with_per_example(collector.clone());
                 }
                 projection.set_adapter(Some(adapter))?;
             }
@@ -151,7 +158,7 @@ impl TextClassifier {
         self.check(params)?;
         let weights = self.base.weights()?;
         let tensors = named_tensors(params)?;
-        let a = self.assemble(&weights, &tensors, None)?;
+        let a = self.assemble(&weights, &tensors, None, None)?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].len());
         let mut parts = Vec::new();
@@ -214,6 +221,15 @@ impl TextClassifier {
     }
 }
 
+/// `idx` as a `[len]` index tensor.
+fn row_indices(idx: &[usize]) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(
+        idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        idx.len(),
+        &Device::Cpu,
+    )
+}
+
 /// Tensors of `params` by name, on the CPU.
 fn named_tensors(params: &ModelParams) -> Result<HashMap<&str, Tensor>, TrainError> {
     params
@@ -249,58 +265,25 @@ impl LocalModel for TextClassifier {
         self.check(start)?;
         let data = data.text()?;
         let weights = self.base.weights()?;
-        let vars = to_vars(start, &Device::Cpu)?;
-        let tensors: HashMap<&str, Tensor> = start
-            .tensors
-            .iter()
-            .zip(&vars)
-            .map(|(t, v)| (t.name.as_str(), v.as_tensor().clone()))
-            .collect();
-        let a = self.assemble(&weights, &tensors, Some(opts.seed))?;
-        let labels = Tensor::from_slice(&data.labels, data.len(), &Device::Cpu)?;
-        // With the encoder frozen, every text is encoded once rather than once per epoch.
-        let frozen = match self.model.spec().adaptation {
-            Adaptation::Head => Some(self.encode_all(&a.encoder, data)?),
-            _ => None,
-        };
-        let batch_loss = |idx: &[usize]| -> Result<Tensor, TrainError> {
-            let rows = Tensor::from_vec(
-                idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                idx.len(),
-                &Device::Cpu,
-            )?;
-            let pooled = match &frozen {
-                Some(all) => all.index_select(&rows, 0)?,
-                None => {
-                    let texts: Vec<&str> = idx.iter().map(|&i| data.texts[i].as_str()).collect();
-                    self.encode(&a.encoder, &texts)?
-                }
-            };
-            let logits = Self::head(&a, &pooled)?;
-            let y = labels.index_select(&rows, 0)?;
-            Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
-        };
-        let trained: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let dp = opts.record_dp.is_some();
+        let t = self.training(&weights, start, data, Some(opts.seed), dp)?;
         if let Some(dp) = &opts.record_dp {
             return private::train(
                 start,
-                &vars,
+                &t.vars,
                 &[],
                 data.len(),
                 opts,
                 dp,
                 cancel,
                 progress,
-                &mut |idx, max_norm| match &frozen {
-                    // Only the head trains, on fixed encodings: vectorised.
-                    Some(all) => self.head_clipped(start, &a, all, &labels, idx, max_norm),
-                    None => clipped_by_example(&vars, idx, max_norm, &mut |row| batch_loss(row)),
-                },
+                &mut |idx, max_norm| self.clipped(&t, start, data, idx, max_norm),
             );
         }
-        let fitted = fit(&vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
-            batch_loss(idx)
+        let fitted = fit(&t.vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
+            self.batch_loss(&t, data, idx)
         })?;
+        let trained: Vec<&Tensor> = t.vars.iter().map(|v| v.as_tensor()).collect();
         Ok(TrainReport {
             params: from_tensors(start, &trained)?,
             examples: data.len() as u64,
@@ -343,7 +326,185 @@ impl LocalModel for TextClassifier {
     }
 }
 
+/// What training on one site's texts keeps from step to step.
+struct Training {
+    /// The trained tensors, in the order of the start's.
+    vars: Vec<Var>,
+    /// The encoder with `vars` in place, and the head.
+    a: Assembled,
+    /// The texts' labels, `[n]`.
+    labels: Tensor,
+    /// Every text's pooled encoding, when only the head trains (the encoder is then frozen, so
+    /// each text is encoded once rather than once per epoch).
+    frozen: Option<Tensor>,
+    /// Where the adapters leave per-example gradients, for DP-SGD on LoRA.
+    per_example: Option<PerExampleGrads>,
+}
+
 impl TextClassifier {
+    /// The clipped per-example gradients of the texts at `rows` of `data` under `params`, with
+    /// the clipping norm `max_norm`: what one step of DP-SGD sums before adding noise. With
+    /// `vectorised`, as training computes them (one backward pass for all of `rows` with LoRA,
+    /// none through the encoder for the head); otherwise one backward pass per text, the
+    /// reference.
+    pub fn clipped_gradients(
+        &self,
+        params: &ModelParams,
+        data: &TextExamples,
+        rows: &[usize],
+        max_norm: f64,
+        vectorised: bool,
+    ) -> Result<ClippedBatch, TrainError> {
+        self.check(params)?;
+        let weights = self.base.weights()?;
+        let t = self.training(&weights, params, data, None, vectorised)?;
+        if vectorised {
+            self.clipped(&t, params, data, rows, max_norm)
+        } else {
+            clipped_by_example(&t.vars, rows, max_norm, &mut |row| {
+                self.batch_loss(&t, data, row)
+            })
+        }
+    }
+
+    /// Variables for `start`'s tensors and the model around them; `private` readies the
+    /// vectorised per-example gradients DP-SGD uses.
+    fn training(
+        &self,
+        weights: &Weights,
+        start: &ModelParams,
+        data: &TextExamples,
+        dropout_seed: Option<u64>,
+        private: bool,
+    ) -> Result<Training, TrainError> {
+        let vars = to_vars(start, &Device::Cpu)?;
+        let tensors: HashMap<&str, Tensor> = start
+            .tensors
+            .iter()
+            .zip(&vars)
+            .map(|(t, v)| (t.name.as_str(), v.as_tensor().clone()))
+            .collect();
+        let adaptation = &self.model.spec().adaptation;
+        let per_example =
+            (private && matches!(adaptation, Adaptation::Lora { .. })).then(PerExampleGrads::new);
+        let a = self.assemble(weights, &tensors, dropout_seed, per_example.as_ref())?;
+        let frozen = match adaptation {
+            Adaptation::Head => Some(self.encode_all(&a.encoder, data)?),
+            _ => None,
+        };
+        Ok(Training {
+            labels: Tensor::from_slice(&data.labels, data.len(), &Device::Cpu)?,
+            vars,
+            a,
+            frozen,
+            per_example,
+        })
+    }
+
+    /// The mean loss of the texts at `idx`.
+    fn batch_loss(
+        &self,
+        t: &Training,
+        data: &TextExamples,
+        idx: &[usize],
+    ) -> Result<Tensor, TrainError> {
+        let rows = row_indices(idx)?;
+        let pooled = match &t.frozen {
+            Some(all) => all.index_select(&rows, 0)?,
+            None => {
+                let texts: Vec<&str> = idx.iter().map(|&i| data.texts[i].as_str()).collect();
+                self.encode(&t.a.encoder, &texts)?
+            }
+        };
+        let logits = Self::head(&t.a, &pooled)?;
+        let y = t.labels.index_select(&rows, 0)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &y)?)
+    }
+
+    /// The clipped sum of the per-example gradients of the texts at `idx`, vectorised where the
+    /// adaptation allows (the head, LoRA) and one backward pass per text otherwise.
+    fn clipped(
+        &self,
+        t: &Training,
+        start: &ModelParams,
+        data: &TextExamples,
+        idx: &[usize],
+        max_norm: f64,
+    ) -> Result<ClippedBatch, TrainError> {
+        match (&t.frozen, &t.per_example) {
+            (Some(all), _) => self.head_clipped(start, &t.a, all, &t.labels, idx, max_norm),
+            (None, Some(collector)) => self.lora_clipped(t, collector, data, idx, max_norm),
+            (None, None) => clipped_by_example(&t.vars, idx, max_norm, &mut |row| {
+                self.batch_loss(t, data, row)
+            }),
+        }
+    }
+
+    /// [`Self::clipped`] for LoRA: one forward and one backward pass over the whole sample. The
+    /// adapters' layers leave each text's gradient of `A` and `B` in `collector`; the head's
+    /// come from a zero probe on its output, whose gradient is each text's output gradient.
+    fn lora_clipped(
+        &self,
+        t: &Training,
+        collector: &PerExampleGrads,
+        data: &TextExamples,
+        idx: &[usize],
+        max_norm: f64,
+    ) -> Result<ClippedBatch, TrainError> {
+        let n = idx.len();
+        collector.start(n);
+        let texts: Vec<&str> = idx.iter().map(|&i| data.texts[i].as_str()).collect();
+        let pooled = self.encode(&t.a.encoder, &texts)?;
+        let probe = Var::zeros(
+            (n, self.model.n_classes()),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?;
+        let logits = (Self::head(&t.a, &pooled)? + probe.as_tensor())?;
+        let y = t.labels.index_select(&row_indices(idx)?, 0)?;
+        // Summed, not averaged: each text's gradient is then its own loss's.
+        let losses = private::per_row_cross_entropy(&logits, &y)?;
+        let loss_sum = f64::from(losses.sum_all()?.to_scalar::<f32>()?);
+        let store = losses.sum_all()?.backward()?;
+        let g = store
+            .get(probe.as_tensor())
+            .cloned()
+            .map_or_else(|| probe.as_tensor().zeros_like(), Ok)?;
+        let pooled = pooled.detach();
+        let (head_weight, head_bias) = (t.a.head_weight.id(), t.a.head_bias.id());
+        let each = t
+            .vars
+            .iter()
+            .map(|v| {
+                let id = v.as_tensor().id();
+                if id == head_weight {
+                    Ok(ExampleGrads::Outer {
+                        g: g.clone(),
+                        h: pooled.clone(),
+                    })
+                } else if id == head_bias {
+                    Ok(ExampleGrads::Rows(g.clone()))
+                } else {
+                    collector
+                        .take(v.as_tensor())
+                        .map(ExampleGrads::Stacked)
+                        .ok_or_else(|| {
+                            TrainError::Task(format!(
+                                "no per-example gradient for a trained tensor of shape {:?}",
+                                v.as_tensor().dims()
+                            ))
+                        })
+                }
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        let (grads, clipped) = clip_examples(&each, n, max_norm)?;
+        Ok(ClippedBatch {
+            grads,
+            loss_sum,
+            clipped,
+        })
+    }
+
     /// The clipped per-example gradients of the head alone on frozen encodings `all`, in the
     /// order of `start`'s tensors (the head's weight and bias are all that train).
     fn head_clipped(
@@ -355,11 +516,7 @@ impl TextClassifier {
         idx: &[usize],
         max_norm: f64,
     ) -> Result<ClippedBatch, TrainError> {
-        let rows = Tensor::from_vec(
-            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            idx.len(),
-            &Device::Cpu,
-        )?;
+        let rows = row_indices(idx)?;
         let (pooled, y) = (all.index_select(&rows, 0)?, labels.index_select(&rows, 0)?);
         let mut clipped =
             dense_stack_clipped(&[(&a.head_weight, &a.head_bias)], &pooled, &y, max_norm)?;

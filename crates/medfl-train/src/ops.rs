@@ -17,7 +17,8 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::RwLockReadGuard;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLockReadGuard};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -50,6 +51,71 @@ pub struct LowRank<'a> {
     pub scale: f64,
     /// Inverted-dropout factors (0 or `1 / (1 - p)`) for the low-rank input, shaped like `x`.
     pub keep: Option<&'a Tensor>,
+    /// Where the backward pass also leaves each example's gradient of `A` and `B` (fused path
+    /// only).
+    pub per_example: Option<&'a PerExampleGrads>,
+}
+
+/// Each example's gradient of the low-rank factors, left by the backward passes of the dense
+/// layers that share it: what DP-SGD clips one example at a time, without a backward pass per
+/// example.
+///
+/// The layers' rows are `examples` equal runs (a batch of padded sequences, `[examples, seq,
+/// in]`), and an example's gradient is the sum over its own rows: for `A`,
+/// `Σ_t (scale · g_t B)ᵀ x̃_t`, for `B`, `scale · Σ_t g_tᵀ (x̃_t Aᵀ)`. That holds when the
+/// examples do not mix, as in an encoder whose attention masks padding and whose loss is a sum of
+/// per-example losses.
+#[derive(Debug, Clone, Default)]
+pub struct PerExampleGrads {
+    state: Arc<Mutex<Collected>>,
+}
+
+#[derive(Debug, Default)]
+struct Collected {
+    examples: usize,
+    grads: HashMap<candle_core::TensorId, Tensor>,
+}
+
+impl PerExampleGrads {
+    /// An empty collector.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Collected> {
+        // A panic elsewhere while holding the lock leaves nothing half-written worth refusing.
+        match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Starts a batch of `examples`, forgetting what the last one left.
+    pub fn start(&self, examples: usize) {
+        let mut state = self.lock();
+        state.examples = examples;
+        state.grads.clear();
+    }
+
+    /// The gradients the backward pass left for `factor`, `[examples, ..factor's shape]`.
+    pub fn take(&self, factor: &Tensor) -> Option<Tensor> {
+        self.lock().grads.remove(&factor.id())
+    }
+
+    /// Adds `grads` (`[examples, ..]`) to what `factor` has (a factor used twice gets both).
+    fn add(&self, factor: &Tensor, grads: Tensor) -> Result<()> {
+        let mut state = self.lock();
+        let sum = match state.grads.remove(&factor.id()) {
+            Some(before) => (before + grads)?,
+            None => grads,
+        };
+        state.grads.insert(factor.id(), sum);
+        Ok(())
+    }
+
+    fn examples(&self) -> usize {
+        self.lock().examples
+    }
 }
 
 /// `x Wᵀ + b` on the last dimension of `x`, plus the low-rank term if any; `W` is `[out, in]`.
@@ -75,6 +141,7 @@ pub fn dense(
                 dense,
                 scale: l.scale,
                 keep: l.keep.map(Tensor::contiguous).transpose()?,
+                per_example: l.per_example.cloned(),
             },
         ),
     }
@@ -233,6 +300,7 @@ struct LowRankDense {
     dense: Dense,
     scale: f64,
     keep: Option<Tensor>,
+    per_example: Option<PerExampleGrads>,
 }
 
 impl LowRankDense {
@@ -323,14 +391,39 @@ impl CustomOp3 for LowRankDense {
         let input = self.dropped(&x.detach())?; // [rows, in]
         let g = grad.reshape(((), lora_b.dim(0)?))?; // [rows, out]
         let g_low = (g.matmul(&lora_b)? * self.scale)?; // ∂(x Aᵀ), [rows, rank]
-        let grad_b = b
-            .track_op()
-            .then(|| g.t()?.matmul(&input.matmul(&lora_a.t()?)?)? * self.scale)
-            .transpose()?;
-        let grad_a = a
-            .track_op()
-            .then(|| g_low.t()?.matmul(&input))
-            .transpose()?;
+        let (grad_a, grad_b) = match &self.per_example {
+            None => (
+                a.track_op()
+                    .then(|| g_low.t()?.matmul(&input))
+                    .transpose()?,
+                b.track_op()
+                    .then(|| g.t()?.matmul(&input.matmul(&lora_a.t()?)?)? * self.scale)
+                    .transpose()?,
+            ),
+            Some(per) => {
+                let (n, rows) = (per.examples(), input.dim(0)?);
+                if n == 0 || rows % n != 0 {
+                    bail!("low-rank-dense: {rows} rows are not {n} examples of equal length");
+                }
+                // [n, seq, ·] views; each example's gradient is a product over its own rows.
+                let by_example = |t: &Tensor| t.reshape((n, rows / n, t.dim(1)?));
+                let (x3, g3, g_low3) = (by_example(&input)?, by_example(&g)?, by_example(&g_low)?);
+                let mut grad_a = None;
+                if a.track_op() {
+                    let each = g_low3.transpose(1, 2)?.contiguous()?.matmul(&x3)?; // [n, rank, in]
+                    grad_a = Some(each.sum(0)?);
+                    per.add(a, each)?;
+                }
+                let mut grad_b = None;
+                if b.track_op() {
+                    let h3 = by_example(&input.matmul(&lora_a.t()?)?)?;
+                    let each = (g3.transpose(1, 2)?.contiguous()?.matmul(&h3)? * self.scale)?;
+                    grad_b = Some(each.sum(0)?);
+                    per.add(b, each)?;
+                }
+                (grad_a, grad_b)
+            }
+        };
         let grad_x = match self.dense.input_grad(x, grad)? {
             Some(through_w) => {
                 let mut low = g_low.matmul(&lora_a)?;
@@ -1137,6 +1230,7 @@ mod tests {
                 b: &t[2],
                 scale: 2.0,
                 keep,
+                per_example: None,
             }
         }
         for keep in [None, Some(&dropout)] {

@@ -6,11 +6,17 @@
 //! sums them, adds N(0, (zC)²) to every coordinate and divides by the expected batch. The
 //! optimiser (SGD or AdamW) then steps on that gradient, as Opacus's DP optimiser does.
 //!
-//! Per-example gradients come from [`dense_stack_clipped`] for dense layers on fixed inputs (the
-//! MLP, and the classifier head on a frozen encoder), vectorised: every layer's output gets a
-//! zero-valued probe whose gradient is each row's output gradient, from which each row's norm
-//! and the clipped sum follow in two products without forming a gradient per row. Any other
-//! model uses [`clipped_by_example`], one backward pass per sampled row.
+//! Per-example gradients are vectorised wherever the model allows, with one forward and one
+//! backward pass for the whole sample ([`clip_examples`] takes them in whatever form is cheapest):
+//! - dense layers on fixed inputs (the MLP, and the classifier head on a frozen encoder), in
+//!   [`dense_stack_clipped`]: every layer's output gets a zero-valued probe whose gradient is each
+//!   row's output gradient, from which each row's norm and the clipped sum follow in two products
+//!   without forming a gradient per row;
+//! - LoRA adapters: their fused layers' backward pass leaves each sequence's gradient of `A` and
+//!   `B` ([`crate::ops::PerExampleGrads`]), and the head takes a probe as above.
+//!
+//! Any other model (the encoder's top layers trained in full) uses [`clipped_by_example`], one
+//! backward pass per sampled row.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -318,25 +324,12 @@ pub fn dense_stack_clipped(
                 .map_or_else(|| p.as_tensor().zeros_like(), Ok)
         })
         .collect::<Result<_, _>>()?;
-    let mut norm2 = Tensor::zeros(rows, DType::F32, x.device())?;
-    for (g, h) in outs.iter().zip(&inputs) {
-        let g2 = g.sqr()?.sum(D::Minus1)?;
-        let h2 = (h.sqr()?.sum(D::Minus1)? + 1.0)?;
-        norm2 = (norm2 + (g2 * h2)?)?;
+    let mut each = Vec::with_capacity(2 * layers.len());
+    for (g, h) in outs.into_iter().zip(inputs) {
+        each.push(ExampleGrads::Outer { g: g.clone(), h });
+        each.push(ExampleGrads::Rows(g));
     }
-    let norms = norm2.sqrt()?.to_vec1::<f32>()?;
-    let factors: Vec<f32> = norms
-        .iter()
-        .map(|&n| clip_factor(f64::from(n), max_norm) as f32)
-        .collect();
-    let clipped = factors.iter().filter(|&&f| f < 1.0).count();
-    let factors = Tensor::from_vec(factors, (rows, 1), x.device())?;
-    let mut grads = Vec::with_capacity(2 * layers.len());
-    for (g, h) in outs.iter().zip(&inputs) {
-        let scaled = g.broadcast_mul(&factors)?;
-        grads.push(scaled.t()?.matmul(h)?);
-        grads.push(scaled.sum(0)?);
-    }
+    let (grads, clipped) = clip_examples(&each, rows, max_norm)?;
     Ok(ClippedBatch {
         grads,
         loss_sum,
@@ -344,8 +337,86 @@ pub fn dense_stack_clipped(
     })
 }
 
+/// One trained tensor's gradients for each of a batch's examples, in a form whose norms and
+/// clipped sum are cheap to compute.
+#[derive(Debug, Clone)]
+pub enum ExampleGrads {
+    /// Formed, `[examples, ..shape]`.
+    Stacked(Tensor),
+    /// A dense layer's weight: example `i`'s is the outer product `g_iᵀ h_i`, of norm
+    /// `‖g_i‖·‖h_i‖`, for its output gradient `g_i` (`g`, `[examples, out]`) and input `h_i`
+    /// (`h`, `[examples, in]`).
+    Outer {
+        /// Output gradients.
+        g: Tensor,
+        /// Inputs.
+        h: Tensor,
+    },
+    /// A dense layer's bias: example `i`'s is row `i`, `[examples, out]`.
+    Rows(Tensor),
+}
+
+impl ExampleGrads {
+    /// Each example's squared L2 norm, `[examples]`.
+    fn norms2(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Stacked(t) => t.flatten_from(1)?.sqr()?.sum(1),
+            Self::Outer { g, h } => g.sqr()?.sum(1)? * h.sqr()?.sum(1)?,
+            Self::Rows(g) => g.sqr()?.sum(1),
+        }
+    }
+
+    /// `Σ_i f_i · grad_i` for the factors `f` (`[examples, 1]`).
+    fn weighted_sum(&self, f: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Stacked(t) => {
+                let mut shape = vec![t.dim(0)?];
+                shape.resize(t.rank(), 1);
+                t.broadcast_mul(&f.reshape(shape)?)?.sum(0)
+            }
+            Self::Outer { g, h } => g.broadcast_mul(f)?.t()?.matmul(h),
+            Self::Rows(g) => g.broadcast_mul(f)?.sum(0),
+        }
+    }
+}
+
+/// The clipped sum of per-example gradients: each example's gradient over all of `grads`
+/// together (a flat L2 norm) scaled to norm at most `max_norm`, then summed. Returns one sum per
+/// entry of `grads`, in order, and how many examples were scaled down.
+pub fn clip_examples(
+    grads: &[ExampleGrads],
+    examples: usize,
+    max_norm: f64,
+) -> Result<(Vec<Tensor>, usize), TrainError> {
+    let Some(first) = grads.first() else {
+        return Ok((Vec::new(), 0));
+    };
+    let device = match first {
+        ExampleGrads::Stacked(t) | ExampleGrads::Outer { g: t, .. } | ExampleGrads::Rows(t) => {
+            t.device().clone()
+        }
+    };
+    let mut norm2 = Tensor::zeros(examples, DType::F32, &device)?;
+    for g in grads {
+        norm2 = (norm2 + g.norms2()?)?;
+    }
+    let factors: Vec<f32> = norm2
+        .sqrt()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&n| clip_factor(f64::from(n), max_norm) as f32)
+        .collect();
+    let clipped = factors.iter().filter(|&&f| f < 1.0).count();
+    let factors = Tensor::from_vec(factors, (examples, 1), &device)?;
+    let sums = grads
+        .iter()
+        .map(|g| g.weighted_sum(&factors))
+        .collect::<Result<_, _>>()?;
+    Ok((sums, clipped))
+}
+
 /// Each row's cross-entropy, `[rows]`.
-fn per_row_cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn per_row_cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     log_probs
         .gather(&labels.unsqueeze(1)?, 1)?

@@ -319,3 +319,48 @@ fn record_level_dp_sgd_trains_lora_and_head() {
         );
     }
 }
+
+#[test]
+fn vectorised_per_example_gradients_match_one_backward_pass_per_text() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path(), 0.0).unwrap();
+    let data = texts(24);
+    // Texts of different lengths in one sample: the shorter ones are padded.
+    let rows: Vec<usize> = vec![0, 5, 7, 11, 12, 18, 23, 2];
+    for adaptation in [lora(), Adaptation::Head] {
+        let model = classifier(dir.path(), adaptation.clone());
+        // B away from zero, so that A's gradient is not zero either. The texts' gradient norms
+        // lie between 4 and 7: every norm tried clips all, some or none of them.
+        let start = with(&model.init(1).unwrap(), "lora_B.weight", |i| {
+            ((i as f32) * 0.37).sin() * 0.2
+        });
+        let mut partly_clipped = false;
+        for max_norm in [1e-3, 1.0, 4.0, 5.0, 6.0, 7.0, 8.0, 1e6] {
+            let want = model
+                .clipped_gradients(&start, &data, &rows, max_norm, false)
+                .unwrap();
+            let got = model
+                .clipped_gradients(&start, &data, &rows, max_norm, true)
+                .unwrap();
+            assert_eq!(got.clipped, want.clipped, "{adaptation:?} C = {max_norm}");
+            partly_clipped |= want.clipped > 0 && want.clipped < rows.len();
+            assert!(
+                (got.loss_sum - want.loss_sum).abs() < 1e-5 * want.loss_sum.abs(),
+                "{adaptation:?}: loss {} against {}",
+                got.loss_sum,
+                want.loss_sum
+            );
+            assert_eq!(got.grads.len(), start.tensors.len());
+            for ((g, w), t) in got.grads.iter().zip(&want.grads).zip(&start.tensors) {
+                let scale = max_abs_diff(w, &w.zeros_like().unwrap()).max(1e-3);
+                let diff = max_abs_diff(g, w);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{adaptation:?} C = {max_norm}, {}: off by {diff} (largest {scale})",
+                    t.name
+                );
+            }
+        }
+        assert!(partly_clipped, "{adaptation:?}: no norm clips some texts only");
+    }
+}

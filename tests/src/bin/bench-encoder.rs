@@ -1,5 +1,6 @@
-//! Throughput of the text classifier on a real encoder: a LoRA training step and a forward pass,
-//! in examples per second, at a fixed batch and sequence length, and the size of an update.
+//! Throughput of the text classifier on a real encoder: a LoRA training step, a forward pass and
+//! DP-SGD's clipped per-example gradients (vectorised, and one backward pass per example), in
+//! examples per second, at a fixed batch and sequence length, and the size of an update.
 //!
 //! ```text
 //! cargo build --release -p medfl-e2e --bin bench-encoder
@@ -111,10 +112,11 @@ fn main() -> anyhow::Result<()> {
         batch.seq_len(),
         a.seq
     );
-    let data = Data::Text(medfl_train::TextExamples {
+    let examples = medfl_train::TextExamples {
         texts: texts.clone(),
         labels: (0..a.batch).map(|i| (i % a.classes) as u32).collect(),
-    });
+    };
+    let data = Data::Text(examples.clone());
     let params = model.init(1)?;
     let opts = TrainOptions {
         epochs: 1,
@@ -142,6 +144,21 @@ fn main() -> anyhow::Result<()> {
         model.logits(&params, &refs)?;
         forward_s.push(t.elapsed().as_secs_f64());
     }
+    // DP-SGD's clipped per-example gradients of the same batch (forward, backward, clipping;
+    // no optimiser step), vectorised as training computes them and one backward pass per text.
+    let rows: Vec<usize> = (0..a.batch).collect();
+    let clipped = |vectorised: bool, iters: usize| -> anyhow::Result<Vec<f64>> {
+        model.clipped_gradients(&params, &examples, &rows, 1.0, vectorised)?;
+        let mut times = Vec::new();
+        for _ in 0..iters {
+            let t = Instant::now();
+            model.clipped_gradients(&params, &examples, &rows, 1.0, vectorised)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(times)
+    };
+    let private_s = clipped(true, a.iters)?;
+    let by_example_s = clipped(false, a.iters.min(3))?;
     let update = medfl_core::safetensors::encode(&params).len() as u64;
     println!(
         "| measurement | batch | seq | examples/s (median) | ms/step (median) |\n|---|---|---|---|---|"
@@ -149,6 +166,8 @@ fn main() -> anyhow::Result<()> {
     for (what, times) in [
         ("LoRA train step (r=8, q+v, AdamW)", train_s),
         ("forward only", forward_s),
+        ("DP-SGD clipped gradients, vectorised", private_s),
+        ("DP-SGD clipped gradients, a pass per example", by_example_s),
     ] {
         let m = median(times);
         println!(
