@@ -14,3 +14,4 @@ mod site_control;
 mod site_input;
 mod strategies;
 mod text;
+mod trial;

@@ -144,6 +144,7 @@ impl CoordinatorConfig {
                 base,
                 tls.into_iter()
                     .flatten()
+                    .chain([&mut cfg.data_dir])
                     .chain(cfg.base_models.values_mut()),
             );
         }
@@ -278,6 +279,10 @@ mod tests {
             err.contains("chunk_sise") && err.contains("c.toml"),
             "{err}"
         );
+        // Relative paths, the default data_dir included, are relative to the file.
+        std::fs::write(&path, "insecure_dev = true\n").unwrap();
+        let cfg = CoordinatorConfig::load(Some(&path)).unwrap();
+        assert_eq!(cfg.data_dir, dir.path().join("coordinator-data"));
         let err = CoordinatorConfig::load(Some(&dir.path().join("missing.toml")))
             .unwrap_err()
             .to_string();

@@ -16,7 +16,8 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 /// Loads `T` from `defaults` (TOML), then `file` if given, then `MEDFL_<KEY>` environment
-/// variables for the `keys` the config has. The error names the file and the key, or the
+/// variables for the `keys` the config has; an empty variable clears its key (an optional one
+/// becomes unset). The error names the file and the key, or the
 /// variable when the bad value came from the environment; a `MEDFL_*` variable that names no
 /// key (a typo) is warned about on stderr rather than silently ignored.
 pub fn load_config<T: DeserializeOwned>(
@@ -52,7 +53,21 @@ fn load_config_from<T: DeserializeOwned>(
         }
         builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
     }
-    let overrides = env_overrides(vars, keys);
+    let mut overrides = env_overrides(vars, keys);
+    // An empty variable clears the key (the file's TLS paths, for a plaintext trial) rather than
+    // setting it to an empty string.
+    let cleared: Vec<String> = overrides
+        .iter()
+        .filter(|(_, value)| value.is_empty())
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in cleared {
+        overrides.remove(&name);
+        let key = name.trim_start_matches("MEDFL_").to_lowercase();
+        builder = builder
+            .set_override(key, config::Value::new(None, config::ValueKind::Nil))
+            .map_err(|e| format!("environment variable {name}: {e}"))?;
+    }
     builder
         .add_source(
             config::Environment::with_prefix("MEDFL")
@@ -418,6 +433,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.port, 70);
+    }
+
+    #[test]
+    fn an_empty_variable_clears_an_optional_key_from_the_file() {
+        #[derive(serde::Deserialize)]
+        struct Tls {
+            tls_ca: Option<String>,
+            port: u16,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.toml");
+        std::fs::write(&file, "tls_ca = \"kit/ca.pem\"\n").unwrap();
+        let load = |value: &str| {
+            let vars = [("MEDFL_TLS_CA".to_string(), value.to_string())];
+            load_config_from::<Tls>(
+                "port = 1\n",
+                Some(&file),
+                &["tls_ca", "port"],
+                vars.into_iter(),
+            )
+            .unwrap()
+        };
+        assert_eq!(load("").tls_ca, None);
+        assert_eq!(load("other.pem").tls_ca.as_deref(), Some("other.pem"));
+        assert_eq!(load("").port, 1);
     }
 
     #[test]

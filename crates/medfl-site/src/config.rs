@@ -111,6 +111,7 @@ impl SiteConfig {
                 base,
                 tls.into_iter()
                     .flatten()
+                    .chain([&mut cfg.data_dir])
                     .chain(cfg.base_models.values_mut())
                     .chain(cfg.datasets.values_mut().map(|d| &mut d.path)),
             );
@@ -187,7 +188,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loads_datasets_relative_to_the_file() {
+    fn loads_datasets_and_data_dir_relative_to_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("site.toml");
         std::fs::write(
@@ -197,6 +198,8 @@ mod tests {
         .unwrap();
         let cfg = SiteConfig::load(Some(&path)).unwrap();
         assert_eq!(cfg.datasets["bc"].path, dir.path().join("bc.csv"));
+        // The default too: three kits started from one directory keep three states.
+        assert_eq!(cfg.data_dir, dir.path().join("site-data"));
         assert_eq!(cfg.model_cache, 2);
     }
 

@@ -66,7 +66,8 @@ pub struct SiteState {
 }
 
 impl SiteState {
-    fn path(data_dir: &Path) -> PathBuf {
+    /// Where the state of the site at `data_dir` lives.
+    pub fn path(data_dir: &Path) -> PathBuf {
         data_dir.join("site.json")
     }
 

@@ -1,6 +1,6 @@
 //! `medfl-site`: the daemon a hospital runs next to its data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use medfl_site::policy::{Approvals, Decided, Decision, Subject};
@@ -127,6 +127,9 @@ struct RejectArgs {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = SiteConfig::load_with(args.config.as_deref(), args.insecure_dev)?;
+    if args.command.is_some() {
+        daemon_state(&config, args.config.as_deref())?;
+    }
     match args.command {
         Some(Command::Runs(command)) => return runs(&config, command),
         Some(Command::Approve(args)) => return runs(&config, RunsCommand::Approve(args)),
@@ -153,6 +156,25 @@ async fn main() -> anyhow::Result<()> {
     medfl_daemon::init_logging(&config.log_format);
     run(config, medfl_daemon::stop_signal()).await?;
     Ok(())
+}
+
+/// The admin commands act on the daemon's state, found through the same config: refuse where no
+/// daemon has run (a relative `--config` path, or none, from another directory) rather than
+/// start a second, empty state that the daemon never reads.
+fn daemon_state(config: &SiteConfig, file: Option<&Path>) -> anyhow::Result<()> {
+    let identity = medfl_site::identity::SiteState::path(&config.data_dir);
+    if identity.is_file() {
+        return Ok(());
+    }
+    let source = match file {
+        Some(file) => format!("the `data_dir` of {}", file.display()),
+        None => "the default `data_dir`; no --config given".to_string(),
+    };
+    anyhow::bail!(
+        "no site state at {} ({source}): the daemon has not run with this configuration. \
+         Give the daemon's own --config, or start the daemon once first",
+        config.data_dir.display()
+    )
 }
 
 /// `medfl-site privacy`: the ledger the daemon keeps in `site.json`, against the policy's

@@ -10,14 +10,15 @@ use medfl_core::spec::RunSpec;
 use medfl_site::policy::{spec_sha256, Approvals, Decision, Policy};
 use medfl_site::SiteError;
 
+/// A site's config in `dir` whose `data_dir` is `data` (relative to the file, so found from any
+/// working directory), and the state its daemon made on first start.
 fn site(dir: &Path) -> PathBuf {
     let config = dir.join("site.toml");
-    let text = format!(
-        "name = \"st-marys\"\ncoordinator = \"http://127.0.0.1:9\"\ninsecure_dev = true\n\
-         data_dir = \"{}\"\n[policy]\nrequire_approval = true\n",
-        dir.join("data").display()
-    );
+    let text = "name = \"st-marys\"\ncoordinator = \"http://127.0.0.1:9\"\ninsecure_dev = true\n\
+                data_dir = \"data\"\n[policy]\nrequire_approval = true\n";
     std::fs::write(&config, text).expect("writing the site config");
+    medfl_site::identity::SiteState::load_or_create(&dir.join("data"), "st-marys")
+        .expect("the daemon's first start");
     config
 }
 
@@ -222,6 +223,7 @@ fn the_privacy_ledger_is_shown_against_the_budget_insecure_dev_offline() {
         ),
     )
     .unwrap();
+    SiteState::load_or_create(&data, "st-marys").unwrap();
     let empty = medfl_site(&config, &["privacy", "--json"]);
     let empty: serde_json::Value = serde_json::from_str(&empty).unwrap();
     assert_eq!(empty["datasets"][0]["left"], 3.0, "{empty}");
@@ -258,4 +260,51 @@ fn the_privacy_ledger_is_shown_against_the_budget_insecure_dev_offline() {
         text.contains("bc") && text.contains("1.750") && text.contains("run-a (run-a-name)"),
         "{text}"
     );
+}
+
+/// The admin commands find the daemon's state through its config from any working directory;
+/// pointed where no daemon has run, they refuse and create nothing.
+#[test]
+fn admin_commands_find_the_state_from_any_directory_or_refuse_insecure_dev_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = site(dir.path());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], config: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_medfl-site"));
+        match config {
+            Some(config) => command.arg("--config").arg(config),
+            // The site's name from the environment, as a container would set it.
+            None => command
+                .env("MEDFL_NAME", "st-marys")
+                .env("MEDFL_INSECURE_DEV", "true"),
+        };
+        command
+            .args(args)
+            .current_dir(elsewhere.path())
+            .env("USER", "it-on-call")
+            .output()
+            .expect("running medfl-site")
+    };
+    let paused = run(&["pause"], Some(&config));
+    assert!(paused.status.success(), "{paused:?}");
+    assert!(dir.path().join("data").join("paused").is_file());
+    let resumed = run(&["resume"], Some(&config));
+    assert!(resumed.status.success(), "{resumed:?}");
+    assert!(!dir.path().join("data").join("paused").exists());
+    let audit = medfl_audit::read(&dir.path().join("data").join("audit.jsonl")).unwrap();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+
+    // Without the daemon's config file: the default data_dir here has no state.
+    for args in [&["resume"][..], &["runs", "pending", "--all"], &["privacy"]] {
+        let out = run(args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains("no site state at")
+                && err.contains("site-data")
+                && err.contains("--config"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
 }

@@ -20,8 +20,8 @@ use crate::base::{BaseModel, Weights};
 use crate::bert::{cls_pool, mean_pool, BertModel, LoraAdapter};
 use crate::fit::fit;
 use crate::model::{Data, EvalReport, LocalModel, TrainOptions, TrainProgress, TrainReport};
-use crate::params::{from_tensors, to_vars};
 use crate::ops::PerExampleGrads;
+use crate::params::{from_tensors, to_vars};
 use crate::private::{
     self, clip_examples, clipped_by_example, dense_stack_clipped, ClippedBatch, ExampleGrads,
 };
@@ -280,9 +280,15 @@ impl LocalModel for TextClassifier {
                 &mut |idx, max_norm| self.clipped(&t, start, data, idx, max_norm),
             );
         }
-        let fitted = fit(&t.vars, &[], data.len(), opts, cancel, progress, &mut |idx| {
-            self.batch_loss(&t, data, idx)
-        })?;
+        let fitted = fit(
+            &t.vars,
+            &[],
+            data.len(),
+            opts,
+            cancel,
+            progress,
+            &mut |idx| self.batch_loss(&t, data, idx),
+        )?;
         let trained: Vec<&Tensor> = t.vars.iter().map(|v| v.as_tensor()).collect();
         Ok(TrainReport {
             params: from_tensors(start, &trained)?,

@@ -416,7 +416,10 @@ pub fn clip_examples(
 }
 
 /// Each row's cross-entropy, `[rows]`.
-pub(crate) fn per_row_cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn per_row_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+) -> candle_core::Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     log_probs
         .gather(&labels.unsqueeze(1)?, 1)?

@@ -361,6 +361,9 @@ fn vectorised_per_example_gradients_match_one_backward_pass_per_text() {
                 );
             }
         }
-        assert!(partly_clipped, "{adaptation:?}: no norm clips some texts only");
+        assert!(
+            partly_clipped,
+            "{adaptation:?}: no norm clips some texts only"
+        );
     }
 }
