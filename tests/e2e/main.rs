@@ -8,6 +8,7 @@ mod fedavg;
 mod hospital_control;
 mod lifecycle;
 mod privacy;
+mod probes;
 mod resilience;
 mod security;
 mod site_control;

@@ -43,7 +43,7 @@ fn trial_commands() -> Vec<Vec<String>> {
 }
 
 /// `target/release/NAME` in the README is the binary built beside this test.
-fn binary(word: &str) -> PathBuf {
+pub(crate) fn binary(word: &str) -> PathBuf {
     let name = word
         .strip_prefix("target/release/")
         .unwrap_or_else(|| panic!("{word} is not a target/release binary"));
@@ -78,7 +78,7 @@ fn command(words: &[String], env: &[(&str, String)]) -> Command {
 
 /// Daemons started by the test, killed when it ends however it ends.
 #[derive(Default)]
-struct Daemons(Vec<Child>);
+pub(crate) struct Daemons(Vec<Child>);
 
 impl Drop for Daemons {
     fn drop(&mut self) {
@@ -91,7 +91,12 @@ impl Drop for Daemons {
 
 impl Daemons {
     /// Starts `cmd`, sending each line it logs to `lines` tagged with `who`.
-    fn start(&mut self, mut cmd: Command, who: &str, lines: &mpsc::Sender<(String, String)>) {
+    pub(crate) fn start(
+        &mut self,
+        mut cmd: Command,
+        who: &str,
+        lines: &mpsc::Sender<(String, String)>,
+    ) {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -111,7 +116,7 @@ impl Daemons {
 }
 
 /// Waits for a logged line that `pick` accepts; fails after [`STEP`].
-fn wait_for<T>(
+pub(crate) fn wait_for<T>(
     lines: &mpsc::Receiver<(String, String)>,
     what: &str,
     mut pick: impl FnMut(&str, &str) -> Option<T>,

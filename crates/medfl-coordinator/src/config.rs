@@ -60,6 +60,7 @@ const KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "revocation_list",
+    "health_listen",
 ];
 
 /// Everything the coordinator reads at start.
@@ -121,6 +122,11 @@ pub struct CoordinatorConfig {
     pub revocation_list: Option<PathBuf>,
     /// Serve plaintext gRPC without TLS, identities or roles: for a trial on one machine only.
     pub insecure_dev: bool,
+    /// A second, plaintext address that serves only the standard gRPC health service, for
+    /// probes that cannot present a consortium certificate (Kubernetes' `grpc` probe). It
+    /// answers SERVING or NOT_SERVING and nothing else.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// Base models the operator publishes, by the name run specs use: text runs need their base
     /// here (to shape the adapters), and sites without it fetch it from here by hash.
     #[serde(default)]

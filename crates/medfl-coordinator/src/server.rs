@@ -102,6 +102,9 @@ pub async fn serve(
         Gate::researchers(authority),
     );
 
+    if let Some(at) = shared.config.health_listen {
+        serve_health(at, health_service.clone(), shared.shutdown.clone()).await?;
+    }
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::io("reading the listener's address", e))?;
@@ -145,6 +148,37 @@ pub async fn serve(
     let mut engines = engines.lock().await;
     while engines.join_next().await.is_some() {}
     info!("coordinator stopped");
+    Ok(())
+}
+
+/// Serves the health service alone, plaintext, on `at` until `stop` turns true: the probe sees
+/// whether the coordinator serves, and nothing else is reachable there.
+async fn serve_health(
+    at: std::net::SocketAddr,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), CoordinatorError> {
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|e| CoordinatorError::io(format!("binding health_listen {at}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::io("reading the health listener's address", e))?;
+    info!(%addr, "health serving");
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(4)
+            .add_service(health)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "health server stopped");
+        }
+    });
     Ok(())
 }
 
