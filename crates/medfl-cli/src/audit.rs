@@ -39,6 +39,9 @@ pub enum AuditCommand {
         /// Only entries before this UTC time.
         #[arg(long)]
         until: Option<String>,
+        /// Print the entries as they are stored: JSON, one a line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -73,6 +76,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
             event,
             since,
             until,
+            json,
         } => {
             let since = since.as_deref().map(parse_utc).transpose()?;
             let until = until.as_deref().map(parse_utc).transpose()?;
@@ -82,7 +86,9 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                     && event.as_ref().is_none_or(|k| &e.event == k)
                     && since.is_none_or(|t| e.at_ms >= t)
                     && until.is_none_or(|t| e.at_ms < t);
-                if keep {
+                if keep && json {
+                    medfl_daemon::outln!("{}", serde_json::to_string(&e)?);
+                } else if keep {
                     medfl_daemon::outln!(
                         "{:>5} {} {:<20} run={} round={} site={} {}",
                         e.seq,

@@ -34,14 +34,23 @@ pub async fn create(client: &mut RunClient, spec: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints `value` as indented JSON: what every read command prints with `--json`.
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    medfl_daemon::outln!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
 /// `run list`: a table of every run.
-pub async fn list(client: &mut RunClient) -> anyhow::Result<()> {
+pub async fn list(client: &mut RunClient, json: bool) -> anyhow::Result<()> {
     let runs = client
         .list_runs(unary(ListRunsRequest {}))
         .await
         .rpc("ListRuns")?
         .into_inner()
         .runs;
+    if json {
+        return print_json(&runs);
+    }
     if runs.is_empty() {
         medfl_daemon::outln!("no runs yet; create one with: medfl run create SPEC.toml");
     } else {
@@ -52,7 +61,12 @@ pub async fn list(client: &mut RunClient) -> anyhow::Result<()> {
 
 /// `run show`: the run's summary, its rounds, and the per-site results of `round` (the last
 /// finished round when `None`).
-pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> anyhow::Result<()> {
+pub async fn show(
+    client: &mut RunClient,
+    run_id: &str,
+    round: Option<u32>,
+    json: bool,
+) -> anyhow::Result<()> {
     let detail = client
         .get_run(unary(GetRunRequest {
             run_id: run_id.to_owned(),
@@ -88,6 +102,13 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
         ),
         None => detail.rounds.last(),
     };
+    if json {
+        return match sites_of {
+            // The round asked for, with its per-site results.
+            Some(chosen) if round.is_some() => print_json(chosen),
+            _ => print_json(&detail),
+        };
+    }
 
     medfl_daemon::out!("{}", table::run_overview(&detail));
     let Some(chosen) = sites_of else {
@@ -133,7 +154,7 @@ pub async fn show(client: &mut RunClient, run_id: &str, round: Option<u32>) -> a
 
 /// `run evaluate`: asks every online site holding the run's data to score the run's latest
 /// model, waits for their answers and prints them per site.
-pub async fn evaluate(client: &mut RunClient, run_id: &str) -> anyhow::Result<()> {
+pub async fn evaluate(client: &mut RunClient, run_id: &str, json: bool) -> anyhow::Result<()> {
     let asked = client
         .evaluate_run(unary(medfl_proto::v1::EvaluateRunRequest {
             run_id: run_id.to_owned(),
@@ -168,7 +189,11 @@ pub async fn evaluate(client: &mut RunClient, run_id: &str) -> anyhow::Result<()
         .into_iter()
         .filter(|e| e.global_sha256 == asked.global_sha256)
         .collect();
-    medfl_daemon::out!("{}", table::evaluation_table(&answered));
+    if json {
+        print_json(&answered)?;
+    } else {
+        medfl_daemon::out!("{}", table::evaluation_table(&answered));
+    }
     evaluation_verdict(run_id, answered.len(), asked.sites_asked)
 }
 
@@ -200,7 +225,7 @@ pub async fn stop(client: &mut RunClient, run_id: &str) -> anyhow::Result<()> {
 }
 
 /// `sites`: a table of the sites the coordinator knows.
-pub async fn sites(client: &mut RunClient, columns: bool) -> anyhow::Result<()> {
+pub async fn sites(client: &mut RunClient, columns: bool, json: bool) -> anyhow::Result<()> {
     // A page at a time: each fits the message limit, however many sites there are.
     let mut sites = Vec::new();
     let mut page_token = String::new();
@@ -218,6 +243,9 @@ pub async fn sites(client: &mut RunClient, columns: bool) -> anyhow::Result<()> 
             break;
         }
         page_token = page.next_page_token;
+    }
+    if json {
+        return print_json(&sites);
     }
     if sites.is_empty() {
         medfl_daemon::outln!("no site has registered yet");

@@ -616,7 +616,7 @@ impl LocalFederation {
             .into_inner()
             .run_id;
         medfl_daemon::outln!("run {run_id} created\n");
-        let detail = crate::watch::watch(&mut runs, &run_id).await?;
+        let detail = crate::watch::watch(&mut runs, &run_id, false).await?;
         let pulled = pull::pull(&mut runs, &run_id, 0, model_path).await?;
         Ok((run_id, detail, pulled))
     }

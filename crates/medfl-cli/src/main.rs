@@ -62,6 +62,9 @@ enum Command {
         /// may name), one dataset per line.
         #[arg(long)]
         columns: bool,
+        /// Print the sites as JSON, with their datasets' names, columns and row counts.
+        #[arg(long)]
+        json: bool,
     },
     /// Download global models.
     #[command(subcommand)]
@@ -93,7 +96,11 @@ enum RunCommand {
         spec: PathBuf,
     },
     /// List every run.
-    List,
+    List {
+        /// Print the runs as JSON (an array of run summaries).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a run's summary, rounds and per-site results.
     Show {
         /// Run id.
@@ -101,12 +108,20 @@ enum RunCommand {
         /// Show the per-site results of this round instead of the last.
         #[arg(long, value_name = "N")]
         round: Option<u32>,
+        /// Print the run as JSON: its summary, spec, rounds with their per-site results and
+        /// evaluations, as the coordinator sent them.
+        #[arg(long)]
+        json: bool,
     },
     /// Follow a run live until it ends. Exits 0 when it completed, 1 when it failed, 2 when it
     /// was stopped, 3 when its client-level privacy budget ran out.
     Watch {
         /// Run id.
         run: String,
+        /// Print JSON lines instead of the table: `{"round": ...}` as each round completes,
+        /// then `{"run": ...}` once the run has ended.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop a run.
     Stop {
@@ -117,6 +132,9 @@ enum RunCommand {
     Evaluate {
         /// Run id.
         run: String,
+        /// Print the sites' evaluations as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -237,23 +255,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::read_spec(&spec)?;
             commands::create(&mut target.connect().await?, &spec).await?
         }
-        Command::Run(RunCommand::List) => commands::list(&mut target.connect().await?).await?,
-        Command::Run(RunCommand::Show { run, round }) => {
-            commands::show(&mut target.connect().await?, &run, round).await?
+        Command::Run(RunCommand::List { json }) => {
+            commands::list(&mut target.connect().await?, json).await?
         }
-        Command::Run(RunCommand::Watch { run }) => {
-            let detail = watch::watch(&mut target.connect().await?, &run).await?;
+        Command::Run(RunCommand::Show { run, round, json }) => {
+            commands::show(&mut target.connect().await?, &run, round, json).await?
+        }
+        Command::Run(RunCommand::Watch { run, json }) => {
+            let detail = watch::watch(&mut target.connect().await?, &run, json).await?;
             let status = detail.summary.and_then(|s| run_status(s.status));
             return Ok(ExitCode::from(watch_exit_code(status)));
         }
         Command::Run(RunCommand::Stop { run }) => {
             commands::stop(&mut target.connect().await?, &run).await?
         }
-        Command::Run(RunCommand::Evaluate { run }) => {
-            commands::evaluate(&mut target.connect().await?, &run).await?
+        Command::Run(RunCommand::Evaluate { run, json }) => {
+            commands::evaluate(&mut target.connect().await?, &run, json).await?
         }
-        Command::Sites { columns } => {
-            commands::sites(&mut target.connect().await?, columns).await?
+        Command::Sites { columns, json } => {
+            commands::sites(&mut target.connect().await?, columns, json).await?
         }
         Command::Model(ModelCommand::Pull {
             run,

@@ -224,19 +224,19 @@ async fn start() -> anyhow::Result<(RunClient, oneshot::Sender<()>)> {
 #[tokio::test]
 async fn watch_follows_the_run_to_its_end() -> anyhow::Result<()> {
     let (mut client, _stop) = start().await?;
-    let done = watch::watch(&mut client, "r1").await?;
+    let done = watch::watch(&mut client, "r1", false).await?;
     assert_eq!(done.rounds.len(), 2);
     assert!(crate::table::is_terminal(
         done.summary.unwrap_or_default().status
     ));
 
-    let failed = watch::watch(&mut client, "failing").await?;
+    let failed = watch::watch(&mut client, "failing", false).await?;
     assert_eq!(
         failed.summary.unwrap_or_default().status,
         RunStatus::Failed as i32
     );
 
-    let err = watch::watch(&mut client, "cut")
+    let err = watch::watch(&mut client, "cut", false)
         .await
         .map_or_else(|e| e.to_string(), |_| String::new());
     assert!(err.contains("still running"), "{err}");
@@ -287,9 +287,9 @@ async fn unreachable_coordinator_suggests_the_option() -> anyhow::Result<()> {
 #[tokio::test]
 async fn show_finds_the_asked_round() -> anyhow::Result<()> {
     let (mut client, _stop) = start().await?;
-    commands::show(&mut client, "r1", None).await?;
-    commands::show(&mut client, "r1", Some(1)).await?;
-    let err = commands::show(&mut client, "r1", Some(9))
+    commands::show(&mut client, "r1", None, false).await?;
+    commands::show(&mut client, "r1", Some(1), false).await?;
+    let err = commands::show(&mut client, "r1", Some(9), false)
         .await
         .map_or_else(|e| e.to_string(), |()| String::new());
     assert!(
@@ -297,7 +297,7 @@ async fn show_finds_the_asked_round() -> anyhow::Result<()> {
         "{err}"
     );
     // The round in progress is said to be in progress.
-    let err = commands::show(&mut client, "busy", Some(3))
+    let err = commands::show(&mut client, "busy", Some(3), false)
         .await
         .map_or_else(|e| e.to_string(), |()| String::new());
     assert!(

@@ -14,8 +14,8 @@ use crate::table;
 /// Follows run `run_id` until it ends: an overall bar of rounds, a spinner with the current
 /// round's phase and sites, and one [`table::round_line`] per completed round (rounds already
 /// done when the watch starts are printed first). Prints the final status and returns the last
-/// detail the coordinator sent.
-pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDetail> {
+/// detail the coordinator sent. With `json`, rounds and the ended run are JSON lines instead.
+pub async fn watch(client: &mut RunClient, run_id: &str, json: bool) -> anyhow::Result<RunDetail> {
     let request = || GetRunRequest {
         run_id: run_id.to_owned(),
         ..Default::default()
@@ -39,7 +39,10 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     round.set_message("waiting for the coordinator");
     round.enable_steady_tick(Duration::from_millis(120));
 
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        json,
+        ..Seen::default()
+    };
     // A coordinator that restarts resumes its runs: follow it across the restart, for as long
     // as RECONNECT_FOR, rather than dying with the connection.
     let mut lost: Option<tokio::time::Instant> = None;
@@ -96,6 +99,10 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     if !table::is_terminal(summary.status) {
         anyhow::bail!("the watch of run {run_id} ended while the run was still {status}");
     }
+    if json {
+        json_line("run", &detail)?;
+        return Ok(detail);
+    }
     medfl_daemon::outln!(
         "run {run_id} {status} after {}/{} rounds",
         summary.rounds_done,
@@ -112,12 +119,21 @@ pub async fn watch(client: &mut RunClient, run_id: &str) -> anyhow::Result<RunDe
     Ok(detail)
 }
 
+/// One line of `run watch --json`: `{"KEY": value}`.
+fn json_line(key: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let line = serde_json::to_string(&serde_json::json!({ key: value }))?;
+    medfl_daemon::outln!("{line}");
+    Ok(())
+}
+
 /// How long `run watch` keeps trying to reach a coordinator it lost.
 const RECONNECT_FOR: Duration = Duration::from_secs(600);
 
 /// What the watch has seen so far, across reconnections.
 #[derive(Default)]
 struct Seen {
+    /// JSON lines rather than the table.
+    json: bool,
     /// Rounds already printed.
     printed: BTreeSet<u32>,
     /// The latest detail.
@@ -191,6 +207,14 @@ async fn follow(
             !r.eval_metrics.is_empty() || detail.current_round > r.round || ended
         };
         for r in detail.rounds.iter().filter(|r| evaluated(r)) {
+            if seen.json {
+                if seen.printed.insert(r.round) {
+                    let line = serde_json::to_string(&serde_json::json!({ "round": r }))
+                        .map_err(|e| tonic::Status::internal(format!("JSON: {e}")))?;
+                    multi.suspend(|| medfl_daemon::outln!("{line}"));
+                }
+                continue;
+            }
             if seen.printed.is_empty() {
                 let header = table::header_line(table::ROUND_COLUMNS);
                 multi.suspend(|| medfl_daemon::outln!("{header}"));

@@ -439,3 +439,102 @@ async fn run_watch_follows_the_run_across_a_coordinator_restart() {
     );
     fed.stop().await;
 }
+
+/// Stdout of a command that must succeed, parsed as JSON.
+async fn json(coordinator: &Coordinator, args: &[&str]) -> serde_json::Value {
+    let out = medfl(coordinator, args).await;
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_read_command_prints_json_with_json() {
+    let fed = Federation::start(2).await;
+    let dir = fed.dir.path();
+    let run = created(
+        &fed.coordinator,
+        &dir.join("run.toml"),
+        &breast_cancer_spec("json-run", 2, 2, 60),
+    )
+    .await;
+
+    // One JSON object a line: each round as it completes, then the ended run.
+    let out = medfl(&fed.coordinator, &["run", "watch", &run, "--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let rounds: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l["round"]["round"].as_u64())
+        .collect();
+    assert_eq!(rounds, [1, 2], "{lines:?}");
+    let last = lines.last().expect("a line");
+    assert_eq!(last["run"]["summary"]["status"], "completed", "{last}");
+
+    let runs = json(&fed.coordinator, &["run", "list", "--json"]).await;
+    let listed = runs
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["run_id"] == run.as_str()))
+        .unwrap_or_else(|| panic!("{run} in {runs}"));
+    assert_eq!(listed["status"], "completed");
+    assert_eq!(listed["rounds_done"], 2);
+
+    let shown = json(&fed.coordinator, &["run", "show", &run, "--json"]).await;
+    assert_eq!(shown["summary"]["run_id"], run.as_str());
+    assert!(shown["spec_toml"]
+        .as_str()
+        .is_some_and(|s| s.contains("json-run")));
+    assert_eq!(shown["rounds"].as_array().map(Vec::len), Some(2));
+    let round = json(
+        &fed.coordinator,
+        &["run", "show", &run, "--round", "1", "--json"],
+    )
+    .await;
+    assert_eq!(round["round"], 1);
+    let sites = round["sites"].as_array().expect("per-site results");
+    assert_eq!(sites.len(), 2, "{round}");
+    assert!(sites.iter().all(|s| s["outcome"] == "accepted"), "{round}");
+
+    let evaluated = json(&fed.coordinator, &["run", "evaluate", &run, "--json"]).await;
+    assert_eq!(evaluated.as_array().map(Vec::len), Some(2), "{evaluated}");
+    assert!(
+        evaluated[0]["metrics"]["accuracy"].as_f64().is_some(),
+        "{evaluated}"
+    );
+
+    let sites = json(&fed.coordinator, &["sites", "--json"]).await;
+    let names: Vec<&str> = sites
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["hospital-0", "hospital-1"]);
+    assert!(sites[0]["datasets"][0]["columns"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c == "mean_radius")));
+
+    // The audit trail as stored, one entry a line, filtered.
+    let log = dir.join("hospital-0").join("audit.jsonl");
+    let args = [
+        "audit",
+        "show",
+        log.to_str().expect("utf-8"),
+        "--event",
+        "update_sent",
+        "--json",
+    ];
+    let out = medfl(&fed.coordinator, &args).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sent: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(sent
+        .iter()
+        .all(|e| e["event"] == "update_sent" && e["run"] == run.as_str()));
+}

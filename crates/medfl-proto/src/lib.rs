@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`v1`]: generated messages, `SiteService` and `RunService` clients and servers.
 //! - [`convert`]: wire <-> domain conversions and the metadata keys that carry a site's identity.
+//! - [`json`]: how the read messages' enums appear in JSON.
 
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
@@ -11,3 +12,4 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod json;

@@ -66,7 +66,11 @@ enum DatasetCommand {
         format: String,
     },
     /// Lists the datasets of the config file and of the registry.
-    List,
+    List {
+        /// Print JSON: each dataset's name, format, path and origin (`config` or `registry`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Forgets a registered dataset.
     Remove {
         /// Its name.
@@ -82,6 +86,10 @@ enum RunsCommand {
         /// Every run with its decision, and the decisions taken ahead of time.
         #[arg(long)]
         all: bool,
+        /// Print JSON: `runs` by id (and with --all `by_name` and `by_spec`, the decisions
+        /// taken ahead of time).
+        #[arg(long)]
+        json: bool,
     },
     /// Lets a run train on this site's data: a waiting run at once (a task it was holding
     /// starts within a second), or ahead of time any run of a name, or the run whose spec has
@@ -286,13 +294,26 @@ fn short(sha: &str) -> &str {
 fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
     let dir = &config.data_dir;
     match command {
-        RunsCommand::Pending { all } => {
+        RunsCommand::Pending { all, json } => {
             let queue = Approvals::load(dir)?;
             let shown: Vec<_> = queue
                 .runs
                 .iter()
                 .filter(|(_, a)| all || a.decision == Decision::Pending)
                 .collect();
+            if json {
+                let runs: serde_json::Map<String, serde_json::Value> = shown
+                    .iter()
+                    .map(|(id, a)| Ok(((*id).clone(), serde_json::to_value(a)?)))
+                    .collect::<Result<_, serde_json::Error>>()?;
+                let mut out = json!({ "runs": runs });
+                if all {
+                    out["by_name"] = serde_json::to_value(&queue.by_name)?;
+                    out["by_spec"] = serde_json::to_value(&queue.by_spec)?;
+                }
+                medfl_daemon::outln!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
             if shown.is_empty() && all {
                 medfl_daemon::outln!("no run has reached `{}`", config.name);
             } else if shown.is_empty() {
@@ -415,8 +436,26 @@ fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> 
                 "registered `{name}` ({rows} records); a running daemon offers it within a second"
             );
         }
-        DatasetCommand::List => {
+        DatasetCommand::List { json } => {
             let registered = medfl_site::registry::load(dir)?;
+            if json {
+                let all: Vec<serde_json::Value> =
+                    [("config", &config.datasets), ("registry", &registered)]
+                        .into_iter()
+                        .flat_map(|(origin, map)| {
+                            map.iter().map(move |(name, ds)| {
+                                json!({
+                                    "name": name,
+                                    "format": ds.format,
+                                    "path": ds.path.display().to_string(),
+                                    "origin": origin,
+                                })
+                            })
+                        })
+                        .collect();
+                medfl_daemon::outln!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(());
+            }
             for (origin, map) in [("config", &config.datasets), ("registry", &registered)] {
                 for (name, ds) in map {
                     medfl_daemon::outln!(

@@ -74,6 +74,11 @@ fn every_decision_taken_by_hand_is_audited_insecure_dev_offline() {
     queue_run(&data, "run-b");
 
     assert!(medfl_site(&config, &["runs", "pending"]).contains("run-a"));
+    let pending: serde_json::Value =
+        serde_json::from_str(&medfl_site(&config, &["runs", "pending", "--json"])).unwrap();
+    let waiting: Vec<&String> = pending["runs"].as_object().unwrap().keys().collect();
+    assert_eq!(waiting, ["run-a", "run-b"], "{pending}");
+    assert_eq!(pending["runs"]["run-a"]["name"], "sepsis", "{pending}");
     medfl_site(&config, &["runs", "approve", "run-a"]);
     // The short form the hospital may type instead.
     medfl_site(
@@ -92,6 +97,10 @@ fn every_decision_taken_by_hand_is_audited_insecure_dev_offline() {
         &config,
         &["dataset", "add", "bc", "--path", csv, "--format", "csv"],
     );
+    let listed: serde_json::Value =
+        serde_json::from_str(&medfl_site(&config, &["dataset", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["name"], "bc", "{listed}");
+    assert_eq!(listed[0]["origin"], "registry", "{listed}");
     medfl_site(&config, &["dataset", "remove", "bc"]);
 
     let queue = Approvals::load(&data).unwrap();
