@@ -81,7 +81,7 @@ enum Command {
     #[command(subcommand)]
     Audit(audit::AuditCommand),
     /// Create the consortium's CA and kits; add, revoke and list participants.
-    Provision(provision::ProvisionArgs),
+    Provision(Box<provision::ProvisionArgs>),
     /// Differential privacy: the ε a run spends, the noise a target ε needs.
     #[command(subcommand)]
     Privacy(privacy::PrivacyCommand),
@@ -248,7 +248,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Predict(_) => return Err(without_local("predict")),
         Command::Aggregate(args) => aggregate::run(args)?,
         Command::Audit(command) => audit::run(command)?,
-        Command::Provision(command) => provision::run(command)?,
+        Command::Provision(command) => provision::run(*command)?,
         Command::Privacy(command) => privacy::run(command)?,
         Command::Run(RunCommand::Create { spec }) => {
             // Check the spec before dialling, so a typo is reported even with no coordinator.
@@ -409,7 +409,7 @@ mod tests {
                 panic!("{words:?} is not provision");
             };
             assert!(matches!(
-                provision::ProvisionArgs::command(args)?,
+                provision::ProvisionArgs::command(*args)?,
                 provision::ProvisionCommand::Init(_)
             ));
         }

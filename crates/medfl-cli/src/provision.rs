@@ -42,6 +42,21 @@ pub struct InitArgs {
     /// Where to create the CA [default: OUT/ca].
     #[arg(long, value_name = "DIR")]
     ca: Option<PathBuf>,
+    /// Further host names or IP addresses the coordinator is reached at, put in its
+    /// certificate (repeat, or separate with commas); kept for its renewals.
+    #[arg(long = "coordinator-name", value_name = "HOST", value_delimiter = ',')]
+    coordinator_names: Vec<String>,
+    /// Days each certificate is valid (1 to 3650) [default: 730].
+    #[arg(long, value_name = "DAYS")]
+    valid_days: Option<u32>,
+}
+
+/// How long certificates are valid.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Validity {
+    /// Days each certificate is valid (1 to 3650).
+    #[arg(long, value_name = "DAYS", default_value_t = medfl_pki::DEFAULT_VALID_DAYS)]
+    valid_days: u32,
 }
 
 /// `medfl provision` subcommands.
@@ -55,8 +70,15 @@ pub enum ProvisionCommand {
     AddResearcher(AddArgs),
     /// Issue a kit for a new operator.
     AddOperator(AddArgs),
-    /// Revoke a participant's certificate; coordinators reading the revocation list refuse it
-    /// from then on.
+    /// A new key and certificate for a participant whose certificate expires soon, in a new
+    /// kit; the old certificate stays valid until it expires, so the kit can be swapped
+    /// without a gap.
+    Renew(RenewArgs),
+    /// A new key and certificate for a participant who lost its key, or was revoked and is let
+    /// back in: whatever certificate it still holds is revoked first.
+    Reissue(RenewArgs),
+    /// Revoke a participant's certificates; coordinators reading the revocation list refuse
+    /// them from then on.
     Revoke {
         /// The participant.
         name: String,
@@ -83,6 +105,23 @@ pub struct AddArgs {
     /// Where to write the kit (into OUT/NAME).
     #[arg(short, long, value_name = "DIR")]
     out: PathBuf,
+    #[command(flatten)]
+    validity: Validity,
+}
+
+/// Arguments of `renew` and `reissue`.
+#[derive(Debug, clap::Args)]
+pub struct RenewArgs {
+    /// The participant.
+    name: String,
+    /// The CA directory.
+    #[arg(long, value_name = "DIR")]
+    ca: PathBuf,
+    /// Where to write the new kit (into OUT/NAME, which must not exist yet).
+    #[arg(short, long, value_name = "DIR")]
+    out: PathBuf,
+    #[command(flatten)]
+    validity: Validity,
 }
 
 impl ProvisionArgs {
@@ -111,15 +150,19 @@ pub fn run(args: ProvisionArgs) -> anyhow::Result<()> {
             operators,
             out,
             ca,
+            coordinator_names,
+            valid_days,
         }) => {
-            let done = medfl_pki::provision(
+            let done = medfl_pki::provision_with(
                 ca.as_deref(),
                 &consortium,
                 &coordinator,
-                &sites,
-                &researchers,
-                &operators,
+                (&sites, &researchers, &operators),
                 &out,
+                &medfl_pki::IssueOptions {
+                    valid_days: valid_days.unwrap_or(medfl_pki::DEFAULT_VALID_DAYS),
+                    coordinator_names,
+                },
             )
             .context("provisioning the consortium")?;
             medfl_daemon::outln!(
@@ -133,6 +176,34 @@ pub fn run(args: ProvisionArgs) -> anyhow::Result<()> {
         ProvisionCommand::AddSite(args) => add(Role::Site, args)?,
         ProvisionCommand::AddResearcher(args) => add(Role::Researcher, args)?,
         ProvisionCommand::AddOperator(args) => add(Role::Operator, args)?,
+        ProvisionCommand::Renew(args) => {
+            let mut ca = open(&args.ca)?;
+            let kit = ca
+                .renew_kit(&args.name, &args.out, args.validity.valid_days)
+                .with_context(|| format!("renewing {:?}", args.name))?;
+            print_kits(std::slice::from_ref(&kit));
+            medfl_daemon::outln!(
+                "\nNext: put the new kit in place of the old one and restart {:?}; its earlier \
+                 certificate stays valid until it expires.",
+                args.name
+            );
+        }
+        ProvisionCommand::Reissue(args) => {
+            let mut ca = open(&args.ca)?;
+            let (revoked, kit) = ca
+                .reissue_kit(&args.name, &args.out, args.validity.valid_days)
+                .with_context(|| format!("reissuing {:?}", args.name))?;
+            for r in &revoked {
+                medfl_daemon::outln!("Revoked the certificate with serial {} first.", r.serial);
+            }
+            print_kits(std::slice::from_ref(&kit));
+            medfl_daemon::outln!(
+                "\nNext: copy {} over the coordinator's revocation_list (it refuses the old \
+                 certificates without a restart), and give {:?} the new kit.",
+                args.ca.join(REVOKED_FILE).display(),
+                args.name
+            );
+        }
         ProvisionCommand::Revoke { name, ca } => {
             let mut authority = open(&ca)?;
             let revoked = authority
@@ -192,7 +263,7 @@ fn open(ca: &Path) -> anyhow::Result<Ca> {
 fn add(role: Role, args: AddArgs) -> anyhow::Result<()> {
     let mut ca = open(&args.ca)?;
     let kit = ca
-        .issue_kit(role, &args.name, &args.out)
+        .issue_kit_for(role, &args.name, &args.out, args.validity.valid_days)
         .with_context(|| format!("adding {role} {:?}", args.name))?;
     print_kits(std::slice::from_ref(&kit));
     print_next_steps(&args.ca, std::slice::from_ref(&kit));
@@ -280,6 +351,8 @@ mod tests {
             "hospital-a,hospital-b",
             "--researcher",
             "alice",
+            "--coordinator-name",
+            "lb.example.org",
             "-o",
             &out_arg,
         ])?;
@@ -324,6 +397,72 @@ mod tests {
         ])?;
         let err = format!("{:#}", run(cli.args).unwrap_err());
         assert!(err.contains("hospital-c"), "{err}");
+
+        // Renewed into a new kit directory, for 30 days; the old kit's certificate stays valid.
+        let renewed = dir.path().join("kits-2027");
+        let renewed_arg = renewed.to_string_lossy().into_owned();
+        let cli = Cli::try_parse_from([
+            "provision",
+            "renew",
+            "hospital-b",
+            "--ca",
+            &ca_arg,
+            "-o",
+            &renewed_arg,
+            "--valid-days",
+            "30",
+        ])?;
+        run(cli.args)?;
+        assert!(renewed.join("hospital-b/hospital-b.key").is_file());
+        let ca = Ca::open(&out.join("ca"))?;
+        let records: Vec<_> = ca
+            .consortium()
+            .participants
+            .iter()
+            .filter(|p| p.name == "hospital-b")
+            .collect();
+        assert_eq!(records.len(), 2);
+        assert!(records.iter().all(|p| !p.revoked));
+        assert_eq!(ca.consortium().coordinator_names, ["lb.example.org"]);
+        // A revoked site is not renewed but reissued.
+        let cli = Cli::try_parse_from([
+            "provision",
+            "renew",
+            "hospital-a",
+            "--ca",
+            &ca_arg,
+            "-o",
+            &renewed_arg,
+        ])?;
+        let err = format!("{:#}", run(cli.args).unwrap_err());
+        assert!(
+            err.contains("hospital-a") && err.contains("revoked"),
+            "{err}"
+        );
+        let cli = Cli::try_parse_from([
+            "provision",
+            "reissue",
+            "hospital-a",
+            "--ca",
+            &ca_arg,
+            "-o",
+            &renewed_arg,
+        ])?;
+        run(cli.args)?;
+        assert!(renewed.join("hospital-a/site.toml").is_file());
+        let cli = Cli::try_parse_from([
+            "provision",
+            "add-site",
+            "hospital-d",
+            "--ca",
+            &ca_arg,
+            "-o",
+            &out_arg,
+            "--valid-days",
+            "0",
+        ])?;
+        let err = format!("{:#}", run(cli.args).unwrap_err());
+        assert!(err.contains("1 to 3650"), "{err}");
         Ok(())
     }
 }

@@ -32,8 +32,10 @@ pub const REVOKED_FILE: &str = "revoked.json";
 
 /// How long the CA certificate is valid.
 const CA_VALIDITY: Duration = Duration::days(3650);
-/// How long a participant's certificate is valid.
-const PARTICIPANT_VALIDITY: Duration = Duration::days(730);
+/// How long a participant's certificate is valid unless the operator says otherwise.
+pub const DEFAULT_VALID_DAYS: u32 = 730;
+/// The longest validity a participant's certificate may have (the CA's own).
+pub const MAX_VALID_DAYS: u32 = 3650;
 /// Certificates start being valid this long before they are issued, for clocks that lag.
 const BACKDATE: Duration = Duration::minutes(5);
 /// The longest consortium name.
@@ -201,7 +203,11 @@ pub struct Consortium {
     pub created_at: String,
     /// SHA-256 of the CA certificate's DER, lowercase hex.
     pub ca_sha256: String,
-    /// Every certificate issued, oldest first.
+    /// Further host names or IP addresses the coordinator's certificates carry (a second DNS
+    /// name, a load balancer's address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinator_names: Vec<String>,
+    /// Every certificate issued, oldest first; a renewed participant has one per certificate.
     pub participants: Vec<Participant>,
 }
 
@@ -214,9 +220,9 @@ impl Consortium {
         }
     }
 
-    /// The participant of that name.
+    /// The participant of that name: its latest certificate.
     pub fn participant(&self, name: &str) -> Option<&Participant> {
-        self.participants.iter().find(|p| p.name == name)
+        self.participants.iter().rev().find(|p| p.name == name)
     }
 
     /// The participant whose name equals `name` ignoring ASCII case.
@@ -379,6 +385,7 @@ impl Ca {
             coordinator_port: address.port,
             created_at: rfc3339(now),
             ca_sha256,
+            coordinator_names: Vec::new(),
             participants: Vec::new(),
         };
         fsutil::write_new(
@@ -448,10 +455,21 @@ impl Ca {
         self.dir.join(CONSORTIUM_FILE)
     }
 
-    /// Issues a certificate and key to `name` as `role`, and records it in `consortium.json`.
-    /// A name is issued once: a name already recorded (in any letter case, revoked or not) is
-    /// refused.
+    /// Issues a certificate and key to `name` as `role`, valid for [`DEFAULT_VALID_DAYS`], and
+    /// records it in `consortium.json`. A name is issued once: a name already recorded (in any
+    /// letter case, revoked or not) is refused; [`Ca::renew`] and [`Ca::reissue`] give a known
+    /// name a new certificate.
     pub fn issue(&mut self, role: Role, name: &str) -> Result<Issued, PkiError> {
+        self.issue_for(role, name, DEFAULT_VALID_DAYS)
+    }
+
+    /// [`Ca::issue`] with a certificate valid for `valid_days`.
+    pub fn issue_for(
+        &mut self,
+        role: Role,
+        name: &str,
+        valid_days: u32,
+    ) -> Result<Issued, PkiError> {
         validate_name(name)?;
         // Re-read the records so that a change by another process since `open` is not lost.
         self.consortium = Consortium::load(&self.consortium_path())?;
@@ -462,6 +480,81 @@ impl Ca {
                 path: self.consortium_path(),
             });
         }
+        self.sign(role, name, valid_days)
+    }
+
+    /// A new key and certificate for a participant whose certificate is about to expire, in
+    /// the same role. Its earlier certificates stay valid until they expire, so the new kit can
+    /// be put in place without a gap; a revoked participant needs [`Ca::reissue`].
+    pub fn renew(&mut self, name: &str, valid_days: u32) -> Result<Issued, PkiError> {
+        self.consortium = Consortium::load(&self.consortium_path())?;
+        let latest = self.known(name)?;
+        if latest.revoked {
+            return Err(PkiError::AlreadyRevoked {
+                name: name.to_string(),
+                revoked_at: latest.revoked_at.clone().unwrap_or_default(),
+            });
+        }
+        self.sign(latest.role, name, valid_days)
+    }
+
+    /// A new key and certificate for a participant whose key was lost or exposed, or who was
+    /// revoked and is let back in, in the same role: every certificate it still holds is
+    /// revoked first (and `revoked.json` rewritten). Returns the certificates revoked now.
+    pub fn reissue(
+        &mut self,
+        name: &str,
+        valid_days: u32,
+    ) -> Result<(Vec<Participant>, Issued), PkiError> {
+        check_validity(name, valid_days)?;
+        self.consortium = Consortium::load(&self.consortium_path())?;
+        let role = self.known(name)?.role;
+        let now = now_rfc3339();
+        let mut revoked = Vec::new();
+        for p in self
+            .consortium
+            .participants
+            .iter_mut()
+            .filter(|p| p.name == name && !p.revoked)
+        {
+            p.revoked = true;
+            p.revoked_at = Some(now.clone());
+            revoked.push(p.clone());
+        }
+        self.consortium.save(&self.consortium_path())?;
+        self.write_revocation_list()?;
+        Ok((revoked, self.sign(role, name, valid_days)?))
+    }
+
+    /// The latest record of `name`, which must be known.
+    fn known(&self, name: &str) -> Result<Participant, PkiError> {
+        self.consortium
+            .participant(name)
+            .cloned()
+            .ok_or_else(|| PkiError::UnknownParticipant {
+                name: name.to_string(),
+                path: self.consortium_path(),
+            })
+    }
+
+    /// Adds host names or IP addresses that coordinator certificates issued from now on carry
+    /// besides the consortium's coordinator host (`localhost` and the loopback addresses are
+    /// always there).
+    pub fn add_coordinator_names(&mut self, names: &[String]) -> Result<(), PkiError> {
+        self.consortium = Consortium::load(&self.consortium_path())?;
+        for name in names {
+            let host = CoordinatorAddress::parse(name)?.host;
+            if !self.consortium.coordinator_names.contains(&host) {
+                self.consortium.coordinator_names.push(host);
+            }
+        }
+        self.consortium.save(&self.consortium_path())
+    }
+
+    /// Signs a new key's certificate for `name` as `role`, valid for `valid_days`, and records
+    /// it.
+    fn sign(&mut self, role: Role, name: &str, valid_days: u32) -> Result<Issued, PkiError> {
+        check_validity(name, valid_days)?;
         let fail = |e: rcgen::Error| PkiError::Certificate {
             name: name.to_string(),
             reason: e.to_string(),
@@ -479,7 +572,7 @@ impl Ca {
         }];
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - BACKDATE;
-        params.not_after = now + PARTICIPANT_VALIDITY;
+        params.not_after = now + Duration::days(i64::from(valid_days));
         params.serial_number = Some(random_serial(name)?);
         let cert = params.signed_by(&key, &self.issuer).map_err(fail)?;
         let identity = PeerIdentity::from_der(cert.der())?;
@@ -527,6 +620,12 @@ impl Ca {
                 Some(ip) => push(SanType::IpAddress(ip)),
                 None => push(SanType::DnsName(ia5(host.host.clone())?)),
             }
+            for extra in &self.consortium.coordinator_names {
+                match extra.parse::<IpAddr>() {
+                    Ok(ip) => push(SanType::IpAddress(ip)),
+                    Err(_) => push(SanType::DnsName(ia5(extra.clone())?)),
+                }
+            }
             push(SanType::DnsName(ia5("localhost".into())?));
             push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
             push(SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)));
@@ -534,32 +633,33 @@ impl Ca {
         Ok(sans)
     }
 
-    /// Revokes `name`'s certificate: marks it in `consortium.json` and rewrites `revoked.json`
-    /// (atomically, so a coordinator watching it never reads half a file).
+    /// Revokes `name`'s certificates (a renewed participant may hold two): marks them in
+    /// `consortium.json` and rewrites `revoked.json` (atomically, so a coordinator watching it
+    /// never reads half a file). Returns the latest.
     pub fn revoke(&mut self, name: &str) -> Result<Participant, PkiError> {
         self.consortium = Consortium::load(&self.consortium_path())?;
-        let path = self.consortium_path();
-        let participant = self
+        let latest = self.known(name)?;
+        let now = now_rfc3339();
+        let mut revoked = None;
+        for p in self
             .consortium
             .participants
             .iter_mut()
-            .find(|p| p.name == name)
-            .ok_or_else(|| PkiError::UnknownParticipant {
-                name: name.to_string(),
-                path: path.clone(),
-            })?;
-        if participant.revoked {
+            .filter(|p| p.name == name && !p.revoked)
+        {
+            p.revoked = true;
+            p.revoked_at = Some(now.clone());
+            revoked = Some(p.clone());
+        }
+        let Some(revoked) = revoked else {
             return Err(PkiError::AlreadyRevoked {
                 name: name.to_string(),
-                revoked_at: participant.revoked_at.clone().unwrap_or_default(),
+                revoked_at: latest.revoked_at.unwrap_or_default(),
             });
-        }
-        participant.revoked = true;
-        participant.revoked_at = Some(now_rfc3339());
-        let participant = participant.clone();
-        self.consortium.save(&path)?;
+        };
+        self.consortium.save(&self.consortium_path())?;
         self.write_revocation_list()?;
-        Ok(participant)
+        Ok(revoked)
     }
 
     /// The current revocation list.
@@ -573,6 +673,17 @@ impl Ca {
         fsutil::write_atomic(&path, self.revocation_list().to_json().as_bytes())?;
         Ok(path)
     }
+}
+
+/// Refuses a validity of no days, or longer than the CA's own.
+pub(crate) fn check_validity(name: &str, valid_days: u32) -> Result<(), PkiError> {
+    if (1..=MAX_VALID_DAYS).contains(&valid_days) {
+        return Ok(());
+    }
+    Err(PkiError::Certificate {
+        name: name.to_string(),
+        reason: format!("valid for {valid_days} days: give 1 to {MAX_VALID_DAYS}"),
+    })
 }
 
 fn distinguished_name(
@@ -785,6 +896,102 @@ mod tests {
             ca.issue(Role::Site, "h"),
             Err(PkiError::Duplicate { .. })
         ));
+    }
+
+    #[test]
+    fn renews_and_reissues_with_the_validity_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = Ca::create(dir.path(), "Net", "coord").unwrap();
+        let first = ca.issue(Role::Site, "h").unwrap();
+        let days = |issued: &Issued| {
+            let der =
+                crate::tls::first_cert_der(Path::new("x"), issued.cert_pem.as_bytes()).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
+                / 86_400
+        };
+        // Renewed: a new key and serial in the same role; the old certificate stays valid.
+        let renewed = ca.renew("h", 90).unwrap();
+        assert_eq!(renewed.role, Role::Site);
+        assert_ne!(renewed.serial_hex, first.serial_hex);
+        assert_ne!(renewed.key_pem, first.key_pem);
+        assert_eq!(days(&renewed), 90);
+        assert!(ca.revocation_list().revoked.is_empty());
+        assert_eq!(
+            ca.consortium().participant("h").unwrap().serial,
+            renewed.serial_hex
+        );
+        assert!(ca.renew("nobody", 90).is_err());
+        for bad in [0, MAX_VALID_DAYS + 1] {
+            let err = ca.renew("h", bad).unwrap_err().to_string();
+            assert!(err.contains("1 to 3650"), "{err}");
+        }
+
+        // Revoking the name revokes both certificates; renewing it then is refused.
+        ca.revoke("h").unwrap();
+        let revoked: Vec<String> = ca
+            .revocation_list()
+            .revoked
+            .iter()
+            .map(|r| r.serial.clone())
+            .collect();
+        assert_eq!(
+            revoked,
+            [first.serial_hex.clone(), renewed.serial_hex.clone()]
+        );
+        assert!(matches!(
+            ca.renew("h", 90),
+            Err(PkiError::AlreadyRevoked { .. })
+        ));
+
+        // Reissued: the name is back with a new certificate, the old ones stay revoked.
+        let (now_revoked, back) = ca.reissue("h", 365).unwrap();
+        assert!(now_revoked.is_empty());
+        assert_eq!(days(&back), 365);
+        let list = RevocationList::load(&dir.path().join(REVOKED_FILE)).unwrap();
+        assert_eq!(list.revoked.len(), 2);
+        assert!(list.revoked.iter().all(|r| r.serial != back.serial_hex));
+        // Reissued while valid (a lost key): the current certificate is revoked first.
+        let (now_revoked, again) = ca.reissue("h", 365).unwrap();
+        assert_eq!(now_revoked.len(), 1);
+        assert_eq!(now_revoked[0].serial, back.serial_hex);
+        assert_ne!(again.serial_hex, back.serial_hex);
+        assert_eq!(ca.revocation_list().revoked.len(), 3);
+    }
+
+    #[test]
+    fn the_coordinator_certificate_carries_further_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = Ca::create(dir.path(), "Net", "coord.example.org").unwrap();
+        ca.add_coordinator_names(&["lb.example.org".into(), "192.0.2.7".into()])
+            .unwrap();
+        assert!(ca.add_coordinator_names(&["not a host".into()]).is_err());
+        let coordinator = ca.issue(Role::Coordinator, "coordinator").unwrap();
+        let der =
+            crate::tls::first_cert_der(Path::new("x"), coordinator.cert_pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        for want in [
+            "DNSName(coord.example.org)",
+            "DNSName(lb.example.org)",
+            "IPAddress(c0:00:02:07)",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
+        // Kept in consortium.json, so a renewed coordinator certificate carries them too.
+        let reopened = Ca::open(dir.path()).unwrap();
+        assert_eq!(
+            reopened.consortium().coordinator_names,
+            ["lb.example.org", "192.0.2.7"]
+        );
     }
 
     #[test]

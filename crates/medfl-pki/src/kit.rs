@@ -103,13 +103,44 @@ impl Ca {
     /// first that the kit directory is free so that no name is spent on a kit that cannot be
     /// written.
     pub fn issue_kit(&mut self, role: Role, name: &str, out_dir: &Path) -> Result<Kit, PkiError> {
-        validate_name(name)?;
-        let dir = out_dir.join(name);
-        if !fsutil::dir_is_free(&dir)? {
-            return Err(PkiError::KitExists { path: dir });
-        }
-        let issued = self.issue(role, name)?;
+        self.issue_kit_for(role, name, out_dir, crate::ca::DEFAULT_VALID_DAYS)
+    }
+
+    /// [`Ca::issue_kit`] with a certificate valid for `valid_days`.
+    pub fn issue_kit_for(
+        &mut self,
+        role: Role,
+        name: &str,
+        out_dir: &Path,
+        valid_days: u32,
+    ) -> Result<Kit, PkiError> {
+        kit_dir_free(name, out_dir)?;
+        let issued = self.issue_for(role, name, valid_days)?;
         self.write_kit(out_dir, &issued)
+    }
+
+    /// [`Ca::renew`], writing the new kit under `out_dir`.
+    pub fn renew_kit(
+        &mut self,
+        name: &str,
+        out_dir: &Path,
+        valid_days: u32,
+    ) -> Result<Kit, PkiError> {
+        kit_dir_free(name, out_dir)?;
+        let issued = self.renew(name, valid_days)?;
+        self.write_kit(out_dir, &issued)
+    }
+
+    /// [`Ca::reissue`], writing the new kit under `out_dir`; returns the certificates revoked.
+    pub fn reissue_kit(
+        &mut self,
+        name: &str,
+        out_dir: &Path,
+        valid_days: u32,
+    ) -> Result<(Vec<crate::ca::Participant>, Kit), PkiError> {
+        kit_dir_free(name, out_dir)?;
+        let (revoked, issued) = self.reissue(name, valid_days)?;
+        Ok((revoked, self.write_kit(out_dir, &issued)?))
     }
 
     fn config_text(&self, issued: &Issued) -> String {
@@ -148,6 +179,35 @@ impl Ca {
     }
 }
 
+/// Fails unless `out_dir/name` is free for a kit, before a certificate is spent on it.
+fn kit_dir_free(name: &str, out_dir: &Path) -> Result<(), PkiError> {
+    validate_name(name)?;
+    let dir = out_dir.join(name);
+    if !fsutil::dir_is_free(&dir)? {
+        return Err(PkiError::KitExists { path: dir });
+    }
+    Ok(())
+}
+
+/// How [`provision_with`] issues: the certificates' validity and further names the
+/// coordinator's certificate carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueOptions {
+    /// Days each participant's certificate is valid.
+    pub valid_days: u32,
+    /// Host names or IP addresses the coordinator is also reached at.
+    pub coordinator_names: Vec<String>,
+}
+
+impl Default for IssueOptions {
+    fn default() -> Self {
+        Self {
+            valid_days: crate::ca::DEFAULT_VALID_DAYS,
+            coordinator_names: Vec::new(),
+        }
+    }
+}
+
 /// Creates a consortium at once: the CA in `ca_dir` (default `out_dir/ca`), a coordinator kit
 /// named [`COORDINATOR_NAME`], and one kit per site, researcher and operator, all under
 /// `out_dir`. Every name and kit directory is checked before anything is written.
@@ -160,6 +220,27 @@ pub fn provision(
     operators: &[String],
     out_dir: &Path,
 ) -> Result<Provisioned, PkiError> {
+    provision_with(
+        ca_dir,
+        consortium,
+        coordinator_host,
+        (sites, researchers, operators),
+        out_dir,
+        &IssueOptions::default(),
+    )
+}
+
+/// [`provision`] with the certificates issued as `options` say. `people` are the sites,
+/// researchers and operators.
+pub fn provision_with(
+    ca_dir: Option<&Path>,
+    consortium: &str,
+    coordinator_host: &str,
+    people: (&[String], &[String], &[String]),
+    out_dir: &Path,
+    options: &IssueOptions,
+) -> Result<Provisioned, PkiError> {
+    let (sites, researchers, operators) = people;
     let ca_dir = ca_dir.map_or_else(|| out_dir.join("ca"), Path::to_path_buf);
     let plan: Vec<(Role, &str)> = std::iter::once((Role::Coordinator, COORDINATOR_NAME))
         .chain(sites.iter().map(|n| (Role::Site, n.as_str())))
@@ -189,10 +270,15 @@ pub fn provision(
             return Err(PkiError::KitExists { path: dir });
         }
     }
+    crate::ca::check_validity(COORDINATOR_NAME, options.valid_days)?;
+    for name in &options.coordinator_names {
+        crate::ca::CoordinatorAddress::parse(name)?;
+    }
     let mut ca = Ca::create(&ca_dir, consortium, coordinator_host)?;
+    ca.add_coordinator_names(&options.coordinator_names)?;
     let kits = plan
         .into_iter()
-        .map(|(role, name)| ca.issue_kit(role, name, out_dir))
+        .map(|(role, name)| ca.issue_kit_for(role, name, out_dir, options.valid_days))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Provisioned {
         ca_sha256_hex: ca.consortium().ca_sha256.clone(),

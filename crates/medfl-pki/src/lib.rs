@@ -38,11 +38,11 @@ mod tls;
 
 pub use ca::{
     Ca, Consortium, CoordinatorAddress, Issued, Participant, CA_CERT_FILE, CA_KEY_FILE,
-    CONSORTIUM_FILE, DEFAULT_PORT, REVOKED_FILE,
+    CONSORTIUM_FILE, DEFAULT_PORT, DEFAULT_VALID_DAYS, MAX_VALID_DAYS, REVOKED_FILE,
 };
 pub use error::PkiError;
 pub use handshake::{tls_incoming, Admitted, ConnectionLimits};
 pub use identity::{identity_uri, validate_name, PeerIdentity, Role, URI_PREFIX};
-pub use kit::{provision, Kit, Provisioned, COORDINATOR_NAME};
+pub use kit::{provision, provision_with, IssueOptions, Kit, Provisioned, COORDINATOR_NAME};
 pub use revocation::{RevocationList, Revoked, WatchedRevocations};
 pub use tls::{client_tls, server_tls};
