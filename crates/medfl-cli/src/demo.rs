@@ -75,6 +75,20 @@ pub struct DemoArgs {
     /// meets it.
     #[arg(long, value_name = "EPS", value_parser = positive_epsilon)]
     pub client_privacy: Option<f64>,
+    /// icd10: the (expected) batch of local training [default: 16]. Record-level DP-SGD's noise
+    /// on the mean gradient shrinks as the batch grows.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_size: Option<u32>,
+    /// icd10: AdamW's learning rate at the sites [default: 0.003].
+    #[arg(long, value_name = "LR", value_parser = positive_rate)]
+    pub learning_rate: Option<f64>,
+}
+
+fn positive_rate(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 10.0 => Ok(r),
+        _ => Err(format!("`{arg}` is not a learning rate in (0, 10]")),
+    }
 }
 
 fn positive_epsilon(arg: &str) -> Result<f64, String> {
@@ -232,8 +246,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         return crate::demo_text::run(args).await;
     }
     anyhow::ensure!(
-        args.sites.is_none() && args.client_privacy.is_none(),
-        "--sites and --client-privacy are offered for the icd10 demo"
+        args.sites.is_none()
+            && args.client_privacy.is_none()
+            && args.batch_size.is_none()
+            && args.learning_rate.is_none(),
+        "--sites, --client-privacy, --batch-size and --learning-rate are offered for the icd10 demo"
     );
     let rounds = args.rounds.unwrap_or(12);
     anyhow::ensure!(rounds > 0, "--rounds must be at least 1");

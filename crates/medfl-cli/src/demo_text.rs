@@ -67,7 +67,18 @@ const DEFAULT_STRATEGY: &str = "[strategy]\nname = \"fedavgm\"\nmomentum = 0.5\n
 /// site's share would make each round train on all 18,794 descriptions.
 const MANY_SITES_LOCAL_STEPS: u32 = 10;
 
-fn spec_text(rounds: u32, sha: &str, labels: &[String], sites: u32) -> String {
+/// The demo's local batch and AdamW learning rate unless `--batch-size` and `--learning-rate`
+/// say otherwise.
+const BATCH_SIZE: u32 = 16;
+const LEARNING_RATE: f64 = 0.003;
+
+fn spec_text(
+    rounds: u32,
+    sha: &str,
+    labels: &[String],
+    sites: u32,
+    (batch_size, learning_rate): (u32, f64),
+) -> String {
     let labels: Vec<String> = labels.iter().map(|l| format!("\"{l}\"")).collect();
     let steps = if sites > 3 {
         format!("local_steps = {MANY_SITES_LOCAL_STEPS}\n")
@@ -103,8 +114,8 @@ validation_fraction = 0.1
 
 [training]
 local_epochs = 1
-batch_size = 16
-learning_rate = 0.003
+batch_size = {batch_size}
+learning_rate = {learning_rate:?}
 optimizer = "adamw"
 {steps}"#,
         labels.join(", ")
@@ -183,7 +194,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let many = args.sites.is_some();
     let (spec_toml, spec) = crate::demo::with_strategy(
-        spec_text(rounds, &sha, &labels, hospitals.len() as u32),
+        spec_text(
+            rounds,
+            &sha,
+            &labels,
+            hospitals.len() as u32,
+            (
+                args.batch_size.unwrap_or(BATCH_SIZE),
+                args.learning_rate.unwrap_or(LEARNING_RATE),
+            ),
+        ),
         Some(strategy),
     )?;
 
