@@ -162,6 +162,15 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
     let err = c.register(register("site-c")).await.expect_err("revoked");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("site-c"), "{}", err.message());
+    // The site daemon tells its hospital so in plain words (and retries hourly).
+    let site_config = medfl_site::SiteConfig::load(Some(&site_c.config)).expect("site-c's kit");
+    let why = medfl_site::daemon::certificate_refused(
+        &medfl_site::SiteError::Rpc(err.clone()),
+        &site_config,
+        0,
+    )
+    .expect("a revocation, said as one");
+    assert!(why.contains("medfl provision reissue site-c"), "{why}");
     let tls =
         medfl_pki::client_tls(&site_c.ca, &site_c.cert, &site_c.key, "localhost").expect("TLS");
     let refused = match channel(&url, tls).await {

@@ -45,4 +45,4 @@ pub use handshake::{tls_incoming, Admitted, ConnectionLimits};
 pub use identity::{identity_uri, validate_name, PeerIdentity, Role, URI_PREFIX};
 pub use kit::{provision, provision_with, IssueOptions, Kit, Provisioned, COORDINATOR_NAME};
 pub use revocation::{RevocationList, Revoked, WatchedRevocations};
-pub use tls::{client_tls, server_tls};
+pub use tls::{certificate_expiry, client_tls, server_tls};

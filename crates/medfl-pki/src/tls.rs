@@ -175,6 +175,20 @@ fn all_cert_ders(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>
     Ok(ders)
 }
 
+/// When the first certificate in the PEM file at `path` expires: seconds since the epoch, and
+/// RFC 3339. A participant checks its own, to say in plain words that it needs renewing.
+pub fn certificate_expiry(path: &Path) -> Result<(i64, String), PkiError> {
+    let pem = std::fs::read(path).map_err(|e| PkiError::io(path, e))?;
+    let der = first_cert_der(path, &pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError::malformed(path, format!("not an X.509 certificate: {e}")))?;
+    let not_after = cert.validity().not_after;
+    Ok((
+        not_after.timestamp(),
+        crate::fsutil::rfc3339(not_after.to_datetime()),
+    ))
+}
+
 /// The DER of the first certificate in a PEM file's contents.
 pub(crate) fn first_cert_der(path: &Path, pem: &[u8]) -> Result<CertificateDer<'static>, PkiError> {
     let mut ders = all_cert_ders(path, pem)?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use medfl_core::selection::SplitMix64;
 use medfl_proto::v1;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::client::Client;
 use crate::config::SiteConfig;
@@ -55,9 +55,56 @@ impl Backoff {
     }
 }
 
+/// How long a site whose certificate is revoked or expired waits between tries.
+pub const REFUSED_CERTIFICATE_RETRY: Duration = Duration::from_secs(3600);
+
+/// In words for hospital IT, why the coordinator will not take this site's certificate, when
+/// it is expired (checked here, against `now`, seconds since the epoch) or revoked (as the
+/// coordinator's refusal or TLS alert says); `None` for any other failure.
+pub fn certificate_refused(e: &SiteError, cfg: &SiteConfig, now: i64) -> Option<String> {
+    let name = &cfg.name;
+    let renew = format!(
+        "the consortium's operator issues a new kit with `medfl provision renew {name}`; put \
+         it in place of this one and restart the site"
+    );
+    if let Some(cert) = &cfg.tls_cert {
+        if let Ok((expiry, when)) = medfl_pki::certificate_expiry(cert) {
+            if expiry <= now {
+                return Some(format!(
+                    "this site's certificate ({}) expired at {when}, so the coordinator refuses \
+                     it: {renew}",
+                    cert.display()
+                ));
+            }
+        }
+    }
+    let mut chain = Vec::new();
+    let mut next: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = next {
+        chain.push(err.to_string());
+        next = err.source();
+    }
+    let chain = chain.join(": ");
+    if chain.contains("CertificateRevoked") || chain.contains("presented a revoked certificate") {
+        return Some(format!(
+            "the coordinator refuses this site's certificate: the consortium revoked it. Ask \
+             the operator whether `{name}` may come back; `medfl provision reissue {name}` \
+             issues a new kit"
+        ));
+    }
+    if chain.contains("CertificateExpired") {
+        return Some(format!(
+            "the coordinator refuses this site's certificate as expired (check this machine's \
+             clock if it has not): {renew}"
+        ));
+    }
+    None
+}
+
 /// Runs the site until `shutdown` completes. Returns an error only for problems that
 /// reconnecting cannot fix (bad data at start, an identity the coordinator refuses); every
-/// other failure is retried with backoff.
+/// other failure is retried with backoff (hourly when the site's certificate is revoked or
+/// expired, which only the consortium's operator can change).
 pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Result<(), SiteError> {
     run_observed(config, shutdown, watch::Sender::new(0)).await
 }
@@ -114,8 +161,22 @@ pub async fn run_observed(
             // Only a refused identity is final: anything else is retried after a pause.
             Err(e @ SiteError::Config(_)) => break Err(e),
             Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "lost the coordinator; reconnecting");
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let delay = match certificate_refused(&e, &cfg, now) {
+                    // Nothing changes until the operator acts: try again hourly, not every
+                    // few seconds.
+                    Some(why) => {
+                        error!(site = %cfg.name, retry_in_s = REFUSED_CERTIFICATE_RETRY.as_secs(), "{why}");
+                        REFUSED_CERTIFICATE_RETRY
+                    }
+                    None => {
+                        let delay = backoff.next_delay();
+                        warn!(site = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "lost the coordinator; reconnecting");
+                        delay
+                    }
+                };
                 tokio::select! {
                     _ = &mut shutdown => break Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -344,5 +405,51 @@ mod tests {
         assert!(d[7] >= Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn an_expired_or_revoked_certificate_is_said_in_plain_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = medfl_pki::provision_with(
+            None,
+            "Net",
+            "localhost",
+            (&["st-marys".to_string()], &[], &[]),
+            &dir.path().join("kits"),
+            &medfl_pki::IssueOptions {
+                valid_days: 1,
+                coordinator_names: Vec::new(),
+            },
+        )
+        .unwrap();
+        let cfg = SiteConfig::load(Some(&made.kits[1].config)).unwrap();
+        let (expiry, _) = medfl_pki::certificate_expiry(cfg.tls_cert.as_ref().unwrap()).unwrap();
+        let lost = SiteError::Connect {
+            url: cfg.coordinator.clone(),
+            message: "connection refused".into(),
+        };
+        // Valid: an ordinary failure, retried with the usual backoff.
+        assert_eq!(certificate_refused(&lost, &cfg, expiry - 60), None);
+        // Past its date: whatever the failure, the certificate is why.
+        let why = certificate_refused(&lost, &cfg, expiry + 1).expect("expired");
+        assert!(
+            why.contains("expired") && why.contains("medfl provision renew st-marys"),
+            "{why}"
+        );
+        // Revoked: the coordinator's refusal on a connection, or its TLS alert on a new one.
+        let refusal = SiteError::Rpc(tonic::Status::permission_denied(
+            "site \"st-marys\" presented a revoked certificate (serial 0a, revoked at x)",
+        ));
+        let alert = SiteError::Rpc(tonic::Status::from_error(Box::new(std::io::Error::other(
+            "received fatal alert: CertificateRevoked",
+        ))));
+        for e in [refusal, alert] {
+            let why = certificate_refused(&e, &cfg, expiry - 60).expect("revoked");
+            assert!(
+                why.contains("revoked") && why.contains("medfl provision reissue st-marys"),
+                "{why}"
+            );
+        }
+        assert_eq!(REFUSED_CERTIFICATE_RETRY, Duration::from_secs(3600));
     }
 }
