@@ -152,6 +152,50 @@ async fn a_site_awaiting_approval_holds_its_place_and_trains_once_approved() {
     coordinator.stop().await;
 }
 
+/// A run stopped while it waits for a hospital's approval leaves that hospital's queue: the
+/// site learns it ended from its heartbeat, and approving it is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_that_ended_while_awaiting_approval_leaves_the_queue() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let (csvs, _test) = split_breast_cancer(dir.path(), 2);
+    let sites = open_and_careful_sites(&coordinator, dir.path(), &csvs).await;
+    let careful = dir.path().join("careful");
+    let mut client = coordinator.runs().await;
+    let run = create_run(
+        &mut client,
+        &breast_cancer_spec("never-approved", 2, 2, 120),
+    )
+    .await;
+    until_site_state(&careful, "the run in the approval queue", |d| {
+        Approvals::load(d).is_ok_and(|q| q.waiting().contains(&run))
+    })
+    .await;
+    client
+        .stop_run(v1::StopRunRequest {
+            run_id: run.clone(),
+        })
+        .await
+        .expect("stop");
+    until_site_state(&careful, "the run marked ended", |d| {
+        Approvals::load(d).is_ok_and(|q| q.runs.get(&run).is_some_and(|a| a.ended))
+    })
+    .await;
+    assert!(Approvals::load(&careful)
+        .expect("queue")
+        .waiting()
+        .is_empty());
+    let err = Approvals::decide(&careful, &run, Decision::Approved, "")
+        .expect_err("approving an ended run")
+        .to_string();
+    assert!(err.contains("has ended at the coordinator"), "{err}");
+    for site in sites {
+        site.stop().await;
+    }
+    coordinator.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hospital_approves_a_run_by_name_before_it_arrives() {
     init_logs();

@@ -260,6 +260,7 @@ async fn session(
         client.clone(),
         worker.tasks().clone(),
         Duration::from_secs(u64::from(reply.heartbeat_interval_secs.max(1))),
+        cfg.data_dir.clone(),
     ));
     let _stop_heartbeats = AbortOnDrop(heartbeat);
     let mut check = tokio::time::interval(REGISTRY_CHECK);
@@ -362,12 +363,20 @@ async fn register(client: &mut Client, worker: &Worker) -> Result<v1::RegisterRe
 
 /// Tells the coordinator the site is alive and which runs it works on; cancels the tasks of
 /// those it says ended.
-async fn heartbeats(client: Client, tasks: Tasks, every: Duration) {
+async fn heartbeats(client: Client, tasks: Tasks, every: Duration, data_dir: std::path::PathBuf) {
     let mut client = client;
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let active_runs = tasks.active_runs();
+        let mut active_runs = tasks.active_runs();
+        // Runs waiting for the hospital's decision too: once they end at the coordinator, the
+        // queue says so, and nobody approves a run that will never train.
+        let waiting = crate::policy::Approvals::load(&data_dir)
+            .map(|q| q.waiting())
+            .unwrap_or_default();
+        active_runs.extend(waiting.iter().cloned());
+        active_runs.sort();
+        active_runs.dedup();
         let Ok(reply) = client
             .site
             .heartbeat(client.authed(v1::HeartbeatRequest { active_runs }))
@@ -375,7 +384,21 @@ async fn heartbeats(client: Client, tasks: Tasks, every: Duration) {
         else {
             continue;
         };
-        for run in reply.into_inner().stopped_runs {
+        let stopped = reply.into_inner().stopped_runs;
+        let ended: Vec<String> = stopped
+            .iter()
+            .filter(|r| waiting.contains(r))
+            .cloned()
+            .collect();
+        match crate::policy::Approvals::mark_ended(&data_dir, &ended) {
+            Ok(marked) => {
+                for run in marked {
+                    info!(run = %run, "a run awaiting approval ended at the coordinator");
+                }
+            }
+            Err(e) => warn!(error = %e, "could not mark ended runs in the approval queue"),
+        }
+        for run in stopped {
             if tasks.run_stopped(&run) > 0 {
                 info!(run = %run, "run ended at the coordinator; abandoning its work");
             }

@@ -299,7 +299,7 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
             let shown: Vec<_> = queue
                 .runs
                 .iter()
-                .filter(|(_, a)| all || a.decision == Decision::Pending)
+                .filter(|(_, a)| all || (a.decision == Decision::Pending && !a.ended))
                 .collect();
             if json {
                 let runs: serde_json::Map<String, serde_json::Value> = shown
@@ -320,7 +320,10 @@ fn runs(config: &SiteConfig, command: RunsCommand) -> anyhow::Result<()> {
                 medfl_daemon::outln!("no run waits for approval at `{}`", config.name);
             }
             for (id, a) in shown {
-                let decision = format!("{:?}", a.decision).to_lowercase();
+                let mut decision = format!("{:?}", a.decision).to_lowercase();
+                if a.ended {
+                    decision = format!("{decision}, ended");
+                }
                 medfl_daemon::outln!(
                     "{id}  {decision:<8}  spec {}  {}: {}  {}",
                     short(&a.spec_sha256),

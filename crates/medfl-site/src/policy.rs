@@ -203,6 +203,9 @@ pub struct Approval {
     /// (bound at their next task).
     #[serde(default)]
     pub spec_sha256: String,
+    /// The run ended at the coordinator (its heartbeat said so): nothing is left to decide.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ended: bool,
 }
 
 /// A decision the hospital took before the run reached this site.
@@ -396,6 +399,32 @@ impl Approvals {
             })
     }
 
+    /// Runs that still await the hospital's decision (not ended).
+    pub fn waiting(&self) -> Vec<String> {
+        self.runs
+            .iter()
+            .filter(|(_, a)| a.decision == Decision::Pending && !a.ended)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Marks queued `runs` as ended at the coordinator; returns those newly marked.
+    pub fn mark_ended(data_dir: &Path, runs: &[String]) -> Result<Vec<String>, SiteError> {
+        let _lock = QueueLock::take(data_dir)?;
+        let mut queue = Self::load(data_dir)?;
+        let mut marked = Vec::new();
+        for run in runs {
+            if let Some(a) = queue.runs.get_mut(run).filter(|a| !a.ended) {
+                a.ended = true;
+                marked.push(run.clone());
+            }
+        }
+        if !marked.is_empty() {
+            queue.save(data_dir)?;
+        }
+        Ok(marked)
+    }
+
     /// Whether a task of `run` carries another spec than the one its run is bound to.
     pub fn spec_change(&self, run: &str, spec_sha256: &str) -> Option<SpecChanged> {
         let a = self.runs.get(run)?;
@@ -460,6 +489,13 @@ impl Approvals {
                 let entry = queue.runs.get_mut(&id).ok_or_else(|| {
                     SiteError::Config(format!("run `{id}` has not reached this site"))
                 })?;
+                if entry.ended {
+                    return Err(SiteError::Config(format!(
+                        "run `{id}` ({}) has ended at the coordinator: it will not train \
+                         anywhere again, so there is nothing to decide",
+                        entry.name
+                    )));
+                }
                 entry.decision = decision;
                 entry.reason = reason.to_string();
                 Decided::Run {
@@ -624,6 +660,7 @@ pub fn admit(
         decision,
         reason,
         spec_sha256: spec_sha256.to_string(),
+        ended: false,
     };
     queue.runs.insert(run.to_string(), entry.clone());
     queue.save(data_dir)?;
