@@ -827,6 +827,7 @@ mod tests {
                 decision: Decision::Pending,
                 reason: String::new(),
                 spec_sha256: h,
+                ended: false,
             },
         );
         assert_eq!(
