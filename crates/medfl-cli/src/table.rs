@@ -417,6 +417,16 @@ pub fn privacy_summary(detail: &RunDetail) -> String {
     out
 }
 
+/// `took` milliseconds as `1 h 02 min`, `3 min 05 s` or `12.3 s`.
+fn elapsed(took: u64) -> String {
+    let secs = took / 1000;
+    match secs {
+        0..60 => format!("{} s", seconds(took)),
+        60..3600 => format!("{} min {:02} s", secs / 60, secs % 60),
+        _ => format!("{} h {:02} min", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
 /// A run's summary as `key  value` lines: id, name, status, rounds, creation time, the round in
 /// progress and the error, when there is one.
 pub fn run_overview(detail: &RunDetail) -> String {
@@ -429,6 +439,13 @@ pub fn run_overview(detail: &RunDetail) -> String {
         ("rounds", format!("{}/{}", s.rounds_done, s.rounds_total)),
         ("created", utc(s.created_unix_ms)),
     ];
+    if s.ended_unix_ms > 0 {
+        let took = s.ended_unix_ms.saturating_sub(s.created_unix_ms);
+        lines.push((
+            "ended",
+            format!("{} (after {})", utc(s.ended_unix_ms), elapsed(took)),
+        ));
+    }
     if !s.creator.is_empty() {
         lines.push((
             "by",
@@ -767,6 +784,27 @@ mod tests {
         let text = run_overview(&detail);
         assert!(text.contains("by       dr-ana (researcher)"), "{text}");
         assert!(text.contains("trained  4.7 s over 2 rounds"), "{text}");
+    }
+
+    #[test]
+    fn an_ended_run_shows_when_and_after_how_long() {
+        let detail = RunDetail {
+            summary: Some(RunSummary {
+                created_unix_ms: 1_795_861_800_000,
+                ended_unix_ms: 1_795_861_800_000 + 3_723_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = run_overview(&detail);
+        assert!(text.contains("ended    2026-11-28T11:32:03Z"), "{text}");
+        assert!(text.contains("after 1 h 02 min"), "{text}");
+        assert_eq!(elapsed(65_000), "1 min 05 s");
+        let running = RunDetail {
+            summary: Some(RunSummary::default()),
+            ..Default::default()
+        };
+        assert!(!run_overview(&running).contains("ended"));
     }
 
     #[test]

@@ -488,6 +488,17 @@ async fn every_read_command_prints_json_with_json() {
         .as_str()
         .is_some_and(|s| s.contains("json-run")));
     assert_eq!(shown["rounds"].as_array().map(Vec::len), Some(2));
+    let (created, ended) = (
+        shown["summary"]["created_unix_ms"].as_u64().unwrap_or(0),
+        shown["summary"]["ended_unix_ms"].as_u64().unwrap_or(0),
+    );
+    assert!(created > 0 && ended >= created, "{shown}");
+    let out = medfl(&fed.coordinator, &["run", "show", &run]).await;
+    assert!(
+        text(&out.stdout).contains("ended "),
+        "{}",
+        text(&out.stdout)
+    );
     let round = json(
         &fed.coordinator,
         &["run", "show", &run, "--round", "1", "--json"],

@@ -123,7 +123,8 @@ pub fn end_run(
         })
         .collect();
     let references = release_now.len();
-    let candidates = shared.db(|s| s.end_run(run_id, status, error, &release_now))?;
+    let candidates =
+        shared.db(|s| s.end_run(run_id, status, error, &release_now, crate::state::now_ms()))?;
     let (gone, bytes) = shared
         .blobs
         .collect(candidates, |sha| shared.db(|s| s.is_owned(sha)))?;

@@ -142,6 +142,7 @@ impl RunApi {
             error: String::new(),
             creator: caller.name.clone(),
             creator_role: caller.role.clone(),
+            ended_ms: None,
         };
         // Pinned since it was stored; let go once the run owns it (or the insert failed).
         let pinned = self.shared.blobs.pinned(&record.initial_sha256);
@@ -307,6 +308,7 @@ fn summary(run: &RunRecord, rounds_done: u32) -> v1::RunSummary {
         error: run.error.clone(),
         creator: run.creator.clone(),
         creator_role: run.creator_role.clone(),
+        ended_unix_ms: run.ended_ms.unwrap_or(0),
     }
 }
 

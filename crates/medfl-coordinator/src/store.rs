@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS cross_site (
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// What a blob is to the run that holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -262,6 +262,8 @@ pub struct RunRecord {
     pub creator: String,
     /// That certificate's role (`researcher`, `operator`).
     pub creator_role: String,
+    /// When it ended (`None` while it runs, and for runs that ended before this was kept).
+    pub ended_ms: Option<u64>,
 }
 
 /// A committed round.
@@ -524,11 +526,12 @@ impl Store {
             conn.execute_batch(&steps)?;
         }
         // Version 4 keeps the record-level ε a site reported with each update, version 5 each
-        // round's largest, version 6 each round's client-level ε.
-        for (to, table, column) in [
-            (4, "site_results", "privacy_epsilon"),
-            (5, "rounds", "privacy_epsilon"),
-            (6, "rounds", "client_epsilon"),
+        // round's largest, version 6 each round's client-level ε, version 7 when a run ended.
+        for (to, table, column, kind) in [
+            (4, "site_results", "privacy_epsilon", "REAL"),
+            (5, "rounds", "privacy_epsilon", "REAL"),
+            (6, "rounds", "client_epsilon", "REAL"),
+            (7, "runs", "ended_ms", "INTEGER"),
         ] {
             if version < to {
                 let has: bool = conn
@@ -536,7 +539,7 @@ impl Store {
                     .exists(params![table, column])?;
                 let mut steps = String::from("BEGIN;\n");
                 if !has {
-                    steps += &format!("ALTER TABLE {table} ADD COLUMN {column} REAL;\n");
+                    steps += &format!("ALTER TABLE {table} ADD COLUMN {column} {kind};\n");
                 }
                 steps += &format!("PRAGMA user_version = {to};\nCOMMIT;");
                 conn.execute_batch(&steps)?;
@@ -607,12 +610,13 @@ impl Store {
         status: RunStatus,
         error: &str,
         release: &[BlobRef],
+        ended_ms: u64,
     ) -> Result<Vec<String>, CoordinatorError> {
         let tx = self.conn.transaction()?;
         let shas = Self::delete_refs(&tx, release)?;
         tx.execute(
-            "UPDATE runs SET status = ?2, error = ?3 WHERE id = ?1",
-            params![id, status.as_str(), error],
+            "UPDATE runs SET status = ?2, error = ?3, ended_ms = ?4 WHERE id = ?1",
+            params![id, status.as_str(), error, ended_ms as i64],
         )?;
         tx.commit()?;
         Ok(shas)
@@ -786,6 +790,7 @@ impl Store {
             error: r.get(7)?,
             creator: r.get(8)?,
             creator_role: r.get(9)?,
+            ended_ms: r.get::<_, Option<i64>>(10)?.map(|ms| ms as u64),
         })
     }
 
@@ -794,7 +799,7 @@ impl Store {
         self.conn
             .query_row(
                 "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error,
-                        creator, creator_role
+                        creator, creator_role, ended_ms
                  FROM runs WHERE id = ?1",
                 [id],
                 Self::run_from_row,
@@ -807,7 +812,7 @@ impl Store {
     pub fn runs(&self) -> Result<Vec<RunRecord>, CoordinatorError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error,
-                    creator, creator_role
+                    creator, creator_role, ended_ms
              FROM runs ORDER BY created_ms, id",
         )?;
         let rows = stmt.query_map([], Self::run_from_row)?;
@@ -1385,6 +1390,7 @@ mod tests {
                 error: String::new(),
                 creator: "r".into(),
                 creator_role: "researcher".into(),
+                ended_ms: None,
             })
             .unwrap();
             s.commit_round(
@@ -1430,6 +1436,7 @@ mod tests {
             error: String::new(),
             creator: String::new(),
             creator_role: String::new(),
+            ended_ms: None,
         }
     }
 
