@@ -105,7 +105,7 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
         .ca_certificate(ca)
         .identity(Identity::from_pem(pem(&mallory.cert), pem(&mallory.key)))
         .domain_name("localhost");
-    let refused = match channel(&url, foreign).await {
+    let refused = match channel(&url, foreign.clone()).await {
         Err(_) => true,
         Ok(ch) => RunServiceClient::new(ch)
             .list_runs(v1::ListRunsRequest {})
@@ -113,6 +113,43 @@ async fn federation_runs_over_mutual_tls_and_impostors_are_refused() {
             .is_err(),
     };
     assert!(refused, "a certificate of another CA was accepted");
+
+    // Refused handshakes are audited, rate-limited: a flood of them writes at most a minute's
+    // allowance, each entry naming the peer and the reason.
+    for _ in 0..20 {
+        if let Ok(ch) = channel(&url, foreign.clone()).await {
+            let _ = RunServiceClient::new(ch)
+                .list_runs(v1::ListRunsRequest {})
+                .await;
+        }
+    }
+    let log = coordinator.data_dir.join("audit.jsonl");
+    let refusals = |log: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == "handshake_refused")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(20));
+    while refusals(&log).is_empty() && std::time::Instant::now() < deadline {
+        every.tick().await;
+    }
+    let written = refusals(&log);
+    assert!(
+        !written.is_empty() && written.len() <= medfl_coordinator::refusals::PER_MINUTE as usize,
+        "{written:?}"
+    );
+    assert!(written.iter().all(|e| {
+        e["details"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+            && e["details"]["reason"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty())
+    }));
 
     // A site acting as another site.
     let mut site_a =

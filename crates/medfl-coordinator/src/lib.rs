@@ -32,6 +32,7 @@ pub mod fit;
 pub mod open_files;
 pub mod published;
 pub mod quota;
+pub mod refusals;
 pub mod retention;
 pub mod run_service;
 pub mod server;

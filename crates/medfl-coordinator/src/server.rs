@@ -131,7 +131,12 @@ pub async fn serve(
                     as usize,
                 max_handshakes: shared.config.max_handshakes as usize,
             };
-            let incoming = medfl_pki::tls_incoming(listener, acceptor, limits);
+            let incoming = medfl_pki::tls_incoming_observed(
+                listener,
+                acceptor,
+                limits,
+                crate::refusals::audit_refusals(shared.clone()),
+            );
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

@@ -185,6 +185,28 @@ pub fn tls_incoming(
     acceptor: TlsAcceptor,
     limits: ConnectionLimits,
 ) -> ReceiverStream<std::io::Result<Admitted<TlsStream<TcpStream>>>> {
+    tls_incoming_observed(listener, acceptor, limits, |_| {})
+}
+
+/// A TLS handshake the coordinator refused: a client that spoke TLS and failed it (no
+/// certificate, one of another CA, a revoked or expired one). Connections that never sent a
+/// hello, or went quiet, are not counted: scanners and load balancers do that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedHandshake {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// Why, as the TLS library says it (at most 200 characters).
+    pub reason: String,
+}
+
+/// [`tls_incoming`], telling `refused` of each refused handshake (for the audit log).
+pub fn tls_incoming_observed(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limits: ConnectionLimits,
+    refused: impl Fn(RefusedHandshake) + Send + Sync + 'static,
+) -> ReceiverStream<std::io::Result<Admitted<TlsStream<TcpStream>>>> {
+    let refused = Arc::new(refused);
     let (tx, rx) = mpsc::channel(64);
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
@@ -214,6 +236,7 @@ pub fn tls_incoming(
             // Small gRPC frames should not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, handshakes) = (acceptor.clone(), tx.clone(), handshakes.clone());
+            let refused = refused.clone();
             tokio::spawn(async move {
                 let handshake = async {
                     // An idle connection waits here holding its connection slot only.
@@ -245,7 +268,18 @@ pub fn tls_incoming(
                             }))
                             .await;
                     }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        // Silence or a hang-up before the hello is not a refusal.
+                        let quiet = matches!(
+                            e.kind(),
+                            std::io::ErrorKind::TimedOut | std::io::ErrorKind::UnexpectedEof
+                        );
+                        if !quiet {
+                            let reason: String = e.to_string().chars().take(200).collect();
+                            refused(RefusedHandshake { peer, reason });
+                        }
+                    }
                     Err(_) => debug!(%peer, "TLS handshake timed out"),
                 }
             });

@@ -41,7 +41,9 @@ pub use ca::{
     CONSORTIUM_FILE, DEFAULT_PORT, DEFAULT_VALID_DAYS, MAX_VALID_DAYS, REVOKED_FILE,
 };
 pub use error::PkiError;
-pub use handshake::{tls_incoming, Admitted, ConnectionLimits};
+pub use handshake::{
+    tls_incoming, tls_incoming_observed, Admitted, ConnectionLimits, RefusedHandshake,
+};
 pub use identity::{identity_uri, validate_name, PeerIdentity, Role, URI_PREFIX};
 pub use kit::{provision, provision_with, IssueOptions, Kit, Provisioned, COORDINATOR_NAME};
 pub use revocation::{RevocationList, Revoked, WatchedRevocations};
