@@ -122,6 +122,8 @@ struct Tail {
     file: File,
     prev: String,
     seq: u64,
+    /// The last entry's event (empty before any).
+    last_event: String,
     /// The file's length after this process last read or wrote it: a different length means
     /// another process appended since.
     len: u64,
@@ -133,6 +135,26 @@ struct Tail {
 pub struct AuditLog {
     path: PathBuf,
     tail: Mutex<Tail>,
+    checkpoints: Option<Checkpoints>,
+}
+
+/// Signs a checkpoint's message (Ed25519, with the writer's key).
+pub type Signer = Box<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
+/// The writer's signed checkpoints: every `every` entries, the head so far, signed.
+struct Checkpoints {
+    every: u64,
+    key_hex: String,
+    sign: Signer,
+}
+
+/// The event name of a signed checkpoint.
+pub const CHECKPOINT: &str = "checkpoint";
+
+/// What a checkpoint signs: the number of entries before it and the SHA-256 (hex) of the last
+/// of them.
+pub fn checkpoint_message(entries: u64, head: &str) -> Vec<u8> {
+    format!("medfl audit checkpoint\n{entries}\n{head}").into_bytes()
 }
 
 impl AuditLog {
@@ -165,9 +187,49 @@ impl AuditLog {
                 file,
                 prev,
                 seq,
-                len,
+                last_event: String::new(),
+                len: if seq == 0 { len } else { 0 },
             }),
+            checkpoints: None,
         })
+    }
+
+    /// The same log, appending a signed checkpoint after every `every` entries: an entry
+    /// `checkpoint` whose details hold the entry count, the head (the SHA-256 of the entry before
+    /// it), the public key `key_hex` and `sign`'s signature of [`checkpoint_message`]. Anyone with
+    /// the public key can then tell that no entry up to the last checkpoint was rewritten, even
+    /// by someone who rebuilt the hash chain ([`verify_checkpoints`]).
+    pub fn with_checkpoints(mut self, every: u64, key_hex: String, sign: Signer) -> Self {
+        self.checkpoints = Some(Checkpoints {
+            every: every.max(1),
+            key_hex,
+            sign,
+        });
+        self
+    }
+
+    /// Appends a signed checkpoint now (at a clean shutdown, say), if the log signs them and the
+    /// last entry is not one already.
+    pub fn checkpoint(&self, at_ms: u64) -> Result<(), AuditError> {
+        let mut tail = match self.tail.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        tail.file.lock().map_err(io)?;
+        let written =
+            self.catch_up(&mut tail)
+                .and_then(|last| match (&self.checkpoints, last.as_deref()) {
+                    (Some(_), Some(event)) if event != CHECKPOINT => {
+                        self.write_checkpoint(&mut tail, at_ms)
+                    }
+                    _ => Ok(()),
+                });
+        tail.file.unlock().map_err(io)?;
+        written
     }
 
     /// The log's file.
@@ -191,27 +253,70 @@ impl AuditLog {
         written
     }
 
-    /// Appends under the file lock, first catching up with lines other processes added.
+    /// Appends under the file lock, first catching up with lines other processes added; then a
+    /// checkpoint when one is due.
     fn append_locked(&self, tail: &mut Tail, event: Event, at_ms: u64) -> Result<(), AuditError> {
+        self.catch_up(tail)?;
+        self.write(tail, event, at_ms)?;
+        if let Some(c) = &self.checkpoints {
+            if tail.seq % (c.every + 1) == c.every {
+                self.write_checkpoint(tail, at_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the chain's tail again if another process appended since; returns the last
+    /// entry's event.
+    fn catch_up(&self, tail: &mut Tail) -> Result<Option<String>, AuditError> {
         let io = |source| AuditError::Io {
             path: self.path.clone(),
             source,
         };
         let len = tail.file.metadata().map_err(io)?.len();
-        if len != tail.len {
-            (tail.prev, tail.seq) = match last_line(&self.path)? {
-                Some((n, line)) => {
-                    let last: Entry =
-                        serde_json::from_str(&line).map_err(|e| AuditError::Broken {
-                            path: self.path.clone(),
-                            line: n,
-                            reason: format!("last line is not an audit entry: {e}"),
-                        })?;
-                    (hash_hex(&line), last.seq)
-                }
-                None => (GENESIS.to_string(), 0),
-            };
+        if len == tail.len && tail.len > 0 {
+            return Ok(Some(tail.last_event.clone()));
         }
+        match last_line(&self.path)? {
+            Some((n, line)) => {
+                let last: Entry = serde_json::from_str(&line).map_err(|e| AuditError::Broken {
+                    path: self.path.clone(),
+                    line: n,
+                    reason: format!("last line is not an audit entry: {e}"),
+                })?;
+                (tail.prev, tail.seq) = (hash_hex(&line), last.seq);
+                tail.last_event = last.event.clone();
+                tail.len = len;
+                Ok(Some(last.event))
+            }
+            None => {
+                (tail.prev, tail.seq) = (GENESIS.to_string(), 0);
+                Ok(None)
+            }
+        }
+    }
+
+    /// A signed checkpoint of the chain so far.
+    fn write_checkpoint(&self, tail: &mut Tail, at_ms: u64) -> Result<(), AuditError> {
+        let Some(c) = &self.checkpoints else {
+            return Ok(());
+        };
+        let signature = (c.sign)(&checkpoint_message(tail.seq, &tail.prev));
+        let details = serde_json::json!({
+            "entries": tail.seq,
+            "head": tail.prev,
+            "key": c.key_hex,
+            "signature": hex::encode(signature),
+        });
+        self.write(tail, Event::new(CHECKPOINT, details), at_ms)
+    }
+
+    /// Writes one entry after the tail, flushed to disk.
+    fn write(&self, tail: &mut Tail, event: Event, at_ms: u64) -> Result<(), AuditError> {
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let entry = Entry {
             seq: tail.seq + 1,
             at_ms,
@@ -231,6 +336,7 @@ impl AuditLog {
         tail.len = tail.file.metadata().map_err(io)?.len();
         tail.prev = hash_hex(&line);
         tail.seq = entry.seq;
+        tail.last_event = entry.event;
         Ok(())
     }
 }
@@ -301,6 +407,69 @@ pub fn verify(path: &Path, find: Option<&str>) -> Result<Verified, AuditError> {
         verified.head = hash.to_string();
     })?;
     Ok(verified)
+}
+
+/// What [`verify_checkpoints`] found: every checkpoint's signature verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointed {
+    /// Checkpoints in the log.
+    pub checkpoints: u64,
+    /// The last checkpoint's entry number and time (ms since the epoch).
+    pub last: Option<(u64, u64)>,
+    /// Entries after the last checkpoint (all of them when there is none): only these could
+    /// have been rewritten by someone without the key who rebuilt the chain.
+    pub after_last: u64,
+}
+
+/// Checks the chain and every checkpoint in it against `public_key` (Ed25519): each must sign
+/// the entry count and head just before it. The error names the first line that fails.
+pub fn verify_checkpoints(path: &Path, public_key: &[u8]) -> Result<Checkpointed, AuditError> {
+    use ring::signature::{UnparsedPublicKey, ED25519};
+    let key = UnparsedPublicKey::new(&ED25519, public_key);
+    let mut found = Checkpointed {
+        checkpoints: 0,
+        last: None,
+        after_last: 0,
+    };
+    let mut failure: Option<(u64, String)> = None;
+    walk(path, |_, entry| {
+        if failure.is_some() {
+            return;
+        }
+        if entry.event != CHECKPOINT {
+            found.after_last += 1;
+            return;
+        }
+        let d = &entry.details;
+        let (entries, head) = (d["entries"].as_u64(), d["head"].as_str());
+        let signature = d["signature"].as_str().and_then(|s| hex::decode(s).ok());
+        let why = match (entries, head, signature) {
+            (Some(n), Some(head), Some(sig)) if n + 1 == entry.seq && head == entry.prev => key
+                .verify(&checkpoint_message(n, head), &sig)
+                .err()
+                .map(|_| "its signature does not verify with the key given".to_string()),
+            (Some(_), Some(_), Some(_)) => {
+                Some("it does not sign the entry count and head just before it".into())
+            }
+            _ => Some("it lacks its entry count, head or signature".into()),
+        };
+        match why {
+            Some(why) => failure = Some((entry.seq, format!("checkpoint: {why}"))),
+            None => {
+                found.checkpoints += 1;
+                found.last = Some((entry.seq, entry.at_ms));
+                found.after_last = 0;
+            }
+        }
+    })?;
+    match failure {
+        Some((line, reason)) => Err(AuditError::Broken {
+            path: path.to_path_buf(),
+            line,
+            reason,
+        }),
+        None => Ok(found),
+    }
 }
 
 /// Walks the log line by line, checking each line's `prev` and sequence number, and hands
@@ -432,5 +601,77 @@ mod tests {
         check(own(&[lines[0], "{not json"]), 2);
         // A broken log is not appended to.
         assert!(AuditLog::open(&path).is_err());
+    }
+
+    fn signed(dir: &Path, every: u64) -> (PathBuf, AuditLog, Vec<u8>) {
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let public = key.public_key().as_ref().to_vec();
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap().with_checkpoints(
+            every,
+            hex::encode(&public),
+            Box::new(move |m| key.sign(m).as_ref().to_vec()),
+        );
+        (path, log, public)
+    }
+
+    #[test]
+    fn signed_checkpoints_catch_a_rebuilt_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, log, public) = signed(dir.path(), 3);
+        for i in 0..7 {
+            log.append(Event::new("update_accepted", json!({ "i": i })), i)
+                .unwrap();
+        }
+        log.checkpoint(99).unwrap();
+        log.checkpoint(100).unwrap(); // nothing new: no second checkpoint in a row
+        let entries = read(&path).unwrap();
+        let events: Vec<&str> = entries.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(
+            events,
+            [
+                "update_accepted",
+                "update_accepted",
+                "update_accepted",
+                CHECKPOINT,
+                "update_accepted",
+                "update_accepted",
+                "update_accepted",
+                CHECKPOINT,
+                "update_accepted",
+                CHECKPOINT
+            ]
+        );
+        let found = verify_checkpoints(&path, &public).unwrap();
+        assert_eq!(
+            (found.checkpoints, found.last, found.after_last),
+            (3, Some((10, 99)), 0)
+        );
+
+        // Someone with write access but not the key edits entry 2 and rebuilds the chain: the
+        // hash chain verifies again, the first checkpoint after the edit does not.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut prev = GENESIS.to_string();
+        let mut rebuilt = String::new();
+        for line in text.lines() {
+            let mut e: Entry = serde_json::from_str(line).unwrap();
+            if e.seq == 2 {
+                e.details = json!({ "i": 1000 });
+            }
+            e.prev = prev.clone();
+            let line = serde_json::to_string(&e).unwrap();
+            prev = hash_hex(&line);
+            rebuilt += &format!("{line}\n");
+        }
+        std::fs::write(&path, rebuilt).unwrap();
+        verify(&path, None).unwrap();
+        let err = verify_checkpoints(&path, &public).unwrap_err().to_string();
+        assert!(err.contains(":4: checkpoint:"), "{err}");
+        // Another key does not verify the original either.
+        let other = [7u8; 32];
+        assert!(verify_checkpoints(&path, &other).is_err());
     }
 }

@@ -19,6 +19,12 @@ pub enum AuditCommand {
         /// truncated log, or one whose tail was rewritten, fails.
         #[arg(long, value_name = "SHA256")]
         expect_head: Option<String>,
+        /// The coordinator's public key (64 hex digits, or a file holding them: its
+        /// `signing.pub`, or the `coordinator_key` a site pinned): every signed checkpoint in
+        /// the log must verify with it, so no entry up to the last checkpoint was rewritten,
+        /// even with the hash chain rebuilt.
+        #[arg(long, value_name = "HEX|FILE")]
+        key: Option<String>,
     },
     /// Show entries, oldest first.
     Show {
@@ -48,7 +54,11 @@ pub enum AuditCommand {
 /// Runs a subcommand.
 pub fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
-        AuditCommand::Verify { log, expect_head } => {
+        AuditCommand::Verify {
+            log,
+            expect_head,
+            key,
+        } => {
             let v = medfl_audit::verify(&log, expect_head.as_deref())?;
             if let (Some(head), None) = (&expect_head, v.found) {
                 anyhow::bail!(
@@ -67,6 +77,23 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
             );
             if let Some(at) = v.found {
                 medfl_daemon::outln!("the expected head is entry {at}");
+            }
+            if let Some(key) = key {
+                let key = public_key(&key)?;
+                let c = medfl_audit::verify_checkpoints(&log, &key)?;
+                match c.last {
+                    None => anyhow::bail!(
+                        "{}: no signed checkpoint in it: the key can vouch for nothing",
+                        log.display()
+                    ),
+                    Some((at, at_ms)) => medfl_daemon::outln!(
+                        "{} signed checkpoints verify with the key; the last is entry {at} ({}), \
+                         {} entries after it",
+                        c.checkpoints,
+                        table::utc(at_ms),
+                        c.after_last
+                    ),
+                }
             }
         }
         AuditCommand::Show {
@@ -104,6 +131,20 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// An Ed25519 public key given as 64 hex digits, or as a file holding them.
+fn public_key(arg: &str) -> anyhow::Result<Vec<u8>> {
+    let text = match std::fs::read_to_string(arg) {
+        Ok(text) => text,
+        Err(_) if arg.len() == 64 => arg.to_string(),
+        Err(e) => anyhow::bail!("--key {arg}: neither 64 hex digits nor a readable file: {e}"),
+    };
+    let key = hex::decode(text.trim())
+        .ok()
+        .filter(|k| k.len() == 32)
+        .with_context(|| format!("--key {arg}: not an Ed25519 public key (64 hex digits)"))?;
+    Ok(key)
 }
 
 /// Milliseconds since the epoch of a UTC `YYYY-MM-DD[THH:MM[:SS]][Z]`.

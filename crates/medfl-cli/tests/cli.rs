@@ -549,3 +549,87 @@ async fn every_read_command_prints_json_with_json() {
         .iter()
         .all(|e| e["event"] == "update_sent" && e["run"] == run.as_str()));
 }
+
+/// The coordinator signs checkpoints of its audit log (at least at a clean stop) with the key
+/// in its `signing.pub`: `medfl audit verify --key` checks them, and catches an entry rewritten
+/// with the hash chain rebuilt around it, which the chain alone cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_coordinator_audit_log_carries_signed_checkpoints() {
+    let fed = Federation::start(1).await;
+    let dir = fed.dir.path().to_path_buf();
+    let data_dir = fed.coordinator.data_dir.clone();
+    let run = created(
+        &fed.coordinator,
+        &dir.join("run.toml"),
+        &breast_cancer_spec("signed-log", 1, 1, 60),
+    )
+    .await;
+    let out = medfl(&fed.coordinator, &["run", "watch", &run]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let Federation {
+        coordinator,
+        sites,
+        dir: keep,
+        ..
+    } = fed;
+    for site in sites {
+        site.stop().await;
+    }
+    coordinator.stop().await;
+
+    let log = data_dir.join("audit.jsonl");
+    let key = data_dir.join("signing.pub");
+    let verify = |log: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_medfl"))
+            .args(["audit", "verify"])
+            .arg(log)
+            .arg("--key")
+            .arg(&key)
+            .output()
+            .expect("run medfl")
+    };
+    let out = verify(&log);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("signed checkpoints verify with the key"),
+        "{said}"
+    );
+    assert!(said.contains(", 0 entries after it"), "{said}");
+
+    // Rewrite the run's creation and rebuild the hash chain: the chain verifies, the signed
+    // checkpoint after it does not.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("entry"))
+        .collect();
+    let mut prev = medfl_audit::GENESIS.to_string();
+    let mut rebuilt = String::new();
+    for mut e in lines {
+        if e["event"] == "run_created" {
+            e["details"]["name"] = "someone-else".into();
+        }
+        e["prev"] = prev.clone().into();
+        let entry: medfl_audit::Entry = serde_json::from_value(e).expect("entry");
+        let line = serde_json::to_string(&entry).expect("json");
+        prev = hex::encode(ring::digest::digest(&ring::digest::SHA256, line.as_bytes()));
+        rebuilt += &format!("{line}\n");
+    }
+    let forged = dir.join("forged.jsonl");
+    std::fs::write(&forged, rebuilt).expect("write");
+    let chain_only = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(["audit", "verify"])
+        .arg(&forged)
+        .output()
+        .expect("run medfl");
+    assert!(chain_only.status.success(), "{}", text(&chain_only.stderr));
+    let out = verify(&forged);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("checkpoint"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(keep);
+}

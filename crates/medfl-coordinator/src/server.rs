@@ -26,6 +26,9 @@ use crate::state::Shared;
 use crate::store::Store;
 use crate::{engine, CoordinatorError};
 
+/// Entries between the audit log's signed checkpoints.
+pub const AUDIT_CHECKPOINT_EVERY: u64 = 100;
+
 /// Serves the coordinator on `listener` until `shutdown` completes. Runs left `running` by an
 /// earlier process resume from their last committed round (re-opening its evaluation if it had
 /// not finished), and open cross-site evaluations go on collecting answers.
@@ -49,8 +52,20 @@ pub async fn serve(
         }
     }
     let blobs = BlobStore::open(&data_dir.join("blobs"))?;
+    // The log carries checkpoints signed with the coordinator's task-signing key, whose public
+    // half sites pin and `signing.pub` holds for anyone who checks the log.
+    let signer = crate::signing::load_or_create(&data_dir)?;
+    let key_hex = hex::encode(crate::signing::public_key(&signer));
+    let public = data_dir.join("signing.pub");
+    std::fs::write(&public, format!("{key_hex}\n"))
+        .map_err(|e| CoordinatorError::io(format!("writing {}", public.display()), e))?;
     let audit = medfl_audit::AuditLog::open(&data_dir.join("audit.jsonl"))
-        .map_err(|e| CoordinatorError::Config(format!("audit log: {e}")))?;
+        .map_err(|e| CoordinatorError::Config(format!("audit log: {e}")))?
+        .with_checkpoints(
+            AUDIT_CHECKPOINT_EVERY,
+            key_hex,
+            Box::new(move |message| signer.sign(message).as_ref().to_vec()),
+        );
     let running: Vec<_> = store
         .runs()?
         .into_iter()
@@ -152,6 +167,7 @@ pub async fn serve(
     stop_tx.send_replace(true);
     let mut engines = engines.lock().await;
     while engines.join_next().await.is_some() {}
+    shared.audit_checkpoint();
     info!("coordinator stopped");
     Ok(())
 }

@@ -361,6 +361,14 @@ impl Shared {
         }
     }
 
+    /// Appends a signed checkpoint of the audit log (at a clean stop), unless the last entry is
+    /// one.
+    pub fn audit_checkpoint(&self) {
+        if let Err(e) = blocking(|| self.audit.checkpoint(now_ms())) {
+            tracing::error!(error = %e, "could not write the audit log's checkpoint");
+        }
+    }
+
     /// Wakes task polls.
     pub fn notify_tasks(&self) {
         self.tasks_changed.send_modify(|v| *v = v.wrapping_add(1));
