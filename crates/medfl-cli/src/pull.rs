@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use medfl_model::adapter::{model_bytes, PRIVACY_METADATA_KEY, SPEC_METADATA_KEY};
+use medfl_model::adapter::{
+    model_bytes, PRIVACY_METADATA_KEY, PROVENANCE_METADATA_KEY, SPEC_METADATA_KEY,
+};
 use medfl_proto::v1::{GetRunRequest, PullModelRequest};
 use ring::digest;
 use tokio::io::AsyncWriteExt;
@@ -79,21 +81,16 @@ async fn pull_into(
         table::human_bytes(pulled.size)
     );
     let privacy = privacy_metadata(spec, detail, round);
-    if !text_run {
-        if let Some(p) = &privacy {
-            let sha = write_metadata(file, &[(PRIVACY_METADATA_KEY, p)])?;
-            medfl_daemon::outln!(
-                "{sha}  {} (with what differential privacy spent in its metadata)",
-                file.display()
-            );
-        }
-        medfl_daemon::outln!("written to {}", file.display());
-        return Ok(());
-    }
-    let sha = write_adapter(file, &detail.spec_toml, privacy.as_deref())?;
+    let provenance = provenance_metadata(run_id, round, detail, &pulled.sha256);
+    let sha = write_self_describing(file, &detail.spec_toml, &provenance, privacy.as_deref())?;
     medfl_daemon::outln!(
-        "{sha}  {} (the adapter and head, with the run spec{} in its metadata)",
+        "{sha}  {} ({}, with the run spec, run and round{} in its metadata)",
         file.display(),
+        if text_run {
+            "the adapter and head"
+        } else {
+            "the model"
+        },
         if privacy.is_some() {
             " and what differential privacy spent"
         } else {
@@ -109,6 +106,47 @@ async fn pull_into(
     #[cfg(not(feature = "local"))]
     let _ = (merged, base);
     Ok(())
+}
+
+/// Where a pulled model comes from, as JSON: the run, the round (the latest committed when
+/// `round` is 0), the global model's SHA-256 as served, and the run spec's SHA-256.
+pub fn provenance_metadata(
+    run_id: &str,
+    round: u32,
+    detail: &medfl_proto::v1::RunDetail,
+    global_sha256: &str,
+) -> String {
+    let round = match round {
+        0 => detail
+            .rounds
+            .last()
+            .map_or(0, |r| r.round)
+            .max(detail.summary.as_ref().map_or(0, |s| s.rounds_done)),
+        n => n,
+    };
+    serde_json::json!({
+        "run": run_id,
+        "round": round,
+        "global_sha256": global_sha256,
+        "spec_sha256": medfl_proto::convert::spec_sha256(&detail.spec_toml),
+    })
+    .to_string()
+}
+
+/// Rewrites the pulled model at `path` carrying the run spec, where it comes from and what
+/// differential privacy spent (if anything) in its metadata. Returns its SHA-256.
+pub fn write_self_describing(
+    path: &Path,
+    spec_toml: &str,
+    provenance: &str,
+    privacy: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut metadata = vec![
+        (SPEC_METADATA_KEY, spec_toml),
+        (PROVENANCE_METADATA_KEY, provenance),
+    ];
+    metadata.extend(privacy.map(|p| (PRIVACY_METADATA_KEY, p)));
+    write_metadata(path, &metadata)
 }
 
 /// Rewrites the pulled global model at `path` as an adapter file carrying `spec_toml` (and

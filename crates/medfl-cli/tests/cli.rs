@@ -118,6 +118,18 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let params = medfl_core::safetensors::decode(&std::fs::read(&model).expect("model"))
         .expect("safetensors");
     assert!(params.get("layers.0.weight").is_some());
+    // Self-describing: the spec (features, labels) and where the model comes from.
+    let bytes = std::fs::read(&model).expect("model");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors");
+    let meta = meta.metadata().clone().expect("metadata");
+    let carried = medfl_core::spec::RunSpec::from_toml(&meta["medfl.run_spec"]).expect("spec");
+    assert_eq!(carried.task.features.len(), 30);
+    let origin: serde_json::Value = serde_json::from_str(&meta["medfl.model"]).expect("JSON");
+    assert_eq!(origin["run"], run.as_str(), "{origin}");
+    assert_eq!(origin["round"], 2, "{origin}");
+    let served = text(&out.stdout);
+    let global = origin["global_sha256"].as_str().expect("a hash");
+    assert!(served.starts_with(global), "{served} / {origin}");
 
     // Audit logs: what left each hospital, and what the coordinator took, hash-chained.
     let site_log = dir.join("hospital-0").join("audit.jsonl");

@@ -13,6 +13,9 @@ use crate::ModelError;
 pub const SPEC_METADATA_KEY: &str = "medfl.run_spec";
 /// Metadata key holding, as JSON, what a pulled model's differential privacy spent.
 pub const PRIVACY_METADATA_KEY: &str = "medfl.privacy";
+/// Metadata key holding, as JSON, where a pulled model comes from: its run, round, the global
+/// model's SHA-256 as the coordinator served it, and the run spec's SHA-256.
+pub const PROVENANCE_METADATA_KEY: &str = "medfl.model";
 
 /// The adapter (or any model) as safetensors, with `spec_toml` in the metadata.
 pub fn adapter_bytes(params: &ModelParams, spec_toml: &str) -> Result<Vec<u8>, ModelError> {
