@@ -45,6 +45,10 @@ pub enum SiteError {
         /// What the researcher is told.
         reason: String,
     },
+    /// A hospital's command cannot be done as asked (a run that never arrived or has ended, a
+    /// mistyped argument); says what to do instead.
+    #[error("{0}")]
+    Command(String),
     /// The task was cancelled (site paused, run stopped, site shutting down).
     #[error("cancelled: {0}")]
     Cancelled(crate::tasks::CancelReason),

@@ -378,7 +378,7 @@ impl Approvals {
         } else if is_spec_sha256(arg) {
             Ok(Subject::Spec(arg.to_string()))
         } else {
-            Err(SiteError::Config(format!(
+            Err(SiteError::Command(format!(
                 "`{arg}` is neither a run that reached this site (see `medfl-site runs \
                  pending --all`) nor a spec SHA-256 (64 lowercase hex digits); to decide ahead \
                  of time on every run of a name, use --name {arg}"
@@ -487,10 +487,10 @@ impl Approvals {
         let decided = match subject {
             Subject::Run(id) => {
                 let entry = queue.runs.get_mut(&id).ok_or_else(|| {
-                    SiteError::Config(format!("run `{id}` has not reached this site"))
+                    SiteError::Command(format!("run `{id}` has not reached this site"))
                 })?;
                 if entry.ended {
-                    return Err(SiteError::Config(format!(
+                    return Err(SiteError::Command(format!(
                         "run `{id}` ({}) has ended at the coordinator: it will not train \
                          anywhere again, so there is nothing to decide",
                         entry.name

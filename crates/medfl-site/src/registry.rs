@@ -51,13 +51,13 @@ pub fn add(
     mut dataset: DatasetConfig,
 ) -> Result<usize, SiteError> {
     if configured.contains_key(name) {
-        return Err(SiteError::Config(format!(
+        return Err(SiteError::Command(format!(
             "dataset `{name}` is already defined in the config file"
         )));
     }
     let mut registry = load(data_dir)?;
     if registry.contains_key(name) {
-        return Err(SiteError::Config(format!(
+        return Err(SiteError::Command(format!(
             "dataset `{name}` is already registered (remove it first)"
         )));
     }
@@ -73,7 +73,7 @@ pub fn add(
 pub fn remove(data_dir: &Path, name: &str) -> Result<(), SiteError> {
     let mut registry = load(data_dir)?;
     if registry.remove(name).is_none() {
-        return Err(SiteError::Config(format!("no registered dataset `{name}`")));
+        return Err(SiteError::Command(format!("no registered dataset `{name}`")));
     }
     save(data_dir, &registry)
 }
