@@ -72,7 +72,10 @@ pub fn spawn(
 fn plan(spec: &medfl_core::spec::RunSpec) -> Result<RunPlan, CoordinatorError> {
     let mut plan = RunPlan::of(spec);
     if let Some(c) = &spec.privacy.client {
-        plan.privacy_rounds = Some(c.rounds_within_target(spec.rounds)?);
+        // The PLD accountant's bisection can take seconds: off the async workers' hands.
+        plan.privacy_rounds = Some(crate::state::blocking(|| {
+            c.rounds_within_target(spec.rounds)
+        })?);
         let mut seed = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
             .map_err(|_| CoordinatorError::Internal("no system randomness".into()))?;

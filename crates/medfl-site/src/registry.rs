@@ -73,7 +73,9 @@ pub fn add(
 pub fn remove(data_dir: &Path, name: &str) -> Result<(), SiteError> {
     let mut registry = load(data_dir)?;
     if registry.remove(name).is_none() {
-        return Err(SiteError::Command(format!("no registered dataset `{name}`")));
+        return Err(SiteError::Command(format!(
+            "no registered dataset `{name}`"
+        )));
     }
     save(data_dir, &registry)
 }
