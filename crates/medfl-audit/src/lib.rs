@@ -211,6 +211,17 @@ impl AuditLog {
     /// Appends a signed checkpoint now (at a clean shutdown, say), if the log signs them and the
     /// last entry is not one already.
     pub fn checkpoint(&self, at_ms: u64) -> Result<(), AuditError> {
+        self.locked(|tail| match (&self.checkpoints, self.catch_up(tail)?) {
+            (Some(_), Some(last)) if last != CHECKPOINT => self.write_checkpoint(tail, at_ms),
+            _ => Ok(()),
+        })
+    }
+
+    /// Runs `f` on the tail with the file locked against other processes.
+    fn locked(
+        &self,
+        f: impl FnOnce(&mut Tail) -> Result<(), AuditError>,
+    ) -> Result<(), AuditError> {
         let mut tail = match self.tail.lock() {
             Ok(t) => t,
             Err(poisoned) => poisoned.into_inner(),
@@ -220,16 +231,9 @@ impl AuditLog {
             source,
         };
         tail.file.lock().map_err(io)?;
-        let written =
-            self.catch_up(&mut tail)
-                .and_then(|last| match (&self.checkpoints, last.as_deref()) {
-                    (Some(_), Some(event)) if event != CHECKPOINT => {
-                        self.write_checkpoint(&mut tail, at_ms)
-                    }
-                    _ => Ok(()),
-                });
+        let done = f(&mut tail);
         tail.file.unlock().map_err(io)?;
-        written
+        done
     }
 
     /// The log's file.
@@ -239,18 +243,7 @@ impl AuditLog {
 
     /// Appends `event` at time `at_ms`, flushed to disk before returning.
     pub fn append(&self, event: Event, at_ms: u64) -> Result<(), AuditError> {
-        let mut tail = match self.tail.lock() {
-            Ok(t) => t,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let io = |source| AuditError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        tail.file.lock().map_err(io)?;
-        let written = self.append_locked(&mut tail, event, at_ms);
-        tail.file.unlock().map_err(io)?;
-        written
+        self.locked(|tail| self.append_locked(tail, event, at_ms))
     }
 
     /// Appends under the file lock, first catching up with lines other processes added; then a

@@ -73,10 +73,10 @@ pub enum ProvisionCommand {
     /// A new key and certificate for a participant whose certificate expires soon, in a new
     /// kit; the old certificate stays valid until it expires, so the kit can be swapped
     /// without a gap.
-    Renew(RenewArgs),
+    Renew(AddArgs),
     /// A new key and certificate for a participant who lost its key, or was revoked and is let
     /// back in: whatever certificate it still holds is revoked first.
-    Reissue(RenewArgs),
+    Reissue(AddArgs),
     /// Revoke a participant's certificates; coordinators reading the revocation list refuse
     /// them from then on.
     Revoke {
@@ -94,30 +94,15 @@ pub enum ProvisionCommand {
     },
 }
 
-/// Arguments of the `add-*` subcommands.
+/// Arguments of the subcommands that issue one kit: `add-*`, `renew` and `reissue`.
 #[derive(Debug, clap::Args)]
 pub struct AddArgs {
-    /// The new participant's name (letters, digits, '-', '_', '.').
+    /// The participant's name (letters, digits, '-', '_', '.').
     name: String,
     /// The CA directory.
     #[arg(long, value_name = "DIR")]
     ca: PathBuf,
-    /// Where to write the kit (into OUT/NAME).
-    #[arg(short, long, value_name = "DIR")]
-    out: PathBuf,
-    #[command(flatten)]
-    validity: Validity,
-}
-
-/// Arguments of `renew` and `reissue`.
-#[derive(Debug, clap::Args)]
-pub struct RenewArgs {
-    /// The participant.
-    name: String,
-    /// The CA directory.
-    #[arg(long, value_name = "DIR")]
-    ca: PathBuf,
-    /// Where to write the new kit (into OUT/NAME, which must not exist yet).
+    /// Where to write the kit (into OUT/NAME, which must not exist yet).
     #[arg(short, long, value_name = "DIR")]
     out: PathBuf,
     #[command(flatten)]

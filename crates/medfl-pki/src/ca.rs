@@ -509,20 +509,7 @@ impl Ca {
         check_validity(name, valid_days)?;
         self.consortium = Consortium::load(&self.consortium_path())?;
         let role = self.known(name)?.role;
-        let now = now_rfc3339();
-        let mut revoked = Vec::new();
-        for p in self
-            .consortium
-            .participants
-            .iter_mut()
-            .filter(|p| p.name == name && !p.revoked)
-        {
-            p.revoked = true;
-            p.revoked_at = Some(now.clone());
-            revoked.push(p.clone());
-        }
-        self.consortium.save(&self.consortium_path())?;
-        self.write_revocation_list()?;
+        let revoked = self.revoke_all(name)?;
         Ok((revoked, self.sign(role, name, valid_days)?))
     }
 
@@ -639,8 +626,20 @@ impl Ca {
     pub fn revoke(&mut self, name: &str) -> Result<Participant, PkiError> {
         self.consortium = Consortium::load(&self.consortium_path())?;
         let latest = self.known(name)?;
+        match self.revoke_all(name)?.pop() {
+            Some(revoked) => Ok(revoked),
+            None => Err(PkiError::AlreadyRevoked {
+                name: name.to_string(),
+                revoked_at: latest.revoked_at.unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Revokes every certificate `name` still holds, oldest first, saving the records and the
+    /// revocation list when there was any; returns them.
+    fn revoke_all(&mut self, name: &str) -> Result<Vec<Participant>, PkiError> {
         let now = now_rfc3339();
-        let mut revoked = None;
+        let mut revoked = Vec::new();
         for p in self
             .consortium
             .participants
@@ -649,16 +648,12 @@ impl Ca {
         {
             p.revoked = true;
             p.revoked_at = Some(now.clone());
-            revoked = Some(p.clone());
+            revoked.push(p.clone());
         }
-        let Some(revoked) = revoked else {
-            return Err(PkiError::AlreadyRevoked {
-                name: name.to_string(),
-                revoked_at: latest.revoked_at.unwrap_or_default(),
-            });
-        };
-        self.consortium.save(&self.consortium_path())?;
-        self.write_revocation_list()?;
+        if !revoked.is_empty() {
+            self.consortium.save(&self.consortium_path())?;
+            self.write_revocation_list()?;
+        }
         Ok(revoked)
     }
 
