@@ -563,4 +563,91 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), words.len());
     }
+
+    /// The LoRA path as training runs it (the fused low-rank layer leaving each sequence's
+    /// gradients of A and B, the head's from a probe on its output) against Opacus on padded
+    /// sequences with mean pooling (`benches/opacus_lora_per_sample_grads.py`).
+    #[test]
+    fn lora_per_example_gradients_match_opacus() {
+        let r: Value =
+            serde_json::from_str(include_str!("../tests/vectors/opacus_lora_per_sample.json"))
+                .unwrap();
+        let x = tensor(&r["x"]);
+        let n = x.dim(0).unwrap();
+        let mask = tensor(&r["mask"]);
+        let (weight, bias) = (tensor(&r["weight"]), tensor(&r["bias"]));
+        let a = Var::from_tensor(&tensor(&r["a"])).unwrap();
+        let b = Var::from_tensor(&tensor(&r["b"])).unwrap();
+        let (head_weight, head_bias) = (tensor(&r["head_weight"]), tensor(&r["head_bias"]));
+        let labels: Vec<u32> = r["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_u64().unwrap() as u32)
+            .collect();
+        let labels = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+
+        let collector = crate::ops::PerExampleGrads::new();
+        collector.start(n);
+        let low_rank = crate::ops::LowRank {
+            a: a.as_tensor(),
+            b: b.as_tensor(),
+            scale: r["scale"].as_f64().unwrap(),
+            keep: None,
+            per_example: Some(&collector),
+        };
+        let h = crate::ops::dense(&x, &weight, Some(&bias), Some(low_rank)).unwrap();
+        let pooled = crate::bert::mean_pool(&h, &mask).unwrap();
+        let probe = Var::zeros((n, head_weight.dim(0).unwrap()), DType::F32, &Device::Cpu).unwrap();
+        let logits = ((pooled.matmul(&head_weight.t().unwrap()).unwrap())
+            .broadcast_add(&head_bias)
+            .unwrap()
+            + probe.as_tensor())
+        .unwrap();
+        let losses = per_row_cross_entropy(&logits, &labels).unwrap();
+        let loss_sum = f64::from(losses.sum_all().unwrap().to_scalar::<f32>().unwrap());
+        assert!((loss_sum - r["loss_sum"].as_f64().unwrap()).abs() < 1e-4);
+        let store = losses.sum_all().unwrap().backward().unwrap();
+        let g = store.get(probe.as_tensor()).unwrap().clone();
+
+        let per_a = collector
+            .take(a.as_tensor())
+            .expect("A's per-example gradients");
+        let per_b = collector
+            .take(b.as_tensor())
+            .expect("B's per-example gradients");
+        close(&per_a, &tensor(&r["per_sample"]["a"]), "A per example");
+        close(&per_b, &tensor(&r["per_sample"]["b"]), "B per example");
+        let head_each = g
+            .unsqueeze(2)
+            .unwrap()
+            .matmul(&pooled.detach().unsqueeze(1).unwrap())
+            .unwrap();
+        close(
+            &head_each,
+            &tensor(&r["per_sample"]["head_weight"]),
+            "head weight per example",
+        );
+        close(
+            &g,
+            &tensor(&r["per_sample"]["head_bias"]),
+            "head bias per example",
+        );
+
+        let each = [
+            ExampleGrads::Stacked(per_a),
+            ExampleGrads::Stacked(per_b),
+            ExampleGrads::Outer {
+                g: g.clone(),
+                h: pooled.detach(),
+            },
+            ExampleGrads::Rows(g),
+        ];
+        let max_norm = r["max_grad_norm"].as_f64().unwrap();
+        let (sums, clipped) = clip_examples(&each, n, max_norm).unwrap();
+        assert_eq!(clipped, 2);
+        for (sum, name) in sums.iter().zip(["a", "b", "head_weight", "head_bias"]) {
+            close(sum, &tensor(&r["clipped_sum"][name]), name);
+        }
+    }
 }
