@@ -75,11 +75,11 @@ pub struct DemoArgs {
     /// meets it.
     #[arg(long, value_name = "EPS", value_parser = positive_epsilon)]
     pub client_privacy: Option<f64>,
-    /// icd10: the (expected) batch of local training [default: 16]. Record-level DP-SGD's noise
-    /// on the mean gradient shrinks as the batch grows.
+    /// icd10: the (expected) batch of local training [default: 16, 64 with --privacy].
+    /// Record-level DP-SGD's noise on the mean gradient shrinks as the batch grows.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_size: Option<u32>,
-    /// icd10: AdamW's learning rate at the sites [default: 0.003].
+    /// icd10: AdamW's learning rate at the sites [default: 0.003, 0.01 with --privacy].
     #[arg(long, value_name = "LR", value_parser = positive_rate)]
     pub learning_rate: Option<f64>,
 }

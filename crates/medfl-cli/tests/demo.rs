@@ -154,6 +154,44 @@ fn the_text_demo_splits_among_many_sites_with_client_level_privacy() {
     assert!(eps > 7.9 && eps <= 8.0, "{last}");
 }
 
+/// `medfl demo --task icd10 --privacy 8` (on a tiny BERT): record-level DP-SGD on LoRA at the
+/// three hospitals, with the batch and learning rate DP needs on ~200 descriptions (64, 0.01),
+/// each hospital within ε; the adapter carries the spec it trained with.
+#[test]
+fn the_text_demo_trains_with_record_level_privacy_at_a_larger_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("tiny");
+    medfl_train::testing::write_tiny_bert(&base, 0.0).expect("tiny model");
+    let out_dir = dir.path().join("demo");
+    let (stdout, _) = demo(
+        &[
+            "--task",
+            "icd10",
+            "--model",
+            base.to_str().expect("utf-8"),
+            "--rounds",
+            "1",
+            "--privacy",
+            "8",
+        ],
+        &out_dir,
+    );
+    assert!(stdout.contains("record-level DP-SGD"), "{stdout}");
+    assert!(stdout.contains("at most ε = 8 per hospital"), "{stdout}");
+    let bytes = std::fs::read(out_dir.join("adapter.safetensors")).expect("adapter");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors");
+    let spec = medfl_core::spec::RunSpec::from_toml(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("medfl.run_spec"))
+            .expect("the spec in the adapter"),
+    )
+    .expect("spec");
+    assert_eq!(spec.training.batch_size, 64);
+    assert!((spec.training.learning_rate - 0.01).abs() < 1e-12);
+    assert!(spec.privacy.record.is_some());
+}
+
 /// The many-sites and client-level options are the text demo's.
 #[test]
 fn the_tabular_demo_refuses_the_text_demos_options() {
