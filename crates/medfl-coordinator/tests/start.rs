@@ -7,7 +7,8 @@ use std::process::Command;
 fn a_bad_config_stops_the_start_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("coordinator.toml");
-    std::fs::write(&config, "insecure_dev = true\nchunk_sise = 65536\n").unwrap();
+    // The shipped defaults (mutual TLS) plus one misspelt key.
+    std::fs::write(&config, "chunk_sise = 65536\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_medfl-coordinator"))
         .arg("--config")
         .arg(&config)
