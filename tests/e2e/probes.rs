@@ -9,18 +9,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::trial::{binary, wait_for, Daemons};
-
-/// The address in a `... serving addr=A` log line with `what` in it.
-fn logged_addr(line: &str, what: &str) -> Option<String> {
-    line.contains(what)
-        .then(|| {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix("addr="))
-                .map(String::from)
-        })
-        .flatten()
-}
+use crate::trial::{binary, logged_addr, wait_for, Daemons};
 
 #[tokio::test]
 async fn the_health_address_answers_probes_without_a_certificate_while_the_port_is_mutual_tls() {

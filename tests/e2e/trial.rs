@@ -115,6 +115,17 @@ impl Daemons {
     }
 }
 
+/// The address in a `... serving addr=A` log line with `what` in it.
+pub(crate) fn logged_addr(line: &str, what: &str) -> Option<String> {
+    line.contains(what)
+        .then(|| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix("addr="))
+                .map(String::from)
+        })
+        .flatten()
+}
+
 /// Waits for a logged line that `pick` accepts; fails after [`STEP`].
 pub(crate) fn wait_for<T>(
     lines: &mpsc::Receiver<(String, String)>,
@@ -172,13 +183,7 @@ fn the_plaintext_trial_in_deploy_readme_starts_and_trains_as_written_insecure_de
         &tx,
     );
     let addr = wait_for(&lines, "the coordinator to serve", |_, line| {
-        line.contains("coordinator serving")
-            .then(|| {
-                line.split_whitespace()
-                    .find_map(|f| f.strip_prefix("addr="))
-                    .map(String::from)
-            })
-            .flatten()
+        logged_addr(line, "coordinator serving")
     });
     let url = format!("http://{addr}");
 

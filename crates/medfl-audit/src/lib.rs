@@ -437,10 +437,13 @@ pub fn verify_checkpoints(path: &Path, public_key: &[u8]) -> Result<Checkpointed
         let (entries, head) = (d["entries"].as_u64(), d["head"].as_str());
         let signature = d["signature"].as_str().and_then(|s| hex::decode(s).ok());
         let why = match (entries, head, signature) {
-            (Some(n), Some(head), Some(sig)) if n + 1 == entry.seq && head == entry.prev => key
-                .verify(&checkpoint_message(n, head), &sig)
-                .err()
-                .map(|_| "its signature does not verify with the key given".to_string()),
+            (Some(n), Some(head), Some(sig))
+                if n.checked_add(1) == Some(entry.seq) && head == entry.prev =>
+            {
+                key.verify(&checkpoint_message(n, head), &sig)
+                    .err()
+                    .map(|_| "its signature does not verify with the key given".to_string())
+            }
             (Some(_), Some(_), Some(_)) => {
                 Some("it does not sign the entry count and head just before it".into())
             }

@@ -21,6 +21,18 @@ fn demo(args: &[&str], out: &Path) -> (String, String) {
     (stdout, stderr)
 }
 
+/// `medfl demo --task icd10 ARGS` on a tiny BERT written under `dir`: its stdout and output
+/// directory.
+fn tiny_text_demo(dir: &Path, args: &[&str]) -> (String, std::path::PathBuf) {
+    let base = dir.join("tiny");
+    medfl_train::testing::write_tiny_bert(&base, 0.0).expect("tiny model");
+    let out_dir = dir.join("demo");
+    let mut all = vec!["--task", "icd10", "--model", base.to_str().expect("utf-8")];
+    all.extend_from_slice(args);
+    let (stdout, _) = demo(&all, &out_dir);
+    (stdout, out_dir)
+}
+
 #[test]
 fn the_demo_federates_over_mutual_tls_and_beats_every_site_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -108,23 +120,9 @@ fn the_demo_with_record_level_privacy_keeps_every_hospital_within_its_epsilon() 
 #[test]
 fn the_text_demo_splits_among_many_sites_with_client_level_privacy() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = dir.path().join("tiny");
-    medfl_train::testing::write_tiny_bert(&base, 0.0).expect("tiny model");
-    let out_dir = dir.path().join("demo");
-    let (stdout, _) = demo(
-        &[
-            "--task",
-            "icd10",
-            "--model",
-            base.to_str().expect("utf-8"),
-            "--sites",
-            "4",
-            "--rounds",
-            "2",
-            "--client-privacy",
-            "8",
-        ],
-        &out_dir,
+    let (stdout, out_dir) = tiny_text_demo(
+        dir.path(),
+        &["--sites", "4", "--rounds", "2", "--client-privacy", "8"],
     );
     assert!(stdout.contains("4 hospitals"), "{stdout}");
     assert!(stdout.contains("client-level DP-FedAvg"), "{stdout}");
@@ -160,22 +158,7 @@ fn the_text_demo_splits_among_many_sites_with_client_level_privacy() {
 #[test]
 fn the_text_demo_trains_with_record_level_privacy_at_a_larger_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = dir.path().join("tiny");
-    medfl_train::testing::write_tiny_bert(&base, 0.0).expect("tiny model");
-    let out_dir = dir.path().join("demo");
-    let (stdout, _) = demo(
-        &[
-            "--task",
-            "icd10",
-            "--model",
-            base.to_str().expect("utf-8"),
-            "--rounds",
-            "1",
-            "--privacy",
-            "8",
-        ],
-        &out_dir,
-    );
+    let (stdout, out_dir) = tiny_text_demo(dir.path(), &["--rounds", "1", "--privacy", "8"]);
     assert!(stdout.contains("record-level DP-SGD"), "{stdout}");
     assert!(stdout.contains("at most ε = 8 per hospital"), "{stdout}");
     let bytes = std::fs::read(out_dir.join("adapter.safetensors")).expect("adapter");

@@ -54,7 +54,7 @@ pub async fn serve(
     let blobs = BlobStore::open(&data_dir.join("blobs"))?;
     // The log carries checkpoints signed with the coordinator's task-signing key, whose public
     // half sites pin and `signing.pub` holds for anyone who checks the log.
-    let signer = crate::signing::load_or_create(&data_dir)?;
+    let signer = Arc::new(crate::signing::load_or_create(&data_dir)?);
     let key_hex = hex::encode(crate::signing::public_key(&signer));
     let public = data_dir.join("signing.pub");
     std::fs::write(&public, format!("{key_hex}\n"))
@@ -64,7 +64,10 @@ pub async fn serve(
         .with_checkpoints(
             AUDIT_CHECKPOINT_EVERY,
             key_hex,
-            Box::new(move |message| signer.sign(message).as_ref().to_vec()),
+            Box::new({
+                let signer = signer.clone();
+                move |message| signer.sign(message).as_ref().to_vec()
+            }),
         );
     let running: Vec<_> = store
         .runs()?
@@ -80,7 +83,7 @@ pub async fn serve(
         .await
         .map_err(|e| CoordinatorError::Internal(format!("hashing base models: {e}")))??;
     let shared = Arc::new(Shared::new(
-        config, store, blobs, audit, stop_rx, published,
+        config, store, blobs, audit, stop_rx, published, signer,
     )?);
     let sweeper = shared.clone();
     tokio::task::spawn_blocking(move || crate::retention::sweep_orphans(&sweeper))

@@ -236,7 +236,7 @@ pub struct Shared {
     /// The same models' files, which sites may fetch by hash.
     pub published: crate::published::Published,
     /// Signs every task handed out.
-    pub signer: ring::signature::Ed25519KeyPair,
+    pub signer: Arc<ring::signature::Ed25519KeyPair>,
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> CoordinatorError {
@@ -252,8 +252,8 @@ impl Shared {
         audit: medfl_audit::AuditLog,
         shutdown: watch::Receiver<bool>,
         published: crate::published::Published,
+        signer: Arc<ring::signature::Ed25519KeyPair>,
     ) -> Result<Self, CoordinatorError> {
-        let signer = crate::signing::load_or_create(&config.data_dir)?;
         let bases = medfl_model::BaseModels::new(config.base_models.clone(), None);
         let sites = store
             .sites()?

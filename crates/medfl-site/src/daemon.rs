@@ -371,9 +371,13 @@ async fn heartbeats(client: Client, tasks: Tasks, every: Duration, data_dir: std
         let mut active_runs = tasks.active_runs();
         // Runs waiting for the hospital's decision too: once they end at the coordinator, the
         // queue says so, and nobody approves a run that will never train.
-        let waiting = crate::policy::Approvals::load(&data_dir)
-            .map(|q| q.waiting())
-            .unwrap_or_default();
+        let waiting = match crate::policy::Approvals::load(&data_dir) {
+            Ok(queue) => queue.waiting(),
+            Err(e) => {
+                warn!(error = %e, "could not read the approval queue");
+                Vec::new()
+            }
+        };
         active_runs.extend(waiting.iter().cloned());
         active_runs.sort();
         active_runs.dedup();
