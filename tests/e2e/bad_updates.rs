@@ -23,6 +23,7 @@ async fn bad_updates_are_refused_and_good_ones_averaged_retaining_updates() {
     let mut client = coordinator.runs().await;
     let spec = breast_cancer_spec("bad-updates", 2, 2, 60);
     let run = create_run(&mut client, &spec).await;
+    RawSite::statistics(&mut [&mut good1, &mut good2, &mut bad]).await;
 
     let t1 = good1.next_task().await;
     let t2 = good2.next_task().await;
@@ -174,6 +175,7 @@ async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
         breast_cancer_spec("norm-bound", 1, 2, 60)
     );
     let run = create_run(&mut client, &spec).await;
+    RawSite::statistics(&mut [&mut a, &mut b]).await;
     let ta = a.next_task().await;
     let tb = b.next_task().await;
     let global = a.download(&ta.global_sha256).await;
@@ -225,6 +227,7 @@ async fn updates_beyond_the_norm_bound_are_refused_or_clipped() {
         .replace("\"reject\"", "\"clip\"")
         .replace("norm-bound", "norm-clip");
     let run = create_run(&mut client, &spec).await;
+    RawSite::statistics(&mut [&mut a, &mut b]).await;
     let ta = a.next_task().await;
     let tb = b.next_task().await;
     let global = a.download(&ta.global_sha256).await;
@@ -306,4 +309,103 @@ async fn unsigned_forged_and_replayed_updates_are_refused() {
         "{results:#?}"
     );
     coordinator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn impossible_feature_statistics_are_refused_and_the_pooled_ones_sign_every_task() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = Coordinator::start(test_config(&dir.path().join("coordinator"))).await;
+    let mut site = RawSite::register(&coordinator, "counter").await;
+    let mut client = coordinator.runs().await;
+    let run = create_run(&mut client, &breast_cancer_spec("sums", 1, 1, 60)).await;
+    let task = site.next_any_task().await;
+    assert_eq!(task.kind, v1::TaskKind::Statistics as i32);
+    assert_eq!(task.standardization, None);
+    let d = breast_cancer_features().len();
+    let report = |count: u64, sum: Vec<f64>, sum_sq: Vec<f64>| {
+        let req = site.req(v1::ReportStatisticsRequest {
+            run_id: task.run_id.clone(),
+            round: task.round,
+            attempt: task.attempt,
+            count,
+            sum,
+            sum_sq,
+        });
+        let mut client = site.client.clone();
+        async move { client.report_statistics(req).await.map(|_| ()) }
+    };
+    let refused = |r: Result<(), tonic::Status>, what: &str| match r {
+        Err(s) if s.code() == Code::InvalidArgument && s.message().contains(what) => {}
+        other => panic!("expected a refusal naming `{what}`, got {other:?}"),
+    };
+    // More rows than the site registered (10,000), sums for another feature count, a sum of
+    // squares no real rows give, a non-finite sum.
+    refused(
+        report(20_000, vec![1.0; d], vec![1.0; d]).await,
+        "more than the 10000",
+    );
+    refused(report(10, vec![1.0; 3], vec![1.0; 3]).await, "features");
+    refused(
+        report(10, vec![100.0; d], vec![1.0; d]).await,
+        "cannot come from",
+    );
+    refused(
+        report(10, vec![f64::INFINITY; d], vec![1.0; d]).await,
+        "not finite",
+    );
+    // Honest sums: 4 rows of each feature at 1, 2, 3, 4 (mean 2.5, deviation √1.25).
+    report(4, vec![10.0; d], vec![30.0; d])
+        .await
+        .expect("honest sums");
+    // Sent again, they are refused: the phase closed once its only site answered.
+    let again = report(4, vec![10.0; d], vec![30.0; d]).await;
+    assert!(
+        again
+            .as_ref()
+            .is_err_and(|s| s.code() == Code::FailedPrecondition),
+        "{again:?}"
+    );
+    // Round 1's task carries the pooled statistics, signed with the rest of the task.
+    let train = site.next_task().await;
+    assert_eq!((train.round, train.kind), (1, v1::TaskKind::Train as i32));
+    let pooled = medfl_core::standardize::Standardization::from_json(
+        train
+            .standardization
+            .as_deref()
+            .expect("statistics in the task"),
+        &breast_cancer_features(),
+    )
+    .expect("statistics");
+    assert_eq!((pooled.rows, pooled.sites), (4, 1));
+    assert!((pooled.mean[0] - 2.5).abs() < 1e-12);
+    assert!((pooled.std[0] - 1.25f64.sqrt()).abs() < 1e-12);
+    let claim = medfl_proto::convert::task_claim(&train);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &site.coordinator_key)
+        .verify(&claim.message(), &train.signature)
+        .expect("a signed task");
+    let mut shifted_stats = train.clone();
+    shifted_stats.standardization = Some(
+        medfl_core::standardize::Standardization {
+            mean: vec![0.0; d],
+            ..pooled.clone()
+        }
+        .to_json(),
+    );
+    let claim = medfl_proto::convert::task_claim(&shifted_stats);
+    assert!(
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &site.coordinator_key)
+            .verify(&claim.message(), &train.signature)
+            .is_err(),
+        "statistics changed in transit must not verify"
+    );
+    // The researcher sees them with the run.
+    let detail = client
+        .get_run(v1::GetRunRequest {
+            run_id: run.clone(),
+            sites_of_round: 0,
+        })
+        .await
+        .expect("run")
+        .into_inner();
+    assert_eq!(detail.standardization, train.standardization);
 }

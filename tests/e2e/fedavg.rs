@@ -85,7 +85,7 @@ async fn three_sites_three_rounds_average_exactly_and_learn_retaining_updates() 
     }
     let last = &detail.rounds[2];
     let accuracy = test_accuracy(
-        &spec,
+        &detail,
         &fed.coordinator.blob(&last.global_sha256),
         &fed.test_csv,
     );

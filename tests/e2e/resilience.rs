@@ -63,3 +63,50 @@ async fn a_coordinator_killed_between_rounds_resumes_the_run() {
     assert!(detail.rounds.iter().all(|r| r.sites_reported == 3));
     fed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_needing_more_sites_than_are_online_is_refused_naming_the_offline_ones_after_2s() {
+    // Offline after 2 s of silence (default 30 s), so a silent raw site goes offline quickly.
+    let fed = Federation::start_configured(1, false, |c| {
+        c.heartbeat_interval_secs = 1;
+        c.site_offline_after_secs = 2;
+    })
+    .await;
+    let mut client = fed.coordinator.runs().await;
+    let silent = RawSite::register(&fed.coordinator, "silent").await;
+    // Registered, then silent: poll until the coordinator lists it offline.
+    let since = std::time::Instant::now();
+    loop {
+        let sites = client
+            .list_sites(medfl_proto::v1::ListSitesRequest::default())
+            .await
+            .expect("sites")
+            .into_inner()
+            .sites;
+        if sites.iter().any(|s| s.name == "silent" && !s.online) {
+            break;
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(30),
+            "the silent site never went offline"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let refused = client
+        .create_run(medfl_proto::v1::CreateRunRequest {
+            spec_toml: breast_cancer_spec("too-few-online", 1, 2, 60),
+        })
+        .await
+        .expect_err("two sites required, one online");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let said = refused.message();
+    assert!(
+        said.contains("min_sites") && said.contains("only 1 of the 2") && said.contains("silent"),
+        "{said}"
+    );
+    // With the one online site enough, the run goes ahead.
+    let run = create_run(&mut client, &breast_cancer_spec("one-online", 1, 1, 60)).await;
+    wait_for_completion(&mut client, &run).await;
+    drop(silent);
+    fed.stop().await;
+}

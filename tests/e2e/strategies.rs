@@ -57,7 +57,7 @@ async fn accuracy_on(honest: usize, strategy: &str, attacked: bool) -> f64 {
     let last = detail.rounds.last().expect("rounds");
     assert_eq!(last.sites_reported, sites);
     let accuracy = test_accuracy(
-        &spec,
+        &detail,
         &fed.coordinator.blob(&last.global_sha256),
         &fed.test_csv,
     );
@@ -132,7 +132,7 @@ async fn fedprox_converges_on_a_strongly_non_iid_split() {
     assert!(losses[4] < losses[0], "training loss falls: {losses:?}");
     let last = detail.rounds.last().expect("rounds");
     let accuracy = test_accuracy(
-        &spec,
+        &detail,
         &fed.coordinator.blob(&last.global_sha256),
         &fed.test_csv,
     );

@@ -704,14 +704,23 @@ pub async fn create_run(client: &mut RunServiceClient<Channel>, spec: &str) -> S
         .run_id
 }
 
-/// Accuracy of `params` on the test CSV, standardised with its own statistics as a new site would.
-pub fn test_accuracy(spec_toml: &str, params: &ModelParams, test_csv: &Path) -> f64 {
-    let spec = medfl_core::spec::RunSpec::from_toml(spec_toml).expect("spec");
+/// Accuracy of `params` (a model of run `detail`) on the test CSV, standardised as the run's
+/// sites standardised: with the federation's statistics when the run pooled them, else with the
+/// CSV's own, as a new site would.
+pub fn test_accuracy(detail: &v1::RunDetail, params: &ModelParams, test_csv: &Path) -> f64 {
+    let spec = medfl_core::spec::RunSpec::from_toml(&detail.spec_toml).expect("spec");
     let table = Table::load_csv(test_csv).expect("test csv");
     let ex = table
         .examples(&spec.task.features, &spec.task.label, &spec.task.labels)
         .expect("examples");
-    let ex = medfl_train::Standardizer::fit(&ex).apply(&ex);
+    let scaler = match &detail.standardization {
+        Some(json) => medfl_train::Standardizer::from_statistics(
+            &medfl_core::standardize::Standardization::from_json(json, &spec.task.features)
+                .expect("the run's statistics"),
+        ),
+        None => medfl_train::Standardizer::fit(&ex),
+    };
+    let ex = scaler.apply(&ex);
     medfl_train::model_for_run(&spec, &medfl_train::BaseModels::none())
         .expect("model")
         .evaluate(params, &medfl_train::Data::Table(ex))

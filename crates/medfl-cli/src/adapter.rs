@@ -1,16 +1,21 @@
-//! What a researcher does on this machine with a text run's adapter file: the base with the
-//! adapter merged in (`model merge`, `model pull --merged`), and `medfl predict` on their own
-//! texts. Needs the `local` feature.
+//! What a researcher does on this machine with a pulled model: for a text run's adapter, the
+//! base with the adapter merged in (`model merge`, `model pull --merged`); for any run,
+//! `medfl predict` on their own texts or CSV rows. Needs the `local` feature.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use medfl_core::spec::{Adaptation, RunSpec};
+use medfl_core::spec::{Adaptation, ModelSpec, RunSpec};
+use medfl_core::standardize::Standardization;
 use medfl_core::ModelParams;
+use medfl_model::adapter::{
+    read_model_file, PROVENANCE_METADATA_KEY, SPEC_METADATA_KEY, STANDARDIZATION_METADATA_KEY,
+};
 use medfl_train::export::{merge_into_base, read_adapter};
-use medfl_train::{BaseModels, TextClassifier, TextTable};
+use medfl_train::mlp::Mlp;
+use medfl_train::{BaseModels, Standardizer, Table, TextClassifier, TextTable};
 
 /// Texts scored per progress step.
 const PREDICT_BATCH: usize = 256;
@@ -121,30 +126,55 @@ pub struct MergeArgs {
 /// Options of `medfl predict`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PredictArgs {
-    /// The base model directory (config.json, model.safetensors, tokenizer.json).
+    /// A text run's base model directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
-    /// The adapter, as `medfl model pull` wrote it.
-    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// The file `medfl model pull` wrote: a text run's adapter, or a tabular run's model.
+    #[arg(long, visible_alias = "pulled", value_name = "FILE")]
     pub adapter: PathBuf,
-    /// JSON lines to classify.
-    #[arg(long, value_name = "FILE.jsonl")]
+    /// What to classify: JSON lines for a text run, CSV for a tabular one.
+    #[arg(long, value_name = "FILE")]
     pub input: PathBuf,
+    /// A tabular run with local standardisation: the CSV (your training data) whose feature
+    /// means and deviations the inputs are standardised with.
+    #[arg(long, value_name = "FILE.csv")]
+    pub standardize_on: Option<PathBuf>,
     /// Field holding the text (the run's `task.text` when absent).
     #[arg(long)]
     pub text_field: Option<String>,
     /// Field holding a known label, to report accuracy (the run's `task.label` when absent).
     #[arg(long)]
     pub label_field: Option<String>,
-    /// Where to write one prediction per line (standard output when absent).
-    #[arg(short, long, value_name = "FILE.jsonl")]
+    /// Where to write the predictions (standard output when absent): JSON lines for texts, CSV
+    /// for rows.
+    #[arg(short, long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 }
 
 /// Runs `medfl predict`.
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
-    let (params, spec) = open_adapter(&args.adapter)?;
-    let classifier = classifier(&spec, &args.model)?;
+    let (params, metadata) = read_model_file(&args.adapter)?;
+    let spec_toml = metadata.get(SPEC_METADATA_KEY).with_context(|| {
+        format!(
+            "{} carries no run spec: pull it with `medfl model pull`",
+            args.adapter.display()
+        )
+    })?;
+    let spec = RunSpec::from_toml(spec_toml)
+        .with_context(|| format!("the run spec inside {}", args.adapter.display()))?;
+    if spec.encoder().is_none() {
+        return predict_rows(args, &params, &spec, &metadata);
+    }
+    anyhow::ensure!(
+        args.standardize_on.is_none(),
+        "--standardize-on is for tabular runs; {} is from a text run",
+        args.adapter.display()
+    );
+    let base = args
+        .model
+        .as_deref()
+        .context("a text run's adapter needs its base model: pass --model DIR")?;
+    let classifier = classifier(&spec, base)?;
     let table = TextTable::load_jsonl(&args.input)?;
     let text_field = args
         .text_field
@@ -216,5 +246,190 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
             medfl_core::metrics::macro_f1(&p, &a, labels.len())
         );
     }
+    Ok(())
+}
+
+/// The standardisation a tabular model's inputs need: the federation's statistics carried in
+/// its metadata, or (local standardisation) those of the hospital's own training CSV.
+fn input_standardizer(
+    model: &Path,
+    standardize_on: Option<&Path>,
+    spec: &RunSpec,
+    metadata: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<Standardizer> {
+    let features = &spec.task.features;
+    match (metadata.get(STANDARDIZATION_METADATA_KEY), standardize_on) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "{} carries the federation's statistics, which the model was trained with: drop \
+             --standardize-on",
+            model.display()
+        ),
+        (Some(json), None) => Ok(Standardizer::from_statistics(
+            &Standardization::from_json(json, features)
+                .with_context(|| format!("the metadata of {}", model.display()))?,
+        )),
+        (None, Some(path)) => {
+            let rows = Table::load_csv(path)?.feature_rows(features)?;
+            anyhow::ensure!(!rows.is_empty(), "{} has no rows", path.display());
+            Ok(Standardizer::fit(&rows))
+        }
+        (None, None) => anyhow::bail!(
+            "{} was trained with each site standardising its own features (`standardize = \
+             \"local\"`): pass --standardize-on with your training CSV",
+            model.display()
+        ),
+    }
+}
+
+/// `medfl predict` for a tabular run: one CSV line per input row with the predicted label,
+/// its probability, and every class's probability.
+fn predict_rows(
+    args: &PredictArgs,
+    params: &ModelParams,
+    spec: &RunSpec,
+    metadata: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.model.is_none(),
+        "--model names a text run's base model; {} is from a tabular run",
+        args.adapter.display()
+    );
+    let ModelSpec::Mlp { hidden } = &spec.model else {
+        anyhow::bail!("{} is not from a tabular run", args.adapter.display());
+    };
+    let scaler = input_standardizer(
+        &args.adapter,
+        args.standardize_on.as_deref(),
+        spec,
+        metadata,
+    )?;
+    let table = Table::load_csv(&args.input)?;
+    let rows = scaler.apply(&table.feature_rows(&spec.task.features)?);
+    let labels = &spec.task.labels;
+    let model = Mlp::new(spec.task.features.len(), hidden, labels.len());
+    let probs = model.probabilities(params, &rows)?;
+    let mut out = String::from("row,prediction,confidence");
+    for l in labels {
+        out.push(',');
+        out.push_str(&csv_field(&format!("p_{l}")));
+    }
+    out.push('\n');
+    let mut predicted = Vec::with_capacity(probs.len());
+    for (i, p) in probs.iter().enumerate() {
+        let (best, confidence) = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or((0, 0.0), |(i, v)| (i, *v));
+        predicted.push(best as u32);
+        out.push_str(&format!(
+            "{},{},{confidence:.6}",
+            i + 1,
+            csv_field(&labels[best])
+        ));
+        for v in p {
+            out.push_str(&format!(",{v:.6}"));
+        }
+        out.push('\n');
+    }
+    match &args.out {
+        Some(path) => std::fs::write(path, &out)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => medfl_daemon::out!("{out}"),
+    }
+    let label_field = args.label_field.as_deref().unwrap_or(&spec.task.label);
+    if let Some(known) = table.column(label_field) {
+        let pairs: Vec<(u32, u32)> = known
+            .iter()
+            .zip(&predicted)
+            .filter_map(|(k, p)| labels.iter().position(|x| x == k).map(|k| (*p, k as u32)))
+            .collect();
+        if !pairs.is_empty() {
+            let (p, a): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
+            eprintln!(
+                "{} of {} rows carry a known `{label_field}`: accuracy {:.4}, macro-F1 {:.4}",
+                a.len(),
+                table.len(),
+                medfl_core::metrics::accuracy(&p, &a),
+                medfl_core::metrics::macro_f1(&p, &a, labels.len())
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `value` as one CSV field, quoted when it must be.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+/// Options of `medfl model export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
+    /// A tabular run's model, as `medfl model pull` wrote it.
+    #[arg(long, value_name = "FILE")]
+    pub pulled: PathBuf,
+    /// A run with local standardisation: the CSV (your training data) whose feature means and
+    /// deviations the graph standardises with.
+    #[arg(long, value_name = "FILE.csv")]
+    pub standardize_on: Option<PathBuf>,
+    /// The ONNX file to write.
+    #[arg(short, long, value_name = "FILE.onnx")]
+    pub out: PathBuf,
+}
+
+/// `medfl model export`: a tabular model as ONNX, standardisation included, for the
+/// hospital's own tools.
+pub fn export_onnx(args: &ExportArgs) -> anyhow::Result<()> {
+    let (params, metadata) = read_model_file(&args.pulled)?;
+    let spec_toml = metadata.get(SPEC_METADATA_KEY).with_context(|| {
+        format!(
+            "{} carries no run spec: pull it with `medfl model pull`",
+            args.pulled.display()
+        )
+    })?;
+    let spec = RunSpec::from_toml(spec_toml)
+        .with_context(|| format!("the run spec inside {}", args.pulled.display()))?;
+    let ModelSpec::Mlp { hidden } = &spec.model else {
+        anyhow::bail!(
+            "{} is from a text run: ONNX export covers tabular models (merge a text run's \
+             adapter with `medfl model merge` for PyTorch/transformers)",
+            args.pulled.display()
+        );
+    };
+    let scaler = input_standardizer(
+        &args.pulled,
+        args.standardize_on.as_deref(),
+        &spec,
+        &metadata,
+    )?;
+    let carried: Vec<(&str, &str)> = [SPEC_METADATA_KEY, PROVENANCE_METADATA_KEY]
+        .into_iter()
+        .filter_map(|k| metadata.get(k).map(|v| (k, v.as_str())))
+        .collect();
+    let bytes = medfl_model::onnx::mlp_onnx(&medfl_model::onnx::MlpExport {
+        params: &params,
+        layers: hidden.len() + 1,
+        features: &spec.task.features,
+        labels: &spec.task.labels,
+        mean: scaler.mean(),
+        std: scaler.std(),
+        metadata: &carried,
+    })
+    .with_context(|| format!("exporting {}", args.pulled.display()))?;
+    std::fs::write(&args.out, &bytes)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    medfl_daemon::outln!(
+        "{}  {} (ONNX, opset 13: input `features` [rows, {}] raw values; outputs \
+         `probabilities` [rows, {}] and `class` [rows]; labels and features in its metadata)",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes)),
+        args.out.display(),
+        spec.task.features.len(),
+        spec.task.labels.len()
+    );
     Ok(())
 }

@@ -11,6 +11,7 @@ use anyhow::Context;
 use medfl_coordinator::CoordinatorConfig;
 use medfl_core::safetensors::decode;
 use medfl_core::spec::RunSpec;
+use medfl_core::standardize::Standardization;
 use medfl_proto::v1::{CreateRunRequest, RoundSummary, RunDetail};
 use medfl_site::SiteConfig;
 use medfl_train::fit::planned_steps;
@@ -82,6 +83,32 @@ pub struct DemoArgs {
     /// icd10: AdamW's learning rate at the sites [default: 0.003, 0.01 with --privacy].
     #[arg(long, value_name = "LR", value_parser = positive_rate)]
     pub learning_rate: Option<f64>,
+    /// breast-cancer: how the hospitals standardise their features [default: federated, local
+    /// with --privacy].
+    #[arg(long, value_enum)]
+    pub standardize: Option<DemoStandardize>,
+    /// breast-cancer: how the rows are split between the hospitals.
+    #[arg(long, value_enum, default_value_t = DemoSplit::Label)]
+    pub split: DemoSplit,
+}
+
+/// The spec's `task.standardize`, as the demo offers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoStandardize {
+    /// With the federation's statistics, pooled from every hospital's sums.
+    Federated,
+    /// With each hospital's own statistics.
+    Local,
+}
+
+/// How the demo splits the breast cancer rows between its hospitals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoSplit {
+    /// Different sizes and benign/malignant mixes.
+    Label,
+    /// Each hospital sees one band of tumour sizes (`mean_radius` thirds, smallest first):
+    /// strongly skewed features, as between a screening clinic and a referral centre.
+    Feature,
 }
 
 fn positive_rate(arg: &str) -> Result<f64, String> {
@@ -183,6 +210,10 @@ pub enum DemoTask {
 /// What the demo writes to `metrics.json`.
 #[derive(Serialize)]
 struct DemoMetrics {
+    /// `federated` or `local`.
+    standardize: String,
+    /// Each hospital's accuracy on its own validation split with the final model.
+    site_final: BTreeMap<String, f64>,
     run_id: String,
     rounds: Vec<RoundMetrics>,
     test_examples: usize,
@@ -211,8 +242,13 @@ pub(crate) struct Scores {
     pub train_examples: usize,
 }
 
-fn spec_text(rounds: u32, features: &[String]) -> String {
+fn spec_text(rounds: u32, features: &[String], standardize: Option<DemoStandardize>) -> String {
     let features: Vec<String> = features.iter().map(|f| format!("\"{f}\"")).collect();
+    let standardize = match standardize {
+        Some(DemoStandardize::Federated) => "standardize = \"federated\"\n",
+        Some(DemoStandardize::Local) => "standardize = \"local\"\n",
+        None => "",
+    };
     format!(
         r#"name = "breast-cancer-demo"
 rounds = {rounds}
@@ -230,7 +266,7 @@ label = "diagnosis"
 labels = ["B", "M"]
 features = [{}]
 validation_fraction = 0.2
-
+{standardize}
 [training]
 local_epochs = 1
 batch_size = 16
@@ -252,6 +288,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             && args.learning_rate.is_none(),
         "--sites, --client-privacy, --batch-size and --learning-rate are offered for the icd10 demo"
     );
+    anyhow::ensure!(
+        !(args.standardize == Some(DemoStandardize::Federated) && args.privacy.is_some()),
+        "--standardize federated sends exact feature sums, which --privacy does not account for"
+    );
     let rounds = args.rounds.unwrap_or(12);
     anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
     std::fs::create_dir_all(&args.out)
@@ -270,15 +310,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .filter(|c| c.as_str() != "diagnosis")
         .cloned()
         .collect();
-    let (spec_toml, spec) = with_strategy(spec_text(rounds, &features), args.strategy.as_deref())?;
+    let (spec_toml, spec) = with_strategy(
+        spec_text(rounds, &features, args.standardize),
+        args.strategy.as_deref(),
+    )?;
 
     // Split: a held-out test set, then three hospitals with different sizes and case mixes.
     let labels = table
         .column("diagnosis")
         .context("the data needs a `diagnosis` column")?;
-    let mut shares = vec![vec![TEST_SHARE, TEST_SHARE]];
-    shares.extend(HOSPITALS.iter().map(|(_, b, m)| vec![*b, *m]));
-    let parts = label_skew_partition(&labels, &spec.task.labels, &shares, SEED);
+    let parts = match args.split {
+        DemoSplit::Label => {
+            let mut shares = vec![vec![TEST_SHARE, TEST_SHARE]];
+            shares.extend(HOSPITALS.iter().map(|(_, b, m)| vec![*b, *m]));
+            label_skew_partition(&labels, &spec.task.labels, &shares, SEED)
+        }
+        DemoSplit::Feature => feature_bands(&table, &labels, &spec.task.labels)?,
+    };
     let data_dir = out.join("data");
     std::fs::create_dir_all(&data_dir)?;
     let test_table = table.subset(&parts[0]);
@@ -345,11 +393,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let federation = LocalFederation::start(&out, BTreeMap::new(), site_configs).await?;
     let model_path = out.join("global_model.safetensors");
     let (run_id, detail, pulled) = federation.run(&spec_toml, &model_path).await?;
+    // Self-describing, as `medfl model pull` writes it: `medfl predict` needs nothing else.
+    let model_sha256 = pull::write_self_describing(
+        &model_path,
+        &detail.spec_toml,
+        &pull::provenance_metadata(&run_id, 0, &detail, &pulled.sha256),
+        pull::privacy_metadata(&spec, &detail, 0).as_deref(),
+        detail.standardization.as_deref(),
+    )?;
     medfl_daemon::outln!(
         "final global model: {} ({}, sha256 {})",
         model_path.display(),
         table::human_bytes(pulled.size),
-        table::short_sha(&pulled.sha256)
+        table::short_sha(&model_sha256)
     );
 
     federation.stop().await?;
@@ -376,24 +432,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // Compare on the held-out split: the federated model, each hospital alone, all data pooled.
     let global = decode(&std::fs::read(&model_path)?)?;
-    let test = examples(&test_table, &spec)?;
-    let test = Data::Table(Standardizer::fit(&test).apply(&test));
-    let model = model_for_run(&spec, &BaseModels::none())?;
-    let score = |params: &medfl_core::ModelParams, n: usize| -> anyhow::Result<Scores> {
-        let m = model.evaluate(params, &test)?.metrics;
-        Ok(Scores {
-            accuracy: m["accuracy"],
-            auc: m.get("auc").copied(),
-            macro_f1: None,
-            train_examples: n,
-        })
+    let raw_test = examples(&test_table, &spec)?;
+    let test = Data::Table(Standardizer::fit(&raw_test).apply(&raw_test));
+    // The federated model sees the held-out rows as its sites saw theirs: standardised with
+    // the federation's statistics when it was trained with them.
+    let federated_test = match &detail.standardization {
+        Some(json) => Data::Table(
+            Standardizer::from_statistics(&Standardization::from_json(json, &spec.task.features)?)
+                .apply(&raw_test),
+        ),
+        None => test.clone(),
     };
+    let model = model_for_run(&spec, &BaseModels::none())?;
+    let score_on =
+        |params: &medfl_core::ModelParams, n: usize, test: &Data| -> anyhow::Result<Scores> {
+            let m = model.evaluate(params, test)?.metrics;
+            Ok(Scores {
+                accuracy: m["accuracy"],
+                auc: m.get("auc").copied(),
+                macro_f1: None,
+                train_examples: n,
+            })
+        };
     let federated_train: usize = detail
         .rounds
         .last()
         .map(|r| r.num_examples as usize)
         .unwrap_or(0);
-    let federated = score(&global, federated_train)?;
+    let score = |params: &medfl_core::ModelParams, n: usize| score_on(params, n, &test);
+    let federated = score_on(&global, federated_train, &federated_test)?;
     let epochs = rounds * spec.training.local_epochs;
     let mut alone = BTreeMap::new();
     let mut pooled_parts = Vec::new();
@@ -437,6 +504,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     line("centralized (pooled data)", &centralized);
 
     let metrics = DemoMetrics {
+        standardize: spec
+            .task
+            .standardization(&spec.privacy)
+            .map_or("none", |s| s.as_str())
+            .to_string(),
+        site_final: detail
+            .final_evaluation
+            .iter()
+            .filter_map(|e| Some((e.site.clone(), *e.metrics.get("accuracy")?)))
+            .collect(),
         run_id,
         rounds: detail.rounds.iter().map(round_metrics).collect(),
         test_examples: test.len(),
@@ -650,6 +727,41 @@ impl LocalFederation {
     }
 }
 
+/// The held-out split (a random share of each class), then the other rows in three bands of
+/// `mean_radius`, smallest first, one per hospital.
+fn feature_bands(
+    table: &Table,
+    labels: &[&str],
+    classes: &[String],
+) -> anyhow::Result<Vec<Vec<usize>>> {
+    let shares = vec![
+        vec![TEST_SHARE, TEST_SHARE],
+        vec![1.0 - TEST_SHARE, 1.0 - TEST_SHARE],
+    ];
+    let mut parts = label_skew_partition(labels, classes, &shares, SEED);
+    let radius = table
+        .column(SKEW_FEATURE)
+        .with_context(|| format!("--split feature needs a `{SKEW_FEATURE}` column"))?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.parse::<f64>()
+                .with_context(|| format!("row {}: `{SKEW_FEATURE}` `{v}` is not a number", i + 2))
+        })
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let mut rest = parts.pop().unwrap_or_default();
+    rest.sort_by(|a, b| radius[*a].total_cmp(&radius[*b]));
+    let n = HOSPITALS.len();
+    let bands: Vec<Vec<usize>> = (0..n)
+        .map(|h| rest[h * rest.len() / n..(h + 1) * rest.len() / n].to_vec())
+        .collect();
+    parts.extend(bands);
+    Ok(parts)
+}
+
+/// The feature whose bands split the rows under `--split feature`.
+const SKEW_FEATURE: &str = "mean_radius";
+
 fn examples(t: &Table, spec: &RunSpec) -> anyhow::Result<Examples> {
     Ok(t.examples(&spec.task.features, &spec.task.label, &spec.task.labels)?)
 }
@@ -755,7 +867,7 @@ mod tests {
 
     #[test]
     fn strategy_option_becomes_the_spec_strategy_table() {
-        let base = spec_text(2, &["radius_mean".to_string()]);
+        let base = spec_text(2, &["radius_mean".to_string()], None);
         let table = strategy_table("fedavgm:momentum=0.5,server_learning_rate=1").unwrap();
         let (_, spec) = with_strategy(base.clone(), Some(&table)).unwrap();
         assert_eq!(

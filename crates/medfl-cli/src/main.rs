@@ -26,7 +26,7 @@ use medfl_core::run::RunStatus;
 use medfl_proto::convert::run_status;
 
 #[cfg(feature = "local")]
-use adapter::{MergeArgs, PredictArgs};
+use adapter::{ExportArgs, MergeArgs, PredictArgs};
 #[cfg(feature = "local")]
 use demo::DemoArgs;
 #[cfg(not(feature = "local"))]
@@ -35,6 +35,8 @@ type DemoArgs = NotBuilt;
 type MergeArgs = NotBuilt;
 #[cfg(not(feature = "local"))]
 type PredictArgs = NotBuilt;
+#[cfg(not(feature = "local"))]
+type ExportArgs = NotBuilt;
 
 /// Train models across hospitals without moving their data.
 #[derive(Debug, Parser)]
@@ -164,6 +166,10 @@ enum ModelCommand {
     /// Hugging Face directory at OUT that PyTorch/transformers loads unchanged.
     #[cfg_attr(not(feature = "local"), command(hide = true))]
     Merge(MergeArgs),
+    /// Export a tabular run's pulled model to ONNX (standardisation included), for the
+    /// hospital's own tools.
+    #[cfg_attr(not(feature = "local"), command(hide = true))]
+    Export(ExportArgs),
 }
 
 /// The arguments of a subcommand this binary was built without, taken as they come so that
@@ -239,11 +245,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             adapter::write_merged(&args.adapter, &args.base, &args.out)?
         }
         #[cfg(feature = "local")]
+        Command::Model(ModelCommand::Export(args)) => adapter::export_onnx(&args)?,
+        #[cfg(feature = "local")]
         Command::Predict(args) => adapter::predict(&args)?,
         #[cfg(not(feature = "local"))]
         Command::Demo(_) => return Err(without_local("demo")),
         #[cfg(not(feature = "local"))]
         Command::Model(ModelCommand::Merge(_)) => return Err(without_local("model merge")),
+        #[cfg(not(feature = "local"))]
+        Command::Model(ModelCommand::Export(_)) => return Err(without_local("model export")),
         #[cfg(not(feature = "local"))]
         Command::Predict(_) => return Err(without_local("predict")),
         Command::Aggregate(args) => aggregate::run(args)?,

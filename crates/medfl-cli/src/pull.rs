@@ -7,6 +7,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medfl_model::adapter::{
     model_bytes, PRIVACY_METADATA_KEY, PROVENANCE_METADATA_KEY, SPEC_METADATA_KEY,
+    STANDARDIZATION_METADATA_KEY,
 };
 use medfl_proto::v1::{GetRunRequest, PullModelRequest};
 use ring::digest;
@@ -82,14 +83,25 @@ async fn pull_into(
     );
     let privacy = privacy_metadata(spec, detail, round);
     let provenance = provenance_metadata(run_id, round, detail, &pulled.sha256);
-    let sha = write_self_describing(file, &detail.spec_toml, &provenance, privacy.as_deref())?;
+    let sha = write_self_describing(
+        file,
+        &detail.spec_toml,
+        &provenance,
+        privacy.as_deref(),
+        detail.standardization.as_deref(),
+    )?;
     medfl_daemon::outln!(
-        "{sha}  {} ({}, with the run spec, run and round{} in its metadata)",
+        "{sha}  {} ({}, with the run spec, run and round{}{} in its metadata)",
         file.display(),
         if text_run {
             "the adapter and head"
         } else {
             "the model"
+        },
+        if detail.standardization.is_some() {
+            ", the federation's feature statistics"
+        } else {
+            ""
         },
         if privacy.is_some() {
             " and what differential privacy spent"
@@ -140,12 +152,14 @@ pub fn write_self_describing(
     spec_toml: &str,
     provenance: &str,
     privacy: Option<&str>,
+    standardization: Option<&str>,
 ) -> anyhow::Result<String> {
     let mut metadata = vec![
         (SPEC_METADATA_KEY, spec_toml),
         (PROVENANCE_METADATA_KEY, provenance),
     ];
     metadata.extend(privacy.map(|p| (PRIVACY_METADATA_KEY, p)));
+    metadata.extend(standardization.map(|s| (STANDARDIZATION_METADATA_KEY, s)));
     write_metadata(path, &metadata)
 }
 

@@ -131,6 +131,132 @@ async fn a_researcher_drives_a_run_from_the_cli() {
     let global = origin["global_sha256"].as_str().expect("a hash");
     assert!(served.starts_with(global), "{served} / {origin}");
 
+    // Federated standardisation, the default: the model carries the federation's statistics,
+    // pooled from exactly the sums each hospital's audit log says it sent (never a row).
+    let pooled = medfl_core::standardize::Standardization::from_json(
+        &meta["medfl.standardization"],
+        &carried.task.features,
+    )
+    .expect("statistics");
+    let mut sent = Vec::new();
+    for site in ["hospital-0", "hospital-1"] {
+        let log = std::fs::read_to_string(dir.join(site).join("audit.jsonl")).expect("log");
+        let event: serde_json::Value = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON"))
+            .find(|e| e["event"] == "statistics_sent")
+            .unwrap_or_else(|| panic!("{site} audited no statistics_sent"));
+        let floats = |key: &str| -> Vec<f64> {
+            event["details"][key]
+                .as_array()
+                .expect("sums")
+                .iter()
+                .map(|v| v.as_f64().expect("a number"))
+                .collect()
+        };
+        sent.push(medfl_core::standardize::FeatureSums {
+            count: event["details"]["rows"].as_u64().expect("rows"),
+            sum: floats("sum"),
+            sum_sq: floats("sum_sq"),
+        });
+    }
+    let expected = medfl_core::standardize::Standardization::pool(&carried.task.features, &sent)
+        .expect("pool");
+    assert_eq!(pooled.rows, expected.rows);
+    assert_eq!(pooled.sites, 2);
+    for j in 0..carried.task.features.len() {
+        assert!((pooled.mean[j] - expected.mean[j]).abs() < 1e-9 * expected.mean[j].abs().max(1.0));
+        assert!((pooled.std[j] - expected.std[j]).abs() < 1e-9 * expected.std[j].max(1.0));
+    }
+    // Sums over the training rows only: each site keeps its validation split out.
+    let site_rows = std::fs::read_to_string(dir.join("data").join("site-0.csv"))
+        .expect("site data")
+        .lines()
+        .count() as u64
+        - 1;
+    assert!(
+        sent[0].count < site_rows,
+        "{} of {site_rows}",
+        sent[0].count
+    );
+
+    // `medfl predict` runs the pulled model on a CSV with nothing else.
+    let predictions = dir.join("predictions.csv");
+    let out = medfl(
+        &fed.coordinator,
+        &[
+            "predict",
+            "--pulled",
+            model.to_str().expect("utf-8"),
+            "--input",
+            fed.test_csv.to_str().expect("utf-8"),
+            "-o",
+            predictions.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(&predictions).expect("predictions");
+    let test_rows = std::fs::read_to_string(&fed.test_csv)
+        .expect("test data")
+        .lines()
+        .count()
+        - 1;
+    assert_eq!(written.lines().count(), test_rows + 1, "{written}");
+    assert!(
+        written.starts_with("row,prediction,confidence,p_B,p_M\n"),
+        "{written}"
+    );
+    let said = text(&out.stderr);
+    let accuracy: f64 = said
+        .split("accuracy ")
+        .nth(1)
+        .and_then(|a| a.split(',').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {said}"));
+    assert!(accuracy > 0.85, "{said}");
+    // ONNX for the hospital's own tools (checked against onnxruntime in CI).
+    let onnx = dir.join("model.onnx");
+    let out = medfl(
+        &fed.coordinator,
+        &[
+            "model",
+            "export",
+            "--pulled",
+            model.to_str().expect("utf-8"),
+            "-o",
+            onnx.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::metadata(&onnx).expect("onnx").len() > 30 * 4);
+    // Without the federation's statistics, prediction needs the hospital's own rows.
+    let bare = dir.join("bare.safetensors");
+    std::fs::write(
+        &bare,
+        medfl_model::adapter::model_bytes(&params, &[("medfl.run_spec", &meta["medfl.run_spec"])])
+            .expect("bytes"),
+    )
+    .expect("write");
+    let out = medfl(
+        &fed.coordinator,
+        &[
+            "predict",
+            "--pulled",
+            bare.to_str().expect("utf-8"),
+            "--input",
+            fed.test_csv.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--standardize-on"),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Audit logs: what left each hospital, and what the coordinator took, hash-chained.
     let site_log = dir.join("hospital-0").join("audit.jsonl");
     let coordinator_log = fed.coordinator.data_dir.join("audit.jsonl");

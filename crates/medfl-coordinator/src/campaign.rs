@@ -26,6 +26,8 @@ pub struct Campaign {
     spec_toml: Arc<str>,
     /// Size of the model scored.
     global_size: u64,
+    /// Federated standardisation: the run's pooled feature statistics (JSON).
+    standardization: Option<Arc<str>>,
 }
 
 /// Online sites holding the dataset of the run `spec` describes.
@@ -83,6 +85,7 @@ pub fn adopt(
         machine: machine.clone(),
         spec_toml: Arc::from(spec_toml),
         global_size: shared.blobs.size(machine.global_sha256())?,
+        standardization: shared.db(|s| s.standardization(run_id))?.map(Arc::from),
     };
     if let Some((number, owed, deadline_ms)) = machine.cross_site_owed() {
         shared.db(|s| {
@@ -154,6 +157,7 @@ pub fn resume(shared: &Shared) -> Result<(), CoordinatorError> {
                 machine,
                 spec_toml: Arc::from(run.spec.as_str()),
                 global_size,
+                standardization: shared.db(|s| s.standardization(&c.run_id))?.map(Arc::from),
             },
         );
         perform(shared, &c.run_id, effects)?;
@@ -246,6 +250,7 @@ pub fn task_for(shared: &Shared, site: &str) -> Result<Option<v1::Task>, Coordin
             signature: Vec::new(),
             clip_norm: None,
             expected_sites: None,
+            standardization: c.standardization.as_deref().map(String::from),
         })
     }))
 }

@@ -39,7 +39,11 @@ pub fn spawn(
     let model = medfl_model::RunModel::for_run(&spec, &shared.bases)?;
     let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
     let (snap_tx, snap_rx) = watch::channel(None);
-    let machine = RunMachine::new(plan(&spec)?, &run.initial_sha256);
+    let standardization = shared.db(|s| s.standardization(&run.id))?;
+    let mut plan = plan(&spec)?;
+    // Statistics pooled before a restart are not gathered again.
+    plan.statistics &= standardization.is_none();
+    let machine = RunMachine::new(plan, &run.initial_sha256);
     let handle = RunHandle {
         tx,
         snapshot: snap_rx,
@@ -61,6 +65,7 @@ pub fn spawn(
         global_size: None,
         answer: None,
         stop_reply: None,
+        standardization: standardization.map(Arc::from),
     };
     tasks.spawn(engine.run());
     Ok(())
@@ -126,6 +131,8 @@ struct Engine {
     answer: Option<Result<(), CoordinatorError>>,
     /// The researcher who stopped the run, answered once the end is recorded.
     stop_reply: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Federated standardisation: the pooled feature statistics (JSON), once gathered.
+    standardization: Option<Arc<str>>,
 }
 
 /// Offers the update at `path` to the round's aggregator, which applies the run's norm bound
@@ -324,6 +331,31 @@ impl Engine {
                 .await?;
                 let _ = reply.send(self.answer.take().unwrap_or(Ok(())));
             }
+            EngineMsg::Statistics {
+                site,
+                round,
+                attempt,
+                sums,
+                reply,
+            } => {
+                self.answer = None;
+                self.feed(Event::StatisticsReported {
+                    site: site.clone(),
+                    round,
+                    attempt,
+                    sums,
+                })
+                .await?;
+                // No answer from the machine is an internal error, never "accepted".
+                let answer = self.answer.take().unwrap_or_else(|| {
+                    warn!(run = %self.run_id, round, site = %site, "the run machine did not answer the statistics");
+                    Err(CoordinatorError::Internal(format!(
+                        "run `{}` round {round}: the statistics of `{site}` were not answered",
+                        self.run_id
+                    )))
+                });
+                let _ = reply.send(answer);
+            }
             EngineMsg::Failure {
                 site,
                 round,
@@ -488,6 +520,14 @@ impl Engine {
                     mono_ms(),
                 ));
             }
+            Effect::CommitStatistics {
+                round,
+                attempt,
+                sums,
+            } => {
+                self.commit_statistics(round, attempt, &sums)?;
+                return Ok(self.machine.handle(Event::StatisticsCommitted, mono_ms()));
+            }
             Effect::RecordEvaluation {
                 round,
                 site,
@@ -559,6 +599,7 @@ impl Engine {
                     global_sha256: p.global_sha256,
                     global_size,
                     deadline_ms: wall_of(p.deadline_ms),
+                    standardization: self.standardization.clone(),
                 })
             }
             None => None,
@@ -566,6 +607,44 @@ impl Engine {
         self.snap_tx.send_replace(snapshot);
         self.shared.notify_tasks();
         self.shared.notify_run(&self.run_id);
+        Ok(())
+    }
+
+    /// Pools the feature sums the sites sent, stores the statistics with the run and audits
+    /// what was pooled; every later task of the run carries them.
+    fn commit_statistics(
+        &mut self,
+        round: u32,
+        attempt: u32,
+        sums: &BTreeMap<String, medfl_core::standardize::FeatureSums>,
+    ) -> Result<(), CoordinatorError> {
+        let spec = &self.handle.spec;
+        let all: Vec<_> = sums.values().cloned().collect();
+        // A run that guards its updates against hostile sites guards its statistics too.
+        let pool = if spec.strategy.needs_all_updates() || spec.defense.max_update_norm.is_some() {
+            medfl_core::standardize::Standardization::pool_robust
+        } else {
+            medfl_core::standardize::Standardization::pool
+        };
+        let pooled = pool(&spec.task.features, &all)
+            .map_err(|e| CoordinatorError::Invalid(format!("run `{}`: {e}", self.run_id)))?;
+        let json = pooled.to_json();
+        self.shared
+            .db(|s| s.set_standardization(&self.run_id, &json))?;
+        info!(run = %self.run_id, round, attempt, sites = pooled.sites, rows = pooled.rows, "feature statistics pooled");
+        self.shared.audit(
+            medfl_audit::Event::new(
+                "statistics_pooled",
+                serde_json::json!({
+                    "attempt": attempt,
+                    "sites": sums.iter().map(|(s, v)| (s.clone(), v.count)).collect::<BTreeMap<_, _>>(),
+                    "rows": pooled.rows,
+                }),
+            )
+            .run(self.run_id.clone())
+            .round(round),
+        );
+        self.standardization = Some(Arc::from(json));
         Ok(())
     }
 

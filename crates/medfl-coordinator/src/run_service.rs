@@ -74,11 +74,51 @@ impl RunApi {
         Ok(held)
     }
 
+    /// Refuses a run that could not start now: fewer than `min_sites` of the sites holding its
+    /// dataset are online. Names the offline ones, so the researcher knows whom to call.
+    fn enough_online(&self, spec: &RunSpec) -> Result<(), CoordinatorError> {
+        let now = crate::state::now_ms();
+        let sites = self.shared.sites()?;
+        let holders: Vec<_> = sites.iter().filter(|(_, s)| s.holds(spec)).collect();
+        let (online, offline): (Vec<_>, Vec<_>) = holders
+            .into_iter()
+            .partition(|(_, s)| self.shared.is_online(s, now));
+        if online.len() as u32 >= spec.min_sites {
+            return Ok(());
+        }
+        let shown: Vec<String> = offline
+            .iter()
+            .take(5)
+            .map(|(name, s)| {
+                format!(
+                    "{name} (last seen {} s ago)",
+                    now.saturating_sub(s.last_seen_ms) / 1000
+                )
+            })
+            .collect();
+        let more = offline.len().saturating_sub(shown.len());
+        Err(CoordinatorError::Invalid(format!(
+            "run spec: min_sites: {} sites required but only {} of the {} sites holding `{}` \
+             with every column are online; offline: {}{}",
+            spec.min_sites,
+            online.len(),
+            online.len() + offline.len(),
+            spec.task.dataset,
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        )))
+    }
+
     async fn create(&self, spec_toml: String, caller: &Caller) -> Result<String, CoordinatorError> {
         let spec = RunSpec::from_toml(&spec_toml)?;
         // Checked under the lock rather than on a copy: with thousands of sites a copy of every
         // site's columns would cost hundreds of megabytes per run created.
         spec.validate_against(self.shared.sites()?.values().map(|s| s.datasets.as_slice()))?;
+        self.enough_online(&spec)?;
         if let Some(c) = spec.privacy.client.clone() {
             // δ must be below one over the sites that could take part, and the target ε must
             // allow at least one round (planned off the async threads: PLD takes a while).
@@ -255,6 +295,7 @@ impl RunApi {
             .collect();
         detail.evaluating = evaluating;
         detail.full_model_bytes = full_model_bytes(shared, &detail.spec_toml, &run.initial_sha256);
+        detail.standardization = shared.db(|s| s.standardization(&run.id))?;
         if let Some(s) = snapshot {
             detail.current_round = s.round;
             detail.current_phase = s.phase.as_str().into();

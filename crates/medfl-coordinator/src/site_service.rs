@@ -575,6 +575,7 @@ impl SiteService for SiteApi {
                         round: snap.round,
                         attempt: snap.attempt,
                         kind: match snap.phase {
+                            Phase::Statistics => v1::TaskKind::Statistics,
                             Phase::Train => v1::TaskKind::Train,
                             Phase::Evaluate => v1::TaskKind::Evaluate,
                         } as i32,
@@ -585,6 +586,7 @@ impl SiteService for SiteApi {
                         signature: Vec::new(),
                         clip_norm: snap.client_dp.map(|(c, _)| c),
                         expected_sites: snap.client_dp.map(|(_, m)| m),
+                        standardization: snap.standardization.as_deref().map(String::from),
                     })
                 })
             };
@@ -718,6 +720,50 @@ impl SiteService for SiteApi {
         })
         .await?;
         Ok(Response::new(v1::ReportEvaluationResponse {}))
+    }
+
+    async fn report_statistics(
+        &self,
+        req: Request<v1::ReportStatisticsRequest>,
+    ) -> Result<Response<v1::ReportStatisticsResponse>, Status> {
+        let site = self.identify(&req)?;
+        let req = req.into_inner();
+        crate::edge::run_id("ReportStatisticsRequest.run_id", &req.run_id)?;
+        let handle = self.shared.run_handle(&req.run_id)?;
+        let spec = &handle.spec;
+        // A site's sums cannot cover more rows than it registered for the dataset, nor more
+        // than any site may claim.
+        let dataset = &spec.task.dataset;
+        let registered = self
+            .shared
+            .sites()?
+            .get(&site)
+            .and_then(|s| s.rows.get(dataset).copied())
+            .filter(|r| *r > 0)
+            .unwrap_or(MAX_EXAMPLES);
+        let sums = medfl_core::standardize::FeatureSums {
+            count: req.count,
+            sum: req.sum,
+            sum_sq: req.sum_sq,
+        };
+        sums.check(
+            spec.task.features.len(),
+            registered.min(spec.defense.max_examples).min(MAX_EXAMPLES),
+            &format!(
+                "site `{site}`'s statistics for run {} round {}",
+                req.run_id, req.round
+            ),
+        )
+        .map_err(|e| CoordinatorError::Invalid(e.to_string()))?;
+        self.send_to_engine(&req.run_id, |reply| EngineMsg::Statistics {
+            site,
+            round: req.round,
+            attempt: req.attempt,
+            sums,
+            reply,
+        })
+        .await?;
+        Ok(Response::new(v1::ReportStatisticsResponse {}))
     }
 
     async fn report_task_failure(

@@ -91,6 +91,9 @@ pub struct RoundSnapshot {
     /// Client-level DP: the round's clipping norm and expected number of sampled sites, for
     /// the train task.
     pub client_dp: Option<(f64, f64)>,
+    /// Federated standardisation: the pooled feature statistics (JSON) train and evaluate
+    /// tasks carry, once gathered.
+    pub standardization: Option<Arc<str>>,
 }
 
 /// A message to a run's engine. Every result goes through the engine, so one task decides.
@@ -131,6 +134,19 @@ pub enum EngineMsg {
         examples: u64,
         /// Metrics.
         metrics: BTreeMap<String, f64>,
+        /// Answer to the site.
+        reply: oneshot::Sender<Result<(), CoordinatorError>>,
+    },
+    /// A site's feature sums for the statistics phase, checked against the task.
+    Statistics {
+        /// Sender.
+        site: String,
+        /// Round.
+        round: u32,
+        /// Attempt.
+        attempt: u32,
+        /// The sums.
+        sums: medfl_core::standardize::FeatureSums,
         /// Answer to the site.
         reply: oneshot::Sender<Result<(), CoordinatorError>>,
     },

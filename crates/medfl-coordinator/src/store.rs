@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS cross_site (
 "#;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// What a blob is to the run that holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -526,12 +526,14 @@ impl Store {
             conn.execute_batch(&steps)?;
         }
         // Version 4 keeps the record-level ε a site reported with each update, version 5 each
-        // round's largest, version 6 each round's client-level ε, version 7 when a run ended.
+        // round's largest, version 6 each round's client-level ε, version 7 when a run ended,
+        // version 8 a run's pooled feature statistics (federated standardisation).
         for (to, table, column, kind) in [
             (4, "site_results", "privacy_epsilon", "REAL"),
             (5, "rounds", "privacy_epsilon", "REAL"),
             (6, "rounds", "client_epsilon", "REAL"),
             (7, "runs", "ended_ms", "INTEGER"),
+            (8, "runs", "standardization", "TEXT"),
         ] {
             if version < to {
                 let has: bool = conn
@@ -620,6 +622,33 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(shas)
+    }
+
+    /// Stores run `id`'s pooled feature statistics (JSON), once.
+    pub fn set_standardization(&self, id: &str, json: &str) -> Result<(), CoordinatorError> {
+        let n = self.conn.execute(
+            "UPDATE runs SET standardization = ?2 WHERE id = ?1 AND standardization IS NULL",
+            params![id, json],
+        )?;
+        if n != 1 {
+            return Err(CoordinatorError::Internal(format!(
+                "run `{id}`: its feature statistics are stored already, or it does not exist"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run `id`'s pooled feature statistics (JSON), once gathered.
+    pub fn standardization(&self, id: &str) -> Result<Option<String>, CoordinatorError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT standardization FROM runs WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// Every reference held by run `run_id`.

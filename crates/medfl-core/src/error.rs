@@ -56,6 +56,9 @@ pub enum CoreError {
     /// held updates) or was used after folding broke off.
     #[error("aggregation: {0}")]
     Aggregation(String),
+    /// Feature statistics for federated standardisation are malformed or impossible.
+    #[error("feature statistics: {0}")]
+    Statistics(String),
 }
 
 impl CoreError {

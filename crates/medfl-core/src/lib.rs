@@ -15,6 +15,7 @@
 //!   evaluation, driven by events with the time passed in, answered with effects.
 //! - [`selection`]: deterministic sampling of sites for a round.
 //! - [`signing`]: the bytes sites sign for updates and the coordinator signs for tasks.
+//! - [`standardize`]: federated standardisation: each site's feature sums and their pooling.
 //! - [`spec`]: the run spec researchers write, and its validation.
 //! - [`metrics`]: accuracy, AUC and example-weighted means.
 //! - [`privacy`]: differential-privacy accounting (RDP for the subsampled Gaussian).
@@ -32,6 +33,7 @@ pub mod safetensors;
 pub mod selection;
 pub mod signing;
 pub mod spec;
+pub mod standardize;
 pub mod strategy;
 pub mod tensors;
 pub mod validate;

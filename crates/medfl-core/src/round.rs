@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Where a round stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Before round 1 of a run with federated standardisation: sites send their feature sums.
+    Statistics,
     /// Sites train and push updates.
     Train,
     /// Sites evaluate the aggregated model.
@@ -24,6 +26,7 @@ impl Phase {
     /// Lower-case name, as shown to users.
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::Statistics => "statistics",
             Phase::Train => "train",
             Phase::Evaluate => "evaluate",
         }
@@ -126,7 +129,8 @@ pub struct RoundState {
     pub phase: Phase,
     /// Sites asked to take part.
     pub selected: BTreeSet<String>,
-    /// Sites whose update was accepted, with their example counts.
+    /// Sites whose update (or, in the statistics phase, statistics) was accepted, with their
+    /// example counts.
     pub updates: BTreeMap<String, u64>,
     /// Sites that said they cannot do the train task, with their reasons.
     pub failures: BTreeMap<String, String>,
@@ -181,7 +185,25 @@ impl RoundState {
         Ok(())
     }
 
-    /// Records an accepted update. Call [`Self::admit_update`] first.
+    /// Checks whether statistics from `site` for `round`/`attempt` may be accepted now.
+    pub fn admit_statistics(
+        &self,
+        site: &str,
+        round: u32,
+        attempt: u32,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        self.admit(site, round, attempt, now_ms, Phase::Statistics)?;
+        if self.updates.contains_key(site) || self.failures.contains_key(site) {
+            return Err(Refusal::Duplicate {
+                site: site.into(),
+                round,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records an accepted update (or statistics). Call [`Self::admit_update`] first.
     pub fn record_update(&mut self, site: &str, examples: u64) {
         self.awaiting.remove(site);
         self.updates.insert(site.into(), examples);
@@ -205,7 +227,7 @@ impl RoundState {
 
     /// Whether `site` still owes this phase a result: pending, or awaiting approval.
     pub fn owes(&self, site: &str) -> bool {
-        self.is_pending(site) || (self.phase == Phase::Train && self.awaiting.contains_key(site))
+        self.is_pending(site) || (self.phase != Phase::Evaluate && self.awaiting.contains_key(site))
     }
 
     /// Checks whether an evaluation from `site` for `round` may be accepted now.
@@ -268,7 +290,7 @@ impl RoundState {
         self.selected
             .iter()
             .filter(|s| match self.phase {
-                Phase::Train => {
+                Phase::Statistics | Phase::Train => {
                     !self.updates.contains_key(*s)
                         && !self.failures.contains_key(*s)
                         && !self.awaiting.contains_key(*s)
@@ -283,7 +305,7 @@ impl RoundState {
     pub fn is_pending(&self, site: &str) -> bool {
         self.selected.contains(site)
             && match self.phase {
-                Phase::Train => {
+                Phase::Statistics | Phase::Train => {
                     !self.updates.contains_key(site)
                         && !self.failures.contains_key(site)
                         && !self.awaiting.contains_key(site)
@@ -295,7 +317,7 @@ impl RoundState {
     /// What to do now.
     pub fn decide(&self, now_ms: u64) -> Decision {
         let pending = self.pending();
-        let waiting_for_approval = self.phase == Phase::Train && !self.awaiting.is_empty();
+        let waiting_for_approval = self.phase != Phase::Evaluate && !self.awaiting.is_empty();
         let everyone_answered = pending.is_empty() && !waiting_for_approval;
         if !everyone_answered && now_ms < self.deadline_ms {
             return Decision::Wait {
@@ -311,11 +333,13 @@ impl RoundState {
         match self.phase {
             Phase::Evaluate => Decision::Close { missing: pending },
             // `min_sites` 0 (client-level DP's Poisson sampling) commits even without updates.
-            Phase::Train if self.updates.len() >= self.limits.min_sites => {
+            Phase::Statistics | Phase::Train if self.updates.len() >= self.limits.min_sites => {
                 Decision::Close { missing }
             }
-            Phase::Train if self.attempt <= self.limits.max_retries => Decision::Retry { missing },
-            Phase::Train => Decision::Fail { missing },
+            Phase::Statistics | Phase::Train if self.attempt <= self.limits.max_retries => {
+                Decision::Retry { missing }
+            }
+            Phase::Statistics | Phase::Train => Decision::Fail { missing },
         }
     }
 

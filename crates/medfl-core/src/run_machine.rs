@@ -18,6 +18,7 @@
 //!     seed: 7,
 //!     sample_rate: None,
 //!     privacy_rounds: None,
+//!     statistics: false,
 //! };
 //! let mut run = RunMachine::new(plan, "g0");
 //! run.handle(Event::SitesOnline(vec!["a".into()]), 0);
@@ -38,7 +39,8 @@ use crate::round::{Decision, Phase, Refusal, RoundLimits, RoundState};
 use crate::run::{RunStatus, SiteOutcome};
 use crate::selection::poisson_sites;
 use crate::selection::select_sites_sparing;
-use crate::spec::RunSpec;
+use crate::spec::{RunSpec, Standardize};
+use crate::standardize::FeatureSums;
 
 /// What a run is asked to do: its length, limits and sampling.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +60,9 @@ pub struct RunPlan {
     /// Client-level DP: the rounds the run's target ε allows; the run ends `budget_exhausted`
     /// before the next.
     pub privacy_rounds: Option<u32>,
+    /// Federated standardisation: every eligible site sends its feature sums before round 1
+    /// (false once the run's statistics are pooled).
+    pub statistics: bool,
 }
 
 impl RunPlan {
@@ -74,6 +79,7 @@ impl RunPlan {
             seed: spec.seed,
             sample_rate: spec.privacy.client.as_ref().map(|c| c.sample_rate),
             privacy_rounds: None,
+            statistics: spec.task.standardization(&spec.privacy) == Some(Standardize::Federated),
         }
     }
 }
@@ -137,6 +143,19 @@ pub enum Event {
         /// Metrics.
         metrics: BTreeMap<String, f64>,
     },
+    /// A site's feature sums for the statistics phase (checked against the task already).
+    StatisticsReported {
+        /// Sender.
+        site: String,
+        /// Round (1).
+        round: u32,
+        /// Attempt.
+        attempt: u32,
+        /// Its sums.
+        sums: FeatureSums,
+    },
+    /// The shell pooled and stored the statistics of the last [`Effect::CommitStatistics`].
+    StatisticsCommitted,
     /// A site cannot do its train task, or its hospital keeps the run out.
     SiteDeclined {
         /// Sender.
@@ -369,6 +388,16 @@ pub enum Effect {
     },
     /// Aggregate and commit a round; answer with [`Event::Committed`] or [`Event::Broken`].
     Commit(CommitRequest),
+    /// Pool and store the feature sums the sites sent; answer with
+    /// [`Event::StatisticsCommitted`] or [`Event::Broken`].
+    CommitStatistics {
+        /// Round the statistics precede.
+        round: u32,
+        /// Attempt they were sent in.
+        attempt: u32,
+        /// Each reporting site's sums.
+        sums: BTreeMap<String, FeatureSums>,
+    },
     /// Record a site's evaluation of a round's model.
     RecordEvaluation {
         /// Round.
@@ -478,6 +507,8 @@ struct Open {
     poisoned: Option<String>,
     /// Client-level DP: the expected number of sampled sites.
     expected_sites: Option<f64>,
+    /// The statistics phase: the sums each site sent.
+    statistics: BTreeMap<String, FeatureSums>,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +546,8 @@ pub struct RunMachine {
     published: bool,
     /// The last stored attempt of the round after a re-opened evaluation.
     next_last_attempt: u32,
+    /// Federated standardisation: the statistics phase is still to run before round 1.
+    statistics_pending: bool,
 }
 
 impl RunMachine {
@@ -533,6 +566,7 @@ impl RunMachine {
             cross_site: None,
             published: false,
             next_last_attempt: 0,
+            statistics_pending: plan.statistics,
         }
     }
 
@@ -669,7 +703,7 @@ impl RunMachine {
                     let s = &mut o.state;
                     if round == s.round
                         && attempt == s.attempt
-                        && s.phase == Phase::Train
+                        && s.phase != Phase::Evaluate
                         && s.owes(&site)
                     {
                         let declined = outcome.is_declined();
@@ -693,6 +727,39 @@ impl RunMachine {
                         });
                         self.publish(&mut out);
                     }
+                }
+            }
+            Event::StatisticsReported {
+                site,
+                round,
+                attempt,
+                sums,
+            } => {
+                let result = match &mut self.stage {
+                    Stage::Open(o) => o
+                        .state
+                        .admit_statistics(&site, round, attempt, now)
+                        .map_err(Rejection::from)
+                        .map(|()| {
+                            o.state.record_update(&site, sums.count);
+                            o.statistics.insert(site, sums);
+                        }),
+                    _ => Err(not_open(round)),
+                };
+                if result.is_ok() {
+                    self.publish(&mut out);
+                }
+                out.push(Effect::Reply(result));
+            }
+            Event::StatisticsCommitted => {
+                let stage = std::mem::replace(&mut self.stage, Stage::Idle);
+                match stage {
+                    Stage::Committing(o) if o.state.phase == Phase::Statistics => {
+                        self.statistics_pending = false;
+                        // Round 1's training attempts follow the statistics attempts.
+                        self.begin_round(now, o.state.attempt, &mut out);
+                    }
+                    other => self.stage = other,
                 }
             }
             Event::Committed {
@@ -1001,6 +1068,7 @@ impl RunMachine {
             folding: None,
             poisoned: None,
             expected_sites: None,
+            statistics: BTreeMap::new(),
         }));
         self.publish(out);
     }
@@ -1038,6 +1106,31 @@ impl RunMachine {
     fn open_attempt(&mut self, now: u64, out: &mut Vec<Effect>) {
         self.attempt += 1;
         self.attempts += 1;
+        if self.statistics_pending {
+            // Every eligible site standardises with the pooled statistics: all are asked.
+            let mut state = RoundState::start(
+                self.round,
+                self.attempt,
+                self.candidates.iter().cloned(),
+                now,
+                self.plan.limits,
+            );
+            state.phase = Phase::Statistics;
+            self.stage = Stage::Open(Box::new(Open {
+                state,
+                global_sha256: self.global_sha256.clone(),
+                losses: Vec::new(),
+                privacy_epsilon: None,
+                evaluations: Vec::new(),
+                folded: Vec::new(),
+                folding: None,
+                poisoned: None,
+                expected_sites: None,
+                statistics: BTreeMap::new(),
+            }));
+            self.publish(out);
+            return;
+        }
         let seed = self.plan.seed ^ (u64::from(self.round) << 32) ^ u64::from(self.attempt);
         let (selected, limits, expected_sites) = match self.plan.sample_rate {
             None => (
@@ -1077,6 +1170,7 @@ impl RunMachine {
             folding: None,
             poisoned: None,
             expected_sites,
+            statistics: BTreeMap::new(),
         }));
         self.publish(out);
     }
@@ -1107,6 +1201,20 @@ impl RunMachine {
                         let last_attempt = std::mem::take(&mut self.next_last_attempt);
                         self.begin_round(now, last_attempt, out);
                     }
+                    (Phase::Statistics, Decision::Close { missing }) => {
+                        self.record_missing(&missing, out);
+                        let Stage::Open(mut o) = std::mem::replace(&mut self.stage, Stage::Idle)
+                        else {
+                            unreachable!("matched above");
+                        };
+                        out.push(Effect::CommitStatistics {
+                            round: o.state.round,
+                            attempt: o.state.attempt,
+                            sums: std::mem::take(&mut o.statistics),
+                        });
+                        self.stage = Stage::Committing(o);
+                        return;
+                    }
                     (Phase::Train, Decision::Close { missing }) => {
                         self.record_missing(&missing, out);
                         let Stage::Open(o) = std::mem::replace(&mut self.stage, Stage::Idle) else {
@@ -1119,6 +1227,10 @@ impl RunMachine {
                     (_, Decision::Retry { missing }) => self.retry(missing, now, out),
                     (_, Decision::Fail { missing }) => {
                         let (reported, attempt) = (o.state.updates.len(), o.state.attempt);
+                        let sent = match o.state.phase {
+                            Phase::Statistics => "their feature statistics",
+                            _ => "an update",
+                        };
                         let said = site_reasons(&o.state);
                         out.push(Effect::ReleaseUpdates {
                             round: self.round,
@@ -1131,8 +1243,8 @@ impl RunMachine {
                             missing.join(", ")
                         };
                         let reason = format!(
-                            "round {}: {reported} of the required {} sites sent an update in each of {} attempts; \
-                             selected sites without an update in the last: {silent}{}",
+                            "round {}: {reported} of the required {} sites sent {sent} in each of {} attempts; \
+                             selected sites without it in the last: {silent}{}",
                             self.round,
                             self.plan.limits.min_sites,
                             self.attempts,
@@ -1175,7 +1287,10 @@ impl RunMachine {
                 attempt: s.attempt,
                 site: site.clone(),
                 outcome: SiteOutcome::Missing,
-                reason: "no update before the deadline".into(),
+                reason: match s.phase {
+                    Phase::Statistics => "no feature statistics before the deadline".into(),
+                    _ => "no update before the deadline".into(),
+                },
             });
         }
     }
@@ -1228,7 +1343,7 @@ impl RunMachine {
                     awaiting: s.awaiting.keys().cloned().collect(),
                     selected: s.selected.clone(),
                     reported: match s.phase {
-                        Phase::Train => s.updates.len(),
+                        Phase::Statistics | Phase::Train => s.updates.len(),
                         Phase::Evaluate => s.evaluated.len(),
                     },
                     global_sha256: o.global_sha256.clone(),
@@ -1296,6 +1411,7 @@ mod tests {
             seed: 42,
             sample_rate: None,
             privacy_rounds: None,
+            statistics: false,
         }
     }
 
@@ -1323,6 +1439,8 @@ mod tests {
         /// Whether to commit when asked (false: a crash before the commit).
         commits: bool,
         replies: Vec<Result<(), Rejection>>,
+        /// Sites whose statistics each statistics commit pooled.
+        pooled: Vec<Vec<String>>,
     }
 
     impl Shell {
@@ -1363,6 +1481,7 @@ mod tests {
                 fold: None,
                 commits: true,
                 replies: Vec::new(),
+                pooled: Vec::new(),
             };
             shell.feed(Event::SitesOnline(shell.online.clone()));
             let global = shell
@@ -1430,6 +1549,12 @@ mod tests {
                             });
                         }
                     }
+                    Effect::CommitStatistics { sums, .. } => {
+                        if self.commits {
+                            self.pooled.push(sums.keys().cloned().collect());
+                            self.feed(Event::StatisticsCommitted);
+                        }
+                    }
                     Effect::RecordEvaluation { .. } => {}
                     Effect::RoundEvaluated { round, .. } => self.evaluated.push(round),
                     Effect::ReleaseUpdates { round, attempt } => {
@@ -1485,6 +1610,16 @@ mod tests {
             });
         }
 
+        fn send_statistics(&mut self, site: &str) {
+            let (round, attempt) = (self.open().round, self.open().attempt);
+            self.feed(Event::StatisticsReported {
+                site: site.into(),
+                round,
+                attempt,
+                sums: FeatureSums::of_rows(&[1.0, 2.0], 1),
+            });
+        }
+
         fn evaluate(&mut self, site: &str) {
             let (round, global) = (self.open().round, self.open().global_sha256.clone());
             self.feed(Event::EvaluationReported {
@@ -1525,6 +1660,60 @@ mod tests {
                 .map(|r| (r.2.clone(), r.3))
                 .collect()
         }
+    }
+
+    #[test]
+    fn federated_standardisation_gathers_every_sites_sums_before_round_one() {
+        let with_statistics = RunPlan {
+            statistics: true,
+            ..plan(1, 2, 1)
+        };
+        let mut s = Shell::new(with_statistics, &["a", "b", "c"]);
+        let open = s.open().clone();
+        // Every eligible site is asked, whatever the sampling, and no update is taken yet.
+        assert_eq!(
+            (open.round, open.attempt, open.phase),
+            (1, 1, Phase::Statistics)
+        );
+        assert_eq!(open.selected.len(), 3);
+        s.train("a");
+        assert!(matches!(
+            s.replies.pop(),
+            Some(Err(Rejection::Round(Refusal::WrongPhase { .. })))
+        ));
+        s.send_statistics("a");
+        s.send_statistics("a");
+        assert!(matches!(
+            s.replies.pop(),
+            Some(Err(Rejection::Round(Refusal::Duplicate { .. })))
+        ));
+        s.decline("c", SiteOutcome::Failed);
+        assert!(s.pooled.is_empty());
+        // A failed site leaves too few: the phase retries, then closes with a and b.
+        s.expire();
+        assert_eq!(s.open().attempt, 2);
+        assert_eq!(s.open().phase, Phase::Statistics);
+        s.send_statistics("a");
+        s.send_statistics("b");
+        s.expire();
+        assert_eq!(s.pooled, vec![sites(&["a", "b"])]);
+        // Round 1 trains in the attempt after the statistics'.
+        let open = s.open().clone();
+        assert_eq!((open.round, open.attempt, open.phase), (1, 3, Phase::Train));
+        s.full_round();
+        assert_eq!(s.ended.as_ref().map(|e| e.0), Some(RunStatus::Completed));
+
+        // A run whose sites never send statistics fails, saying so.
+        let mut s = Shell::new(with_statistics, &["a", "b"]);
+        s.send_statistics("a");
+        s.expire();
+        s.expire();
+        let (status, reason) = s.ended.clone().unwrap();
+        assert_eq!(status, RunStatus::Failed);
+        assert!(reason.contains("feature statistics"), "{reason}");
+        assert!(s
+            .outcomes(1, 2)
+            .contains(&("b".to_string(), SiteOutcome::Missing)));
     }
 
     #[test]
@@ -1813,6 +2002,7 @@ mod tests {
                 };
                 let site = open.pending.iter().next().cloned().unwrap();
                 match open.phase {
+                    Phase::Statistics => s.send_statistics(&site),
                     Phase::Train => s.train(&site),
                     Phase::Evaluate => s.evaluate(&site),
                 }

@@ -49,6 +49,9 @@ pub struct TaskClaim<'a> {
     /// Client-level DP: the round's clipping norm and expected number of sampled sites, which
     /// set the noise a site adds; signed so that nobody between can shrink it.
     pub client_dp: Option<(f64, f64)>,
+    /// Federated standardisation: the federation's feature statistics (JSON) every site
+    /// standardises with; signed so that nobody between can shift a site's inputs.
+    pub standardization: Option<&'a str>,
 }
 
 fn join(tag: &str, fields: &[&str]) -> Vec<u8> {
@@ -102,6 +105,10 @@ impl TaskClaim<'_> {
         if let Some((clip, expected)) = self.client_dp {
             fields.push(format!("{:016x}", clip.to_bits()));
             fields.push(format!("{:016x}", expected.to_bits()));
+        }
+        // Tagged: tasks without statistics sign the same bytes as before.
+        if let Some(s) = self.standardization {
+            fields.push(format!("standardization={s}"));
         }
         let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
         join("medfl/task/v2", &fields)
@@ -183,6 +190,7 @@ mod tests {
             spec_sha256: "cc".into(),
             deadline_unix_ms: 5,
             client_dp: None,
+            standardization: None,
         };
         let tasks = [
             TaskClaim {
@@ -203,6 +211,10 @@ mod tests {
             },
             TaskClaim {
                 client_dp: Some((0.5, 4.0)),
+                ..task.clone()
+            },
+            TaskClaim {
+                standardization: Some("{}"),
                 ..task.clone()
             },
         ];

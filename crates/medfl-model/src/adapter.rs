@@ -16,6 +16,9 @@ pub const PRIVACY_METADATA_KEY: &str = "medfl.privacy";
 /// Metadata key holding, as JSON, where a pulled model comes from: its run, round, the global
 /// model's SHA-256 as the coordinator served it, and the run spec's SHA-256.
 pub const PROVENANCE_METADATA_KEY: &str = "medfl.model";
+/// Metadata key holding, as JSON, the federation's feature statistics a tabular model's inputs
+/// are standardised with ([`medfl_core::standardize::Standardization`]).
+pub const STANDARDIZATION_METADATA_KEY: &str = "medfl.standardization";
 
 /// The adapter (or any model) as safetensors, with `spec_toml` in the metadata.
 pub fn adapter_bytes(params: &ModelParams, spec_toml: &str) -> Result<Vec<u8>, ModelError> {
@@ -50,6 +53,12 @@ pub fn model_bytes(params: &ModelParams, metadata: &[(&str, &str)]) -> Result<Ve
 
 /// Reads an adapter file: its tensors and the run spec in its metadata, if any.
 pub fn read_adapter(path: &Path) -> Result<(ModelParams, Option<String>), ModelError> {
+    let (params, mut metadata) = read_model_file(path)?;
+    Ok((params, metadata.remove(SPEC_METADATA_KEY)))
+}
+
+/// Reads a model file: its tensors and every metadata entry.
+pub fn read_model_file(path: &Path) -> Result<(ModelParams, HashMap<String, String>), ModelError> {
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -57,11 +66,7 @@ pub fn read_adapter(path: &Path) -> Result<(ModelParams, Option<String>), ModelE
     let bad = |e: String| ModelError::Weights(format!("{}: {e}", path.display()));
     let params = medfl_core::safetensors::decode(&bytes).map_err(|e| bad(e.to_string()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let spec = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(SPEC_METADATA_KEY).cloned());
-    Ok((params, spec))
+    Ok((params, meta.metadata().clone().unwrap_or_default()))
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod classifier;
 pub mod error;
 pub mod mlp;
 pub mod model;
+pub mod onnx;
 
 #[cfg(test)]
 mod testing;

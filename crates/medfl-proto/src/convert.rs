@@ -38,6 +38,7 @@ pub fn task_claim(task: &v1::Task) -> TaskClaim<'_> {
         spec_sha256: spec_sha256(&task.spec_toml),
         deadline_unix_ms: task.deadline_unix_ms,
         client_dp: task.clip_norm.zip(task.expected_sites),
+        standardization: task.standardization.as_deref(),
     }
 }
 

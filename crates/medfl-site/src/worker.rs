@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use medfl_audit::{AuditLog, Event};
 use medfl_core::safetensors::{decode, encode};
-use medfl_core::spec::RunSpec;
+use medfl_core::spec::{RunSpec, Standardize};
+use medfl_core::standardize::Standardization;
 use medfl_proto::v1;
 use medfl_train::{
     model_for_run, BaseModels, Data, LocalModel, Standardizer, Table, TextTable, TrainError,
@@ -27,12 +28,18 @@ use crate::SiteError;
 /// What the researcher is told while the kill switch is thrown.
 const PAUSED: &str = "paused by the hospital (medfl-site resume to continue)";
 
-/// A run's data at this site, split (and for tables standardised with this site's own
-/// statistics), and its model.
+/// A run's data at this site, split (and for tables standardised with the federation's
+/// statistics or this site's own, as the spec says), and its model.
 struct Prepared {
     spec: RunSpec,
     /// SHA-256 of the spec as received: data prepared for one spec never serves another.
     spec_sha256: String,
+    /// The federation's statistics (JSON) the table was standardised with, as the task
+    /// carried them: prepared with one set, the data never serves another.
+    standardization: Option<String>,
+    /// A table's per-feature sums over its training rows, before standardisation: what a
+    /// statistics task sends.
+    sums: Option<medfl_core::standardize::FeatureSums>,
     model: Arc<dyn LocalModel>,
     train: Data,
     validation: Data,
@@ -360,11 +367,31 @@ impl Worker {
         })?;
         let seed = spec.seed ^ fnv1a(&self.config.name);
         let t = &spec.task;
+        let mut sums = None;
         let (train, validation) = match (dataset, &t.text) {
             (Dataset::Table(table), None) => {
                 let examples = table.examples(&t.features, &t.label, &t.labels)?;
                 let (train, validation) = examples.split(t.validation_fraction, seed);
-                let scaler = Standardizer::fit(&train);
+                sums = Some(medfl_core::standardize::FeatureSums::of_rows(
+                    &train.features,
+                    train.n_features,
+                ));
+                let scaler = match (t.standardization(&spec.privacy), &task.standardization) {
+                    (Some(Standardize::Federated), Some(json)) => Standardizer::from_statistics(
+                        &Standardization::from_json(json, &t.features).map_err(|e| {
+                            SiteError::Corrupt(format!(
+                                "the task for run {} round {}: {e}",
+                                task.run_id, task.round
+                            ))
+                        })?,
+                    ),
+                    // Before the statistics are pooled only the statistics task comes, which
+                    // sends raw sums; `execute` refuses to train or evaluate on this.
+                    (Some(Standardize::Federated), None) => {
+                        Standardizer::identity(t.features.len())
+                    }
+                    _ => Standardizer::fit(&train),
+                };
                 (
                     Data::Table(scaler.apply(&train)),
                     Data::Table(scaler.apply(&validation)),
@@ -413,6 +440,8 @@ impl Worker {
             validation,
             spec,
             spec_sha256,
+            standardization: task.standardization.clone(),
+            sums,
             privacy_summary,
         });
         info!(
@@ -606,7 +635,7 @@ impl Worker {
         let cached = self
             .prepared
             .get(&task.run_id)
-            .filter(|p| p.spec_sha256 == spec_sha256);
+            .filter(|p| p.spec_sha256 == spec_sha256 && p.standardization == task.standardization);
         let prepared = match cached {
             Some(p) => p.clone(),
             None => {
@@ -662,6 +691,32 @@ impl Worker {
         admitted?;
 
         let kind = v1::TaskKind::try_from(task.kind);
+        let federated = prepared.spec.task.standardization(&prepared.spec.privacy)
+            == Some(Standardize::Federated);
+        match kind {
+            // Only a spec that asks for federated standardisation (which the hospital admitted
+            // above) lets any sum leave; a coordinator asking for more is refused.
+            Ok(v1::TaskKind::Statistics) if !federated => {
+                return Err(SiteError::Task(format!(
+                    "run {} standardises locally (or trains with differential privacy): its \
+                     feature statistics never leave this site",
+                    task.run_id
+                )));
+            }
+            Ok(v1::TaskKind::Statistics) => {
+                return self.send_statistics(client, task, &prepared).await
+            }
+            Ok(v1::TaskKind::Train | v1::TaskKind::Evaluate)
+                if federated && task.standardization.is_none() =>
+            {
+                return Err(SiteError::Task(format!(
+                    "run {} standardises with the federation's statistics, but its round {} \
+                     task carries none",
+                    task.run_id, task.round
+                )));
+            }
+            _ => {}
+        }
         // A training task can be cancelled (kill switch, run stopped, shutdown) from here on;
         // an evaluation is short and answers anyway.
         let guard = matches!(kind, Ok(v1::TaskKind::Train)).then(|| {
@@ -912,6 +967,49 @@ impl Worker {
         record.updates_sent += 1;
         record.bytes_sent += size;
         self.state.save(&self.config.data_dir)?;
+        Ok(())
+    }
+
+    /// Sends the per-feature sums of the training rows (never a row) for federated
+    /// standardisation, and audits exactly what left.
+    async fn send_statistics(
+        &mut self,
+        client: &mut Client,
+        task: &v1::Task,
+        prepared: &Prepared,
+    ) -> Result<(), SiteError> {
+        let sums = prepared.sums.clone().ok_or_else(|| {
+            SiteError::Task(format!(
+                "run {} asks for feature statistics, but its task reads no feature columns",
+                task.run_id
+            ))
+        })?;
+        info!(run = %task.run_id, round = task.round, site = %self.config.name, rows = sums.count, "sending feature statistics");
+        self.audit(
+            Event::new(
+                "statistics_sent",
+                json!({
+                    "to": self.config.coordinator,
+                    "features": prepared.spec.task.features,
+                    "rows": sums.count,
+                    "sum": sums.sum,
+                    "sum_sq": sums.sum_sq,
+                }),
+            )
+            .run(task.run_id.clone())
+            .round(task.round),
+        );
+        client
+            .site
+            .report_statistics(client.authed(v1::ReportStatisticsRequest {
+                run_id: task.run_id.clone(),
+                round: task.round,
+                attempt: task.attempt,
+                count: sums.count,
+                sum: sums.sum,
+                sum_sq: sums.sum_sq,
+            }))
+            .await?;
         Ok(())
     }
 

@@ -44,6 +44,7 @@ struct Script {
     task_added: Notify,
     reports: Mutex<Vec<v1::ReportTaskFailureRequest>>,
     updates: Mutex<Vec<v1::UpdateHeader>>,
+    statistics: Mutex<Vec<v1::ReportStatisticsRequest>>,
     after_download: Mutex<Option<Hook>>,
     events: watch::Sender<usize>,
 }
@@ -74,6 +75,21 @@ impl Script {
             signature: Vec::new(),
             clip_norm: None,
             expected_sites: None,
+            // A tabular run standardising federally: tasks carry the pooled statistics (unit
+            // ones here; this script gathers none).
+            standardization: (parsed.task.standardization(&parsed.privacy)
+                == Some(medfl_core::spec::Standardize::Federated))
+            .then(|| {
+                let d = parsed.task.features.len();
+                medfl_core::standardize::Standardization {
+                    features: parsed.task.features.clone(),
+                    mean: vec![0.0; d],
+                    std: vec![1.0; d],
+                    rows: 1,
+                    sites: 1,
+                }
+                .to_json()
+            }),
         };
         let claim = medfl_proto::convert::task_claim(&task);
         task.signature = self.key.sign(&claim.message()).as_ref().to_vec();
@@ -173,6 +189,19 @@ impl SiteService for Coordinator {
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(chunk)))))
     }
 
+    async fn report_statistics(
+        &self,
+        req: Request<v1::ReportStatisticsRequest>,
+    ) -> Result<Response<v1::ReportStatisticsResponse>, Status> {
+        self.0
+            .statistics
+            .lock()
+            .expect("statistics")
+            .push(req.into_inner());
+        self.0.events.send_modify(|e| *e += 1);
+        Ok(Response::new(v1::ReportStatisticsResponse {}))
+    }
+
     async fn get_base_model(
         &self,
         _: Request<v1::GetBaseModelRequest>,
@@ -258,6 +287,7 @@ async fn scripted() -> (Arc<Script>, SocketAddr) {
         task_added: Notify::new(),
         reports: Mutex::default(),
         updates: Mutex::default(),
+        statistics: Mutex::default(),
         after_download: Mutex::default(),
         events: watch::Sender::new(0),
     });
@@ -591,4 +621,44 @@ async fn a_task_whose_dp_parameters_changed_is_refused_and_audited_insecure_dev_
         .collect();
     assert_eq!(charges.len(), 1, "only the admitted round is charged");
     assert_eq!(charges[0].details["noise_multiplier"], 1.0);
+}
+
+#[tokio::test]
+async fn a_statistics_task_sends_sums_only_for_a_federated_spec_insecure_dev_scripted_coordinator()
+{
+    let mut site = Harness::start("").await;
+    let statistics_task = |site: &Harness, run: &str, spec: &str| {
+        let mut task = site.task(run, 1, 1, spec, later());
+        task.kind = v1::TaskKind::Statistics as i32;
+        task.standardization = None;
+        let claim = medfl_proto::convert::task_claim(&task);
+        task.signature = site.script.key.sign(&claim.message()).as_ref().to_vec();
+        task
+    };
+    let federated = spec_toml(1);
+    site.handle(statistics_task(&site, "run-1", &federated))
+        .await;
+    let sent = site.script.statistics.lock().expect("statistics").clone();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let rows = std::fs::read_to_string(CSV).expect("data").lines().count() as u64 - 1;
+    // The training split's sums only: the validation rows stay out.
+    assert!(sent[0].count > rows / 2 && sent[0].count < rows, "{sent:?}");
+    assert_eq!((sent[0].sum.len(), sent[0].sum_sq.len()), (30, 30));
+    assert!(site.updates().is_empty() && site.reports().is_empty());
+    // A spec that standardises locally never lets a sum leave, whatever the coordinator asks.
+    let local = spec_toml(2).replace("[training]", "standardize = \"local\"\n[training]");
+    site.handle(statistics_task(&site, "run-2", &local)).await;
+    assert_eq!(site.script.statistics.lock().expect("statistics").len(), 1);
+    let reports = site.reports();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert!(
+        reports[0].reason.contains("never leave this site"),
+        "{reports:?}"
+    );
+    let audit = medfl_audit::read(&site.data_dir.join("audit.jsonl")).expect("the chain verifies");
+    let sent_entry = audit
+        .iter()
+        .find(|e| e.event == "statistics_sent")
+        .expect("audited");
+    assert_eq!(sent_entry.details["rows"], sent[0].count);
 }

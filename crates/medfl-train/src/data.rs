@@ -121,23 +121,33 @@ impl Table {
         label: &str,
         labels: &[String],
     ) -> Result<Examples, TrainError> {
-        let col = |name: &str| {
-            self.columns
+        let label_col = self.col(label)?;
+        let mut examples = self.feature_rows(features)?;
+        for (i, (line, row)) in self.rows.iter().enumerate() {
+            let cell = &row[label_col];
+            let class = labels
                 .iter()
-                .position(|c| c == name)
+                .position(|l| l == cell)
                 .ok_or_else(|| TrainError::Data {
                     path: self.path.clone(),
-                    line: 1,
-                    message: format!("no column `{name}` (columns: {})", self.columns.join(", ")),
-                })
-        };
+                    line: *line,
+                    message: format!(
+                        "column `{label}`: unknown label `{cell}` (the run expects {labels:?})"
+                    ),
+                })?;
+            examples.labels[i] = class as u32;
+        }
+        Ok(examples)
+    }
+
+    /// The rows' `features`, in that order, without labels (each labelled class 0): what a
+    /// model scores.
+    pub fn feature_rows(&self, features: &[String]) -> Result<Examples, TrainError> {
         let feature_cols = features
             .iter()
-            .map(|f| col(f))
+            .map(|f| self.col(f))
             .collect::<Result<Vec<_>, _>>()?;
-        let label_col = col(label)?;
         let mut x = Vec::with_capacity(self.rows.len() * features.len());
-        let mut y = Vec::with_capacity(self.rows.len());
         for (line, row) in &self.rows {
             let data_err = |message: String| TrainError::Data {
                 path: self.path.clone(),
@@ -154,19 +164,24 @@ impl Table {
                 }
                 x.push(v);
             }
-            let cell = &row[label_col];
-            let class = labels.iter().position(|l| l == cell).ok_or_else(|| {
-                data_err(format!(
-                    "column `{label}`: unknown label `{cell}` (the run expects {labels:?})"
-                ))
-            })?;
-            y.push(class as u32);
         }
         Ok(Examples {
             features: x,
-            labels: y,
+            labels: vec![0; self.rows.len()],
             n_features: features.len(),
         })
+    }
+
+    /// The index of column `name`, or an error listing the columns.
+    fn col(&self, name: &str) -> Result<usize, TrainError> {
+        self.columns
+            .iter()
+            .position(|c| c == name)
+            .ok_or_else(|| TrainError::Data {
+                path: self.path.clone(),
+                line: 1,
+                message: format!("no column `{name}` (columns: {})", self.columns.join(", ")),
+            })
     }
 }
 
@@ -312,6 +327,32 @@ impl Standardizer {
             mean: mean.into_iter().map(|m| m as f32).collect(),
             std,
         }
+    }
+
+    /// Leaves `n_features` features as they are.
+    pub fn identity(n_features: usize) -> Self {
+        Self {
+            mean: vec![0.0; n_features],
+            std: vec![1.0; n_features],
+        }
+    }
+
+    /// The federation's statistics, pooled from every site's sums (federated standardisation).
+    pub fn from_statistics(s: &medfl_core::standardize::Standardization) -> Self {
+        Self {
+            mean: s.mean.iter().map(|m| *m as f32).collect(),
+            std: s.std.iter().map(|d| *d as f32).collect(),
+        }
+    }
+
+    /// Each feature's mean.
+    pub fn mean(&self) -> &[f32] {
+        &self.mean
+    }
+
+    /// Each feature's deviation (1 for a constant one).
+    pub fn std(&self) -> &[f32] {
+        &self.std
     }
 
     /// A standardised copy of `data`.

@@ -86,6 +86,38 @@ fn batch_tensors(data: &Examples, device: &Device) -> Result<(Tensor, Tensor), T
     Ok((x, y))
 }
 
+impl Mlp {
+    /// Each row's class probabilities (softmax of the logits), in the classes' order.
+    pub fn probabilities(
+        &self,
+        params: &ModelParams,
+        data: &Examples,
+    ) -> Result<Vec<Vec<f32>>, TrainError> {
+        self.check(params)?;
+        if data.n_features != self.dims()[0] {
+            return Err(TrainError::Task(format!(
+                "{} features per row, the model takes {}",
+                data.n_features,
+                self.dims()[0]
+            )));
+        }
+        let device = Device::Cpu;
+        let vars = to_vars(params, &device)?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let refs: Vec<&Tensor> = tensors.iter().collect();
+        let slots = self.layer_slots();
+        let mut out = Vec::with_capacity(data.len());
+        let rows: Vec<usize> = (0..data.len()).collect();
+        for chunk in rows.chunks(EVAL_BATCH) {
+            let (x, _) = batch_tensors(&data.select(chunk), &device)?;
+            let logits = self.forward(&refs, &slots, &x)?;
+            let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
+            out.extend(p.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
 impl LocalModel for Mlp {
     fn schema(&self) -> ModelSchema {
         self.arch.schema()

@@ -287,6 +287,11 @@ fn a_base_with_other_weights_is_refused() {
     assert_eq!(base.sha256, other_sha);
 }
 
+/// Independent trainings averaged in [`record_level_dp_sgd_trains_lora_and_head`]: the noise
+/// and the Poisson samples come from the operating system, so one run's final loss varies
+/// widely (LoRA ends at 0.2 to 0.95 of its starting loss); the mean of five varies little.
+const DP_TRIALS: usize = 5;
+
 #[test]
 fn record_level_dp_sgd_trains_lora_and_head() {
     let dir = tempfile::tempdir().unwrap();
@@ -303,19 +308,24 @@ fn record_level_dp_sgd_trains_lora_and_head() {
             noise_multiplier: 0.1,
             max_grad_norm: 1.0,
         });
-        let report = model
-            .train(&start, &train, &o, &AtomicBool::new(false), &mut |_| {})
-            .unwrap();
-        let private = report.private.expect("DP-SGD ran");
-        assert_eq!(private.fitted.steps, u64::from(o.steps));
-        assert!((private.sample_rate - 16.0 / 48.0).abs() < 1e-12);
-        assert!(private.rows_sampled > 1000, "{private:?}");
-        let after = model.evaluate(&report.params, &train).unwrap().metrics["loss"];
+        let mut ratios = Vec::new();
+        for _ in 0..DP_TRIALS {
+            let report = model
+                .train(&start, &train, &o, &AtomicBool::new(false), &mut |_| {})
+                .unwrap();
+            let private = report.private.expect("DP-SGD ran");
+            assert_eq!(private.fitted.steps, u64::from(o.steps));
+            assert!((private.sample_rate - 16.0 / 48.0).abs() < 1e-12);
+            assert!(private.rows_sampled > 1000, "{private:?}");
+            let after = model.evaluate(&report.params, &train).unwrap().metrics["loss"];
+            ratios.push(after / before);
+        }
+        let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
         // Clipped and noised, it learns more slowly than without (0.8 in 80 steps there); the
-        // head ends at 0.75 to 0.8 of the starting loss, LoRA at 0.4 to 0.65.
+        // head ends at 0.75 to 0.8 of the starting loss, LoRA at 0.55 on average.
         assert!(
-            after < before * 0.85,
-            "{adaptation:?}: loss {before} -> {after}"
+            mean < 0.85,
+            "{adaptation:?}: final over starting loss {ratios:?}, mean {mean}"
         );
     }
 }

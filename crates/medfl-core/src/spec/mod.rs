@@ -286,6 +286,33 @@ pub struct TaskSpec {
     /// Share of each site's rows kept aside for federated validation.
     #[serde(default = "default_validation")]
     pub validation_fraction: f64,
+    /// How a tabular task's features are standardised: with the whole federation's means and
+    /// deviations (`federated`, the default without differential privacy) or with each site's
+    /// own (`local`, the default with it). Absent means the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standardize: Option<Standardize>,
+}
+
+/// How a tabular task's features are standardised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standardize {
+    /// Before round 1 every site sends per-feature counts, sums and sums of squares of its
+    /// training rows (never the rows); all sites then standardise with the pooled statistics,
+    /// which travel with the run's models.
+    Federated,
+    /// Every site standardises with its own training rows' statistics; nothing leaves the site.
+    Local,
+}
+
+impl Standardize {
+    /// Lower-case name, as written in a spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standardize::Federated => "federated",
+            Standardize::Local => "local",
+        }
+    }
 }
 
 fn default_validation() -> f64 {
@@ -293,6 +320,20 @@ fn default_validation() -> f64 {
 }
 
 impl TaskSpec {
+    /// How this task standardises its features: `None` for a text task.
+    pub fn standardization(&self, privacy: &Privacy) -> Option<Standardize> {
+        if self.text.is_some() {
+            return None;
+        }
+        // Exact sums are not covered by the run's privacy accounting: a private run keeps
+        // them at the site unless its spec says otherwise (which validation refuses).
+        Some(self.standardize.unwrap_or(if privacy.is_off() {
+            Standardize::Federated
+        } else {
+            Standardize::Local
+        }))
+    }
+
     /// `tabular_classification` or `text_classification` (what a site policy allows).
     pub fn kind(&self) -> &'static str {
         if self.text.is_some() {
@@ -726,6 +767,19 @@ impl RunSpec {
             return Err(CoreError::spec(
                 "task.labels",
                 format!("`{dup}` is listed twice"),
+            ));
+        }
+        if t.standardize.is_some() && t.text.is_some() {
+            return Err(CoreError::spec(
+                "task.standardize",
+                "standardisation applies to feature columns; a text task has none",
+            ));
+        }
+        if t.standardize == Some(Standardize::Federated) && !self.privacy.is_off() {
+            return Err(CoreError::spec(
+                "task.standardize",
+                "`federated` sends each site's exact per-feature sums, which differential \
+                 privacy does not account for; use `local` with `[privacy]`",
             ));
         }
         if !(0.0..=0.9).contains(&t.validation_fraction) {
