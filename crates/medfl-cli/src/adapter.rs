@@ -153,15 +153,7 @@ pub struct PredictArgs {
 
 /// Runs `medfl predict`.
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
-    let (params, metadata) = read_model_file(&args.adapter)?;
-    let spec_toml = metadata.get(SPEC_METADATA_KEY).with_context(|| {
-        format!(
-            "{} carries no run spec: pull it with `medfl model pull`",
-            args.adapter.display()
-        )
-    })?;
-    let spec = RunSpec::from_toml(spec_toml)
-        .with_context(|| format!("the run spec inside {}", args.adapter.display()))?;
+    let (params, metadata, spec) = open_pulled(&args.adapter)?;
     if spec.encoder().is_none() {
         return predict_rows(args, &params, &spec, &metadata);
     }
@@ -203,11 +195,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let probs = classifier.probabilities(&params, &refs)?;
         for (text, p) in refs.iter().zip(probs) {
-            let (best, confidence) = p
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or((0, 0.0), |(i, v)| (i, *v));
+            let (best, confidence) = most_probable(&p);
             predicted.push(best as u32);
             let line = serde_json::json!({
                 "text": text,
@@ -220,33 +208,81 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    match &args.out {
-        Some(path) => std::fs::write(path, &lines)
-            .with_context(|| format!("cannot write {}", path.display()))?,
-        None => medfl_daemon::out!("{lines}"),
-    }
-    // With known labels, say how well the model did on them.
-    let known: Vec<Option<u32>> = table
-        .column(&label_field)
-        .iter()
-        .map(|l| labels.iter().position(|x| x == l).map(|i| i as u32))
-        .collect();
-    let pairs: Vec<(u32, u32)> = known
-        .iter()
-        .zip(&predicted)
-        .filter_map(|(k, p)| k.map(|k| (*p, k)))
-        .collect();
-    if !pairs.is_empty() {
-        let (p, a): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
-        eprintln!(
-            "{} of {} texts carry a known `{label_field}`: accuracy {:.4}, macro-F1 {:.4}",
-            a.len(),
-            texts.len(),
-            medfl_core::metrics::accuracy(&p, &a),
-            medfl_core::metrics::macro_f1(&p, &a, labels.len())
-        );
-    }
+    write_out(args.out.as_deref(), &lines)?;
+    let known = table.column(&label_field);
+    report_known(
+        known.iter().map(String::as_str),
+        &predicted,
+        labels,
+        ("texts", &label_field),
+    );
     Ok(())
+}
+
+/// A pulled model: its tensors, metadata, and the run spec it carries.
+fn open_pulled(
+    path: &Path,
+) -> anyhow::Result<(
+    ModelParams,
+    std::collections::HashMap<String, String>,
+    RunSpec,
+)> {
+    let (params, metadata) = read_model_file(path)?;
+    let spec_toml = metadata.get(SPEC_METADATA_KEY).with_context(|| {
+        format!(
+            "{} carries no run spec: pull it with `medfl model pull`",
+            path.display()
+        )
+    })?;
+    let spec = RunSpec::from_toml(spec_toml)
+        .with_context(|| format!("the run spec inside {}", path.display()))?;
+    Ok((params, metadata, spec))
+}
+
+/// The most probable class and its probability.
+fn most_probable(p: &[f32]) -> (usize, f32) {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or((0, 0.0), |(i, v)| (i, *v))
+}
+
+/// Writes `text` to `out`, or to standard output.
+fn write_out(out: Option<&Path>, text: &str) -> anyhow::Result<()> {
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        }
+        None => {
+            medfl_daemon::out!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// With known labels (`known`, one per prediction; anything not among `labels` is unknown),
+/// says how well the model did on them: `(what, field)` name the rows and the label field.
+fn report_known<'a>(
+    known: impl Iterator<Item = &'a str>,
+    predicted: &[u32],
+    labels: &[String],
+    (what, field): (&str, &str),
+) {
+    let pairs: Vec<(u32, u32)> = known
+        .zip(predicted)
+        .filter_map(|(k, p)| labels.iter().position(|x| x == k).map(|k| (*p, k as u32)))
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let (p, a): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
+    eprintln!(
+        "{} of {} {what} carry a known `{field}`: accuracy {:.4}, macro-F1 {:.4}",
+        a.len(),
+        predicted.len(),
+        medfl_core::metrics::accuracy(&p, &a),
+        medfl_core::metrics::macro_f1(&p, &a, labels.len())
+    );
 }
 
 /// The standardisation a tabular model's inputs need: the federation's statistics carried in
@@ -316,11 +352,7 @@ fn predict_rows(
     out.push('\n');
     let mut predicted = Vec::with_capacity(probs.len());
     for (i, p) in probs.iter().enumerate() {
-        let (best, confidence) = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or((0, 0.0), |(i, v)| (i, *v));
+        let (best, confidence) = most_probable(p);
         predicted.push(best as u32);
         out.push_str(&format!(
             "{},{},{confidence:.6}",
@@ -332,28 +364,10 @@ fn predict_rows(
         }
         out.push('\n');
     }
-    match &args.out {
-        Some(path) => std::fs::write(path, &out)
-            .with_context(|| format!("cannot write {}", path.display()))?,
-        None => medfl_daemon::out!("{out}"),
-    }
+    write_out(args.out.as_deref(), &out)?;
     let label_field = args.label_field.as_deref().unwrap_or(&spec.task.label);
     if let Some(known) = table.column(label_field) {
-        let pairs: Vec<(u32, u32)> = known
-            .iter()
-            .zip(&predicted)
-            .filter_map(|(k, p)| labels.iter().position(|x| x == k).map(|k| (*p, k as u32)))
-            .collect();
-        if !pairs.is_empty() {
-            let (p, a): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
-            eprintln!(
-                "{} of {} rows carry a known `{label_field}`: accuracy {:.4}, macro-F1 {:.4}",
-                a.len(),
-                table.len(),
-                medfl_core::metrics::accuracy(&p, &a),
-                medfl_core::metrics::macro_f1(&p, &a, labels.len())
-            );
-        }
+        report_known(known.into_iter(), &predicted, labels, ("rows", label_field));
     }
     Ok(())
 }
@@ -385,15 +399,7 @@ pub struct ExportArgs {
 /// `medfl model export`: a tabular model as ONNX, standardisation included, for the
 /// hospital's own tools.
 pub fn export_onnx(args: &ExportArgs) -> anyhow::Result<()> {
-    let (params, metadata) = read_model_file(&args.pulled)?;
-    let spec_toml = metadata.get(SPEC_METADATA_KEY).with_context(|| {
-        format!(
-            "{} carries no run spec: pull it with `medfl model pull`",
-            args.pulled.display()
-        )
-    })?;
-    let spec = RunSpec::from_toml(spec_toml)
-        .with_context(|| format!("the run spec inside {}", args.pulled.display()))?;
+    let (params, metadata, spec) = open_pulled(&args.pulled)?;
     let ModelSpec::Mlp { hidden } = &spec.model else {
         anyhow::bail!(
             "{} is from a text run: ONNX export covers tabular models (merge a text run's \

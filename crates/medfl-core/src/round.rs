@@ -175,14 +175,7 @@ impl RoundState {
         attempt: u32,
         now_ms: u64,
     ) -> Result<(), Refusal> {
-        self.admit(site, round, attempt, now_ms, Phase::Train)?;
-        if self.updates.contains_key(site) || self.failures.contains_key(site) {
-            return Err(Refusal::Duplicate {
-                site: site.into(),
-                round,
-            });
-        }
-        Ok(())
+        self.admit_once(site, round, attempt, now_ms, Phase::Train)
     }
 
     /// Checks whether statistics from `site` for `round`/`attempt` may be accepted now.
@@ -193,7 +186,19 @@ impl RoundState {
         attempt: u32,
         now_ms: u64,
     ) -> Result<(), Refusal> {
-        self.admit(site, round, attempt, now_ms, Phase::Statistics)?;
+        self.admit_once(site, round, attempt, now_ms, Phase::Statistics)
+    }
+
+    /// [`Self::admit`], and the site has neither answered nor failed in this attempt.
+    fn admit_once(
+        &self,
+        site: &str,
+        round: u32,
+        attempt: u32,
+        now_ms: u64,
+        phase: Phase,
+    ) -> Result<(), Refusal> {
+        self.admit(site, round, attempt, now_ms, phase)?;
         if self.updates.contains_key(site) || self.failures.contains_key(site) {
             return Err(Refusal::Duplicate {
                 site: site.into(),

@@ -511,6 +511,24 @@ struct Open {
     statistics: BTreeMap<String, FeatureSums>,
 }
 
+impl Open {
+    /// An attempt with nothing answered yet.
+    fn new(state: RoundState, global_sha256: &str, expected_sites: Option<f64>) -> Self {
+        Self {
+            state,
+            global_sha256: global_sha256.into(),
+            losses: Vec::new(),
+            privacy_epsilon: None,
+            evaluations: Vec::new(),
+            folded: Vec::new(),
+            folding: None,
+            poisoned: None,
+            expected_sites,
+            statistics: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Stage {
     /// Not resumed yet.
@@ -1059,16 +1077,8 @@ impl RunMachine {
         self.attempts = 0;
         self.round_started_ms = now;
         self.stage = Stage::Open(Box::new(Open {
-            state,
-            global_sha256: self.global_sha256.clone(),
-            losses: Vec::new(),
-            privacy_epsilon: None,
             evaluations,
-            folded: Vec::new(),
-            folding: None,
-            poisoned: None,
-            expected_sites: None,
-            statistics: BTreeMap::new(),
+            ..Open::new(state, &self.global_sha256, None)
         }));
         self.publish(out);
     }
@@ -1116,18 +1126,7 @@ impl RunMachine {
                 self.plan.limits,
             );
             state.phase = Phase::Statistics;
-            self.stage = Stage::Open(Box::new(Open {
-                state,
-                global_sha256: self.global_sha256.clone(),
-                losses: Vec::new(),
-                privacy_epsilon: None,
-                evaluations: Vec::new(),
-                folded: Vec::new(),
-                folding: None,
-                poisoned: None,
-                expected_sites: None,
-                statistics: BTreeMap::new(),
-            }));
+            self.stage = Stage::Open(Box::new(Open::new(state, &self.global_sha256, None)));
             self.publish(out);
             return;
         }
@@ -1160,18 +1159,11 @@ impl RunMachine {
             round: self.round,
             attempt: self.attempt,
         });
-        self.stage = Stage::Open(Box::new(Open {
-            state: RoundState::start(self.round, self.attempt, selected, now, limits),
-            global_sha256: self.global_sha256.clone(),
-            losses: Vec::new(),
-            privacy_epsilon: None,
-            evaluations: Vec::new(),
-            folded: Vec::new(),
-            folding: None,
-            poisoned: None,
+        self.stage = Stage::Open(Box::new(Open::new(
+            RoundState::start(self.round, self.attempt, selected, now, limits),
+            &self.global_sha256,
             expected_sites,
-            statistics: BTreeMap::new(),
-        }));
+        )));
         self.publish(out);
     }
 

@@ -18,6 +18,7 @@
 //! - [`private`]: record-level DP-SGD: per-example clipped gradients, noise, the private loop.
 //! - [`testing`]: a tiny random BERT on disk, for tests and benchmarks.
 //! - [`text_data`]: JSON-lines text datasets and labelled texts.
+//! - [`tinyvit`]: LiteMedSAM's TinyViT image encoder, loaded from its own weights.
 //! - [`tokenize`]: text to padded token-id batches with a Hugging Face `tokenizer.json`.
 
 pub mod base;
@@ -34,6 +35,7 @@ pub mod params;
 pub mod private;
 pub mod testing;
 pub mod text_data;
+pub mod tinyvit;
 pub mod tokenize;
 
 pub use base::{BaseModel, BaseModels};
