@@ -406,28 +406,13 @@ pub struct BertModel {
 impl BertModel {
     /// Loads `config.json` and `model.safetensors` from `dir`.
     ///
-    /// The weights file is read into memory and parsed with candle's safe
-    /// [`candle_core::safetensors::load_buffer`] rather than memory-mapped: a mapping of a file
-    /// that another process truncates kills the daemon with SIGBUS, and the bytes parsed must be
-    /// the bytes hashed against the run's pin (see `BaseModel::weights`). The read copy is
-    /// dropped once the tensors are built (candle copies a mapping into tensors too). Half-
-    /// precision weights are widened to f32; tensors the encoder does not use (the pooler,
-    /// `position_ids`) are ignored.
+    /// The weights file is read, not memory-mapped (see `BaseModel::weights` for why the bytes
+    /// parsed must be the bytes hashed). Half-precision weights are widened to f32; tensors the
+    /// encoder does not use (the pooler, `position_ids`) are ignored.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, TrainError> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let path = dir.join("model.safetensors");
-        let bytes = std::fs::read(&path).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let in_file =
-            |message: String| TrainError::Weights(format!("{}: {message}", path.display()));
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| in_file(e.to_string()))?;
-        drop(bytes);
-        Self::from_tensors(config, &tensors, device).map_err(|e| match e {
-            TrainError::Weights(message) => in_file(message),
-            other => other,
+        crate::params::from_weights_file(&dir.join("model.safetensors"), device, |tensors| {
+            Self::from_tensors(config, tensors, device)
         })
     }
 

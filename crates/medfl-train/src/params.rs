@@ -43,3 +43,27 @@ pub fn from_tensors(like: &ModelParams, tensors: &[&Tensor]) -> Result<ModelPara
         .collect::<Result<Vec<_>, TrainError>>()?;
     Ok(ModelParams::new(tensors)?)
 }
+
+/// Reads a safetensors weights file into memory and builds something from its named tensors;
+/// a [`TrainError::Weights`] from `build` names the file. The file is read rather than
+/// memory-mapped: a mapping of a file that another process truncates kills the daemon with
+/// SIGBUS, and the bytes parsed must be the bytes hashed against a run's pin. The read copy is
+/// dropped once the tensors are built.
+pub(crate) fn from_weights_file<T>(
+    path: &std::path::Path,
+    device: &Device,
+    build: impl FnOnce(&std::collections::HashMap<String, Tensor>) -> Result<T, TrainError>,
+) -> Result<T, TrainError> {
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let in_file = |message: String| TrainError::Weights(format!("{}: {message}", path.display()));
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| in_file(e.to_string()))?;
+    drop(bytes);
+    build(&tensors).map_err(|e| match e {
+        TrainError::Weights(message) => in_file(message),
+        other => other,
+    })
+}

@@ -386,18 +386,8 @@ impl TinyVit {
     /// Loads the encoder from a LiteMedSAM safetensors file (its `image_encoder.*` tensors;
     /// the rest is ignored). The file is read, not mapped, as for the text encoders.
     pub fn load(path: &Path, config: TinyVitConfig, device: &Device) -> Result<Self, TrainError> {
-        let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let in_file =
-            |message: String| TrainError::Weights(format!("{}: {message}", path.display()));
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| in_file(e.to_string()))?;
-        drop(bytes);
-        Self::from_tensors(config, &tensors, device).map_err(|e| match e {
-            TrainError::Weights(message) => in_file(message),
-            other => other,
+        crate::params::from_weights_file(path, device, |tensors| {
+            Self::from_tensors(config, tensors, device)
         })
     }
 
