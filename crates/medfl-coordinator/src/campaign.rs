@@ -41,14 +41,14 @@ fn eligible(shared: &Shared, spec: &RunSpec) -> Result<Vec<String>, CoordinatorE
         .collect())
 }
 
-/// Starts a cross-site evaluation of `global_sha256` for run `run_id`; returns how many sites
-/// were asked.
+/// Starts a cross-site evaluation of `global_sha256` for `run`; returns how many sites were
+/// asked.
 pub fn start(
     shared: &Shared,
-    run_id: &str,
-    spec_toml: &str,
+    run: &crate::store::RunRecord,
     global_sha256: &str,
 ) -> Result<usize, CoordinatorError> {
+    let (run_id, spec_toml) = (run.id.as_str(), run.spec.as_str());
     let spec = RunSpec::from_toml(spec_toml)?;
     let sites = eligible(shared, &spec)?;
     let asked = sites.len();
@@ -65,7 +65,15 @@ pub fn start(
         .filter(|m| m.global_sha256() == global_sha256)
         .unwrap_or_else(|| RunMachine::ended(RunPlan::of(&spec), global_sha256));
     let effects = machine.handle(Event::CrossSiteRequested { number, sites }, mono_ms());
-    adopt(shared, run_id, spec_toml, &machine, effects)?;
+    let standardization = run.standardization.as_deref().map(Arc::from);
+    adopt(
+        shared,
+        run_id,
+        spec_toml,
+        standardization,
+        &machine,
+        effects,
+    )?;
     Ok(asked)
 }
 
@@ -75,6 +83,7 @@ pub fn adopt(
     shared: &Shared,
     run_id: &str,
     spec_toml: &str,
+    standardization: Option<Arc<str>>,
     machine: &RunMachine,
     effects: Vec<Effect>,
 ) -> Result<(), CoordinatorError> {
@@ -85,7 +94,7 @@ pub fn adopt(
         machine: machine.clone(),
         spec_toml: Arc::from(spec_toml),
         global_size: shared.blobs.size(machine.global_sha256())?,
-        standardization: shared.db(|s| s.standardization(run_id))?.map(Arc::from),
+        standardization,
     };
     if let Some((number, owed, deadline_ms)) = machine.cross_site_owed() {
         shared.db(|s| {
@@ -157,7 +166,7 @@ pub fn resume(shared: &Shared) -> Result<(), CoordinatorError> {
                 machine,
                 spec_toml: Arc::from(run.spec.as_str()),
                 global_size,
-                standardization: shared.db(|s| s.standardization(&c.run_id))?.map(Arc::from),
+                standardization: run.standardization.as_deref().map(Arc::from),
             },
         );
         perform(shared, &c.run_id, effects)?;

@@ -39,10 +39,9 @@ pub fn spawn(
     let model = medfl_model::RunModel::for_run(&spec, &shared.bases)?;
     let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
     let (snap_tx, snap_rx) = watch::channel(None);
-    let standardization = shared.db(|s| s.standardization(&run.id))?;
     let mut plan = plan(&spec)?;
     // Statistics pooled before a restart are not gathered again.
-    plan.statistics &= standardization.is_none();
+    plan.statistics &= run.standardization.is_none();
     let machine = RunMachine::new(plan, &run.initial_sha256);
     let handle = RunHandle {
         tx,
@@ -65,7 +64,7 @@ pub fn spawn(
         global_size: None,
         answer: None,
         stop_reply: None,
-        standardization: standardization.map(Arc::from),
+        standardization: run.standardization.as_deref().map(Arc::from),
     };
     tasks.spawn(engine.run());
     Ok(())
@@ -559,6 +558,7 @@ impl Engine {
                     &self.shared,
                     &self.run_id,
                     &self.handle.spec_toml,
+                    self.standardization.clone(),
                     &self.machine,
                     effects,
                 ) {

@@ -183,6 +183,7 @@ impl RunApi {
             creator: caller.name.clone(),
             creator_role: caller.role.clone(),
             ended_ms: None,
+            standardization: None,
         };
         // Pinned since it was stored; let go once the run owns it (or the insert failed).
         let pinned = self.shared.blobs.pinned(&record.initial_sha256);
@@ -295,7 +296,7 @@ impl RunApi {
             .collect();
         detail.evaluating = evaluating;
         detail.full_model_bytes = full_model_bytes(shared, &detail.spec_toml, &run.initial_sha256);
-        detail.standardization = shared.db(|s| s.standardization(&run.id))?;
+        detail.standardization = run.standardization;
         if let Some(s) = snapshot {
             detail.current_round = s.round;
             detail.current_phase = s.phase.as_str().into();
@@ -557,7 +558,7 @@ impl RunService for RunApi {
         let run = self.shared.db(|s| s.run(&run_id))?;
         caller.may_act_on("evaluate", &run_id, &run.creator)?;
         let global = self.model_sha(&run_id, 0)?;
-        let sites_asked = crate::campaign::start(&self.shared, &run_id, &run.spec, &global)?;
+        let sites_asked = crate::campaign::start(&self.shared, &run, &global)?;
         if sites_asked == 0 {
             return Err(Status::failed_precondition(format!(
                 "no online site holds the dataset of run `{run_id}`"

@@ -264,6 +264,8 @@ pub struct RunRecord {
     pub creator_role: String,
     /// When it ended (`None` while it runs, and for runs that ended before this was kept).
     pub ended_ms: Option<u64>,
+    /// Federated standardisation: the pooled feature statistics (JSON), once gathered.
+    pub standardization: Option<String>,
 }
 
 /// A committed round.
@@ -638,19 +640,6 @@ impl Store {
         Ok(())
     }
 
-    /// Run `id`'s pooled feature statistics (JSON), once gathered.
-    pub fn standardization(&self, id: &str) -> Result<Option<String>, CoordinatorError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT standardization FROM runs WHERE id = ?1",
-                params![id],
-                |r| r.get::<_, Option<String>>(0),
-            )
-            .optional()?
-            .flatten())
-    }
-
     /// Every reference held by run `run_id`.
     pub fn refs_of_run(&self, run_id: &str) -> Result<Vec<BlobRef>, CoordinatorError> {
         let mut stmt = self.conn.prepare(
@@ -820,6 +809,7 @@ impl Store {
             creator: r.get(8)?,
             creator_role: r.get(9)?,
             ended_ms: r.get::<_, Option<i64>>(10)?.map(|ms| ms as u64),
+            standardization: r.get(11)?,
         })
     }
 
@@ -828,7 +818,7 @@ impl Store {
         self.conn
             .query_row(
                 "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error,
-                        creator, creator_role, ended_ms
+                        creator, creator_role, ended_ms, standardization
                  FROM runs WHERE id = ?1",
                 [id],
                 Self::run_from_row,
@@ -841,7 +831,7 @@ impl Store {
     pub fn runs(&self) -> Result<Vec<RunRecord>, CoordinatorError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, name, spec, status, rounds_total, initial_sha256, created_ms, error,
-                    creator, creator_role, ended_ms
+                    creator, creator_role, ended_ms, standardization
              FROM runs ORDER BY created_ms, id",
         )?;
         let rows = stmt.query_map([], Self::run_from_row)?;
@@ -1420,6 +1410,7 @@ mod tests {
                 creator: "r".into(),
                 creator_role: "researcher".into(),
                 ended_ms: None,
+                standardization: None,
             })
             .unwrap();
             s.commit_round(
@@ -1466,6 +1457,7 @@ mod tests {
             creator: String::new(),
             creator_role: String::new(),
             ended_ms: None,
+            standardization: None,
         }
     }
 

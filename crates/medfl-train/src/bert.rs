@@ -262,22 +262,7 @@ impl Weights<'_> {
             .get(name)
             .or_else(|| self.tensors.get(&format!("bert.{name}")))
             .ok_or_else(|| TrainError::Weights(format!("missing tensor `{name}`")))?;
-        if t.dims() != shape {
-            return Err(TrainError::Weights(format!(
-                "tensor `{name}` has shape {:?}, the config implies {shape:?}",
-                t.dims()
-            )));
-        }
-        let t = match t.dtype() {
-            DType::F32 => t.clone(),
-            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-            other => {
-                return Err(TrainError::Weights(format!(
-                    "tensor `{name}` is {other:?}, not a float type"
-                )))
-            }
-        };
-        Ok(t.to_device(self.device)?)
+        crate::params::checked_f32(t, name, shape, "the config implies", self.device)
     }
 
     fn norm(&self, prefix: &str, width: usize, eps: f64) -> Result<LayerNorm, TrainError> {

@@ -80,6 +80,15 @@ impl Mlp {
     }
 }
 
+/// The model's weights as constants (nothing to differentiate), in name order.
+fn constant_tensors(params: &ModelParams, device: &Device) -> Result<Vec<Tensor>, TrainError> {
+    Ok(params
+        .tensors
+        .iter()
+        .map(|t| Tensor::from_slice(&t.data, t.shape.as_slice(), device))
+        .collect::<Result<_, _>>()?)
+}
+
 fn batch_tensors(data: &Examples, device: &Device) -> Result<(Tensor, Tensor), TrainError> {
     let x = Tensor::from_slice(&data.features, (data.len(), data.n_features), device)?;
     let y = Tensor::from_slice(&data.labels, data.len(), device)?;
@@ -102,8 +111,7 @@ impl Mlp {
             )));
         }
         let device = Device::Cpu;
-        let vars = to_vars(params, &device)?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let tensors = constant_tensors(params, &device)?;
         let refs: Vec<&Tensor> = tensors.iter().collect();
         let slots = self.layer_slots();
         let mut out = Vec::with_capacity(data.len());
@@ -215,11 +223,7 @@ impl LocalModel for Mlp {
         self.check(params)?;
         let data = data.table()?;
         let device = Device::Cpu;
-        let weights: Vec<Tensor> = params
-            .tensors
-            .iter()
-            .map(|t| Tensor::from_slice(&t.data, t.shape.as_slice(), &device))
-            .collect::<Result<_, _>>()?;
+        let weights = constant_tensors(params, &device)?;
         let weights: Vec<&Tensor> = weights.iter().collect();
         let slots = self.layer_slots();
         let mut predicted = Vec::with_capacity(data.len());

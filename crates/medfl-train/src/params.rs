@@ -67,3 +67,32 @@ pub(crate) fn from_weights_file<T>(
         other => other,
     })
 }
+
+/// Tensor `name` from a weights file, checked to have `shape` (`what` says where that shape
+/// comes from, for the error), widened to f32 when stored in another float type, on `device`.
+pub(crate) fn checked_f32(
+    t: &Tensor,
+    name: &str,
+    shape: &[usize],
+    what: &str,
+    device: &Device,
+) -> Result<Tensor, TrainError> {
+    if t.dims() != shape {
+        return Err(TrainError::Weights(format!(
+            "tensor `{name}` has shape {:?}, {what} {shape:?}",
+            t.dims()
+        )));
+    }
+    let t = match t.dtype() {
+        candle_core::DType::F32 => t.clone(),
+        candle_core::DType::F16 | candle_core::DType::BF16 | candle_core::DType::F64 => {
+            t.to_dtype(candle_core::DType::F32)?
+        }
+        other => {
+            return Err(TrainError::Weights(format!(
+                "tensor `{name}` is {other:?}, not a float type"
+            )))
+        }
+    };
+    Ok(t.to_device(device)?)
+}

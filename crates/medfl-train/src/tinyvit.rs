@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 use crate::ops;
 use crate::TrainError;
@@ -82,22 +82,7 @@ impl Weights<'_> {
             .tensors
             .get(&full)
             .ok_or_else(|| TrainError::Weights(format!("missing tensor `{full}`")))?;
-        if t.dims() != shape {
-            return Err(TrainError::Weights(format!(
-                "tensor `{full}` has shape {:?}, TinyViT expects {shape:?}",
-                t.dims()
-            )));
-        }
-        let t = match t.dtype() {
-            DType::F32 => t.clone(),
-            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-            other => {
-                return Err(TrainError::Weights(format!(
-                    "tensor `{full}` is {other:?}, not a float type"
-                )))
-            }
-        };
-        Ok(t.to_device(self.device)?)
+        crate::params::checked_f32(t, &full, shape, "TinyViT expects", self.device)
     }
 
     /// A convolution without bias followed by a batch norm (`{prefix}.c`, `{prefix}.bn`).
