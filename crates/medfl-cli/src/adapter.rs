@@ -126,17 +126,19 @@ pub struct MergeArgs {
 /// Options of `medfl predict`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PredictArgs {
-    /// A text run's base model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR")]
+    /// The run's base model: a text run's directory (config.json, model.safetensors,
+    /// tokenizer.json), an image run's encoder weights file.
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// The file `medfl model pull` wrote: a text run's adapter, or a tabular run's model.
     #[arg(long, visible_alias = "pulled", value_name = "FILE")]
     pub adapter: PathBuf,
-    /// What to classify: JSON lines for a text run, CSV for a tabular one.
-    #[arg(long, value_name = "FILE")]
+    /// What to classify: JSON lines for a text run, CSV for a tabular one; for an image run an
+    /// image, a folder of images (class subfolders give known labels) or a CSV list.
+    #[arg(long, value_name = "PATH")]
     pub input: PathBuf,
-    /// A tabular run with local standardisation: the CSV (your training data) whose feature
-    /// means and deviations the inputs are standardised with.
+    /// A run with local standardisation: your training data, whose feature (or image
+    /// embedding) means and deviations the inputs are standardised with.
     #[arg(long, value_name = "FILE.csv")]
     pub standardize_on: Option<PathBuf>,
     /// Field holding the text (the run's `task.text` when absent).
@@ -154,6 +156,9 @@ pub struct PredictArgs {
 /// Runs `medfl predict`.
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     let (params, metadata, spec) = open_pulled(&args.adapter)?;
+    if spec.image_encoder().is_some() {
+        return predict_images(args, &params, &spec, &metadata);
+    }
     if spec.encoder().is_none() {
         return predict_rows(args, &params, &spec, &metadata);
     }
@@ -293,7 +298,7 @@ fn input_standardizer(
     spec: &RunSpec,
     metadata: &std::collections::HashMap<String, String>,
 ) -> anyhow::Result<Standardizer> {
-    let features = &spec.task.features;
+    let features = &spec.task.feature_names();
     match (metadata.get(STANDARDIZATION_METADATA_KEY), standardize_on) {
         (Some(_), Some(_)) => anyhow::bail!(
             "{} carries the federation's statistics, which the model was trained with: drop \
@@ -372,6 +377,155 @@ fn predict_rows(
     Ok(())
 }
 
+/// The images `medfl predict` scores: one image file, a folder (searched in depth; an image in
+/// a folder named after one of the run's labels has that label as known), or an `image_csv`
+/// list with the run's image column (and its label column, where present). Each with its known
+/// label, if any.
+fn images_to_score(input: &Path, spec: &RunSpec) -> anyhow::Result<Vec<(PathBuf, Option<String>)>> {
+    let labels = &spec.task.labels;
+    if input.is_dir() {
+        let mut found = Vec::new();
+        let mut dirs = vec![input.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            let mut entries = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<Vec<_>>>()
+                .with_context(|| format!("cannot read {}", dir.display()))?;
+            entries.sort();
+            for path in entries {
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if medfl_train::image::is_image(&path) {
+                    let known = path
+                        .parent()
+                        .and_then(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .filter(|n| labels.contains(n));
+                    found.push((path, known));
+                }
+            }
+        }
+        found.sort();
+        anyhow::ensure!(
+            !found.is_empty(),
+            "{} holds no images ({})",
+            input.display(),
+            medfl_train::image::IMAGE_EXTENSIONS.join(", ")
+        );
+        return Ok(found);
+    }
+    if medfl_train::image::is_image(input) {
+        return Ok(vec![(input.to_path_buf(), None)]);
+    }
+    let column = spec.task.image.as_deref().unwrap_or("image");
+    let set = medfl_train::image::ImageSet::load_csv(input)?;
+    let label = &spec.task.label;
+    if set.columns().contains(label) {
+        // Unknown labels are allowed here (they are not scored), so read the cells directly.
+        let list = set.labelled_any(column, label)?;
+        return Ok(list.into_iter().map(|(p, l)| (p, Some(l))).collect());
+    }
+    Ok(set.paths(column)?.into_iter().map(|p| (p, None)).collect())
+}
+
+/// `medfl predict` for an image run: the images through the base encoder the run pins
+/// (`--model`, checked against its hash), preprocessed and standardised as the sites did, then
+/// the head; one CSV line per image.
+fn predict_images(
+    args: &PredictArgs,
+    params: &ModelParams,
+    spec: &RunSpec,
+    metadata: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<()> {
+    let encoder_spec = spec
+        .image_encoder()
+        .context("an image run's spec names its encoder")?;
+    let weights = args.model.as_deref().with_context(|| {
+        format!(
+            "an image run's model needs its base encoder: pass --model with the `{}` weights \
+             file (SHA-256 {})",
+            encoder_spec.base, encoder_spec.base_sha256
+        )
+    })?;
+    let bases = BaseModels::new(
+        BTreeMap::from([(encoder_spec.base.clone(), weights.to_path_buf())]),
+        None,
+    );
+    let encoder = bases.image_encoder(encoder_spec)?;
+    let embed = |paths: &[PathBuf], what: &str| -> anyhow::Result<medfl_train::Examples> {
+        let bar = ProgressBar::new(paths.len() as u64).with_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images ({eta} left)")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_string());
+        let features = encoder.embed_files(
+            paths,
+            None,
+            &std::sync::atomic::AtomicBool::new(false),
+            &mut |p| bar.set_position(p.done as u64),
+        )?;
+        bar.finish_and_clear();
+        Ok(medfl_train::Examples {
+            labels: vec![0; paths.len()],
+            n_features: medfl_core::spec::IMAGE_EMBEDDING_WIDTH,
+            features,
+        })
+    };
+    let scaler = match (
+        metadata.get(STANDARDIZATION_METADATA_KEY),
+        &args.standardize_on,
+    ) {
+        (None, Some(train)) => {
+            let own: Vec<PathBuf> = images_to_score(train, spec)?
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
+            Standardizer::fit(&embed(&own, "embedding your training images")?)
+        }
+        _ => input_standardizer(
+            &args.adapter,
+            args.standardize_on.as_deref(),
+            spec,
+            metadata,
+        )?,
+    };
+    let images = images_to_score(&args.input, spec)?;
+    let paths: Vec<PathBuf> = images.iter().map(|(p, _)| p.clone()).collect();
+    let rows = scaler.apply(&embed(&paths, "embedding")?);
+    let labels = &spec.task.labels;
+    let model = Mlp::new(rows.n_features, &[], labels.len());
+    let probs = model.probabilities(params, &rows)?;
+    let mut out = String::from("image,prediction,confidence");
+    for l in labels {
+        out.push(',');
+        out.push_str(&csv_field(&format!("p_{l}")));
+    }
+    out.push('\n');
+    let mut predicted = Vec::with_capacity(probs.len());
+    for (path, p) in paths.iter().zip(&probs) {
+        let (best, confidence) = most_probable(p);
+        predicted.push(best as u32);
+        out.push_str(&format!(
+            "{},{},{confidence:.6}",
+            csv_field(&path.display().to_string()),
+            csv_field(&labels[best])
+        ));
+        for v in p {
+            out.push_str(&format!(",{v:.6}"));
+        }
+        out.push('\n');
+    }
+    write_out(args.out.as_deref(), &out)?;
+    report_known(
+        images.iter().map(|(_, k)| k.as_deref().unwrap_or("")),
+        &predicted,
+        labels,
+        ("images", "label"),
+    );
+    Ok(())
+}
+
 /// `value` as one CSV field, quoted when it must be.
 fn csv_field(value: &str) -> String {
     if value.contains([',', '"', '\n', '\r']) {
@@ -402,8 +556,8 @@ pub fn export_onnx(args: &ExportArgs) -> anyhow::Result<()> {
     let (params, metadata, spec) = open_pulled(&args.pulled)?;
     let ModelSpec::Mlp { hidden } = &spec.model else {
         anyhow::bail!(
-            "{} is from a text run: ONNX export covers tabular models (merge a text run's \
-             adapter with `medfl model merge` for PyTorch/transformers)",
+            "{} is not from a tabular run: ONNX export covers tabular models (merge a text \
+             run's adapter with `medfl model merge` for PyTorch/transformers)",
             args.pulled.display()
         );
     };

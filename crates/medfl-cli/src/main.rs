@@ -9,6 +9,8 @@ mod commands;
 #[cfg(feature = "local")]
 mod demo;
 #[cfg(feature = "local")]
+mod demo_image;
+#[cfg(feature = "local")]
 mod demo_text;
 #[cfg(test)]
 mod mock;

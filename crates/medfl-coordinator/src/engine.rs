@@ -626,7 +626,7 @@ impl Engine {
         } else {
             medfl_core::standardize::Standardization::pool
         };
-        let pooled = pool(&spec.task.features, &all)
+        let pooled = pool(&spec.task.feature_names(), &all)
             .map_err(|e| CoordinatorError::Invalid(format!("run `{}`: {e}", self.run_id)))?;
         let json = pooled.to_json();
         self.shared

@@ -96,7 +96,38 @@ impl BaseModels {
 
     /// SHA-256 of `dir/model.safetensors`, computed once per file version.
     pub fn weights_sha256(&self, dir: &Path) -> Result<String, ModelError> {
-        let path = dir.join(WEIGHTS_FILE);
+        self.file_sha256(&dir.join(WEIGHTS_FILE))
+    }
+
+    /// The weights file of base `name`, which must hash to `sha256`: the configured path when
+    /// it is a file, else its `model.safetensors` (an image encoder's whole checkpoint, such as
+    /// LiteMedSAM's, is one file). Refused when absent or when its weights differ.
+    pub fn locate_weights(&self, name: &str, sha256: &str) -> Result<PathBuf, ModelError> {
+        let missing = || ModelError::BaseMissing {
+            name: name.to_string(),
+            sha256: sha256.to_string(),
+        };
+        let configured = self.dirs.get(name).ok_or_else(missing)?;
+        let path = if configured.is_file() {
+            configured.clone()
+        } else {
+            configured.join(WEIGHTS_FILE)
+        };
+        let actual = self.file_sha256(&path)?;
+        if actual != sha256 {
+            return Err(ModelError::BaseMismatch {
+                name: name.to_string(),
+                dir: configured.clone(),
+                actual,
+                pinned: sha256.to_string(),
+            });
+        }
+        Ok(path)
+    }
+
+    /// SHA-256 of a file, computed once per file version (length and modification time).
+    pub fn file_sha256(&self, path: &Path) -> Result<String, ModelError> {
+        let path = path.to_path_buf();
         let meta = std::fs::metadata(&path).map_err(|source| ModelError::Io {
             path: path.clone(),
             source,

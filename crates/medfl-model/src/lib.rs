@@ -31,4 +31,4 @@ pub use base::{BaseModel, BaseModels};
 pub use classifier::EncoderClassifier;
 pub use error::ModelError;
 pub use mlp::Mlp;
-pub use model::RunModel;
+pub use model::{RunModel, IMAGE_EMBEDDING};

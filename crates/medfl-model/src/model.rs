@@ -23,10 +23,13 @@ use crate::classifier::EncoderClassifier;
 use crate::mlp::Mlp;
 use crate::ModelError;
 
+pub use medfl_core::spec::IMAGE_EMBEDDING_WIDTH as IMAGE_EMBEDDING;
+
 /// Every model family a run can train.
 #[derive(Debug, Clone)]
 pub enum RunModel {
-    /// A multi-layer perceptron (or logistic regression) on tabular features.
+    /// A multi-layer perceptron (or logistic regression) on tabular features, or the head on
+    /// a frozen image encoder's embeddings.
     Mlp(Mlp),
     /// A text classifier on a pre-trained encoder.
     Text(EncoderClassifier),
@@ -41,6 +44,8 @@ impl RunModel {
             ModelSpec::Mlp { hidden } => {
                 RunModel::Mlp(Mlp::new(spec.task.features.len(), hidden, classes))
             }
+            // A frozen image encoder: only the head on its pooled embedding trains.
+            ModelSpec::Tinyvit(_) => RunModel::Mlp(Mlp::new(IMAGE_EMBEDDING, &[], classes)),
             ModelSpec::Bert(encoder) => {
                 let base = bases.resolve(&encoder.base, &encoder.base_sha256)?;
                 RunModel::Text(EncoderClassifier::new(base, encoder.clone(), classes)?)

@@ -25,10 +25,15 @@ insecure_dev = false
 pub struct DatasetConfig {
     /// The file; relative paths are relative to the config file's directory.
     pub path: PathBuf,
-    /// File format: `csv` (a header row, comma-separated) or `jsonl` (one JSON object a line).
+    /// Format: `csv` (a header row, comma-separated), `jsonl` (one JSON object a line),
+    /// `image_folder` (a folder with one subfolder of images per class) or `image_csv` (a CSV
+    /// of image paths, relative to its folder, and labels).
     #[serde(default = "csv")]
     pub format: String,
 }
+
+/// The dataset formats a site reads.
+pub const DATASET_FORMATS: &[&str] = &["csv", "jsonl", "image_folder", "image_csv"];
 
 fn csv() -> String {
     "csv".into()
@@ -172,10 +177,10 @@ impl SiteConfig {
             return bad("log_format", "must be `text` or `json`".into());
         }
         for (name, ds) in &self.datasets {
-            if !matches!(ds.format.as_str(), "csv" | "jsonl") {
+            if !DATASET_FORMATS.contains(&ds.format.as_str()) {
                 return bad(
                     &format!("datasets.{name}.format"),
-                    format!("`{}` is not supported (use `csv` or `jsonl`)", ds.format),
+                    format!("`{}` is not one of {DATASET_FORMATS:?}", ds.format),
                 );
             }
         }

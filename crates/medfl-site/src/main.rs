@@ -58,10 +58,11 @@ enum DatasetCommand {
     Add {
         /// The name run specs will use.
         name: String,
-        /// The file (never sent anywhere).
+        /// The file or image folder (never sent anywhere).
         #[arg(long)]
         path: PathBuf,
-        /// `csv` or `jsonl`.
+        /// `csv`, `jsonl`, `image_folder` (one subfolder of images per class) or `image_csv`
+        /// (a CSV of image paths and labels).
         #[arg(long, default_value = "csv")]
         format: String,
     },
@@ -425,8 +426,9 @@ fn datasets(config: &SiteConfig, command: DatasetCommand) -> anyhow::Result<()> 
     match command {
         DatasetCommand::Add { name, path, format } => {
             anyhow::ensure!(
-                matches!(format.as_str(), "csv" | "jsonl"),
-                "--format must be csv or jsonl"
+                medfl_site::config::DATASET_FORMATS.contains(&format.as_str()),
+                "--format must be one of {:?}",
+                medfl_site::config::DATASET_FORMATS
             );
             let dataset = DatasetConfig {
                 path: path.clone(),

@@ -20,7 +20,7 @@ use crate::SiteError;
 pub struct Policy {
     /// Base models (SHA-256 of their weights) text runs may adapt.
     pub base_models: Vec<String>,
-    /// Task kinds: `tabular_classification`, `text_classification`.
+    /// Task kinds: `tabular_classification`, `text_classification`, `image_classification`.
     pub task_kinds: Vec<String>,
     /// Strategies, by their `[strategy] name`.
     pub strategies: Vec<String>,

@@ -9,9 +9,10 @@ use medfl_core::safetensors::{decode, encode};
 use medfl_core::spec::{RunSpec, Standardize};
 use medfl_core::standardize::Standardization;
 use medfl_proto::v1;
+use medfl_train::image::ImageSet;
 use medfl_train::{
-    model_for_run, BaseModels, Data, LocalModel, Standardizer, Table, TextTable, TrainError,
-    TrainOptions,
+    model_for_run, BaseModels, Data, Examples, LocalModel, Standardizer, Table, TextTable,
+    TrainError, TrainOptions,
 };
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -54,12 +55,17 @@ pub(crate) enum Dataset {
     Table(Table),
     /// A JSON-lines file of records.
     Text(TextTable),
+    /// Images: a folder of class folders, or a CSV list (the files are read when a run needs
+    /// them).
+    Images(ImageSet),
 }
 
 impl Dataset {
     pub(crate) fn load(format: &str, path: &std::path::Path) -> Result<Self, TrainError> {
         Ok(match format {
             "jsonl" => Dataset::Text(TextTable::load_jsonl(path)?),
+            "image_folder" => Dataset::Images(ImageSet::load_folder(path)?),
+            "image_csv" => Dataset::Images(ImageSet::load_csv(path)?),
             _ => Dataset::Table(Table::load_csv(path)?),
         })
     }
@@ -69,6 +75,7 @@ impl Dataset {
         match self {
             Dataset::Table(t) => t.columns(),
             Dataset::Text(t) => t.fields(),
+            Dataset::Images(i) => i.columns(),
         }
     }
 
@@ -76,8 +83,52 @@ impl Dataset {
         match self {
             Dataset::Table(t) => t.len(),
             Dataset::Text(t) => t.len(),
+            Dataset::Images(i) => i.len(),
         }
     }
+
+    /// What a task of this kind needs, for the error when the dataset is another kind.
+    fn kind(&self) -> &'static str {
+        match self {
+            Dataset::Table(_) => "a CSV table",
+            Dataset::Text(_) => "JSON lines",
+            Dataset::Images(_) => "images",
+        }
+    }
+}
+
+/// Feature rows (a table's, or image embeddings) split into training and validation, and
+/// standardised as the run says: with the federation's statistics the task carries, or this
+/// site's own. Also returns the raw sums of the training split, what a statistics task sends.
+fn standardized(
+    task: &v1::Task,
+    spec: &RunSpec,
+    examples: &Examples,
+    seed: u64,
+) -> Result<(Data, Data, medfl_core::standardize::FeatureSums), SiteError> {
+    let t = &spec.task;
+    let features = t.feature_names();
+    let (train, validation) = examples.split(t.validation_fraction, seed);
+    let sums = medfl_core::standardize::FeatureSums::of_rows(&train.features, train.n_features);
+    let scaler = match (t.standardization(&spec.privacy), &task.standardization) {
+        (Some(Standardize::Federated), Some(json)) => Standardizer::from_statistics(
+            &Standardization::from_json(json, &features).map_err(|e| {
+                SiteError::Corrupt(format!(
+                    "the task for run {} round {}: {e}",
+                    task.run_id, task.round
+                ))
+            })?,
+        ),
+        // Before the statistics are pooled only the statistics task comes, which sends raw
+        // sums; `execute` refuses to train or evaluate on this.
+        (Some(Standardize::Federated), None) => Standardizer::identity(features.len()),
+        _ => Standardizer::fit(&train),
+    };
+    Ok((
+        Data::Table(scaler.apply(&train)),
+        Data::Table(scaler.apply(&validation)),
+        sums,
+    ))
 }
 
 /// The site's worker: its data, state and model cache.
@@ -353,7 +404,56 @@ impl Worker {
         Ok(())
     }
 
-    fn prepare(
+    /// The pooled embeddings of a run's images through its frozen encoder, off the async
+    /// threads: batched, cached under `data_dir/embeddings` by (weights, preprocessing, image),
+    /// logged as it goes, and stopped by the kill switch or the run's end.
+    async fn embed(
+        &self,
+        task: &v1::Task,
+        spec: &RunSpec,
+        images: Vec<medfl_train::image::LabelledImage>,
+    ) -> Result<Examples, SiteError> {
+        let Some(encoder_spec) = spec.image_encoder() else {
+            return Err(SiteError::Task(format!(
+                "run {}: an image task needs an image model (`kind = \"tinyvit\"`)",
+                task.run_id
+            )));
+        };
+        let encoder = self.bases.image_encoder(encoder_spec)?;
+        let cache =
+            medfl_train::embed::EmbeddingCache::new(&self.config.data_dir.join("embeddings"));
+        let guard = self.tasks.begin(TaskKey {
+            run: task.run_id.clone(),
+            round: task.round,
+            attempt: task.attempt,
+        });
+        let token = guard.token().clone();
+        let (run, site) = (task.run_id.clone(), self.config.name.clone());
+        let paths: Vec<_> = images.iter().map(|i| i.path.clone()).collect();
+        let started = std::time::Instant::now();
+        let features = tokio::task::spawn_blocking(move || {
+            let mut logged = 0;
+            encoder.embed_files(&paths, Some(&cache), token.flag(), &mut |p| {
+                // About every tenth of the way, and at the end.
+                if p.done == p.total || p.done * 10 / p.total.max(1) > logged {
+                    logged = p.done * 10 / p.total.max(1);
+                    info!(run = %run, site = %site, done = p.done, total = p.total, cached = p.cached, "embedding images");
+                }
+            })
+        })
+        .await
+        .map_err(|e| SiteError::Task(format!("embedding task: {e}")))?;
+        drop(guard);
+        let features = features?;
+        info!(run = %task.run_id, site = %self.config.name, images = images.len(), secs = started.elapsed().as_secs_f64(), "images embedded");
+        Ok(Examples {
+            features,
+            labels: images.iter().map(|i| i.label).collect(),
+            n_features: medfl_core::spec::IMAGE_EMBEDDING_WIDTH,
+        })
+    }
+
+    async fn prepare(
         &mut self,
         task: &v1::Task,
         spec: RunSpec,
@@ -368,36 +468,8 @@ impl Worker {
         let seed = spec.seed ^ fnv1a(&self.config.name);
         let t = &spec.task;
         let mut sums = None;
-        let (train, validation) = match (dataset, &t.text) {
-            (Dataset::Table(table), None) => {
-                let examples = table.examples(&t.features, &t.label, &t.labels)?;
-                let (train, validation) = examples.split(t.validation_fraction, seed);
-                sums = Some(medfl_core::standardize::FeatureSums::of_rows(
-                    &train.features,
-                    train.n_features,
-                ));
-                let scaler = match (t.standardization(&spec.privacy), &task.standardization) {
-                    (Some(Standardize::Federated), Some(json)) => Standardizer::from_statistics(
-                        &Standardization::from_json(json, &t.features).map_err(|e| {
-                            SiteError::Corrupt(format!(
-                                "the task for run {} round {}: {e}",
-                                task.run_id, task.round
-                            ))
-                        })?,
-                    ),
-                    // Before the statistics are pooled only the statistics task comes, which
-                    // sends raw sums; `execute` refuses to train or evaluate on this.
-                    (Some(Standardize::Federated), None) => {
-                        Standardizer::identity(t.features.len())
-                    }
-                    _ => Standardizer::fit(&train),
-                };
-                (
-                    Data::Table(scaler.apply(&train)),
-                    Data::Table(scaler.apply(&validation)),
-                )
-            }
-            (Dataset::Text(table), Some(text)) => {
+        let (train, validation) = match (dataset, &t.text, &t.image) {
+            (Dataset::Text(table), Some(text), None) => {
                 let (examples, skipped) = table.examples(text, &t.label, &t.labels)?;
                 if skipped.total() > 0 {
                     warn!(run = %task.run_id, site = %self.config.name, file = %table.path().display(), "skipped lines: {skipped}");
@@ -405,16 +477,30 @@ impl Worker {
                 let (train, validation) = examples.split(t.validation_fraction, seed);
                 (Data::Text(train), Data::Text(validation))
             }
-            (Dataset::Table(_), Some(_)) => {
-                return Err(SiteError::Task(format!(
-                    "dataset `{}` is a CSV table; a text task needs a `jsonl` dataset",
-                    t.dataset
-                )))
+            (Dataset::Table(table), None, None) => {
+                let examples = table.examples(&t.features, &t.label, &t.labels)?;
+                let (train, validation, train_sums) = standardized(task, &spec, &examples, seed)?;
+                sums = Some(train_sums);
+                (train, validation)
             }
-            (Dataset::Text(_), None) => {
+            (Dataset::Images(images), None, Some(column)) => {
+                let images = images.labelled(column, &t.label, &t.labels)?;
+                let examples = self.embed(task, &spec, images).await?;
+                let (train, validation, train_sums) = standardized(task, &spec, &examples, seed)?;
+                sums = Some(train_sums);
+                (train, validation)
+            }
+            _ => {
                 return Err(SiteError::Task(format!(
-                    "dataset `{}` is JSON lines; a tabular task needs a `csv` dataset",
-                    t.dataset
+                    "dataset `{}` holds {}; a {} needs {}",
+                    t.dataset,
+                    dataset.kind(),
+                    t.kind().replace('_', " "),
+                    match (&t.text, &t.image) {
+                        (Some(_), _) => "a `jsonl` dataset",
+                        (_, Some(_)) => "an `image_folder` or `image_csv` dataset",
+                        _ => "a `csv` dataset",
+                    }
                 )))
             }
         };
@@ -647,7 +733,7 @@ impl Worker {
                     );
                 }
                 self.ensure_base(client, &spec).await?;
-                self.prepare(task, spec, spec_sha256.clone())?
+                self.prepare(task, spec, spec_sha256.clone()).await?
             }
         };
         // The hospital decides, at every task: its policy, then its approval queue.
@@ -990,7 +1076,7 @@ impl Worker {
                 "statistics_sent",
                 json!({
                     "to": self.config.coordinator,
-                    "features": prepared.spec.task.features,
+                    "features": prepared.spec.task.feature_names(),
                     "rows": sums.count,
                     "sum": sums.sum,
                     "sum_sq": sums.sum_sq,

@@ -9,7 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Device, Tensor};
 
+use medfl_core::spec::ImageEncoderSpec;
+
 use crate::bert::BertModel;
+use crate::embed::ImageEncoder;
+use crate::image::Preprocess;
+use crate::tinyvit::{TinyVit, TinyVitConfig};
 use crate::tokenize::TextTokenizer;
 use crate::TrainError;
 
@@ -20,6 +25,8 @@ pub use medfl_model::base::{sha256_file, BASE_FILES};
 pub struct BaseModels {
     registry: medfl_model::BaseModels,
     loaded: Mutex<HashMap<String, Arc<BaseModel>>>,
+    /// Image encoders by the SHA-256 of their weights, loaded once.
+    encoders: Mutex<HashMap<String, Arc<TinyVit>>>,
 }
 
 /// The guarded value; a panic elsewhere while holding the lock leaves only a cache behind,
@@ -75,6 +82,32 @@ impl BaseModels {
         Ok(self.loading(self.registry.resolve(name, sha256)?))
     }
 
+    /// The image encoder a spec pins, with the preprocessing it declares: its weights file
+    /// ([`medfl_model::BaseModels::locate_weights`]) loaded once per hash.
+    pub fn image_encoder(&self, spec: &ImageEncoderSpec) -> Result<ImageEncoder, TrainError> {
+        let path = self
+            .registry
+            .locate_weights(&spec.base, &spec.base_sha256)?;
+        let cached = lock(&self.encoders).get(&spec.base_sha256).cloned();
+        let vit = match cached {
+            Some(vit) => vit,
+            None => {
+                let vit = Arc::new(TinyVit::load(
+                    &path,
+                    TinyVitConfig::lite_medsam(),
+                    &Device::Cpu,
+                )?);
+                lock(&self.encoders).insert(spec.base_sha256.clone(), vit.clone());
+                vit
+            }
+        };
+        Ok(ImageEncoder::new(
+            vit,
+            &spec.base_sha256,
+            Preprocess::of(spec),
+        ))
+    }
+
     /// The training side of `model`, one per weights hash.
     pub(crate) fn loading(&self, model: Arc<medfl_model::BaseModel>) -> Arc<BaseModel> {
         lock(&self.loaded)
@@ -89,6 +122,7 @@ impl From<medfl_model::BaseModels> for BaseModels {
         Self {
             registry,
             loaded: Mutex::default(),
+            encoders: Mutex::default(),
         }
     }
 }

@@ -64,6 +64,29 @@ impl Table {
         })
     }
 
+    /// A table of `rows` under `columns` that came from no file lines (a listing of `path`).
+    pub fn from_rows(path: &Path, columns: Vec<String>, rows: Vec<Vec<String>>) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            columns,
+            rows: rows.into_iter().map(|r| (0, r)).collect(),
+        }
+    }
+
+    /// Each row's line and its cells of `names`, in that order; an unknown name is an error
+    /// listing the columns.
+    pub fn cells(&self, names: &[&str]) -> Result<Vec<(u64, Vec<&str>)>, TrainError> {
+        let cols = names
+            .iter()
+            .map(|n| self.col(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self
+            .rows
+            .iter()
+            .map(|(line, row)| (*line, cols.iter().map(|&c| row[c].as_str()).collect()))
+            .collect())
+    }
+
     /// Column names, in file order.
     pub fn columns(&self) -> &[String] {
         &self.columns

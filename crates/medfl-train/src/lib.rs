@@ -11,6 +11,8 @@
 //! - [`data`]: CSV tables, labelled examples, splits and per-site standardisation.
 //! - [`export`]: adapter files with their run spec, and adapters merged into the base.
 //! - [`fit`]: the training loop every model shares.
+//! - [`image`]: image datasets (folders, CSV lists), decoding and the encoder's preprocessing.
+//! - [`embed`]: image embeddings from a frozen encoder, in batches, cached on disk.
 //! - [`model`]: the [`LocalModel`] trait the round engine trains through, and [`model_for_run`].
 //! - [`mlp`]: a multi-layer perceptron / logistic regression on tabular features.
 //! - [`ops`]: fused CPU kernels with hand-derived gradients for the encoder's hot spots.
@@ -25,9 +27,11 @@ pub mod base;
 pub mod bert;
 pub mod classifier;
 pub mod data;
+pub mod embed;
 pub mod error;
 pub mod export;
 pub mod fit;
+pub mod image;
 pub mod mlp;
 pub mod model;
 pub mod ops;

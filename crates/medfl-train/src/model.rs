@@ -18,7 +18,7 @@ use crate::{Examples, TrainError};
 /// What a site trains and evaluates on: feature rows or labelled texts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Data {
-    /// Standardised feature rows.
+    /// Standardised feature rows, or a frozen image encoder's embeddings.
     Table(Examples),
     /// Labelled texts.
     Text(TextExamples),
@@ -169,8 +169,8 @@ pub fn build_model(
 ) -> Result<Box<dyn LocalModel>, TrainError> {
     match spec {
         ModelSpec::Mlp { hidden } => Ok(Box::new(Mlp::new(n_features, hidden, n_classes))),
-        ModelSpec::Bert(_) => Err(TrainError::Task(
-            "a text model needs its base model: use model_for_run".into(),
+        ModelSpec::Bert(_) | ModelSpec::Tinyvit(_) => Err(TrainError::Task(
+            "an encoder model needs its base model: use model_for_run".into(),
         )),
     }
 }

@@ -36,6 +36,9 @@ pub const MAX_ROUNDS: u32 = 10_000;
 /// Most local epochs a round may ask of a site: beyond this a spec is a mistake or an attack
 /// on the sites' machines (each site may set a lower limit in its policy).
 pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
+/// Width of an image encoder's pooled embedding: the mean and the max of each of TinyViT's 256
+/// output channels.
+pub const IMAGE_EMBEDDING_WIDTH: usize = 512;
 /// Most local steps a round may ask of a site.
 pub const MAX_LOCAL_STEPS: u32 = 1_000_000;
 
@@ -106,6 +109,68 @@ pub enum ModelSpec {
     },
     /// A pre-trained BERT-family text encoder every site holds, adapted with a classifier head.
     Bert(EncoderSpec),
+    /// LiteMedSAM's TinyViT image encoder every site holds, with a classifier head on its
+    /// pooled embedding (mean and max of each output channel).
+    Tinyvit(ImageEncoderSpec),
+}
+
+/// A pre-trained image encoder, pinned by the hash of its weights file, the preprocessing every
+/// image gets before it (at training and at prediction alike), and how sites adapt it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageEncoderSpec {
+    /// The base model's name, as sites list it under `[base_models]`.
+    pub base: String,
+    /// SHA-256 (hex) of the base's weights file: sites refuse other weights.
+    pub base_sha256: String,
+    /// Side of the square the encoder sees, in pixels (a multiple of 16). The encoder's cost
+    /// grows with its square: 128 costs a fifth of LiteMedSAM's native 256.
+    #[serde(default = "default_input_size")]
+    pub input_size: u32,
+    /// How an image becomes a square.
+    #[serde(default)]
+    pub resize: Resize,
+    /// What is trained; the encoder stays frozen and never travels.
+    #[serde(default)]
+    pub adaptation: ImageAdaptation,
+}
+
+fn default_input_size() -> u32 {
+    128
+}
+
+/// How an image of any shape becomes the encoder's square input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Resize {
+    /// Both sides scaled to the square, the aspect ratio given up: every image then fills the
+    /// same square, so its original shape cannot stand in for its label.
+    #[default]
+    Stretch,
+    /// LiteMedSAM's own: the longest side scaled to the square, the rest padded with zeros at
+    /// the bottom and right. Keeps the aspect ratio, and with it the original shape, visible
+    /// in the padding.
+    Pad,
+}
+
+impl Resize {
+    /// Lower-case name, as written in a spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resize::Stretch => "stretch",
+            Resize::Pad => "pad",
+        }
+    }
+}
+
+/// Which weights a site trains on an image encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ImageAdaptation {
+    /// The encoder frozen; only the classifier head trains. Each site computes an image's
+    /// embedding once and keeps it, so later rounds train the head in seconds.
+    #[default]
+    Head,
 }
 
 /// A pre-trained encoder, pinned by the hash of its weights, and how sites adapt it. The same
@@ -204,18 +269,39 @@ pub const LORA_TARGETS: &[&str] = &[
     "output",
 ];
 
-impl EncoderSpec {
+/// A base model's name and pinned hash, checked.
+fn validate_base(base: &str, sha256: &str) -> Result<(), CoreError> {
+    if base.trim().is_empty() {
+        return Err(CoreError::spec("model.base", "name the base model"));
+    }
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CoreError::spec(
+            "model.base_sha256",
+            "must be the 64 hex digits of the SHA-256 of the base's weights file",
+        ));
+    }
+    Ok(())
+}
+
+impl ImageEncoderSpec {
     fn validate(&self) -> Result<(), CoreError> {
-        if self.base.trim().is_empty() {
-            return Err(CoreError::spec("model.base", "name the base model"));
-        }
-        if self.base_sha256.len() != 64 || !self.base_sha256.bytes().all(|b| b.is_ascii_hexdigit())
-        {
+        validate_base(&self.base, &self.base_sha256)?;
+        if !(32..=1024).contains(&self.input_size) || !self.input_size.is_multiple_of(16) {
             return Err(CoreError::spec(
-                "model.base_sha256",
-                "must be the 64 hex digits of the SHA-256 of the base's model.safetensors",
+                "model.input_size",
+                format!(
+                    "must be a multiple of 16 in 32..=1024, got {}",
+                    self.input_size
+                ),
             ));
         }
+        Ok(())
+    }
+}
+
+impl EncoderSpec {
+    fn validate(&self) -> Result<(), CoreError> {
+        validate_base(&self.base, &self.base_sha256)?;
         if !(1..=4096).contains(&self.max_seq_len) {
             return Err(CoreError::spec("model.max_seq_len", "must be 1..=4096"));
         }
@@ -279,6 +365,10 @@ pub struct TaskSpec {
     /// The field holding the text (text tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// The column holding each image (image tasks): `image` for an `image_folder` dataset,
+    /// the path column's name for an `image_csv` one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// The label column or field.
     pub label: String,
     /// Class labels; class `i` is `labels[i]` at every site.
@@ -320,7 +410,8 @@ fn default_validation() -> f64 {
 }
 
 impl TaskSpec {
-    /// How this task standardises its features: `None` for a text task.
+    /// How this task standardises its features (an image task's are its embeddings): `None`
+    /// for a text task.
     pub fn standardization(&self, privacy: &Privacy) -> Option<Standardize> {
         if self.text.is_some() {
             return None;
@@ -334,12 +425,27 @@ impl TaskSpec {
         }))
     }
 
-    /// `tabular_classification` or `text_classification` (what a site policy allows).
+    /// `tabular_classification`, `text_classification` or `image_classification` (what a
+    /// site policy allows).
     pub fn kind(&self) -> &'static str {
         if self.text.is_some() {
             "text_classification"
+        } else if self.image.is_some() {
+            "image_classification"
         } else {
             "tabular_classification"
+        }
+    }
+
+    /// The names of the features a model reads: the feature columns of a tabular task,
+    /// `embedding_0` to `embedding_511` for an image task (the pooled embedding), none for text.
+    pub fn feature_names(&self) -> Vec<String> {
+        if self.image.is_some() {
+            (0..IMAGE_EMBEDDING_WIDTH)
+                .map(|i| format!("embedding_{i}"))
+                .collect()
+        } else {
+            self.features.clone()
         }
     }
 
@@ -349,6 +455,7 @@ impl TaskSpec {
             .iter()
             .map(|c| ("task.features", c))
             .chain(self.text.iter().map(|c| ("task.text", c)))
+            .chain(self.image.iter().map(|c| ("task.image", c)))
             .chain(std::iter::once(("task.label", &self.label)))
     }
 }
@@ -713,10 +820,43 @@ impl RunSpec {
                         "name at least one feature column",
                     ));
                 }
-                if t.text.is_some() {
+                if t.text.is_some() || t.image.is_some() {
                     return Err(CoreError::spec(
-                        "task.text",
-                        "an `mlp` model reads `features`, not text",
+                        if t.text.is_some() {
+                            "task.text"
+                        } else {
+                            "task.image"
+                        },
+                        "an `mlp` model reads `features`, not text or images",
+                    ));
+                }
+            }
+            ModelSpec::Tinyvit(encoder) => {
+                encoder.validate()?;
+                match &t.image {
+                    None => {
+                        return Err(CoreError::spec(
+                            "task.image",
+                            "an image model needs the column holding the images (`image` \
+                             for an image_folder dataset)",
+                        ))
+                    }
+                    Some(column) if column == &t.label => {
+                        return Err(CoreError::spec(
+                            "task.image",
+                            "the image column cannot be the label column",
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                if !t.features.is_empty() || t.text.is_some() {
+                    return Err(CoreError::spec(
+                        if t.text.is_some() {
+                            "task.text"
+                        } else {
+                            "task.features"
+                        },
+                        "an image model reads `image`, not feature columns or text",
                     ));
                 }
             }
@@ -737,10 +877,14 @@ impl RunSpec {
                     }
                     Some(_) => {}
                 }
-                if !t.features.is_empty() {
+                if !t.features.is_empty() || t.image.is_some() {
                     return Err(CoreError::spec(
-                        "task.features",
-                        "a text model reads `text`, not feature columns",
+                        if t.image.is_some() {
+                            "task.image"
+                        } else {
+                            "task.features"
+                        },
+                        "a text model reads `text`, not feature columns or images",
                     ));
                 }
             }
@@ -858,7 +1002,15 @@ impl RunSpec {
     pub fn encoder(&self) -> Option<&EncoderSpec> {
         match &self.model {
             ModelSpec::Bert(e) => Some(e),
-            ModelSpec::Mlp { .. } => None,
+            ModelSpec::Mlp { .. } | ModelSpec::Tinyvit(_) => None,
+        }
+    }
+
+    /// The pre-trained image encoder the run adapts, if any.
+    pub fn image_encoder(&self) -> Option<&ImageEncoderSpec> {
+        match &self.model {
+            ModelSpec::Tinyvit(e) => Some(e),
+            ModelSpec::Mlp { .. } | ModelSpec::Bert(_) => None,
         }
     }
 
@@ -951,6 +1103,53 @@ labels = ["B", "M"]
         assert_eq!(s.strategy, StrategySpec::Fedavg);
         assert_eq!(s.fraction, 1.0);
         assert_eq!(RunSpec::from_toml(&s.to_toml()).unwrap(), s);
+    }
+
+    #[test]
+    fn image_specs_read_an_image_column_through_a_pinned_encoder() {
+        let sha = "a".repeat(64);
+        let image = |model: &str, task: &str| {
+            RunSpec::from_toml(&format!(
+                "name = \"mri\"\nrounds = 2\n[model]\nkind = \"tinyvit\"\nbase = \"lite-medsam\"\n\
+                 base_sha256 = \"{sha}\"\n{model}\n[task]\ndataset = \"mri\"\nlabel = \"label\"\n\
+                 labels = [\"no\", \"yes\"]\n{task}\n"
+            ))
+        };
+        let s = image("", "image = \"image\"").unwrap();
+        let e = s.image_encoder().unwrap();
+        assert_eq!(
+            (e.input_size, e.resize, e.adaptation),
+            (128, Resize::Stretch, ImageAdaptation::Head)
+        );
+        assert_eq!(s.task.kind(), "image_classification");
+        assert_eq!(
+            s.task.standardization(&s.privacy),
+            Some(Standardize::Federated)
+        );
+        assert_eq!(s.task.feature_names().len(), IMAGE_EMBEDDING_WIDTH);
+        assert_eq!(s.task.feature_names()[511], "embedding_511");
+        assert_eq!(RunSpec::from_toml(&s.to_toml()).unwrap(), s);
+        let pad = image("input_size = 256\nresize = \"pad\"", "image = \"path\"").unwrap();
+        assert_eq!(pad.image_encoder().unwrap().resize, Resize::Pad);
+        for (model, task, field) in [
+            ("", "", "task.image"),
+            ("", "image = \"label\"", "task.image"),
+            ("", "image = \"image\"\nfeatures = [\"x\"]", "task.features"),
+            ("input_size = 100", "image = \"image\"", "model.input_size"),
+            ("input_size = 16", "image = \"image\"", "model.input_size"),
+        ] {
+            let err = image(model, task).unwrap_err().to_string();
+            assert!(err.contains(field), "{model} {task}: {err}");
+        }
+        let err = image("[model.adaptation]\nmethod = \"lora\"", "image = \"image\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lora"), "{err}");
+        // A tabular model given an image column is refused.
+        let err = RunSpec::from_toml(&format!("{SPEC}image = \"image\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("task.image"), "{err}");
     }
 
     #[test]
