@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 use medfl_core::safetensors::decode;
 use medfl_core::spec::RunSpec;
 use medfl_core::standardize::Standardization;
@@ -38,10 +39,10 @@ const HOSPITALS: [(&str, f64); 3] = [
     ("general-hospital", 0.25),
     ("imaging-clinic", 0.5),
 ];
-/// Images per hospital and held out by default: the demo then takes a few minutes on two CPU
-/// cores, the encoder's one pass over every image being most of it.
-const PER_SITE: usize = 100;
-const HELD_OUT: usize = 100;
+/// Images per hospital and held out by default: the demo then takes about five minutes on two
+/// CPU cores, the encoder's one pass over every image being most of it.
+const PER_SITE: usize = 200;
+const HELD_OUT: usize = 200;
 
 /// How a model does on the held-out images.
 #[derive(Serialize, Clone)]
@@ -171,6 +172,44 @@ fn embeddings(
         labels: images.iter().map(|i| i.label).collect(),
         n_features: medfl_core::spec::IMAGE_EMBEDDING_WIDTH,
     })
+}
+
+/// Files under `dir`, in depth.
+fn files_under(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => files_under(&e.path()),
+                _ => 1,
+            })
+            .sum()
+    })
+}
+
+/// A progress bar of the hospitals' first pass of the encoder over their scans, read from the
+/// embeddings they keep (the demo's sites share this machine): minutes before round 1 starts.
+async fn show_embedding(caches: Vec<PathBuf>, total: usize) {
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template(
+            "hospitals embedding their scans {bar:30} {pos}/{len} ({eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let done = caches
+            .iter()
+            .map(|c| files_under(c))
+            .sum::<usize>()
+            .min(total);
+        bar.set_position(done as u64);
+        if done >= total {
+            bar.finish_and_clear();
+            return;
+        }
+    }
 }
 
 /// Accuracy, AUC, sensitivity and specificity of `params` on standardised `test` rows.
@@ -314,12 +353,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let federation = LocalFederation::start(&out, BTreeMap::new(), sites).await?;
     let model_path = out.join("global_model.safetensors");
-    let (run_id, detail, pulled) = federation.run(&spec_toml, &model_path).await?;
+    let caches: Vec<PathBuf> = HOSPITALS
+        .iter()
+        .map(|(name, _)| out.join("sites").join(name).join("embeddings"))
+        .collect();
+    let total = parts[1..].iter().map(Vec::len).sum();
+    let progress = tokio::spawn(show_embedding(caches, total));
+    let ran = federation.run(&spec_toml, &model_path).await;
+    progress.abort();
+    let (run_id, detail, pulled) = ran?;
+    // Self-describing, as `medfl model pull` writes it: `medfl predict` needs only the encoder.
+    let model_sha256 = crate::pull::write_self_describing(
+        &model_path,
+        &detail.spec_toml,
+        &crate::pull::provenance_metadata(&run_id, 0, &detail, &pulled.sha256),
+        crate::pull::privacy_metadata(&spec, &detail, 0).as_deref(),
+        detail.standardization.as_deref(),
+    )?;
     medfl_daemon::outln!(
-        "final model: {} ({}, global model sha256 {})",
+        "final model: {} ({}, sha256 {})",
         model_path.display(),
         table::human_bytes(pulled.size),
-        table::short_sha(&pulled.sha256)
+        table::short_sha(&model_sha256)
     );
     federation.stop().await?;
 

@@ -1080,26 +1080,45 @@ impl CustomOp1 for Depthwise {
         }
         let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
         let mut y = vec![0f32; b * c * oh * ow];
+        // The output columns whose every tap falls inside the row: there the taps are whole
+        // slices, which the compiler vectorises; only the border columns check bounds.
+        let first = p.div_ceil(s).min(ow);
+        let last = if w + p >= k {
+            ((w + p - k) / s + 1).clamp(first, ow)
+        } else {
+            first
+        };
         par_items(b * c, [&mut y], |plane, [out]| {
             let channel = plane % c;
             let filter = &self.weight[channel * k * k..(channel + 1) * k * k];
             let input = &x[plane * h * w..(plane + 1) * h * w];
             for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = 0f32;
-                    for ky in 0..k {
-                        // Rows and columns outside the image are the zero padding.
-                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|iy| *iy < h) else {
-                            continue;
-                        };
-                        let row = &input[iy * w..(iy + 1) * w];
-                        for kx in 0..k {
+                let out_row = &mut out[oy * ow..(oy + 1) * ow];
+                for ky in 0..k {
+                    // Rows outside the image are the zero padding.
+                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|iy| *iy < h) else {
+                        continue;
+                    };
+                    let row = &input[iy * w..(iy + 1) * w];
+                    for kx in 0..k {
+                        let f = filter[ky * k + kx];
+                        if s == 1 {
+                            // Input column of output `ox` is `ox + kx - p`.
+                            let src = &row[first + kx - p..last + kx - p];
+                            for (o, v) in out_row[first..last].iter_mut().zip(src) {
+                                *o += v * f;
+                            }
+                        } else {
+                            for (ox, o) in out_row.iter_mut().enumerate().take(last).skip(first) {
+                                *o += row[ox * s + kx - p] * f;
+                            }
+                        }
+                        for ox in (0..first).chain(last..ow) {
                             if let Some(ix) = (ox * s + kx).checked_sub(p).filter(|ix| *ix < w) {
-                                acc += row[ix] * filter[ky * k + kx];
+                                out_row[ox] += row[ix] * f;
                             }
                         }
                     }
-                    out[oy * ow + ox] = acc;
                 }
             }
             Ok(())
@@ -1297,7 +1316,14 @@ mod tests {
     fn depthwise_convolution_matches_candles_grouped_one() {
         let weight = values(&[3, 1, 3, 3], 7, 0.5);
         // Odd and even sides, strides 1 and 2, as TinyViT's local and merging convolutions.
-        for (h, w, stride) in [(9, 7, 1), (8, 8, 2), (7, 5, 2)] {
+        for (h, w, stride) in [
+            (9, 7, 1),
+            (8, 8, 2),
+            (7, 5, 2),
+            (2, 2, 1),
+            (1, 3, 1),
+            (2, 3, 2),
+        ] {
             let x = values(&[2, 3, h, w], 8, 1.0);
             let fast = depthwise_conv2d(&x, &weight, stride, 1).unwrap();
             let slow = x.conv2d(&weight, 1, stride, 1, 3).unwrap();
