@@ -116,13 +116,14 @@ impl ImageSet {
         self.table.is_empty()
     }
 
-    /// How many images each value of `label` column has.
-    pub fn class_counts(&self, label: &str) -> BTreeMap<String, u64> {
+    /// How many images each value of the `label` column has; an unknown column is an error
+    /// listing the columns.
+    pub fn class_counts(&self, label: &str) -> Result<BTreeMap<String, u64>, TrainError> {
         let mut counts = BTreeMap::new();
-        for cell in self.table.column(label).unwrap_or_default() {
-            *counts.entry(cell.to_string()).or_insert(0) += 1;
+        for (_, cells) in self.table.cells(&[label])? {
+            *counts.entry(cells[0].to_string()).or_insert(0) += 1;
         }
-        counts
+        Ok(counts)
     }
 
     /// The images with their class index in `labels`; errors name the file, line and column.
@@ -507,9 +508,10 @@ mod tests {
         assert_eq!(set.len(), 5);
         assert_eq!(set.columns(), ["image", "label"]);
         assert_eq!(
-            set.class_counts("label"),
+            set.class_counts("label").unwrap(),
             BTreeMap::from([("no".into(), 2), ("yes".into(), 3)])
         );
+        assert!(set.class_counts("finding").is_err());
         let labels = ["no".to_string(), "yes".to_string()];
         let images = set.labelled("image", "label", &labels).unwrap();
         assert_eq!(images.iter().filter(|i| i.label == 1).count(), 3);
