@@ -349,26 +349,8 @@ fn predict_rows(
     let labels = &spec.task.labels;
     let model = Mlp::new(spec.task.features.len(), hidden, labels.len());
     let probs = model.probabilities(params, &rows)?;
-    let mut out = String::from("row,prediction,confidence");
-    for l in labels {
-        out.push(',');
-        out.push_str(&csv_field(&format!("p_{l}")));
-    }
-    out.push('\n');
-    let mut predicted = Vec::with_capacity(probs.len());
-    for (i, p) in probs.iter().enumerate() {
-        let (best, confidence) = most_probable(p);
-        predicted.push(best as u32);
-        out.push_str(&format!(
-            "{},{},{confidence:.6}",
-            i + 1,
-            csv_field(&labels[best])
-        ));
-        for v in p {
-            out.push_str(&format!(",{v:.6}"));
-        }
-        out.push('\n');
-    }
+    let ids = (1..=probs.len()).map(|i| i.to_string());
+    let (out, predicted) = prediction_csv("row", ids, &probs, labels);
     write_out(args.out.as_deref(), &out)?;
     let label_field = args.label_field.as_deref().unwrap_or(&spec.task.label);
     if let Some(known) = table.column(label_field) {
@@ -496,26 +478,8 @@ fn predict_images(
     let labels = &spec.task.labels;
     let model = Mlp::new(rows.n_features, &[], labels.len());
     let probs = model.probabilities(params, &rows)?;
-    let mut out = String::from("image,prediction,confidence");
-    for l in labels {
-        out.push(',');
-        out.push_str(&csv_field(&format!("p_{l}")));
-    }
-    out.push('\n');
-    let mut predicted = Vec::with_capacity(probs.len());
-    for (path, p) in paths.iter().zip(&probs) {
-        let (best, confidence) = most_probable(p);
-        predicted.push(best as u32);
-        out.push_str(&format!(
-            "{},{},{confidence:.6}",
-            csv_field(&path.display().to_string()),
-            csv_field(&labels[best])
-        ));
-        for v in p {
-            out.push_str(&format!(",{v:.6}"));
-        }
-        out.push('\n');
-    }
+    let ids = paths.iter().map(|p| p.display().to_string());
+    let (out, predicted) = prediction_csv("image", ids, &probs, labels);
     write_out(args.out.as_deref(), &out)?;
     report_known(
         images.iter().map(|(_, k)| k.as_deref().unwrap_or("")),
@@ -524,6 +488,37 @@ fn predict_images(
         ("images", "label"),
     );
     Ok(())
+}
+
+/// Predictions as CSV, `ID,prediction,confidence,p_LABEL...` with `id` naming the first
+/// column, one line per row of `probs`; and the predicted class of each.
+fn prediction_csv(
+    id: &str,
+    ids: impl Iterator<Item = String>,
+    probs: &[Vec<f32>],
+    labels: &[String],
+) -> (String, Vec<u32>) {
+    let mut out = format!("{id},prediction,confidence");
+    for l in labels {
+        out.push(',');
+        out.push_str(&csv_field(&format!("p_{l}")));
+    }
+    out.push('\n');
+    let mut predicted = Vec::with_capacity(probs.len());
+    for (id, p) in ids.zip(probs) {
+        let (best, confidence) = most_probable(p);
+        predicted.push(best as u32);
+        out.push_str(&format!(
+            "{},{},{confidence:.6}",
+            csv_field(&id),
+            csv_field(&labels[best])
+        ));
+        for v in p {
+            out.push_str(&format!(",{v:.6}"));
+        }
+        out.push('\n');
+    }
+    (out, predicted)
 }
 
 /// `value` as one CSV field, quoted when it must be.

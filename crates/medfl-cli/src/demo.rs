@@ -421,13 +421,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let model_path = out.join("global_model.safetensors");
     let (run_id, detail, pulled) = federation.run(&spec_toml, &model_path).await?;
     // Self-describing, as `medfl model pull` writes it: `medfl predict` needs nothing else.
-    let model_sha256 = pull::write_self_describing(
-        &model_path,
-        &detail.spec_toml,
-        &pull::provenance_metadata(&run_id, 0, &detail, &pulled.sha256),
-        pull::privacy_metadata(&spec, &detail, 0).as_deref(),
-        detail.standardization.as_deref(),
-    )?;
+    let model_sha256 =
+        pull::describe_final_model(&model_path, &run_id, &detail, &spec, &pulled.sha256)?;
     medfl_daemon::outln!(
         "final global model: {} ({}, sha256 {})",
         model_path.display(),

@@ -363,13 +363,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     progress.abort();
     let (run_id, detail, pulled) = ran?;
     // Self-describing, as `medfl model pull` writes it: `medfl predict` needs only the encoder.
-    let model_sha256 = crate::pull::write_self_describing(
-        &model_path,
-        &detail.spec_toml,
-        &crate::pull::provenance_metadata(&run_id, 0, &detail, &pulled.sha256),
-        crate::pull::privacy_metadata(&spec, &detail, 0).as_deref(),
-        detail.standardization.as_deref(),
-    )?;
+    let model_sha256 =
+        crate::pull::describe_final_model(&model_path, &run_id, &detail, &spec, &pulled.sha256)?;
     medfl_daemon::outln!(
         "final model: {} ({}, sha256 {})",
         model_path.display(),

@@ -163,6 +163,24 @@ pub fn write_self_describing(
     write_metadata(path, &metadata)
 }
 
+/// Rewrites the final model of run `run_id` (`detail`, `spec`), pulled to `path` with hash
+/// `pulled_sha256`, as `medfl model pull` writes it. Returns its SHA-256.
+pub fn describe_final_model(
+    path: &Path,
+    run_id: &str,
+    detail: &medfl_proto::v1::RunDetail,
+    spec: &medfl_core::spec::RunSpec,
+    pulled_sha256: &str,
+) -> anyhow::Result<String> {
+    write_self_describing(
+        path,
+        &detail.spec_toml,
+        &provenance_metadata(run_id, 0, detail, pulled_sha256),
+        privacy_metadata(spec, detail, 0).as_deref(),
+        detail.standardization.as_deref(),
+    )
+}
+
 /// Rewrites the pulled global model at `path` as an adapter file carrying `spec_toml` (and
 /// what differential privacy spent, if any) in its metadata, so `medfl predict` and `model
 /// merge` need nothing else. Returns its SHA-256.

@@ -1,26 +1,12 @@
 //! The `medfl` binary against a real coordinator and real sites: create, watch, list, show,
 //! sites, pull, and clear errors for bad input.
 
+mod common;
+
 use std::process::{Command, Output};
 
+use common::{medfl, text};
 use medfl_e2e::{breast_cancer_spec, Coordinator, Federation};
-
-/// Runs `medfl --config KIT --coordinator URL ARGS...` as the test consortium's researcher, off
-/// the async threads.
-async fn medfl(coordinator: &Coordinator, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
-    if let Some(kit) = coordinator.researcher_config() {
-        cmd.arg("--config").arg(kit);
-    }
-    cmd.arg("--coordinator").arg(coordinator.url()).args(args);
-    tokio::task::spawn_blocking(move || cmd.output().expect("run medfl"))
-        .await
-        .expect("join")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// `medfl run create FILE` with `spec` written to `file`.
 async fn create(coordinator: &Coordinator, file: &std::path::Path, spec: &str) -> Output {

@@ -3,27 +3,11 @@
 //! mutual TLS with the shipped defaults, pulls the model, and `medfl predict` scores a held-out
 //! folder no site saw.
 
-use std::process::{Command, Output};
+mod common;
 
+use common::{medfl, text};
 use medfl_e2e::images::{hospitals_and_held_out, image_spec, link_image_folder, start_image_sites};
 use medfl_e2e::{br35h_images, init_logs, shared_litemedsam, test_config, Coordinator};
-
-/// Runs `medfl --config KIT --coordinator URL ARGS...` as the test consortium's researcher, off
-/// the async threads.
-async fn medfl(coordinator: &Coordinator, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
-    if let Some(kit) = coordinator.researcher_config() {
-        cmd.arg("--config").arg(kit);
-    }
-    cmd.arg("--coordinator").arg(coordinator.url()).args(args);
-    tokio::task::spawn_blocking(move || cmd.output().expect("run medfl"))
-        .await
-        .expect("join")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Files under `dir`, recursively.
 fn files_under(dir: &std::path::Path) -> usize {
