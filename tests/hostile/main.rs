@@ -219,6 +219,7 @@ async fn register_columns(hostile: &mut RawSite, columns: usize) -> Code {
                     name: "breast_cancer".into(),
                     columns,
                     rows: 100,
+                    class_counts: Default::default(),
                 }],
                 version: "test".into(),
                 signing_public_key: vec![7; 32],

@@ -63,6 +63,7 @@ async fn ten_thousand_sites_are_listed_a_page_at_a_time() {
                     last_seen_ms: 1,
                     signing_key: vec![7; 32],
                     rows: Default::default(),
+                    classes: Default::default(),
                 })
                 .expect("site stored");
         }

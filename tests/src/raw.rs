@@ -47,6 +47,7 @@ impl RawSite {
                     name: "breast_cancer".into(),
                     columns,
                     rows: 10_000,
+                    class_counts: Default::default(),
                 }],
                 version: "test".into(),
                 signing_public_key: signer.public_key().as_ref().to_vec(),

@@ -352,8 +352,19 @@ pub fn site_columns(sites: &[SiteInfo]) -> String {
     for s in sites {
         for d in &s.datasets {
             let columns: Vec<String> = d.columns.iter().map(|c| one_line(c)).collect();
+            // An image dataset also says how many images each class has.
+            let classes: Vec<String> = d
+                .class_counts
+                .iter()
+                .map(|(class, n)| format!("{} {n}", one_line(class)))
+                .collect();
+            let classes = if classes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} images: {})", d.rows, classes.join(", "))
+            };
             out += &format!(
-                "{} / {}: {}\n",
+                "{} / {}: {}{classes}\n",
                 one_line(&s.name),
                 one_line(&d.name),
                 columns.join(", ")

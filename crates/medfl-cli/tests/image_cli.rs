@@ -46,13 +46,21 @@ async fn hospitals_train_a_head_on_frozen_litemedsam_and_predict_scores_held_out
         s.registered(1).await;
     }
 
-    // What the coordinator knows of each hospital's images: a name, two columns and a count.
+    // What the coordinator knows of each hospital's images: a name, two columns, a count and
+    // the images per class.
     let out = medfl(&coordinator, &["sites", "--columns"]).await;
     let listed = text(&out.stdout);
-    assert!(
-        listed.contains("hospital-a / brain_mri: image, label"),
-        "{listed}"
-    );
+    for (i, part) in parts.iter().enumerate() {
+        let count = |class: u32| part.iter().filter(|p| p.label == class).count();
+        let line = format!(
+            "hospital-{} / brain_mri: image, label ({} images: no {}, yes {})",
+            (b'a' + i as u8) as char,
+            part.len(),
+            count(0),
+            count(1)
+        );
+        assert!(listed.contains(&line), "{line} in {listed}");
+    }
     for site in coordinator.store().sites().expect("sites") {
         let held = format!("{site:?}");
         assert!(

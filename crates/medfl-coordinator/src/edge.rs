@@ -109,11 +109,38 @@ pub fn datasets(datasets: &[v1::DatasetSchema]) -> Result<(), CoordinatorError> 
             name(&format!("{field}.columns"), c)?;
             bytes += c.len();
         }
+        if d.class_counts.len() > MAX_COLUMNS {
+            return Err(invalid(
+                field,
+                format!(
+                    "dataset `{}` has {} classes, at most {MAX_COLUMNS}",
+                    d.name,
+                    d.class_counts.len()
+                ),
+            ));
+        }
+        for class in d.class_counts.keys() {
+            name(&format!("{field}.class_counts"), class)?;
+            bytes += class.len();
+        }
+        let counted = d
+            .class_counts
+            .values()
+            .try_fold(0u64, |sum, n| sum.checked_add(*n));
+        if counted.is_none_or(|n| n > d.rows) {
+            return Err(invalid(
+                field,
+                format!(
+                    "dataset `{}`: its class counts add up to more than its {} rows",
+                    d.name, d.rows
+                ),
+            ));
+        }
     }
     if bytes > MAX_SCHEMA_BYTES {
         return Err(invalid(
             field,
-            format!("{bytes} bytes of column names, at most {MAX_SCHEMA_BYTES}"),
+            format!("{bytes} bytes of column and class names, at most {MAX_SCHEMA_BYTES}"),
         ));
     }
     Ok(())
@@ -171,11 +198,24 @@ mod tests {
             name: "bc".into(),
             columns: (0..=MAX_COLUMNS).map(|i| format!("c{i}")).collect(),
             rows: 1,
+            class_counts: Default::default(),
         };
         assert!(datasets(&[wide])
             .unwrap_err()
             .to_string()
             .contains("columns"));
+        // Class counts: named like columns, at most as many images as rows, no overflow.
+        let images = |counts: &[(&str, u64)]| v1::DatasetSchema {
+            name: "mri".into(),
+            columns: vec!["image".into(), "label".into()],
+            rows: 10,
+            class_counts: counts.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+        };
+        assert!(datasets(&[images(&[("no", 4), ("yes", 6)])]).is_ok());
+        let err = datasets(&[images(&[("no", 4), ("yes", 7)])]).unwrap_err();
+        assert!(err.to_string().contains("10 rows"), "{err}");
+        assert!(datasets(&[images(&[("no", u64::MAX), ("yes", 2)])]).is_err());
+        assert!(datasets(&[images(&[("no\nyes", 1)])]).is_err());
         assert_eq!(reason("a\nb\u{1b}c"), "a b c");
         assert_eq!(reason(&"r".repeat(5000)).len(), MAX_REASON);
     }

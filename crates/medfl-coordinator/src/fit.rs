@@ -144,6 +144,7 @@ mod tests {
                 name: "d".into(),
                 columns: (0..columns).map(|i| format!("column_{i:06}")).collect(),
                 rows: 10,
+                class_counts: Default::default(),
             }],
             ..Default::default()
         }

@@ -537,7 +537,16 @@ impl RunService for RunApi {
             name: name.clone(),
             online: self.shared.is_online(s, now),
             last_seen_unix_ms: s.last_seen_ms,
-            datasets: s.datasets.iter().cloned().map(Into::into).collect(),
+            datasets: s
+                .datasets
+                .iter()
+                .map(|d| v1::DatasetSchema {
+                    name: d.name.clone(),
+                    columns: d.columns.clone(),
+                    rows: s.rows.get(&d.name).copied().unwrap_or(0),
+                    class_counts: s.classes.get(&d.name).cloned().unwrap_or_default(),
+                })
+                .collect(),
             registered_unix_ms: s.registered_ms,
         });
         Ok(Response::new(crate::fit::sites_page(

@@ -475,12 +475,25 @@ impl SiteService for SiteApi {
         let datasets_summary: Vec<serde_json::Value> = req
             .datasets
             .iter()
-            .map(|d| json!({ "name": d.name, "columns": d.columns.len() }))
+            .map(|d| {
+                json!({
+                    "name": d.name,
+                    "columns": d.columns.len(),
+                    "rows": d.rows,
+                    "class_counts": d.class_counts,
+                })
+            })
             .collect();
         let rows: std::collections::BTreeMap<String, u64> = req
             .datasets
             .iter()
             .map(|d| (d.name.clone(), d.rows))
+            .collect();
+        let classes: std::collections::BTreeMap<_, _> = req
+            .datasets
+            .iter()
+            .filter(|d| !d.class_counts.is_empty())
+            .map(|d| (d.name.clone(), d.class_counts.clone()))
             .collect();
         let datasets: Vec<_> = req.datasets.into_iter().map(Into::into).collect();
         {
@@ -508,6 +521,7 @@ impl SiteService for SiteApi {
                     registered_ms,
                     signing_key: req.signing_public_key.clone(),
                     rows: rows.clone(),
+                    classes: classes.clone(),
                 },
             );
         }
@@ -521,6 +535,7 @@ impl SiteService for SiteApi {
                     last_seen_ms: now,
                     signing_key: req.signing_public_key.clone(),
                     rows,
+                    classes,
                 })
             })
             .map_err(Status::from)?;

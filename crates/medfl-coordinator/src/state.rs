@@ -55,6 +55,8 @@ pub struct SiteLive {
     /// Rows of each dataset, as it registered them this session (empty until it registers):
     /// no update may claim more examples than its dataset has rows.
     pub rows: BTreeMap<String, u64>,
+    /// Images per class of each image dataset, as it registered them.
+    pub classes: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl SiteLive {
@@ -285,6 +287,7 @@ impl Shared {
                         registered_ms: s.registered_ms,
                         signing_key: s.signing_key,
                         rows: s.rows,
+                        classes: s.classes,
                     },
                 )
             })

@@ -237,6 +237,8 @@ pub struct SiteRecord {
     /// Rows of each dataset, as it last registered them: kept so that a claimed example count
     /// is checked after a restart too.
     pub rows: BTreeMap<String, u64>,
+    /// Images per class of each image dataset, as it last registered them.
+    pub classes: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// A run as stored.
@@ -303,11 +305,14 @@ pub struct RoundRecord {
     pub client_epsilon: Option<f64>,
 }
 
-/// A site's dataset as stored: `[name, columns, rows]`; rows that registered before row counts
-/// were kept are `[name, columns]` (rows unknown until the site registers again).
+/// A site's dataset as stored: `[name, columns, rows, classes]`, or `[name, columns, rows]`
+/// without class counts (tables, texts, and image datasets stored before they were kept); rows
+/// that registered before row counts were kept are `[name, columns]` (rows unknown until the
+/// site registers again).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 enum StoredDataset {
+    WithClasses(String, Vec<String>, u64, BTreeMap<String, u64>),
     WithRows(String, Vec<String>, u64),
     Named(String, Vec<String>),
 }
@@ -681,7 +686,15 @@ impl Store {
             .iter()
             .map(|d| {
                 let rows = site.rows.get(&d.name).copied().unwrap_or(0);
-                StoredDataset::WithRows(d.name.clone(), d.columns.clone(), rows)
+                match site.classes.get(&d.name) {
+                    Some(classes) if !classes.is_empty() => StoredDataset::WithClasses(
+                        d.name.clone(),
+                        d.columns.clone(),
+                        rows,
+                        classes.clone(),
+                    ),
+                    _ => StoredDataset::WithRows(d.name.clone(), d.columns.clone(), rows),
+                }
             })
             .collect();
         let datasets = serde_json::to_string(&datasets).map_err(|e| {
@@ -725,8 +738,13 @@ impl Store {
                 .map_err(|e| bad_row(2, format!("sites row `{name}`: datasets: {e}")))?;
             let mut datasets = Vec::with_capacity(stored.len());
             let mut rows = BTreeMap::new();
+            let mut classes = BTreeMap::new();
             for d in stored {
                 let (dataset, columns, count) = match d {
+                    StoredDataset::WithClasses(n, c, r, k) => {
+                        classes.insert(n.clone(), k);
+                        (n, c, r)
+                    }
                     StoredDataset::WithRows(n, c, r) => (n, c, r),
                     StoredDataset::Named(n, c) => (n, c, 0),
                 };
@@ -743,6 +761,7 @@ impl Store {
                 token_sha256: r.get(1)?,
                 datasets,
                 rows,
+                classes,
                 registered_ms: r.get::<_, i64>(3)? as u64,
                 last_seen_ms: r.get::<_, i64>(4)? as u64,
                 signing_key: r.get(5)?,
@@ -1376,6 +1395,11 @@ mod tests {
             last_seen_ms: 2,
             signing_key: vec![7; 32],
             rows: [("d".to_string(), 189)].into(),
+            classes: [(
+                "d".to_string(),
+                [("no".to_string(), 89), ("yes".to_string(), 100)].into(),
+            )]
+            .into(),
         };
         s.upsert_site(&site).unwrap();
         // A site stored before row counts were kept.
@@ -1389,7 +1413,7 @@ mod tests {
         let sites = s.sites().unwrap();
         assert_eq!(sites[0], site);
         assert_eq!(sites[1].datasets, site.datasets);
-        assert!(sites[1].rows.is_empty());
+        assert!(sites[1].rows.is_empty() && sites[1].classes.is_empty());
     }
 
     #[test]

@@ -54,6 +54,7 @@ impl From<DatasetInfo> for v1::DatasetSchema {
             name: d.name,
             columns: d.columns,
             rows: 0,
+            class_counts: Default::default(),
         }
     }
 }

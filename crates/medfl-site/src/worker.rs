@@ -87,6 +87,19 @@ impl Dataset {
         }
     }
 
+    /// Images per class of an image dataset with a `label` column (every `image_folder`);
+    /// nothing for tables and texts, whose label column only a run names.
+    fn class_counts(&self) -> BTreeMap<String, u64> {
+        let label = medfl_train::image::FOLDER_COLUMNS[1];
+        match self {
+            // The column exists, so counting cannot fail.
+            Dataset::Images(i) if i.columns().iter().any(|c| c == label) => {
+                i.class_counts(label).unwrap_or_default()
+            }
+            Dataset::Images(_) | Dataset::Table(_) | Dataset::Text(_) => BTreeMap::new(),
+        }
+    }
+
     /// What a task of this kind needs, for the error when the dataset is another kind.
     fn kind(&self) -> &'static str {
         match self {
@@ -366,6 +379,7 @@ impl Worker {
                 name: name.clone(),
                 columns: d.columns().to_vec(),
                 rows: d.len() as u64,
+                class_counts: d.class_counts(),
             })
             .collect()
     }
