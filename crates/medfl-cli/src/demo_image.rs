@@ -279,7 +279,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let out = args.out.canonicalize()?;
     let input_size = args.input_size;
     let bases = BaseModels::new(BTreeMap::from([(BASE.to_string(), weights.clone())]), None);
-    let sha = medfl_train::base::sha256_file(&weights)?;
+    // Hashed once: the registry keeps the hash that `image_encoder` checks against.
+    let sha = bases.registry().file_sha256(&weights)?;
     let (spec_toml, spec) = crate::demo::with_strategy(
         spec_text(rounds, &sha, input_size),
         args.strategy.as_deref(),

@@ -762,7 +762,7 @@ impl SiteService for SiteApi {
             sum_sq: req.sum_sq,
         };
         sums.check(
-            spec.task.feature_names().len(),
+            spec.task.feature_count(),
             registered.min(spec.defense.max_examples).min(MAX_EXAMPLES),
             &format!(
                 "site `{site}`'s statistics for run {} round {}",

@@ -449,6 +449,15 @@ impl TaskSpec {
         }
     }
 
+    /// How many features a model reads: `feature_names().len()` without naming them.
+    pub fn feature_count(&self) -> usize {
+        if self.image.is_some() {
+            IMAGE_EMBEDDING_WIDTH
+        } else {
+            self.features.len()
+        }
+    }
+
     /// Every column or field the task reads, with the spec field that names it.
     pub fn columns(&self) -> impl Iterator<Item = (&'static str, &String)> {
         self.features
@@ -1127,6 +1136,7 @@ labels = ["B", "M"]
             Some(Standardize::Federated)
         );
         assert_eq!(s.task.feature_names().len(), IMAGE_EMBEDDING_WIDTH);
+        assert_eq!(s.task.feature_count(), IMAGE_EMBEDDING_WIDTH);
         assert_eq!(s.task.feature_names()[511], "embedding_511");
         assert_eq!(RunSpec::from_toml(&s.to_toml()).unwrap(), s);
         let pad = image("input_size = 256\nresize = \"pad\"", "image = \"path\"").unwrap();
